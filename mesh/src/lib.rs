@@ -1,0 +1,19 @@
+//! Everything fluxmesh says to NATS.
+//!
+//! - [`config`]: the `[nats]` section of the node config.
+//! - [`connect`]: one client per node, with reconnect and connection events.
+//! - [`provision`]: idempotent creation of the streams and KV buckets, and the
+//!   check that this node agrees with the cluster on shard count and schema.
+//! - [`publisher`]: JetStream publishes pipelined through a bounded window of
+//!   outstanding acks, retried with the same `Nats-Msg-Id`, every failure
+//!   returned to the caller.
+
+pub mod config;
+pub mod connect;
+pub mod provision;
+pub mod publisher;
+
+pub use config::NatsConfig;
+pub use connect::{connect, ConnectError};
+pub use provision::{provision, ProvisionError, Provisioned};
+pub use publisher::{Pending, PublishError, Publisher};

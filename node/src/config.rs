@@ -1,0 +1,281 @@
+//! Node configuration: built-in defaults, then a TOML file, then
+//! `FLUXMESH_{SECTION}_{KEY}` environment variables. Unknown keys are
+//! errors, and every problem is reported at once.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use fluxmesh_mesh::NatsConfig;
+use fluxmesh_schemas::subject::Family;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The whole node config. `configs/node.toml` is this with every default
+/// written out and commented.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name in the cluster; empty picks `node-{random}` at start.
+    pub node_id: String,
+    pub nats: NatsConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub log: LogConfig,
+}
+
+/// The embedded MQTT broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// Connections the broker accepts at most; more are refused.
+    pub max_connections: usize,
+    /// Time a client has to send CONNECT after opening the socket.
+    pub connection_timeout_ms: u16,
+    /// Packets read from one connection per batch.
+    pub max_inflight: usize,
+    /// The broker keeps published messages in memory segments until the
+    /// ingress link has read them. If ingress falls more than
+    /// `buffer_segments` × `buffer_segment_bytes` behind (JetStream down or
+    /// slow), the oldest segment is dropped; see ARCHITECTURE.md.
+    pub buffer_segment_bytes: usize,
+    pub buffer_segments: usize,
+}
+
+/// The HTTP API (ingest, health, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+/// Rules shared by MQTT and HTTP ingest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest device payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Subject families to mirror as JSON on `{prefix}.json.…`:
+    /// any of `"tel"`, `"evt"`.
+    pub json_mirror: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `fluxmesh_node=debug,info`;
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 10_000,
+            connection_timeout_ms: 5000,
+            max_inflight: 100,
+            buffer_segment_bytes: 16 * 1024 * 1024,
+            buffer_segments: 8,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: SocketAddr::from(([0, 0, 0, 0], 8080)) }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { max_payload_bytes: 256 * 1024, json_mirror: Vec::new() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".to_owned(), format: "text".to_owned() }
+    }
+}
+
+/// Everything wrong with a config, one problem per line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(String),
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid config:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
+const SECTIONS: [&str; 5] = ["nats", "mqtt", "http", "ingest", "log"];
+const TOP_LEVEL: [&str; 1] = ["node_id"];
+
+impl Config {
+    /// Loads defaults, then `file` (which must exist if given), then the
+    /// environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, Env::prefixed("FLUXMESH_"))
+    }
+
+    fn load_with_env(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Missing(file.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env = env
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                let key = key.as_str();
+                TOP_LEVEL.contains(&key)
+                    || SECTIONS.iter().any(|s| key.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
+            })
+            .map(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                let key = key.as_str();
+                match SECTIONS.iter().find(|s| key.strip_prefix(**s).is_some_and(|r| r.starts_with('_'))) {
+                    Some(section) => format!("{section}.{}", &key[section.len() + 1..]).into(),
+                    None => key.to_owned().into(),
+                }
+            })
+            .split(".");
+        let config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem with this config.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.nats.problems();
+        if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            problems.push("node_id: at most 64 characters, no whitespace".to_owned());
+        }
+        for family in &self.ingest.json_mirror {
+            if parse_family(family).is_none() {
+                problems.push(format!("ingest.json_mirror: unknown family `{family}` (use \"tel\" or \"evt\")"));
+            }
+        }
+        if self.ingest.max_payload_bytes == 0 || self.ingest.max_payload_bytes > 8 * 1024 * 1024 {
+            problems.push("ingest.max_payload_bytes: must be between 1 and 8388608".to_owned());
+        }
+        if self.mqtt.max_connections == 0 {
+            problems.push("mqtt.max_connections: must be at least 1".to_owned());
+        }
+        if self.mqtt.buffer_segment_bytes < 1024 * 1024 || self.mqtt.buffer_segments < 2 {
+            problems.push(
+                "mqtt.buffer_segment_bytes must be at least 1048576 and mqtt.buffer_segments at least 2".to_owned(),
+            );
+        }
+        if self.mqtt.max_inflight == 0 {
+            problems.push("mqtt.max_inflight: must be at least 1".to_owned());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            problems.push(format!("log.format: `{}` is neither \"text\" nor \"json\"", self.log.format));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!("log.level: `{}` is not a valid tracing filter", self.log.level));
+        }
+        problems
+    }
+
+    /// The families whose JSON mirror is on.
+    pub fn mirrored(&self, family: Family) -> bool {
+        self.ingest.json_mirror.iter().any(|f| parse_family(f) == Some(family))
+    }
+}
+
+fn parse_family(s: &str) -> Option<Family> {
+    match s {
+        "tel" => Some(Family::Telemetry),
+        "evt" => Some(Family::Event),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(vars: &[(&str, &str)]) -> Env {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        // Figment reads the process environment; a unique prefix per test
+        // keeps parallel tests apart.
+        let prefix = format!("FMTEST{}_", std::process::id() ^ (vars.len() as u32) << 20);
+        for (k, v) in &vars {
+            std::env::set_var(format!("{prefix}{k}"), v);
+        }
+        Env::prefixed(&prefix)
+    }
+
+    fn write(toml: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut f, toml.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn shipped_config_equals_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/node.toml");
+        let shipped: Config = toml::from_str(&std::fs::read_to_string(&path).expect("configs/node.toml exists"))
+            .expect("configs/node.toml parses with no unknown keys");
+        assert_eq!(shipped, Config::default());
+        assert!(Config::default().problems().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let f = write("[nats]\nurlz = [\"nats://x\"]\n");
+        let err = Config::load_with_env(Some(f.path()), env_with(&[])).expect_err("unknown key");
+        assert!(err.to_string().contains("urlz"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err =
+            Config::load_with_env(Some(Path::new("/nonexistent/fluxmesh.toml")), env_with(&[])).expect_err("missing");
+        assert!(matches!(err, ConfigError::Missing(_)));
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let f = write("node_id = \"from-file\"\n[nats]\nprefix = \"acme\"\n[http]\nlisten = \"127.0.0.1:9000\"\n");
+        let env = env_with(&[
+            ("NODE_ID", "from-env"),
+            ("NATS_URLS", "nats://127.0.0.1:1,nats://127.0.0.1:2"),
+            ("NATS_PUBLISH_WINDOW", "64"),
+            ("NODES", "3"),
+        ]);
+        let cfg = Config::load_with_env(Some(f.path()), env).expect("loads");
+        assert_eq!(cfg.node_id, "from-env");
+        assert_eq!(cfg.nats.prefix, "acme");
+        assert_eq!(cfg.nats.urls, vec!["nats://127.0.0.1:1", "nats://127.0.0.1:2"]);
+        assert_eq!(cfg.nats.publish_window, 64);
+        assert_eq!(cfg.http.listen.port(), 9000);
+    }
+
+    #[test]
+    fn all_problems_reported_at_once() {
+        let f = write(
+            "[nats]\nshards = 0\nprefix = \"a.b\"\n[ingest]\njson_mirror = [\"bogus\"]\n[log]\nformat = \"xml\"\n",
+        );
+        let err = Config::load_with_env(Some(f.path()), env_with(&[])).expect_err("invalid");
+        let text = err.to_string();
+        for needle in ["nats.shards", "nats.prefix", "json_mirror", "log.format"] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+    }
+}

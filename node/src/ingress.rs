@@ -1,0 +1,186 @@
+//! The one path every device message takes into the mesh, whatever it came
+//! in over (MQTT, HTTP): check it, frame it, publish it to its shard's
+//! telemetry subject, and mirror it as JSON once stored.
+
+use bytes::Bytes;
+use fluxmesh_mesh::{Pending, PublishError, Publisher};
+use fluxmesh_schemas::frame::{self, Frame, FrameId};
+use fluxmesh_schemas::{headers, shard_of, DeviceTopic, Subjects, TopicError};
+use std::time::Instant;
+
+/// Why a device message was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Topic(#[from] TopicError),
+    #[error("payload of {size} bytes is larger than the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("frame could not be encoded: {0}")]
+    Encode(#[from] frame::FrameError),
+    #[error("{0}")]
+    Publish(#[from] PublishError),
+}
+
+impl IngestError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::Topic(e) => e.reason(),
+            IngestError::TooLarge { .. } => "oversize",
+            IngestError::Encode(_) => "encode",
+            IngestError::Publish(e) => e.reason(),
+        }
+    }
+}
+
+/// A device message, as it arrived.
+#[derive(Debug)]
+pub struct DeviceMessage<'a> {
+    pub topic: DeviceTopic<'a>,
+    pub payload: Bytes,
+    /// Given by HTTP callers; derives the frame id so a retried request is
+    /// stored once.
+    pub idempotency_key: Option<&'a str>,
+    pub device_time_us: Option<i64>,
+}
+
+/// The result of a stored message.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: FrameId,
+    pub subject: String,
+    pub stream: String,
+    pub sequence: u64,
+    pub duplicate: bool,
+}
+
+/// A cheap, clonable handle shared by every ingress source.
+#[derive(Debug, Clone)]
+pub struct Ingress {
+    publisher: Publisher,
+    client: async_nats::Client,
+    subjects: Subjects,
+    shards: u32,
+    node_id: std::sync::Arc<str>,
+    max_payload: usize,
+    mirror_json: bool,
+}
+
+/// A sent message whose ack is still to come.
+#[derive(Debug)]
+#[must_use = "await `stored` to learn whether the message was stored"]
+pub struct InFlight {
+    pending: Pending,
+    id: FrameId,
+    subject: String,
+    received: Instant,
+    /// The encoded frame, kept only when the JSON mirror needs it.
+    mirror: Option<Bytes>,
+}
+
+impl Ingress {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        publisher: Publisher,
+        client: async_nats::Client,
+        subjects: Subjects,
+        shards: u32,
+        node_id: &str,
+        max_payload: usize,
+        mirror_json: bool,
+    ) -> Self {
+        Ingress { publisher, client, subjects, shards, node_id: node_id.into(), max_payload, mirror_json }
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Checks, frames and sends one message. Waits while the publish window
+    /// is full: that wait is the backpressure every source feels.
+    pub async fn submit(&self, msg: DeviceMessage<'_>) -> Result<InFlight, IngestError> {
+        let received = Instant::now();
+        if msg.payload.len() > self.max_payload {
+            return Err(IngestError::TooLarge { size: msg.payload.len(), limit: self.max_payload });
+        }
+        let shard = shard_of(msg.topic.device, self.shards);
+        let subject = self.subjects.telemetry(shard, &msg.topic);
+        let mut frame = Frame::telemetry(msg.topic.device, msg.topic.channel, &self.node_id, msg.payload.to_vec());
+        frame.device_time_us = msg.device_time_us;
+        if let Some(key) = msg.idempotency_key {
+            let mut k = Vec::with_capacity(msg.topic.device.len() + key.len() + 1);
+            k.extend_from_slice(msg.topic.device.as_bytes());
+            k.push(0);
+            k.extend_from_slice(key.as_bytes());
+            frame.id = FrameId::from_key(&k);
+        }
+        let mut header_map = async_nats::HeaderMap::new();
+        for (name, value) in headers::for_frame(&frame) {
+            header_map.insert(name, value.as_str());
+        }
+        let bytes = Bytes::from(frame.encode()?);
+        let mirror = self.mirror_json.then(|| bytes.clone());
+        let pending = self.publisher.publish(subject.clone(), header_map, bytes).await?;
+        metrics::gauge!("fluxmesh_publish_in_flight").set(self.publisher.in_flight() as f64);
+        Ok(InFlight { pending, id: frame.id, subject, received, mirror })
+    }
+
+    /// Waits for the ack of `sent` (with retries), then mirrors it as JSON.
+    pub async fn stored(&self, sent: InFlight, source: &'static str) -> Result<Stored, IngestError> {
+        let result = sent.pending.ack().await;
+        let ack = match result {
+            Ok(ack) => ack,
+            Err(e) => {
+                metrics::counter!("fluxmesh_ingest_failed_total", "source" => source, "reason" => e.reason())
+                    .increment(1);
+                return Err(e.into());
+            }
+        };
+        metrics::counter!("fluxmesh_ingest_messages_total", "source" => source).increment(1);
+        metrics::histogram!("fluxmesh_ingest_seconds").record(sent.received.elapsed().as_secs_f64());
+        if ack.duplicate {
+            metrics::counter!("fluxmesh_publish_duplicates_total").increment(1);
+        }
+        if let Some(bytes) = sent.mirror {
+            self.mirror(&sent.subject, &bytes).await;
+        }
+        Ok(Stored {
+            id: sent.id,
+            subject: sent.subject,
+            stream: ack.stream,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Submits and waits for the ack: the strict path HTTP uses.
+    pub async fn ingest(&self, msg: DeviceMessage<'_>, source: &'static str) -> Result<Stored, IngestError> {
+        let sent = self.submit(msg).await?;
+        self.stored(sent, source).await
+    }
+
+    async fn mirror(&self, subject: &str, bytes: &[u8]) {
+        let Some(json_subject) = self.subjects.json_mirror(subject) else { return };
+        let mut scratch = frame::AlignedVec::new();
+        let json = match frame::access(bytes, &mut scratch) {
+            Ok(frame) => fluxmesh_schemas::json::to_vec(frame),
+            Err(e) => {
+                tracing::error!(error = %e, "frame we encoded does not validate");
+                return;
+            }
+        };
+        if let Err(e) = self.client.publish(json_subject, json.into()).await {
+            metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
+            tracing::warn!(error = %e, "JSON mirror publish failed");
+        }
+    }
+
+    /// Stops taking new messages; those already sent still complete.
+    pub fn close(&self) {
+        self.publisher.close();
+    }
+
+    /// Publishes still awaiting their ack.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+}

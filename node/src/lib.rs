@@ -1,0 +1,14 @@
+//! The fluxmesh node as a library: [`Node::start`] takes a [`Config`] and
+//! returns a running node; [`Node::shutdown`] drains it. The `fluxmesh`
+//! binary only parses arguments and waits for a signal, so tests and benches
+//! run real nodes in-process.
+
+pub mod config;
+pub mod http;
+pub mod ingress;
+pub mod mqtt;
+pub mod node;
+pub mod telemetry;
+
+pub use config::{Config, ConfigError};
+pub use node::{Node, NodeError};

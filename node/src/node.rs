@@ -1,0 +1,215 @@
+//! One node's life: start in order, serve, drain in order.
+//!
+//! Start: HTTP (so `/healthz` answers and `/readyz` says 503 while the rest
+//! comes up) → NATS (retried until it answers or the node is stopped) →
+//! streams and buckets → MQTT broker and its ingress link → ready.
+//!
+//! Shutdown (SIGTERM), in this order so that nothing acknowledged is lost:
+//! 1. not ready; close the MQTT listener and every device connection;
+//! 2. send a drain marker through the broker and let ingress read up to it
+//!    (everything the broker PUBACKed is before it); stop accepting HTTP and
+//!    let requests in progress finish;
+//! 3. wait for every JetStream ack still outstanding;
+//! 4. flush the NATS connection.
+//!
+//! Each step has a deadline (`shutdown_deadline`), logged when it is hit.
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::ingress::Ingress;
+use crate::mqtt::{self, MqttBroker};
+use fluxmesh_mesh::{provision, Provisioned, Publisher};
+use fluxmesh_schemas::subject::Family;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long each shutdown step may take.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Connect(#[from] fluxmesh_mesh::ConnectError),
+    #[error(transparent)]
+    Provision(#[from] fluxmesh_mesh::ProvisionError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error("stopped before the node was ready")]
+    Cancelled,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    node_id: String,
+    http_addr: SocketAddr,
+    broker: MqttBroker,
+    ingress: Ingress,
+    client: async_nats::Client,
+    provisioned: Provisioned,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    drain_tx: watch::Sender<Option<String>>,
+}
+
+impl Node {
+    /// Starts a node. `cancel` aborts a start that is still waiting for NATS.
+    pub async fn start(mut config: Config, cancel: CancellationToken) -> Result<Node, NodeError> {
+        if config.node_id.is_empty() {
+            config.node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        }
+        let node_id = config.node_id.clone();
+        let prometheus = crate::telemetry::prometheus();
+        let ready = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
+        let http_addr =
+            listener.local_addr().map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
+        let ingress_slot: Arc<std::sync::OnceLock<Ingress>> = Arc::default();
+        let state = AppState {
+            ingress: ingress_slot.clone(),
+            ready: ready.clone(),
+            node_id: node_id.as_str().into(),
+            prometheus,
+        };
+        let app = http::router(state, config.ingest.max_payload_bytes);
+        let http_stop = stop.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(node = %node_id, %http_addr, "HTTP listening");
+
+        let started = Self::start_mesh(&config, &node_id, &cancel, &stop, &tasks).await;
+        let (client, provisioned, ingress, broker, link_rx) = match started {
+            Ok(parts) => parts,
+            Err(e) => {
+                stop.cancel();
+                tasks.close();
+                tasks.wait().await;
+                return Err(e);
+            }
+        };
+        // Set once, here; the slot was empty until now.
+        let _ = ingress_slot.set(ingress.clone());
+
+        let (drain_tx, drain_rx) = watch::channel(None);
+        tasks.spawn(mqtt::run_ingress(
+            link_rx,
+            ingress.clone(),
+            stop.clone(),
+            drain_rx,
+            SHUTDOWN_STEP,
+            config.nats.publish_window,
+        ));
+        ready.store(true, Ordering::Release);
+        tracing::info!(node = %node_id, mqtt = %broker.listen(), %http_addr, shards = provisioned.shards,
+            replicas = provisioned.replicas, "node ready");
+        Ok(Node { node_id, http_addr, broker, ingress, client, provisioned, ready, stop, tasks, drain_tx })
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn start_mesh(
+        config: &Config,
+        node_id: &str,
+        cancel: &CancellationToken,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttBroker, rumqttd::local::LinkRx), NodeError> {
+        let client = connect_until(config, node_id, cancel).await?;
+        let publisher = Publisher::new(client.clone(), &config.nats);
+        let provisioned = provision(&client, publisher.context(), &config.nats).await?;
+        let ingress = Ingress::new(
+            publisher,
+            client.clone(),
+            provisioned.subjects.clone(),
+            provisioned.shards,
+            node_id,
+            config.ingest.max_payload_bytes,
+            config.mirrored(Family::Telemetry),
+        );
+        let (broker, link_rx) = mqtt::start(&config.mqtt, config.ingest.max_payload_bytes, stop.clone(), tasks).await?;
+        Ok((client, provisioned, ingress, broker, link_rx))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The bound HTTP address (useful when the config asked for port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.broker.listen()
+    }
+
+    pub fn provisioned(&self) -> &Provisioned {
+        &self.provisioned
+    }
+
+    /// Drains and stops the node; see the module docs for the order.
+    pub async fn shutdown(mut self) {
+        tracing::info!(node = %self.node_id, "shutting down");
+        self.ready.store(false, Ordering::Release);
+        let marker = format!("{}drain/{}", mqtt::INTERNAL_TOPIC, uuid::Uuid::now_v7());
+        // The marker is announced before it is sent, so ingress cannot read
+        // it before knowing what it is.
+        let _ = self.drain_tx.send(Some(marker.clone()));
+        self.broker.close_connections(&marker);
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_STEP * 2, self.tasks.wait()).await.is_err() {
+            tracing::warn!("tasks did not stop within the deadline");
+        }
+        self.ingress.close();
+        let left = self.ingress.publisher().drain(SHUTDOWN_STEP).await;
+        if left > 0 {
+            tracing::error!(left, "publishes still unacknowledged at shutdown");
+        }
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "NATS flush at shutdown failed");
+        }
+        tracing::info!(node = %self.node_id, "stopped");
+    }
+}
+
+/// Connects, retrying with backoff until NATS answers or `cancel` fires.
+async fn connect_until(
+    config: &Config,
+    node_id: &str,
+    cancel: &CancellationToken,
+) -> Result<async_nats::Client, NodeError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match fluxmesh_mesh::connect(&config.nats, node_id).await {
+            Ok(client) => return Ok(client),
+            Err(e @ fluxmesh_mesh::ConnectError::BadUrl { .. }) => return Err(e.into()),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "NATS not reachable yet"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(NodeError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

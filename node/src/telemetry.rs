@@ -1,0 +1,73 @@
+//! The node's own metrics and logs. Metric names are part of fluxmesh's
+//! interface; README.md lists them.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its
+/// handle. Several nodes in one process (tests) share it. `None` if another
+/// recorder was installed first.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &buckets)
+                .map_err(|e| tracing::error!(error = %e, "bad histogram buckets"))
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the metrics recorder; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("fluxmesh_ingest_messages_total", "Device messages stored in JetStream, by source (mqtt, http).");
+    describe_counter!("fluxmesh_ingest_rejected_total", "Device messages refused, by source and reason.");
+    describe_counter!(
+        "fluxmesh_ingest_failed_total",
+        "Device messages accepted but not stored after every retry, by source and reason."
+    );
+    describe_histogram!(
+        "fluxmesh_publish_ack_seconds",
+        Unit::Seconds,
+        "Time from sending a JetStream publish to its ack."
+    );
+    describe_histogram!(
+        "fluxmesh_ingest_seconds",
+        Unit::Seconds,
+        "Time from receiving a device message to its JetStream ack."
+    );
+    describe_counter!("fluxmesh_publish_retries_total", "JetStream publishes sent again after a timeout or refusal.");
+    describe_counter!(
+        "fluxmesh_publish_duplicates_total",
+        "Publishes JetStream recognised as duplicates (same Nats-Msg-Id)."
+    );
+    describe_gauge!("fluxmesh_publish_in_flight", "JetStream publishes awaiting their ack.");
+    describe_gauge!("fluxmesh_nats_connected", "1 while the node is connected to NATS.");
+    describe_counter!("fluxmesh_json_mirror_failed_total", "JSON mirror publishes that failed.");
+    describe_counter!(
+        "fluxmesh_mqtt_buffer_overrun_total",
+        "Times the MQTT broker dropped buffered messages because ingress fell behind."
+    );
+}
+
+/// Counts and logs a refused device message.
+pub fn rejected(source: &'static str, reason: &'static str, detail: &dyn std::fmt::Display) {
+    metrics::counter!("fluxmesh_ingest_rejected_total", "source" => source, "reason" => reason).increment(1);
+    tracing::debug!(source, reason, %detail, "rejected device message");
+}

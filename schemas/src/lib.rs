@@ -1,0 +1,22 @@
+//! The fluxmesh wire contract.
+//!
+//! Everything another program needs to talk to a fluxmesh mesh without
+//! running our code lives here, and nothing here does I/O:
+//!
+//! - [`frame`]: the versioned rkyv [`Frame`] every event travels as, and
+//!   validated zero-copy access to it from a buffer at any alignment.
+//! - [`subject`]: NATS subject names, and the reversible escaping that maps
+//!   MQTT topic levels to subject tokens.
+//! - [`shard`]: the documented shard function `fnv1a64(device) mod S`.
+//! - [`headers`]: the NATS headers every published frame carries.
+//! - [`json`]: the JSON view of a frame, for clients that do not speak rkyv.
+
+pub mod frame;
+pub mod headers;
+pub mod json;
+pub mod shard;
+pub mod subject;
+
+pub use frame::{Body, Frame, FrameError, FrameId, FrameView, Kind, SCHEMA_VERSION};
+pub use shard::{shard_of, DEFAULT_SHARDS};
+pub use subject::{DeviceTopic, Subjects, TopicError};

@@ -1,0 +1,437 @@
+//! NATS subjects and the escaping of MQTT topic levels into subject tokens.
+//!
+//! # Subjects
+//!
+//! | family | subject | stream |
+//! |---|---|---|
+//! | telemetry | `{prefix}.tel.{shard}.{device}.{channel...}` | `{PREFIX}_TEL` |
+//! | derived events | `{prefix}.evt.{shard}.{device}.{kind}` | `{PREFIX}_EVT` |
+//! | JSON mirror | `{prefix}.json.{tel or evt}.{...same tokens...}` | none (core NATS) |
+//! | commands | `{prefix}.cmd.{device}` | none (request/reply) |
+//!
+//! `{shard}` is the decimal shard number ([`crate::shard_of`]). Each MQTT topic
+//! level of the channel becomes one token, so `devices/d1/env/temp` is
+//! published on `fm.tel.{shard}.d1.env.temp`.
+//!
+//! # Token escaping
+//!
+//! A device id or channel level becomes a subject token by percent-escaping
+//! every character that NATS gives a meaning to or that could split a
+//! subject: `.`, `*`, `>`, the escape character `%` itself, every Unicode
+//! whitespace character and every control character. Each UTF-8 byte of such
+//! a character is written as `%XX` with two upper-case hex digits; all other
+//! characters (including non-ASCII letters) stay as they are. The empty
+//! string is written as a lone `%`.
+//!
+//! Unescaping accepts only the canonical form (upper-case hex, and only for
+//! characters that must be escaped), so the mapping between strings and
+//! tokens is one-to-one: no two spellings of a subject name the same device.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// Longest device id accepted, in bytes, before escaping.
+pub const MAX_DEVICE_ID_LEN: usize = 256;
+/// Longest MQTT topic accepted, in bytes, before escaping.
+pub const MAX_TOPIC_LEN: usize = 1024;
+/// Most levels a channel may have.
+pub const MAX_CHANNEL_LEVELS: usize = 16;
+/// The first MQTT topic level of every device topic.
+pub const DEVICE_TOPIC_ROOT: &str = "devices";
+/// The channel on which a device receives commands; devices cannot publish
+/// telemetry on it.
+pub const COMMAND_CHANNEL: &str = "cmd";
+
+/// Why a topic, token or prefix was refused. Each variant has a stable
+/// [`TopicError::reason`] used as a metrics label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic must have the form devices/{{device_id}}/{{channel...}}")]
+    NotDeviceTopic,
+    #[error("device id is empty")]
+    EmptyDevice,
+    #[error("device id is longer than {MAX_DEVICE_ID_LEN} bytes")]
+    DeviceTooLong,
+    #[error("topic has no channel after the device id")]
+    MissingChannel,
+    #[error("topic is longer than {MAX_TOPIC_LEN} bytes")]
+    TopicTooLong,
+    #[error("channel has more than {MAX_CHANNEL_LEVELS} levels")]
+    TooManyLevels,
+    #[error("topic contains an MQTT wildcard (+ or #)")]
+    Wildcard,
+    #[error("channel `cmd` is reserved for commands to the device")]
+    ReservedChannel,
+    #[error("invalid subject token `{0}`: {1}")]
+    BadToken(String, &'static str),
+    #[error("invalid subject prefix `{0}`: use 1-32 characters from A-Z a-z 0-9 _ -")]
+    BadPrefix(String),
+    #[error("subject `{0}` is not a fluxmesh subject: {1}")]
+    BadSubject(String, &'static str),
+}
+
+impl TopicError {
+    /// A short, stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TopicError::NotDeviceTopic => "not_device_topic",
+            TopicError::EmptyDevice => "empty_device",
+            TopicError::DeviceTooLong => "device_too_long",
+            TopicError::MissingChannel => "missing_channel",
+            TopicError::TopicTooLong => "topic_too_long",
+            TopicError::TooManyLevels => "too_many_levels",
+            TopicError::Wildcard => "wildcard",
+            TopicError::ReservedChannel => "reserved_channel",
+            TopicError::BadToken(..) => "bad_token",
+            TopicError::BadPrefix(_) => "bad_prefix",
+            TopicError::BadSubject(..) => "bad_subject",
+        }
+    }
+}
+
+fn must_escape(c: char) -> bool {
+    matches!(c, '.' | '*' | '>' | '%') || c.is_whitespace() || c.is_control()
+}
+
+/// Escapes `raw` into one subject token. Borrows when nothing needs escaping.
+pub fn escape_token(raw: &str) -> Cow<'_, str> {
+    if raw.is_empty() {
+        return Cow::Borrowed("%");
+    }
+    if !raw.chars().any(must_escape) {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len() + 8);
+    push_escaped(&mut out, raw);
+    Cow::Owned(out)
+}
+
+/// Appends the escaped form of `raw` to `out`.
+pub fn push_escaped(out: &mut String, raw: &str) {
+    if raw.is_empty() {
+        out.push('%');
+        return;
+    }
+    for c in raw.chars() {
+        if must_escape(c) {
+            let mut buf = [0u8; 4];
+            for byte in c.encode_utf8(&mut buf).bytes() {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// Reverses [`escape_token`]. Accepts only canonical tokens.
+pub fn unescape_token(token: &str) -> Result<Cow<'_, str>, TopicError> {
+    let bad = |why| TopicError::BadToken(token.to_owned(), why);
+    if token == "%" {
+        return Ok(Cow::Borrowed(""));
+    }
+    if token.is_empty() {
+        return Err(bad("empty token"));
+    }
+    if !token.contains('%') {
+        if token.chars().any(must_escape) {
+            return Err(bad("unescaped special character"));
+        }
+        return Ok(Cow::Borrowed(token));
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(|| bad("truncated escape"))?;
+            let digit = |b: u8| match b {
+                b'0'..=b'9' => Ok(b - b'0'),
+                b'A'..=b'F' => Ok(b - b'A' + 10),
+                _ => Err(bad("escape is not two upper-case hex digits")),
+            };
+            out.push(digit(hex[0])? << 4 | digit(hex[1])?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(out).map_err(|_| bad("escapes do not form UTF-8"))?;
+    // Canonical form: escaping the decoded string must give back the token.
+    if escape_token(&decoded) != token {
+        return Err(bad("not in canonical escaped form"));
+    }
+    Ok(Cow::Owned(decoded))
+}
+
+/// A parsed device topic `devices/{device}/{channel...}`, borrowing the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTopic<'a> {
+    /// The device id (topic level 2).
+    pub device: &'a str,
+    /// The channel: the remaining levels joined by `/`, as the device sent them.
+    pub channel: &'a str,
+}
+
+impl<'a> DeviceTopic<'a> {
+    /// Parses an MQTT topic a device published on.
+    pub fn parse(topic: &'a str) -> Result<Self, TopicError> {
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err(TopicError::TopicTooLong);
+        }
+        let rest = topic
+            .strip_prefix(DEVICE_TOPIC_ROOT)
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or(TopicError::NotDeviceTopic)?;
+        let (device, channel) = rest.split_once('/').ok_or(TopicError::MissingChannel)?;
+        Self::new(device, channel)
+    }
+
+    /// Checks a device id and channel given separately (HTTP ingest).
+    pub fn new(device: &'a str, channel: &'a str) -> Result<Self, TopicError> {
+        if device.is_empty() {
+            return Err(TopicError::EmptyDevice);
+        }
+        if device.len() > MAX_DEVICE_ID_LEN {
+            return Err(TopicError::DeviceTooLong);
+        }
+        if device.len() + channel.len() + DEVICE_TOPIC_ROOT.len() + 2 > MAX_TOPIC_LEN {
+            return Err(TopicError::TopicTooLong);
+        }
+        if device.contains(['+', '#', '/']) || channel.contains(['+', '#']) {
+            return Err(TopicError::Wildcard);
+        }
+        if channel.split('/').count() > MAX_CHANNEL_LEVELS {
+            return Err(TopicError::TooManyLevels);
+        }
+        if channel.split('/').next() == Some(COMMAND_CHANNEL) {
+            return Err(TopicError::ReservedChannel);
+        }
+        Ok(DeviceTopic { device, channel })
+    }
+
+    /// The channel's subject tokens, escaped and joined by `.`.
+    pub fn channel_tokens(&self) -> String {
+        let mut out = String::with_capacity(self.channel.len() + 4);
+        push_channel_tokens(&mut out, self.channel);
+        out
+    }
+}
+
+fn push_channel_tokens(out: &mut String, channel: &str) {
+    for (i, level) in channel.split('/').enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        push_escaped(out, level);
+    }
+}
+
+/// Builds and parses the subjects of one cluster (one prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+/// The subject families a frame can be published on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Device telemetry, `{prefix}.tel.…`.
+    Telemetry,
+    /// Derived events, `{prefix}.evt.…`.
+    Event,
+}
+
+impl Family {
+    /// The subject token of the family.
+    pub fn token(self) -> &'static str {
+        match self {
+            Family::Telemetry => "tel",
+            Family::Event => "evt",
+        }
+    }
+}
+
+/// A subject of the `tel` or `evt` family, taken apart and unescaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedSubject {
+    pub family: Family,
+    pub shard: u32,
+    pub device: String,
+    /// For telemetry the channel levels joined by `/`; for events the kind.
+    pub rest: String,
+}
+
+impl Subjects {
+    /// `prefix` must be one token of 1-32 characters from `A-Z a-z 0-9 _ -`
+    /// (it also names the streams, `{PREFIX}_TEL`).
+    pub fn new(prefix: &str) -> Result<Self, TopicError> {
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 32
+            && prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(TopicError::BadPrefix(prefix.to_owned()));
+        }
+        Ok(Subjects { prefix: prefix.to_owned() })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `{PREFIX}_TEL`.
+    pub fn telemetry_stream(&self) -> String {
+        format!("{}_TEL", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// `{PREFIX}_EVT`.
+    pub fn event_stream(&self) -> String {
+        format!("{}_EVT", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// The wildcard covering a whole family, e.g. `fm.tel.>`.
+    pub fn family_filter(&self, family: Family) -> String {
+        format!("{}.{}.>", self.prefix, family.token())
+    }
+
+    /// The wildcard covering one shard of a family, e.g. `fm.tel.12.>`.
+    pub fn shard_filter(&self, family: Family, shard: u32) -> String {
+        format!("{}.{}.{shard}.>", self.prefix, family.token())
+    }
+
+    /// `{prefix}.tel.{shard}.{device}.{channel...}`.
+    pub fn telemetry(&self, shard: u32, topic: &DeviceTopic<'_>) -> String {
+        let mut s = self.start(Family::Telemetry, shard, topic.device, topic.channel.len());
+        push_channel_tokens(&mut s, topic.channel);
+        s
+    }
+
+    /// `{prefix}.evt.{shard}.{device}.{kind}`.
+    pub fn event(&self, shard: u32, device: &str, kind: &str) -> String {
+        let mut s = self.start(Family::Event, shard, device, kind.len());
+        push_escaped(&mut s, kind);
+        s
+    }
+
+    fn start(&self, family: Family, shard: u32, device: &str, extra: usize) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + device.len() + extra + 20);
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{}.{}.{shard}.", self.prefix, family.token());
+        push_escaped(&mut s, device);
+        s.push('.');
+        s
+    }
+
+    /// The JSON mirror subject of a `tel` or `evt` subject:
+    /// `fm.tel.3.d1.temp` → `fm.json.tel.3.d1.temp`.
+    pub fn json_mirror(&self, subject: &str) -> Option<String> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
+        Some(format!("{}.json.{rest}", self.prefix))
+    }
+
+    /// The wildcard of the JSON mirror of a family, e.g. `fm.json.tel.>`.
+    pub fn json_filter(&self, family: Family) -> String {
+        format!("{}.json.{}.>", self.prefix, family.token())
+    }
+
+    /// `{prefix}.cmd.{device}`.
+    pub fn command(&self, device: &str) -> String {
+        format!("{}.cmd.{}", self.prefix, escape_token(device))
+    }
+
+    /// Takes a `tel` or `evt` subject apart, unescaping device and channel.
+    pub fn parse(&self, subject: &str) -> Result<ParsedSubject, TopicError> {
+        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let mut tokens = subject.split('.');
+        if tokens.next() != Some(self.prefix.as_str()) {
+            return Err(bad("wrong prefix"));
+        }
+        let family = match tokens.next() {
+            Some("tel") => Family::Telemetry,
+            Some("evt") => Family::Event,
+            _ => return Err(bad("unknown family")),
+        };
+        let shard = tokens.next().and_then(|t| t.parse::<u32>().ok()).ok_or_else(|| bad("shard is not a number"))?;
+        let device = unescape_token(tokens.next().ok_or_else(|| bad("no device"))?)?;
+        if device.is_empty() {
+            return Err(bad("empty device"));
+        }
+        let mut any_channel = false;
+        let mut rest = String::new();
+        for (i, token) in tokens.enumerate() {
+            if i > 0 {
+                rest.push('/');
+            }
+            rest.push_str(&unescape_token(token)?);
+            any_channel = true;
+        }
+        if !any_channel {
+            return Err(bad("no channel"));
+        }
+        Ok(ParsedSubject { family, shard, device: device.into_owned(), rest })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_tokens_borrow() {
+        assert!(matches!(escape_token("sensor-1"), Cow::Borrowed("sensor-1")));
+        assert_eq!(escape_token("Ünïcødé"), "Ünïcødé");
+    }
+
+    #[test]
+    fn specials_are_escaped() {
+        assert_eq!(escape_token("a.b"), "a%2Eb");
+        assert_eq!(escape_token("*"), "%2A");
+        assert_eq!(escape_token(">"), "%3E");
+        assert_eq!(escape_token("50%"), "50%25");
+        assert_eq!(escape_token("a b\tc\n"), "a%20b%09c%0A");
+        assert_eq!(escape_token("\u{a0}"), "%C2%A0");
+        assert_eq!(escape_token(""), "%");
+    }
+
+    #[test]
+    fn unescape_rejects_non_canonical() {
+        assert!(unescape_token("%41").is_err(), "A need not be escaped");
+        assert!(unescape_token("%2e").is_err(), "lower-case hex");
+        assert!(unescape_token("%2").is_err());
+        assert!(unescape_token("a.b").is_err());
+        assert!(unescape_token("").is_err());
+        assert!(unescape_token("%FF").is_err(), "not UTF-8");
+        assert_eq!(unescape_token("%").as_deref(), Ok(""));
+    }
+
+    #[test]
+    fn device_topics() {
+        let t = DeviceTopic::parse("devices/d1/env/temp").expect("valid");
+        assert_eq!((t.device, t.channel), ("d1", "env/temp"));
+        assert_eq!(DeviceTopic::parse("devices/d1"), Err(TopicError::MissingChannel));
+        assert_eq!(DeviceTopic::parse("devices//x"), Err(TopicError::EmptyDevice));
+        assert_eq!(DeviceTopic::parse("other/d1/x"), Err(TopicError::NotDeviceTopic));
+        assert_eq!(DeviceTopic::parse("devicesX/d1/x"), Err(TopicError::NotDeviceTopic));
+        assert_eq!(DeviceTopic::parse("devices/d1/cmd"), Err(TopicError::ReservedChannel));
+        assert_eq!(DeviceTopic::parse("devices/d1/a/#"), Err(TopicError::Wildcard));
+        let long = format!("devices/{}/x", "d".repeat(MAX_DEVICE_ID_LEN + 1));
+        assert_eq!(DeviceTopic::parse(&long), Err(TopicError::DeviceTooLong));
+    }
+
+    #[test]
+    fn subjects_round_trip() {
+        let s = Subjects::new("fm").expect("valid prefix");
+        let topic = DeviceTopic::parse("devices/a.b c/x/>/*/%/").expect("valid");
+        let subject = s.telemetry(7, &topic);
+        assert_eq!(subject, "fm.tel.7.a%2Eb%20c.x.%3E.%2A.%25.%");
+        let parsed = s.parse(&subject).expect("parses");
+        assert_eq!(parsed.device, "a.b c");
+        assert_eq!(parsed.rest, "x/>/*/%/");
+        assert_eq!(s.json_mirror(&subject).as_deref(), Some("fm.json.tel.7.a%2Eb%20c.x.%3E.%2A.%25.%"));
+        assert_eq!(s.telemetry_stream(), "FM_TEL");
+        assert!(Subjects::new("a.b").is_err());
+        assert!(Subjects::new("").is_err());
+    }
+}
