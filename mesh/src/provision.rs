@@ -33,6 +33,14 @@ pub enum ProvisionError {
     ClusterMismatch { key: &'static str, ours: String, cluster: String },
 }
 
+impl ProvisionError {
+    /// Whether trying again may help: JetStream not answering yet (a
+    /// cluster still electing leaders) may; a disagreement never does.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProvisionError::Stream { .. } | ProvisionError::Bucket { .. })
+    }
+}
+
 /// What provisioning found or made.
 #[derive(Debug, Clone)]
 pub struct Provisioned {

