@@ -24,8 +24,8 @@ pub fn init_logging() {
 /// Starts a node on free loopback ports against `urls`.
 pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Node {
     init_logging();
-    let mut cfg = Config::default();
-    cfg.node_id = format!("test-node-{}", NODES.fetch_add(1, Ordering::Relaxed));
+    let mut cfg =
+        Config { node_id: format!("test-node-{}", NODES.fetch_add(1, Ordering::Relaxed)), ..Default::default() };
     cfg.nats.urls = urls.to_vec();
     cfg.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], free_port().expect("free port")));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
