@@ -17,9 +17,10 @@ use clap::Parser;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,13 @@ struct Args {
     /// Device id prefix.
     #[arg(long, default_value = "load")]
     prefix: String,
+    /// After the run, read the telemetry stream back and count PUBACKed
+    /// messages that are not in it (QoS1 only).
+    #[arg(long)]
+    verify: bool,
+    /// The telemetry stream, for --verify.
+    #[arg(long, default_value = "FM_TEL")]
+    stream: String,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
     // Devices.
     let per_device = if args.rate == 0 { 0.0 } else { args.rate as f64 / args.devices as f64 };
     let mut devices = Vec::new();
+    let mut acked_by_device = Vec::new();
+    let run_started = SystemTime::now();
     for d in 0..args.devices {
         let addr = args.mqtt[d % args.mqtt.len()];
         let id = format!("{}-{d}", args.prefix);
@@ -129,11 +139,26 @@ async fn main() -> anyhow::Result<()> {
         opts.set_max_packet_size(args.payload + 1024, args.payload + 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let c = counters.clone();
+        let acked_seqs = Arc::new(Mutex::new(Vec::<u64>::new()));
+        acked_by_device.push((id.clone(), acked_seqs.clone()));
+        let verify = args.verify;
         let events = tokio::spawn(async move {
+            // Publishes leave in the order queued: the n-th carries seq n.
+            let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+            let mut next_seq = 0u64;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if verify => {
+                        by_pkid.insert(pkid, next_seq);
+                        next_seq += 1;
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         c.acked.fetch_add(1, Ordering::Relaxed);
+                        if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                            if let Ok(mut seqs) = acked_seqs.lock() {
+                                seqs.push(seq);
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => return Some(e.to_string()),
@@ -222,5 +247,60 @@ async fn main() -> anyhow::Result<()> {
     if let Some(h) = hist.filter(|h| !h.is_empty()) {
         println!("latency_us p50={} p99={} max={}", h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max());
     }
+    if args.verify {
+        verify(&nats, &args, run_started, &acked_by_device).await?;
+    }
+    Ok(())
+}
+
+/// Reads the stream from the run's start and reports PUBACKed messages
+/// that are not in it, and messages stored more than once.
+async fn verify(
+    nats: &async_nats::Client,
+    args: &Args,
+    since: SystemTime,
+    acked_by_device: &[(String, Arc<Mutex<Vec<u64>>>)],
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{self, DeliverPolicy};
+    let js = async_nats::jetstream::new(nats.clone());
+    let stream = js.get_stream(&args.stream).await.context("stream for --verify")?;
+    let start = time::OffsetDateTime::from(since - Duration::from_secs(1));
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await?;
+    let mut stored: HashMap<String, HashSet<u64>> = HashMap::new();
+    let mut duplicates = 0u64;
+    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+    let mut messages = consumer.messages().await?;
+    let prefix = format!("{}-", args.prefix);
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+        let Ok(Some(Ok(msg))) = next else { break };
+        let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
+        if !frame.device.as_str().starts_with(&prefix) {
+            continue;
+        }
+        if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
+            if let Some(seq) = payload.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(u64::from_le_bytes(seq)) {
+                    duplicates += 1;
+                }
+            }
+        }
+    }
+    let (mut acked, mut lost) = (0u64, 0u64);
+    for (device, seqs) in acked_by_device {
+        let seqs = seqs.lock().map(|s| s.clone()).unwrap_or_default();
+        let have = stored.get(device);
+        acked += seqs.len() as u64;
+        lost += seqs.iter().filter(|s| !have.is_some_and(|h| h.contains(s))).count() as u64;
+    }
+    let stored_total: usize = stored.values().map(HashSet::len).sum();
+    println!("verify: acked={acked} stored={stored_total} acked_but_missing={lost} stored_twice={duplicates}");
     Ok(())
 }
