@@ -34,12 +34,15 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Time a client has to send CONNECT after opening the socket.
     pub connection_timeout_ms: u16,
-    /// Packets read from one connection per batch.
+    /// Publishes one connection may have awaiting their JetStream ack; at
+    /// this many the node stops reading the connection (backpressure).
     pub max_inflight: usize,
-    /// The broker keeps published messages in memory segments until the
-    /// ingress link has read them. If ingress falls more than
-    /// `buffer_segments` × `buffer_segment_bytes` behind (JetStream down or
-    /// slow), the oldest segment is dropped; see ARCHITECTURE.md.
+    /// Also hand device publishes to the embedded broker's router, so that
+    /// MQTT subscribers on this node receive them (best effort, QoS 0).
+    /// Off by default: NATS is the way to watch the mesh.
+    pub local_fanout: bool,
+    /// The router's in-memory log for subscriptions (segments x bytes);
+    /// a subscriber that falls further behind skips the oldest segment.
     pub buffer_segment_bytes: usize,
     pub buffer_segments: usize,
 }
@@ -79,6 +82,7 @@ impl Default for MqttConfig {
             max_connections: 10_000,
             connection_timeout_ms: 5000,
             max_inflight: 100,
+            local_fanout: false,
             buffer_segment_bytes: 16 * 1024 * 1024,
             buffer_segments: 8,
         }

@@ -5,10 +5,10 @@
 //! streams and buckets → MQTT broker and its ingress link → ready.
 //!
 //! Shutdown (SIGTERM), in this order so that nothing acknowledged is lost:
-//! 1. not ready; close the MQTT listener and every device connection;
-//! 2. send a drain marker through the broker and let ingress read up to it
-//!    (everything the broker PUBACKed is before it); stop accepting HTTP and
-//!    let requests in progress finish;
+//! 1. not ready; stop accepting MQTT and HTTP connections;
+//! 2. every MQTT connection stops reading, waits for the JetStream acks of
+//!    what it already read, sends those PUBACKs and closes; HTTP requests in
+//!    progress finish;
 //! 3. wait for every JetStream ack still outstanding;
 //! 4. flush the NATS connection.
 //!
@@ -17,14 +17,13 @@
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingress::Ingress;
-use crate::mqtt::{self, MqttBroker};
+use crate::mqtt::{self, MqttServer};
 use fluxmesh_mesh::{provision, Provisioned, Publisher};
 use fluxmesh_schemas::subject::Family;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -54,14 +53,13 @@ pub enum NodeError {
 pub struct Node {
     node_id: String,
     http_addr: SocketAddr,
-    broker: MqttBroker,
+    mqtt: MqttServer,
     ingress: Ingress,
     client: async_nats::Client,
     provisioned: Provisioned,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
     tasks: TaskTracker,
-    drain_tx: watch::Sender<Option<String>>,
 }
 
 impl Node {
@@ -99,7 +97,7 @@ impl Node {
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
         let started = Self::start_mesh(&config, &node_id, &cancel, &stop, &tasks).await;
-        let (client, provisioned, ingress, broker, link_rx) = match started {
+        let (client, provisioned, ingress, mqtt) = match started {
             Ok(parts) => parts,
             Err(e) => {
                 stop.cancel();
@@ -111,19 +109,10 @@ impl Node {
         // Set once, here; the slot was empty until now.
         let _ = ingress_slot.set(ingress.clone());
 
-        let (drain_tx, drain_rx) = watch::channel(None);
-        tasks.spawn(mqtt::run_ingress(
-            link_rx,
-            ingress.clone(),
-            stop.clone(),
-            drain_rx,
-            SHUTDOWN_STEP,
-            config.nats.publish_window,
-        ));
         ready.store(true, Ordering::Release);
-        tracing::info!(node = %node_id, mqtt = %broker.listen(), %http_addr, shards = provisioned.shards,
+        tracing::info!(node = %node_id, mqtt = %mqtt.listen(), %http_addr, shards = provisioned.shards,
             replicas = provisioned.replicas, "node ready");
-        Ok(Node { node_id, http_addr, broker, ingress, client, provisioned, ready, stop, tasks, drain_tx })
+        Ok(Node { node_id, http_addr, mqtt, ingress, client, provisioned, ready, stop, tasks })
     }
 
     #[allow(clippy::type_complexity)]
@@ -133,7 +122,7 @@ impl Node {
         cancel: &CancellationToken,
         stop: &CancellationToken,
         tasks: &TaskTracker,
-    ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttBroker, rumqttd::local::LinkRx), NodeError> {
+    ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttServer), NodeError> {
         let client = connect_until(config, node_id, cancel).await?;
         let publisher = Publisher::new(client.clone(), &config.nats);
         let provisioned = provision_until(&client, &publisher, config, cancel).await?;
@@ -146,8 +135,9 @@ impl Node {
             config.ingest.max_payload_bytes,
             config.mirrored(Family::Telemetry),
         );
-        let (broker, link_rx) = mqtt::start(&config.mqtt, config.ingest.max_payload_bytes, stop.clone(), tasks).await?;
-        Ok((client, provisioned, ingress, broker, link_rx))
+        let mqtt =
+            mqtt::start(&config.mqtt, config.ingest.max_payload_bytes, ingress.clone(), stop.clone(), tasks).await?;
+        Ok((client, provisioned, ingress, mqtt))
     }
 
     pub fn node_id(&self) -> &str {
@@ -160,7 +150,7 @@ impl Node {
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.broker.listen()
+        self.mqtt.listen()
     }
 
     pub fn provisioned(&self) -> &Provisioned {
@@ -168,14 +158,9 @@ impl Node {
     }
 
     /// Drains and stops the node; see the module docs for the order.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         tracing::info!(node = %self.node_id, "shutting down");
         self.ready.store(false, Ordering::Release);
-        let marker = format!("{}drain/{}", mqtt::INTERNAL_TOPIC, uuid::Uuid::now_v7());
-        // The marker is announced before it is sent, so ingress cannot read
-        // it before knowing what it is.
-        let _ = self.drain_tx.send(Some(marker.clone()));
-        self.broker.close_connections(&marker);
         self.stop.cancel();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_STEP * 2, self.tasks.wait()).await.is_err() {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use fluxmesh_node::{Config, Node};
-use fluxmesh_testkit::{free_port, wait_for};
+use fluxmesh_testkit::wait_for;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// Messages a device received on its subscriptions: (topic, payload).
+pub type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 static NODES: AtomicUsize = AtomicUsize::new(1);
 
@@ -27,7 +30,7 @@ pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Nod
     let mut cfg =
         Config { node_id: format!("test-node-{}", NODES.fetch_add(1, Ordering::Relaxed)), ..Default::default() };
     cfg.nats.urls = urls.to_vec();
-    cfg.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], free_port().expect("free port")));
+    cfg.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     tweak(&mut cfg);
     Node::start(cfg, CancellationToken::new()).await.expect("node starts")
@@ -40,6 +43,10 @@ pub struct Device {
     /// Payload sequence numbers PUBACKed by the broker.
     pub acked: Arc<Mutex<Vec<u64>>>,
     pub connected: Arc<AtomicUsize>,
+    /// Messages received on subscriptions: (topic, payload).
+    pub received: Inbox,
+    /// False once the connection has failed or been closed.
+    pub alive: Arc<std::sync::atomic::AtomicBool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -51,7 +58,10 @@ impl Device {
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(Mutex::new(Vec::new()));
         let connected = Arc::new(AtomicUsize::new(0));
-        let (acked2, connected2) = (acked.clone(), connected.clone());
+        let received: Inbox = Arc::default();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (acked2, connected2, received2, alive2) =
+            (acked.clone(), connected.clone(), received.clone(), alive.clone());
         let task = tokio::spawn(async move {
             // Publishes leave in the order they were queued, so the n-th
             // outgoing publish carries sequence n.
@@ -71,12 +81,18 @@ impl Device {
                             acked2.lock().expect("lock").push(seq);
                         }
                     }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        received2.lock().expect("lock").push((p.topic.clone(), p.payload.to_vec()));
+                    }
                     Ok(_) => {}
-                    Err(_) => return,
+                    Err(_) => {
+                        alive2.store(false, Ordering::SeqCst);
+                        return;
+                    }
                 }
             }
         });
-        let device = Device { client, acked, connected, _task: task };
+        let device = Device { client, acked, connected, received, alive, _task: task };
         let connected = device.connected.clone();
         wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);

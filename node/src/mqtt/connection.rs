@@ -1,0 +1,507 @@
+//! One device connection: MQTT 3.1.1 over a socket, acks after JetStream.
+//!
+//! The task owns the socket. Each loop turn it waits for whichever comes
+//! first: the next ack in order, the end of the publish being submitted,
+//! more bytes from the device, a message the router forwards, the keep-alive
+//! deadline, or a stop. It reads from the socket only while it has room for
+//! more unacknowledged publishes, so a slow JetStream slows the device down
+//! instead of filling memory.
+
+use super::Shared;
+use crate::ingress::{DeviceMessage, IngestError};
+use crate::telemetry;
+use bytes::{Bytes, BytesMut};
+use fluxmesh_schemas::DeviceTopic;
+use futures::stream::{FuturesOrdered, StreamExt};
+use rumqttc::mqttbytes::{self, valid_filter, Protocol};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a device may leave our writes unread before it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping connection may take to send the acks it owes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A live session on this node, so a second CONNECT with the same client id
+/// can end the first (one session per client id).
+#[derive(Debug, Clone)]
+pub struct Session {
+    serial: u64,
+    end: CancellationToken,
+}
+
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// What to answer once a publish is settled.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Nothing,
+    PubAck(u16),
+    PubRec(u16),
+}
+
+/// How a publish was settled.
+#[derive(Debug)]
+enum Outcome {
+    /// Stored in JetStream.
+    Stored,
+    /// Refused for good (bad topic, too large): acknowledged so that the
+    /// device does not resend it forever, and counted.
+    Refused,
+    /// A QoS2 resend of a message already stored in this session.
+    Duplicate,
+    /// Not stored after every retry: no ack, the connection closes, and the
+    /// device sends it again after reconnecting.
+    Failed(IngestError),
+}
+
+type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
+/// A publish that has been sent (or refused) and whose ack is still to
+/// come: what submitting resolves to.
+struct Submitted(Settle);
+type Submit = Pin<Box<dyn Future<Output = Submitted> + Send>>;
+
+fn settled(reply: Reply, outcome: Outcome) -> Settle {
+    Box::pin(std::future::ready((reply, outcome)))
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    Disconnect,
+    PeerClosed,
+    Io(std::io::Error),
+    Protocol(&'static str, String),
+    KeepAlive,
+    TakenOver,
+    Stopped,
+    NotStored(IngestError),
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Disconnect => "disconnect",
+            End::PeerClosed => "peer_closed",
+            End::Io(_) => "io_error",
+            End::Protocol(reason, _) => reason,
+            End::KeepAlive => "keep_alive",
+            End::TakenOver => "taken_over",
+            End::Stopped => "node_stopping",
+            End::NotStored(_) => "not_stored",
+        }
+    }
+}
+
+struct Link {
+    tx: rumqttd::local::LinkTx,
+    rx: rumqttd::local::LinkRx,
+}
+
+struct Conn {
+    socket: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_packet: usize,
+    client_id: String,
+    clean: bool,
+    keep_alive: Option<Duration>,
+    /// QoS2 packet ids stored and PUBRECed, awaiting PUBREL.
+    awaiting_rel: HashSet<u16>,
+    pending: FuturesOrdered<Settle>,
+    submitting: Option<Submit>,
+    link: Option<Link>,
+}
+
+/// Serves one connection until the device leaves, breaks the protocol, is
+/// taken over, or the node stops.
+pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    // The largest packet: the payload limit plus room for the topic and
+    // headers of a PUBLISH.
+    let max_packet = shared.max_payload + fluxmesh_schemas::subject::MAX_TOPIC_LEN + 16;
+    let mut conn = Conn {
+        socket,
+        peer,
+        shared,
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(1024),
+        max_packet,
+        client_id: String::new(),
+        clean: true,
+        keep_alive: None,
+        awaiting_rel: HashSet::new(),
+        pending: FuturesOrdered::new(),
+        submitting: None,
+        link: None,
+    };
+    let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
+    let session = match tokio::time::timeout(timeout, conn.handshake()).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(end)) => {
+            conn.closed(&end);
+            return;
+        }
+        Err(_) => {
+            conn.closed(&End::Protocol("connect_timeout", format!("no CONNECT within {timeout:?}")));
+            return;
+        }
+    };
+    let end = conn.run(&session).await;
+    conn.closed(&end);
+    let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
+        sessions.remove(&conn.client_id);
+    }
+}
+
+impl Conn {
+    /// Reads CONNECT, checks it, registers the session, answers CONNACK.
+    async fn handshake(&mut self) -> Result<Session, End> {
+        let connect = loop {
+            match Packet::read(&mut self.rbuf, self.max_packet) {
+                Ok(Packet::Connect(c)) => break c,
+                Ok(other) => return Err(End::Protocol("expected_connect", format!("first packet was {other:?}"))),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => self.read_more().await?,
+                Err(mqttbytes::Error::InvalidProtocolLevel(level)) => {
+                    self.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
+                    return Err(End::Protocol(
+                        "protocol_version",
+                        format!("MQTT protocol level {level} is not supported; use 3.1.1"),
+                    ));
+                }
+                Err(e) => return Err(End::Protocol("malformed_packet", e.to_string())),
+            }
+        };
+        if connect.protocol != Protocol::V4 {
+            self.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
+            return Err(End::Protocol("protocol_version", "MQTT 5 is not supported yet; use 3.1.1".into()));
+        }
+        self.clean = connect.clean_session;
+        self.client_id = if connect.client_id.is_empty() {
+            if !connect.clean_session {
+                self.refuse(ConnectReturnCode::BadClientId).await;
+                return Err(End::Protocol("bad_client_id", "empty client id needs a clean session".into()));
+            }
+            format!("auto-{}", uuid::Uuid::new_v4().simple())
+        } else {
+            connect.client_id
+        };
+        self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+
+        let session = Session { serial: SERIALS.fetch_add(1, Ordering::Relaxed), end: CancellationToken::new() };
+        let previous = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.client_id.clone(), session.clone());
+        if let Some(previous) = previous {
+            tracing::info!(client = %self.client_id, peer = %self.peer, "client id connected again; ending the older session");
+            previous.end.cancel();
+        }
+        self.write(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+        self.flush().await?;
+        tracing::debug!(client = %self.client_id, peer = %self.peer, "MQTT connected");
+        Ok(session)
+    }
+
+    async fn refuse(&mut self, code: ConnectReturnCode) {
+        self.write(&Packet::ConnAck(ConnAck::new(code, false)));
+        let _ = self.flush().await;
+    }
+
+    async fn run(&mut self, session: &Session) -> End {
+        let mut draining: Option<(Instant, End)> = None;
+        let mut keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
+        loop {
+            if let Err(end) = self.parse_and_handle(draining.is_some()).await {
+                return end;
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            if let Some((_, end)) = &draining {
+                if self.pending.is_empty() && self.submitting.is_none() {
+                    return match end {
+                        End::TakenOver => End::TakenOver,
+                        _ => End::Stopped,
+                    };
+                }
+            }
+            let can_read = draining.is_none() && self.submitting.is_none() && self.has_room();
+            let far = Instant::now() + Duration::from_secs(86_400);
+            let ka_deadline = keep_alive_at.unwrap_or(far);
+            let drain_deadline = draining.as_ref().map(|(at, _)| *at).unwrap_or(far);
+            tokio::select! {
+                biased;
+                _ = self.shared.stop.cancelled(), if draining.is_none() => {
+                    draining = Some((Instant::now() + DRAIN_TIMEOUT, End::Stopped));
+                }
+                _ = session.end.cancelled(), if draining.is_none() => {
+                    draining = Some((Instant::now() + DRAIN_TIMEOUT, End::TakenOver));
+                }
+                Some((reply, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(end) = self.settle(reply, outcome) {
+                        return end;
+                    }
+                }
+                Submitted(settle) = async { self.submitting.as_mut().expect("guarded by is_some").await }, if self.submitting.is_some() => {
+                    self.submitting = None;
+                    self.pending.push_back(settle);
+                }
+                read = self.socket.read_buf(&mut self.rbuf), if can_read => match read {
+                    Ok(0) => return End::PeerClosed,
+                    Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
+                    Err(e) => return End::Io(e),
+                },
+                forwarded = next_forward(&mut self.link), if self.link.is_some() && draining.is_none() => {
+                    self.forward(forwarded).await;
+                }
+                _ = tokio::time::sleep_until(ka_deadline), if keep_alive_at.is_some() && draining.is_none() => {
+                    return End::KeepAlive;
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
+                    tracing::warn!(client = %self.client_id, pending = self.pending.len(), "connection drain deadline reached");
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Room for one more unacknowledged publish.
+    fn has_room(&self) -> bool {
+        self.pending.len() < self.shared.config.max_inflight
+    }
+
+    async fn read_more(&mut self) -> Result<(), End> {
+        match self.socket.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(End::PeerClosed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    /// Handles the complete packets already read, stopping at a publish that
+    /// must be submitted first or when there is no room for more.
+    async fn parse_and_handle(&mut self, draining: bool) -> Result<(), End> {
+        while !draining && self.submitting.is_none() && self.has_room() {
+            let packet = match Packet::read(&mut self.rbuf, self.max_packet) {
+                Ok(p) => p,
+                Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+                    telemetry::rejected("mqtt", "oversize", &format!("packet of {size} bytes"));
+                    return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
+                }
+                Err(e) => return Err(End::Protocol("malformed_packet", e.to_string())),
+            };
+            self.handle(packet).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish),
+            Packet::PubRel(rel) => {
+                self.awaiting_rel.remove(&rel.pkid);
+                self.write(&Packet::PubComp(PubComp::new(rel.pkid)));
+            }
+            Packet::Subscribe(sub) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for filter in &sub.filters {
+                    let ok = valid_filter(&filter.path) && self.subscribe(&filter.path).await;
+                    codes.push(if ok {
+                        SubscribeReasonCode::Success(QoS::AtMostOnce)
+                    } else {
+                        SubscribeReasonCode::Failure
+                    });
+                }
+                self.write(&Packet::SubAck(SubAck::new(sub.pkid, codes)));
+            }
+            Packet::Unsubscribe(unsub) => {
+                if let Some(link) = &mut self.link {
+                    for topic in &unsub.topics {
+                        let _ = link.tx.try_unsubscribe(topic.clone());
+                    }
+                }
+                self.write(&Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
+            }
+            Packet::PingReq => self.write(&Packet::PingResp),
+            Packet::Disconnect => return Err(End::Disconnect),
+            // Acks for what we send at QoS 0 never come; tolerate strays.
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::Connect(_) => return Err(End::Protocol("second_connect", "CONNECT on a connected session".into())),
+            other => return Err(End::Protocol("unexpected_packet", format!("{other:?} from a client"))),
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self, publish: Publish) {
+        let reply = match publish.qos {
+            QoS::AtMostOnce => Reply::Nothing,
+            QoS::AtLeastOnce => Reply::PubAck(publish.pkid),
+            QoS::ExactlyOnce => {
+                if !self.awaiting_rel.insert(publish.pkid) {
+                    // A resend of a QoS2 message this session already stored.
+                    self.pending.push_back(settled(Reply::PubRec(publish.pkid), Outcome::Duplicate));
+                    return;
+                }
+                Reply::PubRec(publish.pkid)
+            }
+        };
+        if let Some(fanout) = &self.shared.fanout {
+            if fanout.try_send((publish.topic.clone(), publish.payload.clone())).is_err() {
+                metrics::counter!("fluxmesh_mqtt_fanout_dropped_total").increment(1);
+            }
+        }
+        let ingress = self.shared.ingress.clone();
+        let Publish { topic, payload, .. } = publish;
+        self.submitting = Some(Box::pin(submit(ingress, topic, payload, reply)));
+    }
+
+    fn settle(&mut self, reply: Reply, outcome: Outcome) -> Result<(), End> {
+        match outcome {
+            Outcome::Stored | Outcome::Refused | Outcome::Duplicate => {}
+            Outcome::Failed(e) => return Err(End::NotStored(e)),
+        }
+        match reply {
+            Reply::Nothing => {}
+            Reply::PubAck(pkid) => self.write(&Packet::PubAck(PubAck::new(pkid))),
+            Reply::PubRec(pkid) => self.write(&Packet::PubRec(PubRec::new(pkid))),
+        }
+        Ok(())
+    }
+
+    /// Subscribes through a rumqttd link, made on the first SUBSCRIBE.
+    async fn subscribe(&mut self, filter: &str) -> bool {
+        if self.link.is_none() {
+            let shared = self.shared.clone();
+            let (id, clean) = (self.client_id.clone(), self.clean);
+            match tokio::task::spawn_blocking(move || shared.router.link(&id, clean)).await {
+                Ok(Ok((tx, rx))) => self.link = Some(Link { tx, rx }),
+                Ok(Err(e)) => {
+                    tracing::warn!(client = %self.client_id, error = %e, "cannot attach to the MQTT router");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "router attach task failed");
+                    return false;
+                }
+            }
+        }
+        self.link.as_mut().is_some_and(|l| l.tx.try_subscribe(filter.to_owned()).is_ok())
+    }
+
+    async fn forward(&mut self, notification: Option<rumqttd::Notification>) {
+        match notification {
+            Some(rumqttd::Notification::Forward(f)) => {
+                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                let publish = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
+                self.write(&Packet::Publish(publish));
+            }
+            Some(rumqttd::Notification::Unschedule) => {
+                if let Some(link) = &self.link {
+                    let _ = link.rx.wake().await;
+                }
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(client = %self.client_id, "MQTT router link closed");
+                self.link = None;
+            }
+        }
+    }
+
+    fn write(&mut self, packet: &Packet) {
+        if let Err(e) = packet.write(&mut self.wbuf, usize::MAX) {
+            tracing::error!(error = %e, "cannot encode an MQTT packet");
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.write_all(&self.wbuf)).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => {
+                Err(End::Protocol("write_timeout", format!("device left our writes unread for {WRITE_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    fn closed(&self, end: &End) {
+        match end {
+            End::Disconnect | End::PeerClosed | End::Stopped | End::TakenOver => {
+                tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
+            }
+            End::Protocol(reason, detail) => {
+                metrics::counter!("fluxmesh_mqtt_protocol_errors_total", "reason" => *reason).increment(1);
+                tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
+            }
+            End::NotStored(e) => {
+                tracing::error!(client = %self.client_id, peer = %self.peer, error = %e,
+                    "MQTT message could not be stored; closing without PUBACK so the device resends it");
+            }
+            End::Io(e) => {
+                tracing::debug!(client = %self.client_id, peer = %self.peer, error = %e, "MQTT connection I/O error")
+            }
+            End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
+        }
+        metrics::counter!("fluxmesh_mqtt_disconnects_total", "reason" => end.reason()).increment(1);
+    }
+}
+
+async fn next_forward(link: &mut Option<Link>) -> Option<rumqttd::Notification> {
+    match link {
+        Some(link) => link.rx.next().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Checks and sends one publish; resolves to the future of its ack.
+async fn submit(ingress: crate::ingress::Ingress, topic: String, payload: Bytes, reply: Reply) -> Submitted {
+    Submitted(submit_inner(ingress, topic, payload, reply).await)
+}
+
+async fn submit_inner(ingress: crate::ingress::Ingress, topic: String, payload: Bytes, reply: Reply) -> Settle {
+    let device_topic = match DeviceTopic::parse(&topic) {
+        Ok(t) => t,
+        Err(e) => {
+            telemetry::rejected("mqtt", e.reason(), &e);
+            return settled(reply, Outcome::Refused);
+        }
+    };
+    let message = DeviceMessage { topic: device_topic, payload, idempotency_key: None, device_time_us: None };
+    match ingress.submit(message).await {
+        Ok(sent) => Box::pin(async move {
+            match ingress.stored(sent, "mqtt").await {
+                Ok(_) => (reply, Outcome::Stored),
+                Err(e) => (reply, Outcome::Failed(e)),
+            }
+        }),
+        Err(e @ (IngestError::Topic(_) | IngestError::TooLarge { .. })) => {
+            telemetry::rejected("mqtt", e.reason(), &e);
+            settled(reply, Outcome::Refused)
+        }
+        Err(e) => settled(reply, Outcome::Failed(e)),
+    }
+}

@@ -1,0 +1,202 @@
+//! The MQTT front end: our own listener and per-connection state machine
+//! in front of rumqttd's router.
+//!
+//! Each device connection is served by one task ([`connection`]) that reads
+//! packets with rumqttc's MQTT 3.1.1 codec and hands every PUBLISH to
+//! [`crate::ingress::Ingress`]. The PUBACK (QoS1) or PUBREC (QoS2) is sent
+//! only after JetStream has acknowledged the message, and in the order the
+//! publishes arrived. While a connection has `mqtt.max_inflight` messages
+//! waiting for their acks, or the node's publish window is full, the task
+//! stops reading its socket: devices feel TCP backpressure, and nothing
+//! piles up unacknowledged in memory.
+//!
+//! rumqttd's router (its own thread) serves subscriptions: a connection that
+//! SUBSCRIBEs gets a rumqttd local link, and what the router forwards to it
+//! is written to the socket at QoS 0. With `mqtt.local_fanout` on, device
+//! publishes are also handed to the router (best effort, QoS 0) so that MQTT
+//! subscribers on the same node see them.
+
+mod connection;
+
+use crate::config::MqttConfig;
+use crate::ingress::Ingress;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use connection::Session;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot attach to the MQTT router: {0}")]
+    Link(String),
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub ingress: Ingress,
+    pub config: MqttConfig,
+    pub max_payload: usize,
+    /// Makes rumqttd links for connections that subscribe.
+    pub router: RouterHandle,
+    /// Live sessions on this node by client id, for takeover.
+    pub sessions: Mutex<HashMap<String, Session>>,
+    /// Ends every connection (graceful: pending acks are still sent).
+    pub stop: CancellationToken,
+    /// Best-effort fan-out of device publishes into the router.
+    pub fanout: Option<std::sync::mpsc::SyncSender<(String, bytes::Bytes)>>,
+}
+
+/// Both ends of a rumqttd local link.
+pub(crate) type LinkPair = (rumqttd::local::LinkTx, rumqttd::local::LinkRx);
+type BuildLink = dyn Fn(&str, bool) -> Result<LinkPair, String> + Send + Sync;
+
+/// rumqttd's router channel. Its type names rumqttd's private `Event`, so
+/// it is kept behind a closure that builds links.
+pub(crate) struct RouterHandle {
+    build: Box<BuildLink>,
+}
+
+impl RouterHandle {
+    /// A new rumqttd link for `client_id`. Blocks briefly on the router's
+    /// channel: call it from a blocking context.
+    pub fn link(
+        &self,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
+        (self.build)(client_id, clean)
+    }
+}
+
+/// The running front end.
+#[derive(Debug)]
+pub struct MqttServer {
+    listen: SocketAddr,
+}
+
+impl MqttServer {
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}
+
+/// Binds the listener, starts rumqttd's router and the accept loop. Every
+/// task goes into `tasks` and ends when `stop` fires; connections finish
+/// sending the acks they owe first.
+pub async fn start(
+    cfg: &MqttConfig,
+    max_payload: usize,
+    ingress: Ingress,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<MqttServer, MqttError> {
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|source| MqttError::Bind { addr: cfg.listen, source })?;
+    let listen = listener.local_addr().map_err(|source| MqttError::Bind { addr: cfg.listen, source })?;
+
+    let router = rumqttd::Router::new(
+        0,
+        rumqttd::RouterConfig {
+            // Links are made only for connections that subscribe, plus one
+            // for fan-out.
+            max_connections: cfg.max_connections + 1,
+            max_outgoing_packet_count: 200,
+            max_segment_size: cfg.buffer_segment_bytes,
+            max_segment_count: cfg.buffer_segments,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+    );
+    let router_tx = router.spawn();
+
+    let fanout = if cfg.local_fanout {
+        let (mut link_tx, _link_rx, _) = rumqttd::local::LinkBuilder::new("fluxmesh-fanout", router_tx.clone())
+            .build()
+            .map_err(|e| MqttError::Link(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, bytes::Bytes)>(4096);
+        // A plain thread: rumqttd's link API blocks on its channel. It ends
+        // when every sender (the connections and `Shared`) is gone.
+        std::thread::Builder::new()
+            .name("fluxmesh-fanout".into())
+            .spawn(move || {
+                while let Ok((topic, payload)) = rx.recv() {
+                    if link_tx.publish(topic, payload).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| MqttError::Link(e.to_string()))?;
+        Some(tx)
+    } else {
+        None
+    };
+
+    let router = RouterHandle {
+        build: Box::new(move |client_id, clean| {
+            let (tx, rx, _connack) = rumqttd::local::LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean)
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok((tx, rx))
+        }),
+    };
+    let shared = Arc::new(Shared {
+        ingress,
+        config: cfg.clone(),
+        max_payload,
+        router,
+        sessions: Mutex::new(HashMap::new()),
+        stop: stop.clone(),
+        fanout,
+    });
+    let accept_tasks = tasks.clone();
+    tasks.spawn(accept(listener, shared, accept_tasks));
+    tracing::info!(%listen, "MQTT listening");
+    Ok(MqttServer { listen })
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving.
+                tracing::warn!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("fluxmesh_mqtt_refused_total", "reason" => "max_connections").increment(1);
+            tracing::warn!(%peer, max = shared.config.max_connections, "MQTT connection refused: too many connections");
+            drop(socket);
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            metrics::gauge!("fluxmesh_mqtt_connections").increment(1.0);
+            connection::serve(socket, peer, shared).await;
+            metrics::gauge!("fluxmesh_mqtt_connections").decrement(1.0);
+            drop(slot);
+        });
+    }
+    tracing::info!("MQTT listener closed");
+}

@@ -1,0 +1,162 @@
+//! The MQTT front end: PUBACK only after JetStream stored the message,
+//! one session per client id, subscriptions through the embedded broker,
+//! and hostile packets refused while the node keeps serving.
+
+mod common;
+
+use common::{counter, metrics, start_node, stream_messages, Device};
+use fluxmesh_testkit::{wait_for, NatsServer};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_puback_until_jetstream_stored_it() {
+    let mut nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| {
+        c.nats.ack_timeout_ms = 300;
+        c.nats.publish_attempts = 2;
+    })
+    .await;
+    let device = Device::connect(node.mqtt_addr(), "strict-1").await;
+    device.publish("devices/strict-1/v", b"{\"seq\":0}".to_vec()).await;
+    wait_for(Duration::from_secs(10), "first PUBACK", || {
+        let n = device.acked().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .expect("PUBACK while JetStream is up");
+
+    nats.kill();
+    device.publish("devices/strict-1/v", b"{\"seq\":1}".to_vec()).await;
+    // The node gives up on the publish (2 attempts x 300 ms) and closes the
+    // connection instead of acknowledging what it could not store.
+    wait_for(Duration::from_secs(15), "connection closed without PUBACK", || {
+        let alive = device.alive.load(Ordering::SeqCst);
+        async move { (!alive).then_some(()) }
+    })
+    .await
+    .expect("node closes the connection");
+    assert_eq!(device.acked(), vec![0], "a message JetStream did not store was PUBACKed");
+    let text = metrics(&node).await;
+    assert!(counter(&text, "fluxmesh_ingest_failed_total{source=\"mqtt\"") >= 1.0, "{text}");
+
+    // Back up: a reconnecting device is served again.
+    nats.restart().await.expect("restart");
+    let again = Device::connect(node.mqtt_addr(), "strict-1").await;
+    again.publish("devices/strict-1/v", b"{\"seq\":1}".to_vec()).await;
+    wait_for(Duration::from_secs(30), "PUBACK after NATS is back", || {
+        let n = again.acked().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .expect("served again");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_with_same_client_id_takes_over() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |_| {}).await;
+    let first = Device::connect(node.mqtt_addr(), "twin").await;
+    let second = Device::connect(node.mqtt_addr(), "twin").await;
+    wait_for(Duration::from_secs(10), "first session closed", || {
+        let alive = first.alive.load(Ordering::SeqCst);
+        async move { (!alive).then_some(()) }
+    })
+    .await
+    .expect("the older session is closed");
+    assert!(second.alive.load(Ordering::SeqCst), "the newer session stays");
+    second.publish("devices/twin/v", b"{}".to_vec()).await;
+    wait_for(Duration::from_secs(10), "PUBACK on the new session", || {
+        let n = second.acked().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .expect("new session works");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_receive_through_the_embedded_broker() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let watcher = Device::connect(node.mqtt_addr(), "watcher").await;
+    watcher.client.subscribe("devices/+/env", rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+    let sensor = Device::connect(node.mqtt_addr(), "sensor-9").await;
+    // Publish until the subscription is in place (SUBACK is asynchronous).
+    wait_for(Duration::from_secs(10), "fan-out to the subscriber", || {
+        let sensor = &sensor;
+        let got = watcher.received.lock().expect("lock").len();
+        async move {
+            sensor.publish("devices/sensor-9/env", b"{\"t\":1}".to_vec()).await;
+            (got > 0).then_some(())
+        }
+    })
+    .await
+    .expect("subscriber receives");
+    let (topic, payload) = watcher.received.lock().expect("lock")[0].clone();
+    assert_eq!(topic, "devices/sensor-9/env");
+    assert_eq!(payload, b"{\"t\":1}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| c.ingest.max_payload_bytes = 1024).await;
+    let client = nats.client().await.expect("connect");
+    let addr = node.mqtt_addr();
+
+    // Garbage instead of CONNECT.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    raw.write_all(&[0xff; 64]).await.expect("write");
+    let mut buf = [0u8; 16];
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "connection closed without an answer");
+
+    // An MQTT 5 CONNECT gets CONNACK "unacceptable protocol version" (0x01).
+    let mut v5 = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let connect_v5 =
+        [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x03, b'v', b'5', b'c'];
+    v5.write_all(&connect_v5[..]).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), v5.read_to_end(&mut answer)).await.expect("answered in time");
+    assert_eq!(answer.get(..4), Some(&[0x20, 0x02, 0x00, 0x01][..]), "CONNACK refused: {answer:?}");
+
+    // A truncated PUBLISH after a good CONNECT, then the socket is closed.
+    let mut cut = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let connect_v4 =
+        [0x10, 0x0f, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x03, b'c', b'u', b't'];
+    cut.write_all(&connect_v4).await.expect("write");
+    cut.write_all(&[0x32, 0x7f, 0x00, 0x10, b'd']).await.expect("write");
+    drop(cut);
+
+    // An oversize publish closes that connection.
+    let big = Device::connect(addr, "big-1").await;
+    big.publish("devices/big-1/v", vec![b'x'; 4096]).await;
+    wait_for(Duration::from_secs(10), "oversize connection closed", || {
+        let alive = big.alive.load(Ordering::SeqCst);
+        async move { (!alive).then_some(()) }
+    })
+    .await
+    .expect("closed");
+
+    // The node still serves a well-behaved device.
+    let good = Device::connect(addr, "good-1").await;
+    good.publish("devices/good-1/v", b"{}".to_vec()).await;
+    wait_for(Duration::from_secs(10), "good PUBACK", || {
+        let n = good.acked().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .expect("served");
+    assert_eq!(stream_messages(&client, "FM_TEL").await, 1, "only the good message is stored");
+    let text = metrics(&node).await;
+    for reason in ["malformed_packet", "protocol_version", "oversize"] {
+        let line = format!("fluxmesh_mqtt_protocol_errors_total{{reason=\"{reason}\"}}");
+        assert!(counter(&text, &line) >= 1.0, "no {reason} counter in\n{text}");
+    }
+    node.shutdown().await;
+}
