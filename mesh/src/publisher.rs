@@ -52,6 +52,7 @@ pub struct Publisher {
     capacity: usize,
     attempts: u32,
     closed: Arc<AtomicBool>,
+    ack_seconds: metrics::Histogram,
 }
 
 /// One message the caller wants stored.
@@ -72,6 +73,7 @@ pub struct Pending {
     message: Message,
     attempts: u32,
     max_attempts: u32,
+    ack_seconds: metrics::Histogram,
     sent_at: Instant,
     _slot: OwnedSemaphorePermit,
 }
@@ -91,6 +93,7 @@ impl Publisher {
             capacity: cfg.publish_window,
             attempts: cfg.publish_attempts,
             closed: Arc::new(AtomicBool::new(false)),
+            ack_seconds: metrics::histogram!("fluxmesh_publish_ack_seconds"),
         }
     }
 
@@ -125,6 +128,7 @@ impl Publisher {
             message,
             attempts: 1,
             max_attempts: self.attempts,
+            ack_seconds: self.ack_seconds.clone(),
             sent_at: Instant::now(),
             _slot: slot,
         })
@@ -155,7 +159,7 @@ impl Pending {
         loop {
             match self.ack.await {
                 Ok(ack) => {
-                    metrics::histogram!("fluxmesh_publish_ack_seconds").record(self.sent_at.elapsed().as_secs_f64());
+                    self.ack_seconds.record(self.sent_at.elapsed().as_secs_f64());
                     return Ok(ack);
                 }
                 Err(e) if self.attempts < self.max_attempts && retryable(e.kind()) => {

@@ -123,7 +123,7 @@ async fn ingest(
     }
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     let message = DeviceMessage { topic, payload: body, idempotency_key, device_time_us: params.device_time_us };
-    match ingress.ingest(message, "http").await {
+    match ingress.ingest(message, crate::ingress::Source::Http).await {
         Ok(stored) => (
             StatusCode::ACCEPTED,
             Json(json!({

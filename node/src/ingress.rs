@@ -53,6 +53,59 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+/// Where a message came in; labels its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Mqtt,
+    Http,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
+        }
+    }
+}
+
+/// Metric handles registered once, so the hot path does no label lookups.
+#[derive(Debug, Clone)]
+struct SourceMetrics {
+    stored: metrics::Counter,
+}
+
+#[derive(Debug, Clone)]
+struct IngressMetrics {
+    mqtt: SourceMetrics,
+    http: SourceMetrics,
+    ingest_seconds: metrics::Histogram,
+    duplicates: metrics::Counter,
+    in_flight: metrics::Gauge,
+}
+
+impl IngressMetrics {
+    fn new() -> Self {
+        let source = |s: Source| SourceMetrics {
+            stored: metrics::counter!("fluxmesh_ingest_messages_total", "source" => s.as_str()),
+        };
+        IngressMetrics {
+            mqtt: source(Source::Mqtt),
+            http: source(Source::Http),
+            ingest_seconds: metrics::histogram!("fluxmesh_ingest_seconds"),
+            duplicates: metrics::counter!("fluxmesh_publish_duplicates_total"),
+            in_flight: metrics::gauge!("fluxmesh_publish_in_flight"),
+        }
+    }
+
+    fn source(&self, s: Source) -> &SourceMetrics {
+        match s {
+            Source::Mqtt => &self.mqtt,
+            Source::Http => &self.http,
+        }
+    }
+}
+
 /// A cheap, clonable handle shared by every ingress source.
 #[derive(Debug, Clone)]
 pub struct Ingress {
@@ -63,6 +116,7 @@ pub struct Ingress {
     node_id: std::sync::Arc<str>,
     max_payload: usize,
     mirror_json: bool,
+    metrics: IngressMetrics,
 }
 
 /// A sent message whose ack is still to come.
@@ -88,7 +142,16 @@ impl Ingress {
         max_payload: usize,
         mirror_json: bool,
     ) -> Self {
-        Ingress { publisher, client, subjects, shards, node_id: node_id.into(), max_payload, mirror_json }
+        Ingress {
+            publisher,
+            client,
+            subjects,
+            shards,
+            node_id: node_id.into(),
+            max_payload,
+            mirror_json,
+            metrics: IngressMetrics::new(),
+        }
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -120,25 +183,25 @@ impl Ingress {
         let bytes = Bytes::from(frame.encode()?);
         let mirror = self.mirror_json.then(|| bytes.clone());
         let pending = self.publisher.publish(subject.clone(), header_map, bytes).await?;
-        metrics::gauge!("fluxmesh_publish_in_flight").set(self.publisher.in_flight() as f64);
+        self.metrics.in_flight.set(self.publisher.in_flight() as f64);
         Ok(InFlight { pending, id: frame.id, subject, received, mirror })
     }
 
     /// Waits for the ack of `sent` (with retries), then mirrors it as JSON.
-    pub async fn stored(&self, sent: InFlight, source: &'static str) -> Result<Stored, IngestError> {
+    pub async fn stored(&self, sent: InFlight, source: Source) -> Result<Stored, IngestError> {
         let result = sent.pending.ack().await;
         let ack = match result {
             Ok(ack) => ack,
             Err(e) => {
-                metrics::counter!("fluxmesh_ingest_failed_total", "source" => source, "reason" => e.reason())
+                metrics::counter!("fluxmesh_ingest_failed_total", "source" => source.as_str(), "reason" => e.reason())
                     .increment(1);
                 return Err(e.into());
             }
         };
-        metrics::counter!("fluxmesh_ingest_messages_total", "source" => source).increment(1);
-        metrics::histogram!("fluxmesh_ingest_seconds").record(sent.received.elapsed().as_secs_f64());
+        self.metrics.source(source).stored.increment(1);
+        self.metrics.ingest_seconds.record(sent.received.elapsed().as_secs_f64());
         if ack.duplicate {
-            metrics::counter!("fluxmesh_publish_duplicates_total").increment(1);
+            self.metrics.duplicates.increment(1);
         }
         if let Some(bytes) = sent.mirror {
             self.mirror(&sent.subject, &bytes).await;
@@ -153,7 +216,7 @@ impl Ingress {
     }
 
     /// Submits and waits for the ack: the strict path HTTP uses.
-    pub async fn ingest(&self, msg: DeviceMessage<'_>, source: &'static str) -> Result<Stored, IngestError> {
+    pub async fn ingest(&self, msg: DeviceMessage<'_>, source: Source) -> Result<Stored, IngestError> {
         let sent = self.submit(msg).await?;
         self.stored(sent, source).await
     }

@@ -493,7 +493,7 @@ async fn submit_inner(ingress: crate::ingress::Ingress, topic: String, payload: 
     let message = DeviceMessage { topic: device_topic, payload, idempotency_key: None, device_time_us: None };
     match ingress.submit(message).await {
         Ok(sent) => Box::pin(async move {
-            match ingress.stored(sent, "mqtt").await {
+            match ingress.stored(sent, crate::ingress::Source::Mqtt).await {
                 Ok(_) => (reply, Outcome::Stored),
                 Err(e) => (reply, Outcome::Failed(e)),
             }
