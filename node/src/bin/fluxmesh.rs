@@ -72,7 +72,11 @@ fn print_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     init_logging(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = builder.enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let cancel = CancellationToken::new();
         let signals = tokio::spawn(wait_for_signal(cancel.clone()));

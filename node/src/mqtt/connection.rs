@@ -13,6 +13,7 @@ use crate::telemetry;
 use bytes::{Bytes, BytesMut};
 use fluxmesh_schemas::DeviceTopic;
 use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use rumqttc::mqttbytes::{self, valid_filter, Protocol};
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
@@ -257,6 +258,13 @@ impl Conn {
                 Some((reply, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
                     if let Err(end) = self.settle(reply, outcome) {
                         return end;
+                    }
+                    // Take every ack that is already in, so they go out in
+                    // one write rather than one syscall each.
+                    while let Some(Some((reply, outcome))) = self.pending.next().now_or_never() {
+                        if let Err(end) = self.settle(reply, outcome) {
+                            return end;
+                        }
                     }
                 }
                 Submitted(settle) = async { self.submitting.as_mut().expect("guarded by is_some").await }, if self.submitting.is_some() => {
