@@ -20,23 +20,13 @@ async fn no_puback_until_jetstream_stored_it() {
     .await;
     let device = Device::connect(node.mqtt_addr(), "strict-1").await;
     device.publish("devices/strict-1/v", b"{\"seq\":0}".to_vec()).await;
-    wait_for(Duration::from_secs(10), "first PUBACK", || {
-        let n = device.acked().len();
-        async move { (n == 1).then_some(()) }
-    })
-    .await
-    .expect("PUBACK while JetStream is up");
+    device.wait_acked(1).await;
 
     nats.kill();
     device.publish("devices/strict-1/v", b"{\"seq\":1}".to_vec()).await;
     // The node gives up on the publish (2 attempts x 300 ms) and closes the
     // connection instead of acknowledging what it could not store.
-    wait_for(Duration::from_secs(15), "connection closed without PUBACK", || {
-        let alive = device.alive.load(Ordering::SeqCst);
-        async move { (!alive).then_some(()) }
-    })
-    .await
-    .expect("node closes the connection");
+    device.wait_closed().await;
     assert_eq!(device.acked(), vec![0], "a message JetStream did not store was PUBACKed");
     let text = metrics(&node).await;
     assert!(counter(&text, "fluxmesh_ingest_failed_total{source=\"mqtt\"") >= 1.0, "{text}");
@@ -45,12 +35,7 @@ async fn no_puback_until_jetstream_stored_it() {
     nats.restart().await.expect("restart");
     let again = Device::connect(node.mqtt_addr(), "strict-1").await;
     again.publish("devices/strict-1/v", b"{\"seq\":1}".to_vec()).await;
-    wait_for(Duration::from_secs(30), "PUBACK after NATS is back", || {
-        let n = again.acked().len();
-        async move { (n == 1).then_some(()) }
-    })
-    .await
-    .expect("served again");
+    again.wait_acked(1).await;
     node.shutdown().await;
 }
 
@@ -60,20 +45,10 @@ async fn second_connection_with_same_client_id_takes_over() {
     let node = start_node(&[nats.url()], |_| {}).await;
     let first = Device::connect(node.mqtt_addr(), "twin").await;
     let second = Device::connect(node.mqtt_addr(), "twin").await;
-    wait_for(Duration::from_secs(10), "first session closed", || {
-        let alive = first.alive.load(Ordering::SeqCst);
-        async move { (!alive).then_some(()) }
-    })
-    .await
-    .expect("the older session is closed");
+    first.wait_closed().await;
     assert!(second.alive.load(Ordering::SeqCst), "the newer session stays");
     second.publish("devices/twin/v", b"{}".to_vec()).await;
-    wait_for(Duration::from_secs(10), "PUBACK on the new session", || {
-        let n = second.acked().len();
-        async move { (n == 1).then_some(()) }
-    })
-    .await
-    .expect("new session works");
+    second.wait_acked(1).await;
     node.shutdown().await;
 }
 
@@ -136,22 +111,12 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
     // An oversize publish closes that connection.
     let big = Device::connect(addr, "big-1").await;
     big.publish("devices/big-1/v", vec![b'x'; 4096]).await;
-    wait_for(Duration::from_secs(10), "oversize connection closed", || {
-        let alive = big.alive.load(Ordering::SeqCst);
-        async move { (!alive).then_some(()) }
-    })
-    .await
-    .expect("closed");
+    big.wait_closed().await;
 
     // The node still serves a well-behaved device.
     let good = Device::connect(addr, "good-1").await;
     good.publish("devices/good-1/v", b"{}".to_vec()).await;
-    wait_for(Duration::from_secs(10), "good PUBACK", || {
-        let n = good.acked().len();
-        async move { (n == 1).then_some(()) }
-    })
-    .await
-    .expect("served");
+    good.wait_acked(1).await;
     assert_eq!(stream_messages(&client, "FM_TEL").await, 1, "only the good message is stored");
     let text = metrics(&node).await;
     for reason in ["malformed_packet", "protocol_version", "oversize"] {

@@ -103,6 +103,28 @@ impl Device {
         device
     }
 
+    /// Waits until at least `n` publishes were PUBACKed.
+    pub async fn wait_acked(&self, n: usize) {
+        let acked = self.acked.clone();
+        wait_for(Duration::from_secs(30), &format!("{n} PUBACKs"), || {
+            let count = acked.lock().expect("lock").len();
+            async move { (count >= n).then_some(()) }
+        })
+        .await
+        .expect("PUBACKs arrive");
+    }
+
+    /// Waits until the broker has closed this device's connection.
+    pub async fn wait_closed(&self) {
+        let alive = self.alive.clone();
+        wait_for(Duration::from_secs(30), "connection closed by the node", || {
+            let open = alive.load(Ordering::SeqCst);
+            async move { (!open).then_some(()) }
+        })
+        .await
+        .expect("the node closes the connection");
+    }
+
     pub fn acked(&self) -> Vec<u64> {
         self.acked.lock().expect("lock").clone()
     }
