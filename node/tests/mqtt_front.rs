@@ -39,6 +39,46 @@ async fn no_puback_until_jetstream_stored_it() {
     node.shutdown().await;
 }
 
+/// While JetStream is stalled, a device's acks stop but its PINGREQs must
+/// still be answered (they queue behind its publishes in the TCP stream, so
+/// the node keeps parsing into a bounded backlog), and the node's own
+/// keep-alive timer must not run while it holds the device back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_does_not_expire_keep_alive() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| {
+        // 10 awaiting acks + 10 parsed: a 15-message burst fits.
+        c.mqtt.max_inflight = 10;
+        c.nats.ack_timeout_ms = 20_000;
+    })
+    .await;
+    // Keep-alive 1 s: the node gives up after 1.5 s without reading.
+    let device = Device::connect_with_keep_alive(node.mqtt_addr(), "slow-1", Duration::from_secs(1)).await;
+    device.publish("devices/slow-1/v", b"{\"seq\":0}".to_vec()).await;
+    device.wait_acked(1).await;
+
+    nats.pause().expect("pause nats-server");
+    for seq in 1..=15u64 {
+        device.publish("devices/slow-1/v", format!("{{\"seq\":{seq}}}").into_bytes()).await;
+    }
+    // Held back for longer than 1.5 x keep-alive, measured by polling the
+    // node until its publish window has been full that long.
+    let held_since = std::time::Instant::now();
+    wait_for(Duration::from_secs(10), "3 s of backpressure", || {
+        let held = held_since.elapsed();
+        async move { (held >= Duration::from_secs(3)).then_some(()) }
+    })
+    .await
+    .expect("time passes");
+    assert_eq!(device.acked().len(), 1, "acks arrived while JetStream was paused");
+    assert!(device.alive.load(Ordering::SeqCst), "device dropped during the stall (pings unanswered?)");
+    nats.resume().expect("resume nats-server");
+
+    device.wait_acked(16).await;
+    assert!(device.alive.load(Ordering::SeqCst), "device was dropped while the node held it back");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_connection_with_same_client_id_takes_over() {
     let nats = NatsServer::start().await.expect("nats-server");

@@ -143,6 +143,23 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOPs the server: it keeps its sockets but answers nothing.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONTs a paused server.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("server is not running")?.id();
+        let status = Command::new("kill").arg(signal).arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
     /// Starts the server again on the same ports and store.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

@@ -3,9 +3,13 @@
 //! The task owns the socket. Each loop turn it waits for whichever comes
 //! first: the next ack in order, the end of the publish being submitted,
 //! more bytes from the device, a message the router forwards, the keep-alive
-//! deadline, or a stop. It reads from the socket only while it has room for
-//! more unacknowledged publishes, so a slow JetStream slows the device down
-//! instead of filling memory.
+//! deadline, or a stop.
+//!
+//! Publishes pass through two bounded stages: a backlog of parsed publishes
+//! (so that PINGREQs behind them are still answered while JetStream is
+//! slow) and up to `mqtt.max_inflight` publishes awaiting their JetStream
+//! ack. When both are full the task stops reading the socket, so a slow
+//! JetStream slows the device down instead of filling memory.
 
 use super::Shared;
 use crate::ingress::{DeviceMessage, IngestError};
@@ -18,7 +22,7 @@ use rumqttc::mqttbytes::{self, valid_filter, Protocol};
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
 };
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopping connection may take to send the acks it owes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of parsed, not yet submitted publishes one connection may hold
+/// (at least one packet is always allowed).
+const BACKLOG_BYTES: usize = 1024 * 1024;
 
 /// A live session on this node, so a second CONNECT with the same client id
 /// can end the first (one session per client id).
@@ -123,6 +130,11 @@ struct Conn {
     keep_alive: Option<Duration>,
     /// QoS2 packet ids stored and PUBRECed, awaiting PUBREL.
     awaiting_rel: HashSet<u16>,
+    /// Parsed publishes not yet submitted, in arrival order.
+    backlog: VecDeque<Publish>,
+    backlog_bytes: usize,
+    /// DISCONNECT received: finish what was read, then close.
+    disconnecting: bool,
     pending: FuturesOrdered<Settle>,
     submitting: Option<Submit>,
     link: Option<Link>,
@@ -145,6 +157,9 @@ pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
         clean: true,
         keep_alive: None,
         awaiting_rel: HashSet::new(),
+        backlog: VecDeque::new(),
+        backlog_bytes: 0,
+        disconnecting: false,
         pending: FuturesOrdered::new(),
         submitting: None,
         link: None,
@@ -232,18 +247,28 @@ impl Conn {
             if let Err(end) = self.parse_and_handle(draining.is_some()).await {
                 return end;
             }
+            self.start_next();
             if let Err(end) = self.flush().await {
                 return end;
             }
+            let idle = self.backlog.is_empty() && self.submitting.is_none() && self.pending.is_empty();
+            if idle && self.disconnecting {
+                return End::Disconnect;
+            }
             if let Some((_, end)) = &draining {
-                if self.pending.is_empty() && self.submitting.is_none() {
+                if idle {
                     return match end {
                         End::TakenOver => End::TakenOver,
                         _ => End::Stopped,
                     };
                 }
             }
-            let can_read = draining.is_none() && self.submitting.is_none() && self.has_room();
+            let can_read = draining.is_none() && !self.disconnecting && self.backlog_has_room();
+            if !can_read {
+                // We are holding the device back (backpressure), so its
+                // PINGREQs sit unread: keep-alive counts only while we read.
+                keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
+            }
             let far = Instant::now() + Duration::from_secs(86_400);
             let ka_deadline = keep_alive_at.unwrap_or(far);
             let drain_deadline = draining.as_ref().map(|(at, _)| *at).unwrap_or(far);
@@ -279,7 +304,7 @@ impl Conn {
                 forwarded = next_forward(&mut self.link), if self.link.is_some() && draining.is_none() => {
                     self.forward(forwarded).await;
                 }
-                _ = tokio::time::sleep_until(ka_deadline), if keep_alive_at.is_some() && draining.is_none() => {
+                _ = tokio::time::sleep_until(ka_deadline), if can_read && keep_alive_at.is_some() => {
                     return End::KeepAlive;
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
@@ -290,9 +315,24 @@ impl Conn {
         }
     }
 
-    /// Room for one more unacknowledged publish.
+    /// Room for one more publish awaiting its JetStream ack.
     fn has_room(&self) -> bool {
         self.pending.len() < self.shared.config.max_inflight
+    }
+
+    /// Room for one more parsed publish.
+    fn backlog_has_room(&self) -> bool {
+        self.backlog.is_empty()
+            || (self.backlog.len() < self.shared.config.max_inflight && self.backlog_bytes < BACKLOG_BYTES)
+    }
+
+    /// Starts submitting backlogged publishes while there is room.
+    fn start_next(&mut self) {
+        while self.submitting.is_none() && self.has_room() {
+            let Some(publish) = self.backlog.pop_front() else { return };
+            self.backlog_bytes -= publish.payload.len() + publish.topic.len();
+            self.publish(publish);
+        }
     }
 
     async fn read_more(&mut self) -> Result<(), End> {
@@ -303,10 +343,10 @@ impl Conn {
         }
     }
 
-    /// Handles the complete packets already read, stopping at a publish that
-    /// must be submitted first or when there is no room for more.
+    /// Handles the complete packets already read: publishes join the
+    /// backlog (while it has room), everything else is answered at once.
     async fn parse_and_handle(&mut self, draining: bool) -> Result<(), End> {
-        while !draining && self.submitting.is_none() && self.has_room() {
+        while !draining && !self.disconnecting && self.backlog_has_room() {
             let packet = match Packet::read(&mut self.rbuf, self.max_packet) {
                 Ok(p) => p,
                 Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
@@ -323,7 +363,10 @@ impl Conn {
 
     async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish) => self.publish(publish),
+            Packet::Publish(publish) => {
+                self.backlog_bytes += publish.payload.len() + publish.topic.len();
+                self.backlog.push_back(publish);
+            }
             Packet::PubRel(rel) => {
                 self.awaiting_rel.remove(&rel.pkid);
                 self.write(&Packet::PubComp(PubComp::new(rel.pkid)));
@@ -349,7 +392,8 @@ impl Conn {
                 self.write(&Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
             }
             Packet::PingReq => self.write(&Packet::PingResp),
-            Packet::Disconnect => return Err(End::Disconnect),
+            // Publishes read before it are still stored and acknowledged.
+            Packet::Disconnect => self.disconnecting = true,
             // Acks for what we send at QoS 0 never come; tolerate strays.
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Connect(_) => return Err(End::Protocol("second_connect", "CONNECT on a connected session".into())),

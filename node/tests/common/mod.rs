@@ -52,8 +52,12 @@ pub struct Device {
 
 impl Device {
     pub async fn connect(addr: SocketAddr, client_id: &str) -> Device {
+        Self::connect_with_keep_alive(addr, client_id, Duration::from_secs(30)).await
+    }
+
+    pub async fn connect_with_keep_alive(addr: SocketAddr, client_id: &str, keep_alive: Duration) -> Device {
         let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_keep_alive(keep_alive);
         opts.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(Mutex::new(Vec::new()));
