@@ -20,6 +20,14 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Whether trying again may help: an unreachable server may come up, a
+    /// malformed URL never parses.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ConnectError::Connect { .. })
+    }
+}
+
 /// Connects to the first reachable server of `cfg.urls`. After the first
 /// connection the client reconnects by itself, forever, and logs every
 /// change; `fluxmesh_nats_connected` is 1 while connected.

@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
 
-use crate::ingress::{DeviceMessage, IngestError, Ingress};
+use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::telemetry;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -76,7 +76,7 @@ struct IngestParams {
 
 /// An error answer: `{"error": "...", "reason": "..."}`.
 fn refuse(status: StatusCode, reason: &'static str, message: impl std::fmt::Display) -> Response {
-    telemetry::rejected("http", reason, &message);
+    telemetry::rejected(Source::Http, reason, &message);
     (status, Json(json!({"error": message.to_string(), "reason": reason}))).into_response()
 }
 
@@ -123,7 +123,7 @@ async fn ingest(
     }
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     let message = DeviceMessage { topic, payload: body, idempotency_key, device_time_us: params.device_time_us };
-    match ingress.ingest(message, crate::ingress::Source::Http).await {
+    match ingress.ingest(message, Source::Http).await {
         Ok(stored) => (
             StatusCode::ACCEPTED,
             Json(json!({

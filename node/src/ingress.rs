@@ -71,14 +71,9 @@ impl Source {
 
 /// Metric handles registered once, so the hot path does no label lookups.
 #[derive(Debug, Clone)]
-struct SourceMetrics {
-    stored: metrics::Counter,
-}
-
-#[derive(Debug, Clone)]
 struct IngressMetrics {
-    mqtt: SourceMetrics,
-    http: SourceMetrics,
+    stored_mqtt: metrics::Counter,
+    stored_http: metrics::Counter,
     ingest_seconds: metrics::Histogram,
     duplicates: metrics::Counter,
     in_flight: metrics::Gauge,
@@ -86,22 +81,20 @@ struct IngressMetrics {
 
 impl IngressMetrics {
     fn new() -> Self {
-        let source = |s: Source| SourceMetrics {
-            stored: metrics::counter!("fluxmesh_ingest_messages_total", "source" => s.as_str()),
-        };
+        let stored = |s: Source| metrics::counter!("fluxmesh_ingest_messages_total", "source" => s.as_str());
         IngressMetrics {
-            mqtt: source(Source::Mqtt),
-            http: source(Source::Http),
+            stored_mqtt: stored(Source::Mqtt),
+            stored_http: stored(Source::Http),
             ingest_seconds: metrics::histogram!("fluxmesh_ingest_seconds"),
             duplicates: metrics::counter!("fluxmesh_publish_duplicates_total"),
             in_flight: metrics::gauge!("fluxmesh_publish_in_flight"),
         }
     }
 
-    fn source(&self, s: Source) -> &SourceMetrics {
+    fn stored(&self, s: Source) -> &metrics::Counter {
         match s {
-            Source::Mqtt => &self.mqtt,
-            Source::Http => &self.http,
+            Source::Mqtt => &self.stored_mqtt,
+            Source::Http => &self.stored_http,
         }
     }
 }
@@ -198,7 +191,7 @@ impl Ingress {
                 return Err(e.into());
             }
         };
-        self.metrics.source(source).stored.increment(1);
+        self.metrics.stored(source).increment(1);
         self.metrics.ingest_seconds.record(sent.received.elapsed().as_secs_f64());
         if ack.duplicate {
             self.metrics.duplicates.increment(1);

@@ -123,9 +123,24 @@ impl Node {
         stop: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttServer), NodeError> {
-        let client = connect_until(config, node_id, cancel).await?;
+        let client = retry_until(
+            cancel,
+            "NATS not reachable yet",
+            Duration::from_millis(100),
+            || fluxmesh_mesh::connect(&config.nats, node_id),
+            fluxmesh_mesh::ConnectError::is_transient,
+        )
+        .await?;
         let publisher = Publisher::new(client.clone(), &config.nats);
-        let provisioned = provision_until(&client, &publisher, config, cancel).await?;
+        // JetStream may still be electing its leaders.
+        let provisioned = retry_until(
+            cancel,
+            "JetStream not ready yet",
+            Duration::from_millis(200),
+            || provision(&client, publisher.context(), &config.nats),
+            fluxmesh_mesh::ProvisionError::is_transient,
+        )
+        .await?;
         let ingress = Ingress::new(
             publisher,
             client.clone(),
@@ -178,41 +193,25 @@ impl Node {
     }
 }
 
-/// Provisions, retrying transient failures (JetStream still electing its
-/// leaders) with backoff until it succeeds or `cancel` fires.
-async fn provision_until(
-    client: &async_nats::Client,
-    publisher: &Publisher,
-    config: &Config,
+/// Runs `attempt` until it succeeds, fails for good (`transient` says no),
+/// or `cancel` fires; waits between attempts with doubling backoff, capped
+/// at 5 s, logging each failure as `what`.
+async fn retry_until<T, E, Fut>(
     cancel: &CancellationToken,
-) -> Result<Provisioned, NodeError> {
-    let mut delay = Duration::from_millis(200);
+    what: &str,
+    mut delay: Duration,
+    mut attempt: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, NodeError>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display + Into<NodeError>,
+{
     loop {
-        match provision(client, publisher.context(), &config.nats).await {
-            Ok(p) => return Ok(p),
-            Err(e) if e.is_transient() => tracing::warn!(error = %e, retry_in = ?delay, "JetStream not ready yet"),
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if transient(&e) => tracing::warn!(error = %e, retry_in = ?delay, "{what}"),
             Err(e) => return Err(e.into()),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(NodeError::Cancelled),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Connects, retrying with backoff until NATS answers or `cancel` fires.
-async fn connect_until(
-    config: &Config,
-    node_id: &str,
-    cancel: &CancellationToken,
-) -> Result<async_nats::Client, NodeError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match fluxmesh_mesh::connect(&config.nats, node_id).await {
-            Ok(client) => return Ok(client),
-            Err(e @ fluxmesh_mesh::ConnectError::BadUrl { .. }) => return Err(e.into()),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "NATS not reachable yet"),
         }
         tokio::select! {
             _ = cancel.cancelled() => return Err(NodeError::Cancelled),

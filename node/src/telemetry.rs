@@ -1,6 +1,7 @@
 //! The node's own metrics and logs. Metric names are part of fluxmesh's
 //! interface; README.md lists them.
 
+use crate::ingress::Source;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -67,7 +68,8 @@ fn describe() {
 }
 
 /// Counts and logs a refused device message.
-pub fn rejected(source: &'static str, reason: &'static str, detail: &dyn std::fmt::Display) {
+pub fn rejected(source: Source, reason: &'static str, detail: &dyn std::fmt::Display) {
+    let source = source.as_str();
     metrics::counter!("fluxmesh_ingest_rejected_total", "source" => source, "reason" => reason).increment(1);
     tracing::debug!(source, reason, %detail, "rejected device message");
 }

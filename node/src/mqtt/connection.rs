@@ -12,7 +12,7 @@
 //! JetStream slows the device down instead of filling memory.
 
 use super::Shared;
-use crate::ingress::{DeviceMessage, IngestError};
+use crate::ingress::{DeviceMessage, IngestError, Source};
 use crate::telemetry;
 use bytes::{Bytes, BytesMut};
 use fluxmesh_schemas::DeviceTopic;
@@ -351,7 +351,7 @@ impl Conn {
                 Ok(p) => p,
                 Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
                 Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
-                    telemetry::rejected("mqtt", "oversize", &format!("packet of {size} bytes"));
+                    telemetry::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
                     return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
                 }
                 Err(e) => return Err(End::Protocol("malformed_packet", e.to_string())),
@@ -538,20 +538,20 @@ async fn submit_inner(ingress: crate::ingress::Ingress, topic: String, payload: 
     let device_topic = match DeviceTopic::parse(&topic) {
         Ok(t) => t,
         Err(e) => {
-            telemetry::rejected("mqtt", e.reason(), &e);
+            telemetry::rejected(Source::Mqtt, e.reason(), &e);
             return settled(reply, Outcome::Refused);
         }
     };
     let message = DeviceMessage { topic: device_topic, payload, idempotency_key: None, device_time_us: None };
     match ingress.submit(message).await {
         Ok(sent) => Box::pin(async move {
-            match ingress.stored(sent, crate::ingress::Source::Mqtt).await {
+            match ingress.stored(sent, Source::Mqtt).await {
                 Ok(_) => (reply, Outcome::Stored),
                 Err(e) => (reply, Outcome::Failed(e)),
             }
         }),
         Err(e @ (IngestError::Topic(_) | IngestError::TooLarge { .. })) => {
-            telemetry::rejected("mqtt", e.reason(), &e);
+            telemetry::rejected(Source::Mqtt, e.reason(), &e);
             settled(reply, Outcome::Refused)
         }
         Err(e) => settled(reply, Outcome::Failed(e)),
