@@ -14,10 +14,12 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use futures::StreamExt;
+use fluxmesh_schemas::{headers, shard_of, DeviceTopic, Frame, Subjects};
+use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +63,16 @@ struct Args {
     /// The telemetry stream, for --verify.
     #[arg(long, default_value = "FM_TEL")]
     stream: String,
+    /// Subject prefix the nodes publish under (for --peer jetstream).
+    #[arg(long, default_value = "fm")]
+    subject_prefix: String,
+    /// After the mesh run, run the same load against a peer in the same
+    /// process and print the ratio. `jetstream`: every simulated device
+    /// publishes its frames straight to JetStream with async-nats (same
+    /// subjects, headers and ack window as a node), with no MQTT and no
+    /// node: the floor the mesh's latency and ceiling its rate can reach.
+    #[arg(long, value_parser = ["jetstream"])]
+    peer: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -74,11 +86,71 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// What one measured run delivered.
+struct Outcome {
+    sent: u64,
+    acked: u64,
+    received: u64,
+    rate: f64,
+    peak: u64,
+    hist: Option<Histogram<u64>>,
+    /// Send → the frame's `received_time_us` (set where the frame is made).
+    to_frame: Option<Histogram<u64>>,
+}
+
+impl Outcome {
+    fn print(&self, label: &str) {
+        println!(
+            "[{label}] sent={} acked={} received={} missing={}",
+            self.sent,
+            self.acked,
+            self.received,
+            self.sent.saturating_sub(self.received)
+        );
+        println!(
+            "[{label}] delivered_rate={:.0} msg/s (received during publishing / publishing time), peak_second={} msg/s",
+            self.rate, self.peak
+        );
+        if let Some(h) = &self.hist {
+            println!(
+                "[{label}] latency_us p50={} p99={} max={}",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max()
+            );
+        }
+        if let (Some(h), Some(t)) = (&self.hist, &self.to_frame) {
+            println!(
+                "[{label}]   of which send->frame made p50={} p99={}; frame made->subscriber p50~{} p99~{}",
+                t.value_at_quantile(0.5),
+                t.value_at_quantile(0.99),
+                h.value_at_quantile(0.5).saturating_sub(t.value_at_quantile(0.5)),
+                h.value_at_quantile(0.99).saturating_sub(t.value_at_quantile(0.99)),
+            );
+        }
+    }
+}
+
+/// How the simulated devices reach the mesh.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// MQTT to the nodes (the mesh under test).
+    Mqtt,
+    /// Straight to JetStream with async-nats (the peer).
+    JetStream,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.mqtt.iter().any(|a| !a.ip().is_loopback()) {
         bail!("load goes to loopback addresses only");
+    }
+    for url in &args.nats {
+        let host = url.trim_start_matches("nats://").rsplit_once(':').map_or(url.as_str(), |(h, _)| h);
+        if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())) {
+            bail!("{url}: load goes to loopback addresses only");
+        }
     }
     if args.duration == 0 || args.duration > 600 {
         bail!("--duration must be 1..=600 seconds");
@@ -86,24 +158,65 @@ async fn main() -> anyhow::Result<()> {
     if args.payload < 16 || args.payload > 1024 * 1024 {
         bail!("--payload must be 16..=1048576 bytes");
     }
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
     let qos = match args.qos {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
         _ => bail!("--qos must be 0 or 1"),
     };
+    let addrs = args.nats.iter().map(|u| u.parse::<async_nats::ServerAddr>()).collect::<Result<Vec<_>, _>>()?;
+    let nats = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(addrs).await.context("NATS")?;
+    println!(
+        "devices={} qos={} payload={}B target_rate={}/s duration={}s",
+        args.devices, args.qos, args.payload, args.rate, args.duration
+    );
+    let run_started = SystemTime::now();
+    let (mesh, acked_by_device) = measure(&nats, &args, Path::Mqtt, qos, &args.prefix).await?;
+    mesh.print("mesh");
+    if args.verify {
+        verify(&nats, &args, run_started, &acked_by_device).await?;
+    }
+    if args.peer.is_some() {
+        let peer_prefix = format!("{}js", args.prefix);
+        let (peer, _) = measure(&nats, &args, Path::JetStream, qos, &peer_prefix).await?;
+        peer.print("jetstream");
+        println!("[ratio] mesh/jetstream delivered_rate={:.2}", mesh.rate / peer.rate.max(1.0));
+        if let (Some(m), Some(p)) = (&mesh.hist, &peer.hist) {
+            println!(
+                "[ratio] mesh/jetstream p50={:.2} p99={:.2}",
+                m.value_at_quantile(0.5) as f64 / p.value_at_quantile(0.5).max(1) as f64,
+                m.value_at_quantile(0.99) as f64 / p.value_at_quantile(0.99).max(1) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+type AckedByDevice = Vec<(String, Arc<Mutex<Vec<u64>>>)>;
+
+/// Runs `args.devices` simulated devices over `path` for `args.duration`
+/// seconds and measures what a NATS subscriber receives from them.
+async fn measure(
+    nats: &async_nats::Client,
+    args: &Args,
+    path: Path,
+    qos: QoS,
+    device_prefix: &str,
+) -> anyhow::Result<(Outcome, AckedByDevice)> {
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
 
     // The measuring subscriber.
-    let addrs = args.nats.iter().map(|u| u.parse::<async_nats::ServerAddr>()).collect::<Result<Vec<_>, _>>()?;
-    let nats = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(addrs).await.context("NATS")?;
     let mut sub = nats.subscribe(args.subject.clone()).await?;
     nats.flush().await?;
-    let prefix = format!("{}-", args.prefix);
+    let prefix = format!("{device_prefix}-");
     let sub_counters = counters.clone();
     let (stop_sub, mut sub_stopped) = tokio::sync::oneshot::channel::<()>();
     let subscriber = tokio::spawn(async move {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        let mut to_frame = hist.clone();
         let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
         loop {
             let msg = tokio::select! {
@@ -116,84 +229,40 @@ async fn main() -> anyhow::Result<()> {
             }
             if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
                 if let Some(sent) = payload.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                    let latency = now_us().saturating_sub(u64::from_le_bytes(sent));
-                    let _ = hist.record(latency.max(1));
+                    let sent = u64::from_le_bytes(sent);
+                    let _ = hist.record(now_us().saturating_sub(sent).max(1));
+                    let made = u64::try_from(frame.received_time_us.to_native()).unwrap_or(0);
+                    let _ = to_frame.record(made.saturating_sub(sent).max(1));
                 }
             }
             sub_counters.received.fetch_add(1, Ordering::Relaxed);
         }
-        hist
+        (hist, to_frame)
     });
 
     // Devices.
     let per_device = if args.rate == 0 { 0.0 } else { args.rate as f64 / args.devices as f64 };
     let mut devices = Vec::new();
     let mut acked_by_device = Vec::new();
-    let run_started = SystemTime::now();
     for d in 0..args.devices {
-        let addr = args.mqtt[d % args.mqtt.len()];
-        let id = format!("{}-{d}", args.prefix);
-        let mut opts = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_inflight(100);
-        opts.set_max_packet_size(args.payload + 1024, args.payload + 1024);
-        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        let c = counters.clone();
+        let id = format!("{device_prefix}-{d}");
         let acked_seqs = Arc::new(Mutex::new(Vec::<u64>::new()));
         acked_by_device.push((id.clone(), acked_seqs.clone()));
-        let verify = args.verify;
-        let events = tokio::spawn(async move {
-            // Publishes leave in the order queued: the n-th carries seq n.
-            let mut by_pkid: HashMap<u16, u64> = HashMap::new();
-            let mut next_seq = 0u64;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if verify => {
-                        by_pkid.insert(pkid, next_seq);
-                        next_seq += 1;
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        c.acked.fetch_add(1, Ordering::Relaxed);
-                        if let Some(seq) = by_pkid.remove(&ack.pkid) {
-                            if let Ok(mut seqs) = acked_seqs.lock() {
-                                seqs.push(seq);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Some(e.to_string()),
-                }
+        let load = Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device };
+        match path {
+            Path::Mqtt => {
+                let addr = args.mqtt[d % args.mqtt.len()];
+                devices.extend(mqtt_device(id, addr, qos, args.verify, acked_seqs, load));
             }
-        });
-        let (c, stop, size) = (counters.clone(), stop.clone(), args.payload);
-        let topic = format!("devices/{id}/load");
-        let publisher = tokio::spawn(async move {
-            let start = Instant::now();
-            let mut seq = 0u64;
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            while !stop.load(Ordering::Relaxed) {
-                let due =
-                    if per_device == 0.0 { seq + 64 } else { (start.elapsed().as_secs_f64() * per_device) as u64 };
-                while seq < due && !stop.load(Ordering::Relaxed) {
-                    let mut payload = vec![0u8; size];
-                    payload[..8].copy_from_slice(&now_us().to_le_bytes());
-                    payload[8..16].copy_from_slice(&seq.to_le_bytes());
-                    if client.publish(topic.as_str(), qos, false, payload).await.is_err() {
-                        return;
-                    }
-                    seq += 1;
-                    c.sent.fetch_add(1, Ordering::Relaxed);
-                }
-                if per_device > 0.0 {
-                    tick.tick().await;
-                }
+            Path::JetStream => {
+                let subjects = Subjects::new(&args.subject_prefix)?;
+                devices.push(tokio::spawn(jetstream_device(nats.clone(), subjects, id, load)));
             }
-            let _ = client.disconnect().await;
-        });
-        devices.push((publisher, events));
+        }
     }
 
     // Progress, once a second, for the bounded duration.
+    let label = if path == Path::Mqtt { "mesh" } else { "jetstream" };
     let started = Instant::now();
     let mut last = (0u64, 0u64);
     let mut peak = 0u64;
@@ -202,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
         let (sent, received) = (counters.sent.load(Ordering::Relaxed), counters.received.load(Ordering::Relaxed));
         peak = peak.max(received - last.1);
         eprint!(
-            "\r{:>4}s  sent {:>9} ({:>7}/s)  acked {:>9}  received {:>9} ({:>7}/s)   ",
+            "\r[{label}] {:>4}s  sent {:>9} ({:>7}/s)  acked {:>9}  received {:>9} ({:>7}/s)   ",
             started.elapsed().as_secs(),
             sent,
             sent - last.0,
@@ -224,35 +293,117 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!();
-    for (publisher, events) in devices {
-        let _ = publisher.await;
-        events.abort();
+    // Publishers have ended (`stop` is set); MQTT event loops would poll
+    // their connections forever.
+    for task in devices {
+        task.abort();
     }
-    let (sent, acked, received) = (
-        counters.sent.load(Ordering::Relaxed),
-        counters.acked.load(Ordering::Relaxed),
-        counters.received.load(Ordering::Relaxed),
-    );
     let _ = stop_sub.send(());
-    let hist = subscriber.await.ok();
-    println!(
-        "devices={} qos={} payload={}B target_rate={}/s duration={}s",
-        args.devices, args.qos, args.payload, args.rate, args.duration
-    );
-    println!("sent={sent} acked={acked} received={received} missing={}", sent.saturating_sub(received));
-    println!(
-        "delivered_rate={:.0} msg/s (received during publishing / publishing time), peak_second={peak} msg/s",
-        received_at_stop as f64 / publish_secs
-    );
-    if let Some(h) = hist.filter(|h| !h.is_empty()) {
-        println!("latency_us p50={} p99={} max={}", h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max());
-    }
-    if args.verify {
-        verify(&nats, &args, run_started, &acked_by_device).await?;
-    }
-    Ok(())
+    let (hist, to_frame) = match subscriber.await {
+        Ok((h, t)) if !h.is_empty() => (Some(h), Some(t)),
+        _ => (None, None),
+    };
+    let outcome = Outcome {
+        sent: counters.sent.load(Ordering::Relaxed),
+        acked: counters.acked.load(Ordering::Relaxed),
+        received: counters.received.load(Ordering::Relaxed),
+        rate: received_at_stop as f64 / publish_secs,
+        peak,
+        hist,
+        to_frame,
+    };
+    Ok((outcome, acked_by_device))
 }
 
+/// What every simulated device shares.
+struct Load {
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    size: usize,
+    /// Messages per second for this device; 0 means as fast as accepted.
+    per_device: f64,
+}
+
+impl Load {
+    /// How many messages this device should have sent by now.
+    fn due(&self, start: Instant, seq: u64) -> u64 {
+        if self.per_device == 0.0 {
+            seq + 64
+        } else {
+            (start.elapsed().as_secs_f64() * self.per_device) as u64
+        }
+    }
+
+    fn payload(&self, seq: u64) -> Vec<u8> {
+        let mut payload = vec![0u8; self.size];
+        payload[..8].copy_from_slice(&now_us().to_le_bytes());
+        payload[8..16].copy_from_slice(&seq.to_le_bytes());
+        payload
+    }
+}
+
+/// One MQTT device: a publishing task and its event loop.
+fn mqtt_device(
+    id: String,
+    addr: SocketAddr,
+    qos: QoS,
+    verify: bool,
+    acked_seqs: Arc<Mutex<Vec<u64>>>,
+    load: Load,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let mut opts = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(100);
+    opts.set_max_packet_size(load.size + 1024, load.size + 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let c = load.counters.clone();
+    let events = tokio::spawn(async move {
+        // Publishes leave in the order queued: the n-th carries seq n.
+        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        let mut next_seq = 0u64;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if verify => {
+                    by_pkid.insert(pkid, next_seq);
+                    next_seq += 1;
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    c.acked.fetch_add(1, Ordering::Relaxed);
+                    if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                        if let Ok(mut seqs) = acked_seqs.lock() {
+                            seqs.push(seq);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                // The connection ended (the run's own disconnect, or the
+                // node closed it): unacked messages count as not acked.
+                Err(_) => return,
+            }
+        }
+    });
+    let topic = format!("devices/{id}/load");
+    let publisher = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while !load.stop.load(Ordering::Relaxed) {
+            let due = load.due(start, seq);
+            while seq < due && !load.stop.load(Ordering::Relaxed) {
+                if client.publish(topic.as_str(), qos, false, load.payload(seq)).await.is_err() {
+                    return;
+                }
+                seq += 1;
+                load.counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            if load.per_device > 0.0 {
+                tick.tick().await;
+            }
+        }
+        let _ = client.disconnect().await;
+    });
+    [publisher, events]
+}
 /// Reads the stream from the run's start and reports PUBACKed messages
 /// that are not in it, and messages stored more than once.
 async fn verify(
@@ -303,4 +454,55 @@ async fn verify(
     let stored_total: usize = stored.values().map(HashSet::len).sum();
     println!("verify: acked={acked} stored={stored_total} acked_but_missing={lost} stored_twice={duplicates}");
     Ok(())
+}
+
+/// One device publishing straight to JetStream, as a node would: the same
+/// subject, headers and frame, with at most 100 acks outstanding (a node's
+/// default `mqtt.max_inflight`).
+async fn jetstream_device(nats: async_nats::Client, subjects: Subjects, id: String, load: Load) {
+    let js = async_nats::jetstream::new(nats);
+    let Ok(topic) = DeviceTopic::new(&id, "load") else { return };
+    let subject = subjects.telemetry(shard_of(&id, 64), &topic);
+    let mut pending = FuturesUnordered::new();
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while !load.stop.load(Ordering::Relaxed) {
+        let due = load.due(start, seq);
+        while seq < due && !load.stop.load(Ordering::Relaxed) {
+            while pending.len() >= 100 {
+                if let Some(Ok(_)) = pending.next().await {
+                    load.counters.acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let frame = Frame::telemetry(&id, "load", "loadgen", load.payload(seq));
+            let Ok(bytes) = frame.encode() else { return };
+            let mut map = async_nats::HeaderMap::new();
+            for (name, value) in headers::for_frame(&frame) {
+                map.insert(name, value.as_str());
+            }
+            match js.publish_with_headers(subject.clone(), map, bytes.into()).await {
+                Ok(ack) => pending.push(ack.into_future()),
+                Err(e) => {
+                    eprintln!("\n{id}: {e}");
+                    return;
+                }
+            }
+            seq += 1;
+            load.counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if load.per_device > 0.0 {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(r) = pending.next() => if r.is_ok() { load.counters.acked.fetch_add(1, Ordering::Relaxed); },
+            }
+        } else if let Some(Ok(_)) = pending.next().await {
+            load.counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    while let Some(r) = pending.next().await {
+        if r.is_ok() {
+            load.counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
