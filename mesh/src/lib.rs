@@ -4,12 +4,14 @@
 //! - [`connect`]: one client per node, with reconnect and connection events.
 //! - [`provision`]: idempotent creation of the streams and KV buckets, and the
 //!   check that this node agrees with the cluster on shard count and schema.
+//! - [`placement`]: rendezvous hashing of shards over the live nodes.
 //! - [`publisher`]: JetStream publishes pipelined through a bounded window of
 //!   outstanding acks, retried with the same `Nats-Msg-Id`, every failure
 //!   returned to the caller.
 
 pub mod config;
 pub mod connect;
+pub mod placement;
 pub mod provision;
 pub mod publisher;
 
