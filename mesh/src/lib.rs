@@ -1,5 +1,6 @@
 //! Everything fluxmesh says to NATS.
 //!
+//! - [`cluster`]: membership heartbeats and fenced shard leases in KV.
 //! - [`config`]: the `[nats]` section of the node config.
 //! - [`connect`]: one client per node, with reconnect and connection events.
 //! - [`provision`]: idempotent creation of the streams and KV buckets, and the
@@ -9,6 +10,7 @@
 //!   outstanding acks, retried with the same `Nats-Msg-Id`, every failure
 //!   returned to the caller.
 
+pub mod cluster;
 pub mod config;
 pub mod connect;
 pub mod placement;

@@ -2,8 +2,10 @@
 //! `FLUXMESH_{SECTION}_{KEY}` environment variables. Unknown keys are
 //! errors, and every problem is reported at once.
 
+use crate::shards::ShardsConfig;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use fluxmesh_mesh::cluster::ClusterConfig;
 use fluxmesh_mesh::NatsConfig;
 use fluxmesh_schemas::subject::Family;
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,8 @@ pub struct Config {
     /// This node's name in the cluster; empty picks `node-{random}` at start.
     pub node_id: String,
     pub nats: NatsConfig,
+    pub cluster: ClusterConfig,
+    pub shards: ShardsConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub ingest: IngestConfig,
@@ -131,7 +135,7 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 6] = ["nats", "mqtt", "http", "ingest", "log", "runtime"];
+const SECTIONS: [&str; 8] = ["nats", "cluster", "shards", "mqtt", "http", "ingest", "log", "runtime"];
 const TOP_LEVEL: [&str; 1] = ["node_id"];
 
 impl Config {
@@ -177,6 +181,8 @@ impl Config {
     /// Every problem with this config.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.nats.problems();
+        problems.extend(self.cluster.problems());
+        problems.extend(self.shards.problems());
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());
         }

@@ -6,8 +6,11 @@
 //! | `GET /readyz` | 200 once connected to NATS with streams provisioned and MQTT listening; 503 otherwise |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
+//! | `GET /api/v1/cluster` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
+//! | `GET /api/v1/devices/{id}` | the device's shard, owner node and last checkpointed state |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
+use crate::shards::ShardContext;
 use crate::telemetry;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -26,6 +29,8 @@ use std::sync::Arc;
 pub struct AppState {
     /// Empty until the node is connected to NATS.
     pub ingress: Arc<std::sync::OnceLock<Ingress>>,
+    /// Empty until the node has joined the cluster.
+    pub shards: Arc<std::sync::OnceLock<Arc<ShardContext>>>,
     pub ready: Arc<AtomicBool>,
     pub node_id: Arc<str>,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -37,6 +42,8 @@ pub fn router(state: AppState, max_payload: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/devices/{id}/telemetry", post(ingest))
+        .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/cluster", get(cluster))
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
         .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))
@@ -146,5 +153,82 @@ async fn ingest(
             let status = StatusCode::SERVICE_UNAVAILABLE;
             (status, Json(json!({"error": e.to_string(), "reason": e.reason()}))).into_response()
         }
+    }
+}
+
+fn not_ready() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "node is not ready", "reason": "not_ready"})))
+        .into_response()
+}
+
+/// Live nodes and, per shard, who should own it, who holds its lease (and
+/// at which epoch) and how far its consumer is behind.
+async fn cluster(State(state): State<AppState>) -> Response {
+    let Some(ctx) = state.shards.get() else { return not_ready() };
+    let view = ctx.cluster.view();
+    let live = view.live_ids();
+    let lags = consumer_lags(ctx).await;
+    let shards: Vec<serde_json::Value> = (0..ctx.shards)
+        .map(|shard| {
+            let lease = view.leases.get(&shard);
+            let lag = lags.get(&shard);
+            json!({
+                "shard": shard,
+                "desired_owner": fluxmesh_mesh::placement::owner(shard, &live),
+                "holder": lease.map(|l| l.lease.node_id.as_str()),
+                "epoch": lease.map(|l| l.epoch),
+                "lease_valid": lease.is_some_and(|l| view.is_valid(&l.lease)),
+                "pending": lag.map(|l| l.0),
+                "ack_pending": lag.map(|l| l.1),
+            })
+        })
+        .collect();
+    Json(json!({
+        "node": &*state.node_id,
+        "shard_count": ctx.shards,
+        "nodes": view.live.values().collect::<Vec<_>>(),
+        "shards": shards,
+    }))
+    .into_response()
+}
+
+/// `(not yet delivered, delivered but unacknowledged)` per shard consumer;
+/// shards whose consumer does not answer within 2 s are left out.
+async fn consumer_lags(ctx: &ShardContext) -> std::collections::HashMap<u32, (u64, usize)> {
+    let Ok(stream) = ctx.js.get_stream(&ctx.telemetry_stream).await else { return Default::default() };
+    let stream = &stream;
+    let asks = (0..ctx.shards).map(|shard| async move {
+        let name = crate::shards::worker::consumer_name(shard);
+        let info = tokio::time::timeout(std::time::Duration::from_secs(2), stream.consumer_info(name)).await;
+        match info {
+            Ok(Ok(info)) => Some((shard, (info.num_pending, info.num_ack_pending))),
+            _ => None,
+        }
+    });
+    futures::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// A device's shard, the node that owns the shard and its last
+/// checkpointed state (404 if the mesh has never processed a message of it).
+async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Response {
+    let Some(ctx) = state.shards.get() else { return not_ready() };
+    if let Err(e) = DeviceTopic::new(&device, "x") {
+        return refuse(StatusCode::BAD_REQUEST, e.reason(), e);
+    }
+    let shard = fluxmesh_schemas::shard_of(&device, ctx.shards);
+    let view = ctx.cluster.view();
+    let owner = view.leases.get(&shard).filter(|l| view.is_valid(&l.lease)).map(|l| l.lease.node_id.clone());
+    let key = crate::shards::state::state_key(shard, &device);
+    match ctx.states.get(&key).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<crate::shards::state::DeviceState>(&bytes) {
+            Ok(st) => Json(json!({"device": device, "shard": shard, "owner_node": owner, "state": st})).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": format!("unreadable checkpoint: {e}"), "reason": "bad_checkpoint"}))).into_response(),
+        },
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no state for this device yet", "reason": "unknown_device", "device": device, "shard": shard, "owner_node": owner})),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "reason": "kv_unavailable"}))).into_response(),
     }
 }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod ingress;
 pub mod mqtt;
 pub mod node;
+pub mod shards;
 pub mod telemetry;
 
 pub use config::{Config, ConfigError};

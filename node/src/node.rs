@@ -1,16 +1,21 @@
 //! One node's life: start in order, serve, drain in order.
 //!
 //! Start: HTTP (so `/healthz` answers and `/readyz` says 503 while the rest
-//! comes up) → NATS (retried until it answers or the node is stopped) →
-//! streams and buckets → MQTT broker and its ingress link → ready.
+//! comes up) → NATS (retried until it answers or the node is stopped; a
+//! second connection for heartbeats and leases, so data-plane load cannot
+//! delay them) → streams and buckets → MQTT front end → join the membership
+//! → shard coordinator → ready.
 //!
 //! Shutdown (SIGTERM), in this order so that nothing acknowledged is lost:
 //! 1. not ready; stop accepting MQTT and HTTP connections;
 //! 2. every MQTT connection stops reading, waits for the JetStream acks of
 //!    what it already read, sends those PUBACKs and closes; HTTP requests in
-//!    progress finish;
+//!    progress finish; at the same time every shard worker finishes its
+//!    batch (outputs stored, checkpoint written, acked) and its lease is
+//!    released, then the node deletes its membership entry, so the others
+//!    take the shards over at once;
 //! 3. wait for every JetStream ack still outstanding;
-//! 4. flush the NATS connection.
+//! 4. flush the NATS connections.
 //!
 //! Each step has a deadline (`shutdown_deadline`), logged when it is hit.
 
@@ -18,6 +23,8 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingress::Ingress;
 use crate::mqtt::{self, MqttServer};
+use crate::shards::{self, ShardContext};
+use fluxmesh_mesh::cluster::{self, ClusterHandle, Member};
 use fluxmesh_mesh::{provision, Provisioned, Publisher};
 use fluxmesh_schemas::subject::Family;
 use std::net::SocketAddr;
@@ -44,6 +51,8 @@ pub enum NodeError {
     Provision(#[from] fluxmesh_mesh::ProvisionError),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -56,7 +65,9 @@ pub struct Node {
     mqtt: MqttServer,
     ingress: Ingress,
     client: async_nats::Client,
+    control: async_nats::Client,
     provisioned: Provisioned,
+    cluster: ClusterHandle,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -80,8 +91,10 @@ impl Node {
         let http_addr =
             listener.local_addr().map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
         let ingress_slot: Arc<std::sync::OnceLock<Ingress>> = Arc::default();
+        let shards_slot: Arc<std::sync::OnceLock<Arc<ShardContext>>> = Arc::default();
         let state = AppState {
             ingress: ingress_slot.clone(),
+            shards: shards_slot.clone(),
             ready: ready.clone(),
             node_id: node_id.as_str().into(),
             prometheus,
@@ -96,8 +109,8 @@ impl Node {
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, &cancel, &stop, &tasks).await;
-        let (client, provisioned, ingress, mqtt) = match started {
+        let started = Self::start_mesh(&config, &node_id, http_addr, &cancel, &stop, &tasks).await;
+        let Started { client, control, provisioned, ingress, mqtt, shards } = match started {
             Ok(parts) => parts,
             Err(e) => {
                 stop.cancel();
@@ -106,23 +119,25 @@ impl Node {
                 return Err(e);
             }
         };
-        // Set once, here; the slot was empty until now.
+        // Set once, here; the slots were empty until now.
         let _ = ingress_slot.set(ingress.clone());
+        let cluster = shards.cluster.clone();
+        let _ = shards_slot.set(shards);
 
         ready.store(true, Ordering::Release);
         tracing::info!(node = %node_id, mqtt = %mqtt.listen(), %http_addr, shards = provisioned.shards,
             replicas = provisioned.replicas, "node ready");
-        Ok(Node { node_id, http_addr, mqtt, ingress, client, provisioned, ready, stop, tasks })
+        Ok(Node { node_id, http_addr, mqtt, ingress, client, control, provisioned, cluster, ready, stop, tasks })
     }
 
-    #[allow(clippy::type_complexity)]
     async fn start_mesh(
         config: &Config,
         node_id: &str,
+        http_addr: SocketAddr,
         cancel: &CancellationToken,
         stop: &CancellationToken,
         tasks: &TaskTracker,
-    ) -> Result<(async_nats::Client, Provisioned, Ingress, MqttServer), NodeError> {
+    ) -> Result<Started, NodeError> {
         let client = retry_until(
             cancel,
             "NATS not reachable yet",
@@ -152,7 +167,71 @@ impl Node {
         );
         let mqtt =
             mqtt::start(&config.mqtt, config.ingest.max_payload_bytes, ingress.clone(), stop.clone(), tasks).await?;
-        Ok((client, provisioned, ingress, mqtt))
+
+        // Control plane: its own connection, so heartbeats never queue
+        // behind telemetry.
+        let control_name = format!("{node_id}-control");
+        let control = retry_until(
+            cancel,
+            "NATS not reachable yet (control connection)",
+            Duration::from_millis(100),
+            || fluxmesh_mesh::connect(&config.nats, &control_name),
+            fluxmesh_mesh::ConnectError::is_transient,
+        )
+        .await?;
+        let control_js = async_nats::jetstream::new(control.clone());
+        let prefix = provisioned.subjects.prefix().to_owned();
+        let (members, leases) = retry_until(
+            cancel,
+            "cluster buckets not ready yet",
+            Duration::from_millis(200),
+            || cluster::open_buckets(&control_js, &prefix, provisioned.replicas, &config.cluster),
+            cluster::ClusterError::is_transient,
+        )
+        .await?;
+        let (states, states_bucket) = retry_until(
+            cancel,
+            "state bucket not ready yet",
+            Duration::from_millis(200),
+            || shards::open_state_bucket(publisher_js(&ingress), &prefix, provisioned.replicas),
+            cluster::ClusterError::is_transient,
+        )
+        .await?;
+        let me = Member {
+            node_id: node_id.to_owned(),
+            incarnation: uuid::Uuid::new_v4().simple().to_string(),
+            http: http_addr.to_string(),
+            mqtt: mqtt.listen().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_us: fluxmesh_schemas::frame::now_us(),
+        };
+        // Heartbeats and watches outlive `stop`: the coordinator ends them
+        // after it has released its leases.
+        let cluster_stop = CancellationToken::new();
+        let cluster =
+            match ClusterHandle::join(members, leases, me, config.cluster.clone(), cluster_stop.clone(), tasks).await {
+                Ok(c) => c,
+                Err(e) => {
+                    cluster_stop.cancel();
+                    return Err(e.into());
+                }
+            };
+        let shards = Arc::new(ShardContext {
+            js: publisher_js(&ingress).clone(),
+            client: client.clone(),
+            publisher: ingress.publisher().clone(),
+            subjects: provisioned.subjects.clone(),
+            shards: provisioned.shards,
+            telemetry_stream: provisioned.telemetry_stream.clone(),
+            states,
+            states_bucket,
+            node_id: node_id.to_owned(),
+            cfg: config.shards.clone(),
+            cluster,
+            mirror_events: config.mirrored(Family::Event),
+        });
+        tasks.spawn(shards::coordinate(shards.clone(), stop.clone(), cluster_stop));
+        Ok(Started { client, control, provisioned, ingress, mqtt, shards })
     }
 
     pub fn node_id(&self) -> &str {
@@ -172,6 +251,11 @@ impl Node {
         &self.provisioned
     }
 
+    /// This node's view of membership and leases.
+    pub fn cluster(&self) -> &ClusterHandle {
+        &self.cluster
+    }
+
     /// Drains and stops the node; see the module docs for the order.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.node_id, "shutting down");
@@ -186,11 +270,27 @@ impl Node {
         if left > 0 {
             tracing::error!(left, "publishes still unacknowledged at shutdown");
         }
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(error = %e, "NATS flush at shutdown failed");
+        for client in [&self.client, &self.control] {
+            if let Err(e) = client.flush().await {
+                tracing::warn!(error = %e, "NATS flush at shutdown failed");
+            }
         }
         tracing::info!(node = %self.node_id, "stopped");
     }
+}
+
+/// What [`Node::start_mesh`] brings up.
+struct Started {
+    client: async_nats::Client,
+    control: async_nats::Client,
+    provisioned: Provisioned,
+    ingress: Ingress,
+    mqtt: MqttServer,
+    shards: Arc<ShardContext>,
+}
+
+fn publisher_js(ingress: &Ingress) -> &async_nats::jetstream::Context {
+    ingress.publisher().context()
 }
 
 /// Runs `attempt` until it succeeds, fails for good (`transient` says no),

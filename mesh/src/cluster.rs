@@ -1,0 +1,520 @@
+//! Membership and shard leases, both in JetStream KV.
+//!
+//! **Membership** (`{PREFIX}_NODES`): every node puts its [`Member`] entry
+//! every `heartbeat_ms`; every node watches the bucket and counts a node as
+//! live while its last heartbeat arrived less than `missed_heartbeats ×
+//! heartbeat_ms` ago (judged by the watcher's own clock on arrival, so no
+//! two clocks are compared). A node that leaves gracefully deletes its entry
+//! and is gone at once. The bucket's `max_age` removes entries of dead nodes
+//! later.
+//!
+//! **Leases** (`{PREFIX}_LEASES`, key = shard number): a [`Lease`] names the
+//! node and the process incarnation that holds a shard. It is written only
+//! with compare-and-set on the KV revision, and that revision is the lease's
+//! epoch (fencing token). A lease is *valid* while its holder, with the same
+//! incarnation, is live. A node claims a shard when placement says it should
+//! own it and the lease is free or held by a node that is not live.
+//!
+//! **Fencing a paused node**: a node trusts its own leases only until
+//! [`ClusterHandle::valid_until`]: the send time of its last acknowledged
+//! heartbeat plus the liveness timeout minus a margin. Every other node
+//! declares it dead no earlier than that (they count from when the
+//! heartbeat *arrived*), so a node that was stopped (SIGSTOP) and wakes up
+//! sees its deadline passed before anyone else could have claimed, and stops
+//! processing before it emits anything more.
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The `[cluster]` config section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often a node writes its membership heartbeat.
+    pub heartbeat_ms: u64,
+    /// Heartbeats a node may miss before the others count it dead and take
+    /// its shards over. Dead after `heartbeat_ms × missed_heartbeats`.
+    pub missed_heartbeats: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { heartbeat_ms: 200, missed_heartbeats: 4 }
+    }
+}
+
+impl ClusterConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// How long after its last heartbeat a node is counted dead.
+    pub fn liveness_timeout(&self) -> Duration {
+        self.heartbeat() * self.missed_heartbeats
+    }
+
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(20..=60_000).contains(&self.heartbeat_ms) {
+            problems.push("cluster.heartbeat_ms: must be between 20 and 60000".to_owned());
+        }
+        if !(2..=100).contains(&self.missed_heartbeats) {
+            problems.push("cluster.missed_heartbeats: must be between 2 and 100".to_owned());
+        }
+        problems
+    }
+}
+
+/// What a node says about itself in the membership bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node_id: String,
+    /// Random per process start: a restarted node is a new incarnation, and
+    /// leases of its previous one are not valid.
+    pub incarnation: String,
+    /// Where the node serves HTTP and MQTT (for operators and redirects).
+    pub http: String,
+    pub mqtt: String,
+    pub version: String,
+    pub started_us: i64,
+}
+
+/// Who holds a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node_id: String,
+    pub incarnation: String,
+    /// When it was claimed (µs since the epoch), for operators.
+    pub claimed_us: i64,
+}
+
+/// A lease as last seen in the bucket: its holder and revision (the epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLease {
+    pub lease: Lease,
+    pub epoch: u64,
+}
+
+/// One consistent picture of the cluster, as this node sees it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Live members by node id.
+    pub live: BTreeMap<String, Member>,
+    /// Current leases by shard. A shard absent here is free.
+    pub leases: BTreeMap<u32, HeldLease>,
+}
+
+impl View {
+    /// Whether `lease` is backed by a live holder of the same incarnation.
+    pub fn is_valid(&self, lease: &Lease) -> bool {
+        self.live.get(&lease.node_id).is_some_and(|m| m.incarnation == lease.incarnation)
+    }
+
+    /// Live node ids, for placement.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.live.keys().cloned().collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot create or open KV bucket {bucket}: {source}")]
+    Bucket {
+        bucket: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("cannot watch KV bucket {bucket}: {source}")]
+    Watch {
+        bucket: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("first heartbeat failed: {0}")]
+    Heartbeat(#[source] async_nats::Error),
+    #[error("shard {shard}: lease changed under us (another node claimed or released it first)")]
+    LeaseConflict { shard: u32 },
+    #[error("shard {shard}: lease write failed: {source}")]
+    Lease {
+        shard: u32,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+impl ClusterError {
+    /// Whether trying again may help.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, ClusterError::LeaseConflict { .. })
+    }
+}
+
+/// Bucket names for a subject prefix.
+pub fn bucket_name(prefix: &str, what: &str) -> String {
+    format!("{}_{what}", prefix.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Opens (creating if needed) the membership and lease buckets.
+pub async fn open_buckets(
+    js: &jetstream::Context,
+    prefix: &str,
+    replicas: usize,
+    cfg: &ClusterConfig,
+) -> Result<(kv::Store, kv::Store), ClusterError> {
+    let open = |name: String, description: &str, max_age: Duration| {
+        let config = kv::Config {
+            bucket: name.clone(),
+            description: description.to_owned(),
+            history: 1,
+            max_age,
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        async move {
+            js.create_or_update_key_value(config)
+                .await
+                .map_err(|e| ClusterError::Bucket { bucket: name, source: e.into() })
+        }
+    };
+    // Dead members' entries disappear after a while; liveness itself is
+    // judged by heartbeat arrival, not by this.
+    let members_max_age = (cfg.liveness_timeout() * 10).max(Duration::from_secs(60));
+    let members = open(bucket_name(prefix, "NODES"), "fluxmesh live nodes (heartbeats)", members_max_age).await?;
+    let leases =
+        open(bucket_name(prefix, "LEASES"), "fluxmesh shard leases (revision = epoch)", Duration::ZERO).await?;
+    Ok((members, leases))
+}
+
+/// This node's handle on membership and leases. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ClusterHandle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    me: Member,
+    cfg: ClusterConfig,
+    members: kv::Store,
+    leases: kv::Store,
+    view: watch::Receiver<View>,
+    /// Send time of the last acknowledged heartbeat.
+    last_heartbeat: Mutex<Instant>,
+}
+
+impl ClusterHandle {
+    /// Joins: writes the first heartbeat, then starts the heartbeat and the
+    /// two watchers on `tasks`; all stop when `stop` is cancelled. Returns
+    /// once this node sees the current membership and leases.
+    pub async fn join(
+        members: kv::Store,
+        leases: kv::Store,
+        me: Member,
+        cfg: ClusterConfig,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<ClusterHandle, ClusterError> {
+        let value = serde_json::to_vec(&me).map_err(|e| ClusterError::Heartbeat(e.into()))?;
+        let sent = Instant::now();
+        members.put(&me.node_id, value.clone().into()).await.map_err(|e| ClusterError::Heartbeat(e.into()))?;
+
+        let (view_tx, view_rx) = watch::channel(View::default());
+        let view_tx = Arc::new(view_tx);
+        let (members_ready, leases_ready) = (CancellationToken::new(), CancellationToken::new());
+        // With history: the current value of every key first, then changes.
+        let member_watch = members
+            .watch_with_history(">")
+            .await
+            .map_err(|e| ClusterError::Watch { bucket: members.name.clone(), source: e.into() })?;
+        let lease_watch = leases
+            .watch_with_history(">")
+            .await
+            .map_err(|e| ClusterError::Watch { bucket: leases.name.clone(), source: e.into() })?;
+        let inner = Arc::new(Inner { me, cfg, members, leases, view: view_rx, last_heartbeat: Mutex::new(sent) });
+        tasks.spawn(watch_members(
+            member_watch,
+            inner.cfg.liveness_timeout(),
+            view_tx.clone(),
+            members_ready.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(watch_leases(lease_watch, view_tx, leases_ready.clone(), stop.clone()));
+        tasks.spawn(heartbeat(inner.clone(), value, stop.clone()));
+        let handle = ClusterHandle { inner };
+        tokio::select! {
+            _ = async { members_ready.cancelled().await; leases_ready.cancelled().await } => {}
+            _ = stop.cancelled() => {}
+        }
+        Ok(handle)
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.inner.me
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.inner.cfg
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        self.inner.view.borrow().clone()
+    }
+
+    /// A receiver that changes whenever membership or leases change.
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.inner.view.clone()
+    }
+
+    /// Until when this node may trust the leases it holds (see the module
+    /// docs). Past it, stop processing: others may have taken over.
+    pub fn valid_until(&self) -> Instant {
+        let sent = *self.inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = self.inner.cfg.liveness_timeout();
+        // One heartbeat of margin for the watchers' tick and clock drift.
+        sent + timeout.saturating_sub(self.inner.cfg.heartbeat())
+    }
+
+    /// Whether a lease held by this process is still trustworthy now.
+    pub fn holds(&self, lease: &Lease) -> bool {
+        self.is_mine(lease) && Instant::now() < self.valid_until()
+    }
+
+    /// Claims `shard`: creates the lease if `expected` is `None`, else
+    /// replaces revision `expected`. Returns the lease with its new epoch.
+    pub async fn claim(&self, shard: u32, expected: Option<u64>) -> Result<HeldLease, ClusterError> {
+        let lease = Lease {
+            node_id: self.inner.me.node_id.clone(),
+            incarnation: self.inner.me.incarnation.clone(),
+            claimed_us: fluxmesh_schemas::frame::now_us(),
+        };
+        let value: bytes::Bytes =
+            serde_json::to_vec(&lease).map_err(|e| ClusterError::Lease { shard, source: e.into() })?.into();
+        let key = shard.to_string();
+        let value_for_result = lease.clone();
+        let result = match expected {
+            None => self.inner.leases.create(&key, value).await.map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => ClusterError::LeaseConflict { shard },
+                _ => ClusterError::Lease { shard, source: e.into() },
+            }),
+            Some(revision) => self.inner.leases.update(&key, value, revision).await.map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => ClusterError::LeaseConflict { shard },
+                _ => ClusterError::Lease { shard, source: e.into() },
+            }),
+        };
+        let epoch = result?;
+        metrics::counter!("fluxmesh_lease_claims_total").increment(1);
+        Ok(HeldLease { lease: value_for_result, epoch })
+    }
+
+    /// Whether `lease` names this process (whether or not still valid).
+    pub fn is_mine(&self, lease: &Lease) -> bool {
+        lease.node_id == self.inner.me.node_id && lease.incarnation == self.inner.me.incarnation
+    }
+
+    /// Releases `shard` if its lease is still at `epoch` (ours).
+    pub async fn release(&self, shard: u32, epoch: u64) -> Result<(), ClusterError> {
+        self.inner.leases.delete_expect_revision(shard.to_string(), Some(epoch)).await.map_err(|e| match e.kind() {
+            kv::DeleteErrorKind::WrongLastRevision => ClusterError::LeaseConflict { shard },
+            _ => ClusterError::Lease { shard, source: e.into() },
+        })
+    }
+
+    /// Leaves the cluster: deletes this node's membership entry, so that the
+    /// others see it gone at once rather than after the liveness timeout.
+    pub async fn leave(&self) {
+        if let Err(e) = self.inner.members.delete(&self.inner.me.node_id).await {
+            tracing::warn!(error = %e, "could not delete membership entry; others will time it out");
+        }
+    }
+}
+
+/// Puts this node's entry every heartbeat until `stop`.
+async fn heartbeat(inner: Arc<Inner>, value: Vec<u8>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(inner.cfg.heartbeat());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let value = bytes::Bytes::from(value);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sent = Instant::now();
+        // A heartbeat that takes longer than the liveness timeout is as good
+        // as missed; do not let a stuck put hold the loop.
+        match tokio::time::timeout(inner.cfg.liveness_timeout(), inner.members.put(&inner.me.node_id, value.clone()))
+            .await
+        {
+            Ok(Ok(_)) => {
+                let mut last = inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+                *last = (*last).max(sent);
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            Err(_) => {
+                metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
+                tracing::warn!("heartbeat timed out");
+            }
+        }
+    }
+}
+
+/// Keeps `view.live` current: adds or refreshes members on every heartbeat,
+/// drops them on delete or when their heartbeats stop.
+async fn watch_members(
+    mut watch: kv::Watch,
+    timeout: Duration,
+    view: Arc<watch::Sender<View>>,
+    ready: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut seen: BTreeMap<String, (Member, Instant)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(timeout / 8);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An empty bucket has no history to replay.
+    let mut replaying = true;
+    let mut first_tick = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            entry = watch.next() => match entry {
+                Some(Ok(entry)) => {
+                    match entry.operation {
+                        kv::Operation::Put => match serde_json::from_slice::<Member>(&entry.value) {
+                            Ok(member) => {
+                                // A replayed entry is as old as its server timestamp says.
+                                let age = if replaying { entry_age(&entry) } else { Duration::ZERO };
+                                let arrived = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                                seen.insert(entry.key.clone(), (member, arrived));
+                            }
+                            Err(e) => {
+                                metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+                                tracing::warn!(key = %entry.key, error = %e, "unreadable membership entry ignored");
+                            }
+                        },
+                        kv::Operation::Delete | kv::Operation::Purge => {
+                            seen.remove(&entry.key);
+                        }
+                    }
+                    if entry.delta == 0 && replaying {
+                        replaying = false;
+                        ready.cancel();
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "membership watch error");
+                    continue;
+                }
+                None => {
+                    tracing::error!("membership watch ended");
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                if first_tick {
+                    first_tick = false;
+                } else if replaying {
+                    // Nothing to replay (empty bucket): the watch is current.
+                    replaying = false;
+                    ready.cancel();
+                }
+            }
+        }
+        let now = Instant::now();
+        let live: BTreeMap<String, Member> = seen
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) < timeout)
+            .map(|(id, (m, _))| (id.clone(), m.clone()))
+            .collect();
+        view.send_if_modified(|v| {
+            if v.live != live {
+                v.live = live;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// How long ago the server stored `entry`, by the wall clock.
+fn entry_age(entry: &kv::Entry) -> Duration {
+    let now = time::OffsetDateTime::now_utc();
+    let age = now - entry.created;
+    Duration::try_from(age).unwrap_or(Duration::ZERO)
+}
+
+/// Keeps `view.leases` current.
+async fn watch_leases(
+    mut watch: kv::Watch,
+    view: Arc<watch::Sender<View>>,
+    ready: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut replaying = true;
+    let mut empty_check = tokio::time::interval(Duration::from_millis(100));
+    empty_check.tick().await;
+    loop {
+        let entry = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = empty_check.tick(), if replaying => {
+                replaying = false;
+                ready.cancel();
+                continue;
+            }
+            entry = watch.next() => entry,
+        };
+        let entry = match entry {
+            Some(Ok(entry)) => entry,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "lease watch error");
+                continue;
+            }
+            None => {
+                tracing::error!("lease watch ended");
+                return;
+            }
+        };
+        let Ok(shard) = entry.key.parse::<u32>() else {
+            metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+            tracing::warn!(key = %entry.key, "lease key is not a shard number; ignored");
+            continue;
+        };
+        let held = match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Lease>(&entry.value) {
+                Ok(lease) => Some(HeldLease { lease, epoch: entry.revision }),
+                Err(e) => {
+                    // Held by nobody valid; claimable by CAS on its revision.
+                    metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+                    tracing::warn!(shard, error = %e, "unreadable lease; treating it as held by a dead node");
+                    let nobody = Lease { node_id: String::new(), incarnation: String::new(), claimed_us: 0 };
+                    Some(HeldLease { lease: nobody, epoch: entry.revision })
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => None,
+        };
+        view.send_modify(|v| match held {
+            Some(h) => {
+                v.leases.insert(shard, h);
+            }
+            None => {
+                v.leases.remove(&shard);
+            }
+        });
+        if entry.delta == 0 && replaying {
+            replaying = false;
+            ready.cancel();
+        }
+    }
+}

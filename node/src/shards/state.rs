@@ -1,0 +1,210 @@
+//! Per-device state kept by a shard's owner.
+//!
+//! Applying a telemetry message updates the device's counters and the last
+//! value of its channel. When that last value changes (a new channel, or a
+//! payload different from the previous one on that channel), the device's
+//! `seq` goes up by one and a `state` frame is derived, so a subscriber that
+//! sees `seq` jump knows it missed one. Applying is deterministic: the same
+//! messages in the same order give the same states and the same frames
+//! (ids included), which is what makes a replay after failover harmless.
+
+use base64::Engine as _;
+use fluxmesh_schemas::frame::{ArchivedBody, ArchivedFrame};
+use fluxmesh_schemas::{Body, Frame, FrameId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The producer name on derived state frames.
+pub const PRODUCER: &str = "state";
+
+/// One device's state, as checkpointed and as served by the HTTP API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub device: String,
+    /// State frames derived so far; the `seq` of the last one.
+    pub seq: u64,
+    /// Telemetry messages applied.
+    pub count: u64,
+    pub first_seen_us: i64,
+    pub last_seen_us: i64,
+    /// Stream sequence of the last telemetry message applied: anything at
+    /// or below it is a redelivery and is skipped.
+    pub last_stream_seq: u64,
+    /// Last value per channel.
+    pub channels: BTreeMap<String, ChannelValue>,
+}
+
+/// A channel's last value: the payload as JSON if it is JSON, else base64.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelValue {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+    pub received_time_us: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_time_us: Option<i64>,
+}
+
+impl ChannelValue {
+    fn same_value(&self, other: &ChannelValue) -> bool {
+        self.value == other.value && self.value_base64 == other.value_base64
+    }
+}
+
+/// What applying one message did.
+#[derive(Debug, PartialEq)]
+pub enum Applied {
+    /// Already applied before (stream sequence at or below the last one).
+    Skipped,
+    /// Counted; the last value did not change.
+    Counted,
+    /// The last value changed: here is the derived state frame.
+    Changed(Box<Frame>),
+}
+
+impl DeviceState {
+    pub fn new(device: &str) -> Self {
+        DeviceState { device: device.to_owned(), ..Default::default() }
+    }
+
+    /// Applies the telemetry message at `stream_seq`. Non-telemetry frames
+    /// are counted but carry no channel value.
+    pub fn apply(&mut self, frame: &ArchivedFrame, stream_seq: u64, origin: &str) -> Applied {
+        if stream_seq <= self.last_stream_seq {
+            return Applied::Skipped;
+        }
+        self.last_stream_seq = stream_seq;
+        let received = frame.received_time_us.to_native();
+        if self.count == 0 {
+            self.first_seen_us = received;
+        }
+        self.count += 1;
+        self.last_seen_us = self.last_seen_us.max(received);
+        let ArchivedBody::Telemetry { payload } = &frame.body else { return Applied::Counted };
+        let new = match serde_json::from_slice::<Value>(payload) {
+            Ok(v) => ChannelValue {
+                value: Some(v),
+                value_base64: None,
+                received_time_us: received,
+                device_time_us: frame.device_time_us(),
+            },
+            Err(_) => ChannelValue {
+                value: None,
+                value_base64: Some(base64::engine::general_purpose::STANDARD.encode(payload.as_slice())),
+                received_time_us: received,
+                device_time_us: frame.device_time_us(),
+            },
+        };
+        let channel = frame.channel.as_str();
+        let changed = self.channels.get(channel).is_none_or(|old| !old.same_value(&new));
+        match self.channels.get_mut(channel) {
+            Some(slot) => *slot = new,
+            None => {
+                self.channels.insert(channel.to_owned(), new);
+            }
+        }
+        if !changed {
+            return Applied::Counted;
+        }
+        self.seq += 1;
+        let mut key = Vec::with_capacity(16 + PRODUCER.len());
+        key.extend_from_slice(&frame.id.0);
+        key.extend_from_slice(PRODUCER.as_bytes());
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        Applied::Changed(Box::new(Frame {
+            id: FrameId::from_key(&key),
+            device: self.device.clone(),
+            channel: channel.to_owned(),
+            device_time_us: frame.device_time_us(),
+            received_time_us: received,
+            origin: origin.to_owned(),
+            producer: PRODUCER.to_owned(),
+            seq: self.seq,
+            body: Body::State { json },
+        }))
+    }
+}
+
+/// The KV key of a device's state in shard `shard`: `{shard}.{hex(device)}`
+/// (KV keys allow only a small alphabet; hex keeps every device id).
+pub fn state_key(shard: u32, device: &str) -> String {
+    use std::fmt::Write as _;
+    let mut key = String::with_capacity(12 + device.len() * 2);
+    let _ = write!(key, "{shard}.");
+    for b in device.as_bytes() {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+/// The device id in the last token of a state key, if it is valid hex of
+/// UTF-8.
+pub fn device_of_key(hex: &str) -> Option<String> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fluxmesh_schemas::frame::{access, AlignedVec};
+
+    fn apply(state: &mut DeviceState, frame: &Frame, seq: u64) -> Applied {
+        let bytes = frame.encode().expect("encode");
+        let mut scratch = AlignedVec::new();
+        let archived = access(&bytes, &mut scratch).expect("access");
+        state.apply(archived, seq, "node-1")
+    }
+
+    #[test]
+    fn a_changed_value_derives_a_state_frame_with_the_next_seq() {
+        let mut s = DeviceState::new("d1");
+        let a = Frame::telemetry("d1", "temp", "n", br#"{"c":21.5}"#.to_vec());
+        let Applied::Changed(f) = apply(&mut s, &a, 10) else { panic!("first value is a change") };
+        assert_eq!((f.seq, f.producer.as_str(), f.channel.as_str()), (1, PRODUCER, "temp"));
+        // Same value again: counted, no frame.
+        let b = Frame::telemetry("d1", "temp", "n", br#"{"c":21.5}"#.to_vec());
+        assert_eq!(apply(&mut s, &b, 11), Applied::Counted);
+        // A redelivery of something already applied is skipped.
+        assert_eq!(apply(&mut s, &a, 10), Applied::Skipped);
+        let c = Frame::telemetry("d1", "temp", "n", vec![0xff, 0x00]);
+        let Applied::Changed(f) = apply(&mut s, &c, 12) else { panic!("new value") };
+        assert_eq!(f.seq, 2);
+        assert_eq!(s.count, 3);
+        assert_eq!(s.channels["temp"].value_base64.as_deref(), Some("/wA="));
+    }
+
+    #[test]
+    fn replaying_the_same_input_gives_the_same_frame_ids() {
+        let inputs: Vec<Frame> =
+            (0..20).map(|i| Frame::telemetry("d", "x", "n", format!("{}", i % 3).into_bytes())).collect();
+        let run = || {
+            let mut s = DeviceState::new("d");
+            let ids: Vec<_> = inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| match apply(&mut s, f, i as u64 + 1) {
+                    Applied::Changed(f) => Some((f.id, f.seq)),
+                    _ => None,
+                })
+                .collect();
+            (ids, s)
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn state_keys_are_valid_kv_keys() {
+        assert_eq!(state_key(7, "a.b *>"), "7.612e62202a3e");
+        assert!(state_key(63, "ü").chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
+        assert_eq!(device_of_key("612e62202a3e").as_deref(), Some("a.b *>"));
+        assert_eq!(device_of_key("6"), None);
+        assert_eq!(device_of_key("zz"), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! One shard's worker: runs only while this node holds the shard's lease.
+//!
+//! Start: make sure the shard's durable pull consumer exists (`shard-{n}`,
+//! filtered to `{prefix}.tel.{n}.>`); if it has deliveries outstanding to
+//! nobody (the previous owner died or dropped its pull), recreate it from
+//! its ack floor so that delivery is strictly in stream order again; load
+//! the shard's checkpointed device states.
+//!
+//! Then, batch after batch:
+//! 1. pull up to `batch` messages;
+//! 2. check the lease is still ours (a node that was paused stops here);
+//! 3. apply each message to its device's state (redeliveries at or below a
+//!    device's `last_stream_seq` are skipped), collecting derived frames;
+//! 4. publish the derived frames and wait for their JetStream acks (their
+//!    ids come from the input, so a replay is deduplicated);
+//! 5. checkpoint the changed device states, each with compare-and-set on
+//!    its KV revision (a node that lost the shard fails here and stops);
+//! 6. ack the batch.
+//!
+//! A crash anywhere before 6 means the batch is delivered again and, from
+//! the last checkpoint, produces the same frames with the same ids.
+
+use super::state::{state_key, Applied, DeviceState};
+use super::ShardContext;
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::kv;
+use fluxmesh_mesh::cluster::Lease;
+use fluxmesh_schemas::frame::AlignedVec;
+use fluxmesh_schemas::subject::Family;
+use fluxmesh_schemas::{headers, Frame};
+use futures::{FutureExt as _, StreamExt as _};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the lease is no longer ours")]
+    Fenced,
+    #[error("consumer: {0}")]
+    Consumer(String),
+    #[error("loading device states: {0}")]
+    Load(String),
+    #[error("publishing derived frames: {0}")]
+    Output(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// A device's state and the KV revision it was last written at.
+#[derive(Debug)]
+struct Slot {
+    state: DeviceState,
+    revision: Option<u64>,
+}
+
+/// Runs shard `shard` under `lease` until `stop` (graceful: finishes the
+/// batch in hand) or an error.
+pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: CancellationToken) -> Result<(), WorkerError> {
+    let started = Instant::now();
+    let consumer = ensure_consumer(&ctx, shard).await?;
+    let mut states = load_states(&ctx, shard).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(ctx.cfg.batch)
+        .expires(Duration::from_secs(5))
+        .heartbeat(Duration::from_secs(2))
+        .messages()
+        .await
+        .map_err(|e| WorkerError::Consumer(e.to_string()))?;
+    metrics::histogram!("fluxmesh_shard_start_seconds").record(started.elapsed().as_secs_f64());
+    tracing::debug!(shard, devices = states.len(), took = ?started.elapsed(), "shard worker started");
+    let mut scratch = AlignedVec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            m = messages.next() => m,
+        };
+        let first = match first {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => match e.kind() {
+                pull::MessagesErrorKind::MissingHeartbeat | pull::MessagesErrorKind::Pull => {
+                    tracing::debug!(shard, error = %e, "pull hiccup");
+                    continue;
+                }
+                _ => return Err(WorkerError::Consumer(e.to_string())),
+            },
+            None => return Err(WorkerError::Consumer("message stream ended".into())),
+        };
+        let mut batch = vec![first];
+        while batch.len() < ctx.cfg.batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        if !ctx.cluster.holds(&lease) {
+            return Err(WorkerError::Fenced);
+        }
+        let took = Instant::now();
+        process(&ctx, shard, &lease, &batch, &mut states, &mut scratch).await?;
+        for m in &batch {
+            if let Err(e) = m.ack().await {
+                // Delivered again later and skipped as already applied.
+                tracing::debug!(shard, error = %e, "ack failed");
+            }
+        }
+        metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
+        metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
+    }
+}
+
+async fn process(
+    ctx: &ShardContext,
+    shard: u32,
+    lease: &Lease,
+    batch: &[async_nats::jetstream::Message],
+    states: &mut HashMap<String, Slot>,
+    scratch: &mut AlignedVec,
+) -> Result<(), WorkerError> {
+    let mut outputs: Vec<Frame> = Vec::new();
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    for m in batch {
+        let Ok(info) = m.info() else {
+            metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "no_info").increment(1);
+            continue;
+        };
+        let stream_seq = info.stream_sequence;
+        let frame = match fluxmesh_schemas::frame::access(&m.payload, scratch) {
+            Ok(f) => f,
+            Err(e) => {
+                // Counted and acked: a corrupt frame must not block its shard.
+                metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "corrupt_frame").increment(1);
+                tracing::warn!(shard, stream_seq, subject = %m.subject, error = %e, "corrupt frame skipped");
+                continue;
+            }
+        };
+        let device = frame.device.as_str();
+        if !states.contains_key(device) {
+            states.insert(device.to_owned(), Slot { state: DeviceState::new(device), revision: None });
+        }
+        let Some(slot) = states.get_mut(device) else { continue };
+        match slot.state.apply(frame, stream_seq, &ctx.node_id) {
+            Applied::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
+            Applied::Counted => {
+                dirty.insert(device.to_owned());
+            }
+            Applied::Changed(out) => {
+                dirty.insert(device.to_owned());
+                outputs.push(*out);
+            }
+        }
+    }
+
+    // Derived frames: sent pipelined, then every ack awaited.
+    let mut pending = Vec::with_capacity(outputs.len());
+    for frame in &outputs {
+        let bytes = frame.encode().map_err(|e| WorkerError::Output(e.to_string()))?;
+        let subject = ctx.subjects.event(shard, &frame.device, frame.kind().as_str());
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers::for_frame(frame) {
+            map.insert(name, value.as_str());
+        }
+        let sent = ctx.publisher.publish(subject, map, bytes.into()).await;
+        pending.push(sent.map_err(|e| WorkerError::Output(e.to_string()))?);
+    }
+    for p in futures::future::join_all(pending.into_iter().map(|p| p.ack())).await {
+        p.map_err(|e| WorkerError::Output(e.to_string()))?;
+    }
+    metrics::counter!("fluxmesh_shard_state_frames_total").increment(outputs.len() as u64);
+    if ctx.mirror_events {
+        for frame in &outputs {
+            ctx.mirror(shard, frame).await;
+        }
+    }
+
+    // Checkpoint, fenced by compare-and-set on each device's revision.
+    if !ctx.cluster.holds(lease) {
+        return Err(WorkerError::Fenced);
+    }
+    let writes = dirty.iter().filter_map(|device| {
+        let slot = states.get(device)?;
+        let value: bytes::Bytes = serde_json::to_vec(&slot.state).ok()?.into();
+        let key = state_key(shard, device);
+        let revision = slot.revision;
+        let kv = &ctx.states;
+        Some(async move {
+            let result = match revision {
+                None => kv.create(&key, value).await.map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => WorkerError::Fenced,
+                    _ => WorkerError::Checkpoint(e.to_string()),
+                }),
+                Some(r) => kv.update(&key, value, r).await.map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => WorkerError::Fenced,
+                    _ => WorkerError::Checkpoint(e.to_string()),
+                }),
+            };
+            (device.clone(), result)
+        })
+    });
+    for (device, result) in futures::future::join_all(writes).await {
+        let revision = result?;
+        if let Some(slot) = states.get_mut(&device) {
+            slot.revision = Some(revision);
+        }
+    }
+    Ok(())
+}
+
+/// The shard's durable consumer, recreated from its ack floor when it has
+/// deliveries outstanding (to a previous owner that is gone).
+async fn ensure_consumer(ctx: &ShardContext, shard: u32) -> Result<consumer::PullConsumer, WorkerError> {
+    let err = |e: &dyn std::fmt::Display| WorkerError::Consumer(e.to_string());
+    let stream = ctx.js.get_stream(&ctx.telemetry_stream).await.map_err(|e| err(&e))?;
+    let name = consumer_name(shard);
+    let mut config = pull::Config {
+        durable_name: Some(name.clone()),
+        description: Some(format!("fluxmesh shard {shard}")),
+        filter_subject: ctx.subjects.shard_filter(Family::Telemetry, shard),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(ctx.cfg.ack_wait_ms),
+        max_ack_pending: i64::try_from(ctx.cfg.max_ack_pending).unwrap_or(i64::MAX),
+        max_deliver: -1,
+        deliver_policy: DeliverPolicy::All,
+        ..Default::default()
+    };
+    let mut consumer: consumer::PullConsumer =
+        stream.get_or_create_consumer(&name, config.clone()).await.map_err(|e| err(&e))?;
+    let info = consumer.info().await.map_err(|e| err(&e))?;
+    if info.num_ack_pending > 0 {
+        let floor = info.ack_floor.stream_sequence;
+        tracing::info!(
+            shard,
+            outstanding = info.num_ack_pending,
+            floor,
+            "recreating shard consumer from its ack floor"
+        );
+        metrics::counter!("fluxmesh_shard_consumer_recreated_total").increment(1);
+        stream.delete_consumer(&name).await.map_err(|e| err(&e))?;
+        config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: floor + 1 };
+        consumer = stream.create_consumer(config).await.map_err(|e| err(&e))?;
+    }
+    Ok(consumer)
+}
+
+pub fn consumer_name(shard: u32) -> String {
+    format!("shard-{shard}")
+}
+
+/// Reads the last checkpoint of every device in `shard`.
+async fn load_states(ctx: &ShardContext, shard: u32) -> Result<HashMap<String, Slot>, WorkerError> {
+    let err = |e: &dyn std::fmt::Display| WorkerError::Load(e.to_string());
+    let stream_name = format!("KV_{}", ctx.states_bucket);
+    let stream = ctx.js.get_stream(&stream_name).await.map_err(|e| err(&e))?;
+    let reader: consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: format!("$KV.{}.{shard}.>", ctx.states_bucket),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(&e))?;
+    let mut left = reader.cached_info().num_pending;
+    let mut states = HashMap::new();
+    let mut messages = reader.messages().await.map_err(|e| err(&e))?;
+    while left > 0 {
+        let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(err(&e)),
+            Ok(None) | Err(_) => return Err(WorkerError::Load(format!("{left} states not delivered"))),
+        };
+        left -= 1;
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        if deleted {
+            continue;
+        }
+        let revision = msg.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
+        match serde_json::from_slice::<DeviceState>(&msg.payload) {
+            Ok(state) => {
+                states.insert(state.device.clone(), Slot { state, revision: Some(revision) });
+            }
+            Err(e) => {
+                // Start that device afresh, but keep the revision so the
+                // next checkpoint replaces the unreadable one.
+                metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "bad_checkpoint").increment(1);
+                tracing::warn!(shard, subject = %msg.subject, error = %e, "unreadable device checkpoint; starting it afresh");
+                let key = msg.subject.rsplit('.').next().unwrap_or_default();
+                if let Some(device) = super::state::device_of_key(key) {
+                    states.insert(device.clone(), Slot { state: DeviceState::new(&device), revision: Some(revision) });
+                }
+            }
+        }
+    }
+    Ok(states)
+}
