@@ -6,7 +6,7 @@
 //! | `GET /readyz` | 200 once connected to NATS with streams provisioned and MQTT listening; 503 otherwise |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
-//! | `GET /api/v1/cluster` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
+//! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
 //! | `GET /api/v1/devices/{id}` | the device's shard, owner node and last checkpointed state |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
@@ -163,11 +163,19 @@ fn not_ready() -> Response {
 
 /// Live nodes and, per shard, who should own it, who holds its lease (and
 /// at which epoch) and how far its consumer is behind.
-async fn cluster(State(state): State<AppState>) -> Response {
+async fn cluster(
+    State(state): State<AppState>,
+    params: Result<Query<ClusterParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
+    };
     let Some(ctx) = state.shards.get() else { return not_ready() };
     let view = ctx.cluster.view();
     let live = view.live_ids();
-    let lags = consumer_lags(ctx).await;
+    let with_lag = params.lag.unwrap_or(true);
+    let lags = if with_lag { consumer_lags(ctx).await } else { Default::default() };
     let shards: Vec<serde_json::Value> = (0..ctx.shards)
         .map(|shard| {
             let lease = view.leases.get(&shard);
@@ -190,6 +198,13 @@ async fn cluster(State(state): State<AppState>) -> Response {
         "shards": shards,
     }))
     .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterParams {
+    /// `false` skips asking JetStream for each shard consumer's lag.
+    lag: Option<bool>,
 }
 
 /// `(not yet delivered, delivered but unacknowledged)` per shard consumer;
