@@ -203,9 +203,11 @@ async fn scenario() {
     common::init_logging();
     let cluster = NatsCluster::start(3).await.expect("3-server cluster");
     let urls = cluster.urls();
-    let a = NodeProc::start(&urls, |_| {}).await;
-    let b = NodeProc::start(&urls, |_| {}).await;
-    let c = NodeProc::start(&urls, |_| {}).await;
+    // A state frame for every change: the most frames to get right.
+    let every = |c: &mut Config| c.shards.state_min_interval_ms = 0;
+    let a = NodeProc::start(&urls, every).await;
+    let b = NodeProc::start(&urls, every).await;
+    let c = NodeProc::start(&urls, every).await;
     let took = wait_settled(&[a.http, b.http, c.http], 3, "3 nodes own all 64 shards").await;
     eprintln!("3 nodes settled in {took:?}");
 
@@ -225,7 +227,7 @@ async fn scenario() {
 
     // Join: a fourth node takes its share, handed over gracefully.
     progress(600).await;
-    let d = NodeProc::start(&urls, |_| {}).await;
+    let d = NodeProc::start(&urls, every).await;
     targets.lock().expect("targets").push(d.http);
     let handoff = wait_settled(&[a.http, b.http, c.http, d.http], 4, "join settles").await;
     eprintln!("join: settled {handoff:?} after the new node was ready");

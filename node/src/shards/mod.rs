@@ -44,11 +44,25 @@ pub struct ShardsConfig {
     pub ack_wait_ms: u64,
     /// Wait before restarting a worker that failed (NATS trouble).
     pub restart_backoff_ms: u64,
+    /// A device derives at most one state frame per this much received
+    /// time; changes in between ride on the next frame. 0 = a frame for
+    /// every change.
+    pub state_min_interval_ms: u64,
+    /// How often a worker checkpoints changed device states and acks what
+    /// it processed. Longer: fewer KV writes; more to replay after a kill.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for ShardsConfig {
     fn default() -> Self {
-        ShardsConfig { batch: 256, max_ack_pending: 8192, ack_wait_ms: 30_000, restart_backoff_ms: 500 }
+        ShardsConfig {
+            batch: 256,
+            max_ack_pending: 8192,
+            ack_wait_ms: 30_000,
+            restart_backoff_ms: 500,
+            state_min_interval_ms: 1000,
+            checkpoint_interval_ms: 200,
+        }
     }
 }
 
@@ -63,6 +77,12 @@ impl ShardsConfig {
         }
         if self.ack_wait_ms < 1000 {
             problems.push("shards.ack_wait_ms: must be at least 1000".to_owned());
+        }
+        if !(1..=10_000).contains(&self.checkpoint_interval_ms) || self.checkpoint_interval_ms * 2 > self.ack_wait_ms {
+            problems.push(
+                "shards.checkpoint_interval_ms: must be between 1 and 10000 and at most half of shards.ack_wait_ms"
+                    .to_owned(),
+            );
         }
         problems
     }

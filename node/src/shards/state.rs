@@ -1,12 +1,18 @@
 //! Per-device state kept by a shard's owner.
 //!
 //! Applying a telemetry message updates the device's counters and the last
-//! value of its channel. When that last value changes (a new channel, or a
-//! payload different from the previous one on that channel), the device's
-//! `seq` goes up by one and a `state` frame is derived, so a subscriber that
-//! sees `seq` jump knows it missed one. Applying is deterministic: the same
-//! messages in the same order give the same states and the same frames
-//! (ids included), which is what makes a replay after failover harmless.
+//! value of its channel. A `state` frame is derived when a last value has
+//! changed (a new channel, or a payload different from the previous one on
+//! that channel) since the last state frame, and the message was received
+//! at least `min_interval_us` after the message that derived the last one.
+//! A change inside the interval is carried by the next frame: the frame is
+//! a snapshot of the whole state. The device's `seq` goes up by one per
+//! frame, so a subscriber that sees `seq` jump knows it missed one.
+//!
+//! Applying is deterministic: the same messages in the same order, from the
+//! same checkpoint, give the same states and the same frames (ids
+//! included), because every decision uses the messages' own times and
+//! never the clock. That is what makes a replay after failover harmless.
 
 use base64::Engine as _;
 use fluxmesh_schemas::frame::{ArchivedBody, ArchivedFrame};
@@ -33,6 +39,12 @@ pub struct DeviceState {
     pub last_stream_seq: u64,
     /// Last value per channel.
     pub channels: BTreeMap<String, ChannelValue>,
+    /// A last value changed since the last state frame.
+    #[serde(default)]
+    pub unsent_change: bool,
+    /// `received_time_us` of the message that derived the last state frame.
+    #[serde(default)]
+    pub last_frame_us: i64,
 }
 
 /// A channel's last value: the payload as JSON if it is JSON, else base64.
@@ -71,7 +83,7 @@ impl DeviceState {
 
     /// Applies the telemetry message at `stream_seq`. Non-telemetry frames
     /// are counted but carry no channel value.
-    pub fn apply(&mut self, frame: &ArchivedFrame, stream_seq: u64, origin: &str) -> Applied {
+    pub fn apply(&mut self, frame: &ArchivedFrame, stream_seq: u64, origin: &str, min_interval_us: i64) -> Applied {
         if stream_seq <= self.last_stream_seq {
             return Applied::Skipped;
         }
@@ -105,9 +117,13 @@ impl DeviceState {
                 self.channels.insert(channel.to_owned(), new);
             }
         }
-        if !changed {
+        self.unsent_change |= changed;
+        let due = self.seq == 0 || received.saturating_sub(self.last_frame_us) >= min_interval_us;
+        if !(self.unsent_change && due) {
             return Applied::Counted;
         }
+        self.unsent_change = false;
+        self.last_frame_us = received;
         self.seq += 1;
         let mut key = Vec::with_capacity(16 + PRODUCER.len());
         key.extend_from_slice(&frame.id.0);
@@ -159,7 +175,7 @@ mod tests {
         let bytes = frame.encode().expect("encode");
         let mut scratch = AlignedVec::new();
         let archived = access(&bytes, &mut scratch).expect("access");
-        state.apply(archived, seq, "node-1")
+        state.apply(archived, seq, "node-1", 0)
     }
 
     #[test]
@@ -178,6 +194,27 @@ mod tests {
         assert_eq!(f.seq, 2);
         assert_eq!(s.count, 3);
         assert_eq!(s.channels["temp"].value_base64.as_deref(), Some("/wA="));
+    }
+
+    #[test]
+    fn changes_inside_the_interval_ride_on_the_next_frame() {
+        let mut s = DeviceState::new("d");
+        let at = |t: i64, v: &str| {
+            let mut f = Frame::telemetry("d", "x", "n", v.as_bytes().to_vec());
+            f.received_time_us = t;
+            f
+        };
+        let mut run = |f: Frame, seq: u64| {
+            let bytes = f.encode().expect("encode");
+            let mut scratch = AlignedVec::new();
+            s.apply(access(&bytes, &mut scratch).expect("access"), seq, "n", 1_000_000)
+        };
+        assert!(matches!(run(at(0, "1"), 1), Applied::Changed(_)), "the first value always derives a frame");
+        assert_eq!(run(at(500_000, "2"), 2), Applied::Counted, "inside the interval");
+        assert_eq!(run(at(900_000, "2"), 3), Applied::Counted);
+        let Applied::Changed(f) = run(at(1_000_000, "2"), 4) else { panic!("the pending change is due") };
+        assert_eq!(f.seq, 2);
+        assert_eq!(run(at(2_500_000, "2"), 5), Applied::Counted, "due, but nothing changed");
     }
 
     #[test]

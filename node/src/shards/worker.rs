@@ -13,12 +13,13 @@
 //!    device's `last_stream_seq` are skipped), collecting derived frames;
 //! 4. publish the derived frames and wait for their JetStream acks (their
 //!    ids come from the input, so a replay is deduplicated);
-//! 5. checkpoint the changed device states, each with compare-and-set on
-//!    its KV revision (a node that lost the shard fails here and stops);
-//! 6. ack the batch.
+//! 5. every `checkpoint_interval_ms` (and before a graceful stop):
+//!    checkpoint the changed device states, each with compare-and-set on its
+//!    KV revision (a node that lost the shard fails here and stops), then
+//!    ack everything processed (one ack: the consumer's policy is `All`).
 //!
-//! A crash anywhere before 6 means the batch is delivered again and, from
-//! the last checkpoint, produces the same frames with the same ids.
+//! A crash anywhere before the ack means those messages are delivered again
+//! and, from the last checkpoint, produce the same frames with the same ids.
 
 use super::state::{state_key, Applied, DeviceState};
 use super::ShardContext;
@@ -72,10 +73,27 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
     metrics::histogram!("fluxmesh_shard_start_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(shard, devices = states.len(), took = ?started.elapsed(), "shard worker started");
     let mut scratch = AlignedVec::new();
+    // Processed but not yet checkpointed and acked.
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut unacked: Option<async_nats::jetstream::Message> = None;
+    let mut unacked_count = 0usize;
+    let interval = Duration::from_millis(ctx.cfg.checkpoint_interval_ms);
+    let mut checkpoint_at = Instant::now() + interval;
     loop {
         let first = tokio::select! {
             biased;
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                // Graceful: what was processed is checkpointed and acked
+                // before the lease is released.
+                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(checkpoint_at.into()), if unacked.is_some() => {
+                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                unacked_count = 0;
+                checkpoint_at = Instant::now() + interval;
+                continue;
+            }
             m = messages.next() => m,
         };
         let first = match first {
@@ -100,28 +118,82 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
             return Err(WorkerError::Fenced);
         }
         let took = Instant::now();
-        process(&ctx, shard, &lease, &batch, &mut states, &mut scratch).await?;
-        for m in &batch {
-            if let Err(e) = m.ack().await {
-                // Delivered again later and skipped as already applied.
-                tracing::debug!(shard, error = %e, "ack failed");
-            }
-        }
+        process(&ctx, shard, &batch, &mut states, &mut dirty, &mut scratch).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
+        unacked_count += batch.len();
+        unacked = batch.pop();
+        // Never let unacknowledged deliveries reach the consumer's limit.
+        if Instant::now() >= checkpoint_at || unacked_count >= ctx.cfg.max_ack_pending / 2 {
+            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+            unacked_count = 0;
+            checkpoint_at = Instant::now() + interval;
+        }
     }
 }
 
-async fn process(
+/// Writes the changed device states (CAS on each revision: a node that
+/// lost the shard fails here), then acks everything processed so far.
+async fn checkpoint(
     ctx: &ShardContext,
     shard: u32,
     lease: &Lease,
+    states: &mut HashMap<String, Slot>,
+    dirty: &mut BTreeSet<String>,
+    unacked: &mut Option<async_nats::jetstream::Message>,
+) -> Result<(), WorkerError> {
+    let Some(last) = unacked.take() else { return Ok(()) };
+    if !ctx.cluster.holds(lease) {
+        return Err(WorkerError::Fenced);
+    }
+    let took = Instant::now();
+    let writes = dirty.iter().filter_map(|device| {
+        let slot = states.get(device)?;
+        let value: bytes::Bytes = serde_json::to_vec(&slot.state).ok()?.into();
+        let key = state_key(shard, device);
+        let revision = slot.revision;
+        let kv = &ctx.states;
+        Some(async move {
+            let result = match revision {
+                None => kv.create(&key, value).await.map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => WorkerError::Fenced,
+                    _ => WorkerError::Checkpoint(e.to_string()),
+                }),
+                Some(r) => kv.update(&key, value, r).await.map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => WorkerError::Fenced,
+                    _ => WorkerError::Checkpoint(e.to_string()),
+                }),
+            };
+            (device.clone(), result)
+        })
+    });
+    for (device, result) in futures::future::join_all(writes).await {
+        let revision = result?;
+        if let Some(slot) = states.get_mut(&device) {
+            slot.revision = Some(revision);
+        }
+    }
+    metrics::counter!("fluxmesh_shard_checkpoint_writes_total").increment(dirty.len() as u64);
+    dirty.clear();
+    // AckPolicy::All: the last message acks everything before it.
+    if let Err(e) = last.ack().await {
+        // Delivered again later and skipped as already applied.
+        tracing::debug!(shard, error = %e, "ack failed");
+    }
+    metrics::histogram!("fluxmesh_shard_checkpoint_seconds").record(took.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Applies a batch to the device states and stores the derived frames.
+async fn process(
+    ctx: &ShardContext,
+    shard: u32,
     batch: &[async_nats::jetstream::Message],
     states: &mut HashMap<String, Slot>,
+    dirty: &mut BTreeSet<String>,
     scratch: &mut AlignedVec,
 ) -> Result<(), WorkerError> {
     let mut outputs: Vec<Frame> = Vec::new();
-    let mut dirty: BTreeSet<String> = BTreeSet::new();
     for m in batch {
         let Ok(info) = m.info() else {
             metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "no_info").increment(1);
@@ -142,7 +214,8 @@ async fn process(
             states.insert(device.to_owned(), Slot { state: DeviceState::new(device), revision: None });
         }
         let Some(slot) = states.get_mut(device) else { continue };
-        match slot.state.apply(frame, stream_seq, &ctx.node_id) {
+        let interval = i64::try_from(ctx.cfg.state_min_interval_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        match slot.state.apply(frame, stream_seq, &ctx.node_id, interval) {
             Applied::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
             Applied::Counted => {
                 dirty.insert(device.to_owned());
@@ -176,36 +249,6 @@ async fn process(
         }
     }
 
-    // Checkpoint, fenced by compare-and-set on each device's revision.
-    if !ctx.cluster.holds(lease) {
-        return Err(WorkerError::Fenced);
-    }
-    let writes = dirty.iter().filter_map(|device| {
-        let slot = states.get(device)?;
-        let value: bytes::Bytes = serde_json::to_vec(&slot.state).ok()?.into();
-        let key = state_key(shard, device);
-        let revision = slot.revision;
-        let kv = &ctx.states;
-        Some(async move {
-            let result = match revision {
-                None => kv.create(&key, value).await.map_err(|e| match e.kind() {
-                    kv::CreateErrorKind::AlreadyExists => WorkerError::Fenced,
-                    _ => WorkerError::Checkpoint(e.to_string()),
-                }),
-                Some(r) => kv.update(&key, value, r).await.map_err(|e| match e.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => WorkerError::Fenced,
-                    _ => WorkerError::Checkpoint(e.to_string()),
-                }),
-            };
-            (device.clone(), result)
-        })
-    });
-    for (device, result) in futures::future::join_all(writes).await {
-        let revision = result?;
-        if let Some(slot) = states.get_mut(&device) {
-            slot.revision = Some(revision);
-        }
-    }
     Ok(())
 }
 
@@ -219,7 +262,7 @@ async fn ensure_consumer(ctx: &ShardContext, shard: u32) -> Result<consumer::Pul
         durable_name: Some(name.clone()),
         description: Some(format!("fluxmesh shard {shard}")),
         filter_subject: ctx.subjects.shard_filter(Family::Telemetry, shard),
-        ack_policy: AckPolicy::Explicit,
+        ack_policy: AckPolicy::All,
         ack_wait: Duration::from_millis(ctx.cfg.ack_wait_ms),
         max_ack_pending: i64::try_from(ctx.cfg.max_ack_pending).unwrap_or(i64::MAX),
         max_deliver: -1,
