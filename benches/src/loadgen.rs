@@ -63,6 +63,14 @@ struct Args {
     /// The telemetry stream, for --verify.
     #[arg(long, default_value = "FM_TEL")]
     stream: String,
+    /// With --verify: also check that the shard workers applied every
+    /// stored message exactly once (device states in `{PREFIX}_STATE`) and
+    /// derived every state frame exactly once (`{PREFIX}_EVT`, seq 1..n).
+    #[arg(long)]
+    verify_processing: bool,
+    /// Shards in the cluster (for the state keys).
+    #[arg(long, default_value_t = 64)]
+    shards: u32,
     /// Subject prefix the nodes publish under (for --peer jetstream).
     #[arg(long, default_value = "fm")]
     subject_prefix: String,
@@ -80,6 +88,8 @@ struct Counters {
     sent: AtomicU64,
     acked: AtomicU64,
     received: AtomicU64,
+    /// MQTT reconnects after a failed connection.
+    reconnects: AtomicU64,
 }
 
 fn now_us() -> u64 {
@@ -93,6 +103,7 @@ struct Outcome {
     received: u64,
     rate: f64,
     peak: u64,
+    reconnects: u64,
     hist: Option<Histogram<u64>>,
     /// Send → the frame's `received_time_us` (set where the frame is made).
     to_frame: Option<Histogram<u64>>,
@@ -101,11 +112,12 @@ struct Outcome {
 impl Outcome {
     fn print(&self, label: &str) {
         println!(
-            "[{label}] sent={} acked={} received={} missing={}",
+            "[{label}] sent={} acked={} received={} missing={} reconnects={}",
             self.sent,
             self.acked,
             self.received,
-            self.sent.saturating_sub(self.received)
+            self.sent.saturating_sub(self.received),
+            self.reconnects
         );
         println!(
             "[{label}] delivered_rate={:.0} msg/s (received during publishing / publishing time), peak_second={} msg/s",
@@ -250,6 +262,9 @@ async fn measure(
         acked_by_device.push((id.clone(), acked_seqs.clone()));
         let load = Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device };
         match path {
+            Path::Mqtt if args.verify && qos == QoS::AtLeastOnce => {
+                devices.push(tokio::spawn(tracked_device(id, args.mqtt.clone(), d, acked_seqs, load)));
+            }
             Path::Mqtt => {
                 let addr = args.mqtt[d % args.mqtt.len()];
                 devices.extend(mqtt_device(id, addr, qos, args.verify, acked_seqs, load));
@@ -309,6 +324,7 @@ async fn measure(
         received: counters.received.load(Ordering::Relaxed),
         rate: received_at_stop as f64 / publish_secs,
         peak,
+        reconnects: counters.reconnects.load(Ordering::Relaxed),
         hist,
         to_frame,
     };
@@ -357,15 +373,20 @@ fn mqtt_device(
     opts.set_max_packet_size(load.size + 1024, load.size + 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let c = load.counters.clone();
+    let stop = load.stop.clone();
     let events = tokio::spawn(async move {
-        // Publishes leave in the order queued: the n-th carries seq n.
+        // New publishes leave in the order queued: the n-th carries seq n.
+        // After a reconnect, rumqttc resends the unacknowledged ones with
+        // their old packet ids: those are not new sequence numbers.
         let mut by_pkid: HashMap<u16, u64> = HashMap::new();
         let mut next_seq = 0u64;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if verify => {
-                    by_pkid.insert(pkid, next_seq);
-                    next_seq += 1;
+                    if let std::collections::hash_map::Entry::Vacant(slot) = by_pkid.entry(pkid) {
+                        slot.insert(next_seq);
+                        next_seq += 1;
+                    }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     c.acked.fetch_add(1, Ordering::Relaxed);
@@ -376,8 +397,13 @@ fn mqtt_device(
                     }
                 }
                 Ok(_) => {}
-                // The connection ended (the run's own disconnect, or the
-                // node closed it): unacked messages count as not acked.
+                // The connection failed (a node was killed, or the run's own
+                // disconnect): like a real device, connect again and resend
+                // what was not acknowledged, until the run is over.
+                Err(_) if !stop.load(Ordering::Relaxed) => {
+                    c.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(_) => return,
             }
         }
@@ -405,7 +431,8 @@ fn mqtt_device(
     [publisher, events]
 }
 /// Reads the stream from the run's start and reports PUBACKed messages
-/// that are not in it, and messages stored more than once.
+/// that are not in it, and messages stored more than once; with
+/// `--verify-processing`, also what the shard workers made of them.
 async fn verify(
     nats: &async_nats::Client,
     args: &Args,
@@ -425,19 +452,32 @@ async fn verify(
         })
         .await?;
     let mut stored: HashMap<String, HashSet<u64>> = HashMap::new();
+    // Every stored copy counts for processing: a resent QoS1 message stored
+    // twice is two messages to the shard worker.
+    let mut stored_copies: HashMap<String, u64> = HashMap::new();
     let mut duplicates = 0u64;
     let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
     let mut messages = consumer.messages().await?;
     let prefix = format!("{}-", args.prefix);
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
-        let Ok(Some(Ok(msg))) = next else { break };
+    let mut left = consumer.cached_info().num_pending;
+    while left > 0 {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(Some(Err(e))) => {
+                eprintln!("verify: stream read error: {e}");
+                continue;
+            }
+            _ => bail!("verify: stream read stalled with {left} messages left"),
+        };
+        left -= 1;
         let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
         if !frame.device.as_str().starts_with(&prefix) {
             continue;
         }
         if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
             if let Some(seq) = payload.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                *stored_copies.entry(frame.device.as_str().to_owned()).or_default() += 1;
                 if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(u64::from_le_bytes(seq)) {
                     duplicates += 1;
                 }
@@ -445,14 +485,100 @@ async fn verify(
         }
     }
     let (mut acked, mut lost) = (0u64, 0u64);
+    let mut examples = Vec::new();
     for (device, seqs) in acked_by_device {
         let seqs = seqs.lock().map(|s| s.clone()).unwrap_or_default();
         let have = stored.get(device);
         acked += seqs.len() as u64;
-        lost += seqs.iter().filter(|s| !have.is_some_and(|h| h.contains(s))).count() as u64;
+        for s in seqs.iter().filter(|s| !have.is_some_and(|h| h.contains(s))) {
+            lost += 1;
+            if examples.len() < 10 {
+                examples.push(format!("{device}#{s}"));
+            }
+        }
+    }
+    if !examples.is_empty() {
+        println!("verify: acknowledged but not stored, e.g. {}", examples.join(" "));
     }
     let stored_total: usize = stored.values().map(HashSet::len).sum();
     println!("verify: acked={acked} stored={stored_total} acked_but_missing={lost} stored_twice={duplicates}");
+    if args.verify_processing {
+        verify_processing(&js, args, since, &stored_copies).await?;
+    }
+    Ok(())
+}
+
+/// Waits (up to 60 s) until every device's checkpointed state has applied
+/// as many messages as were stored for it, then checks the derived state
+/// frames: one per seq, seq 1..n with n the state's seq.
+async fn verify_processing(
+    js: &async_nats::jetstream::Context,
+    args: &Args,
+    since: SystemTime,
+    stored: &HashMap<String, u64>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{self, DeliverPolicy};
+    let prefix_upper = args.subject_prefix.to_ascii_uppercase().replace('-', "_");
+    let kv = js.get_key_value(format!("{prefix_upper}_STATE")).await.context("state bucket")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut states, mut behind, mut over);
+    loop {
+        states = HashMap::new();
+        (behind, over) = (0u64, 0u64);
+        for (device, count) in stored {
+            let key = fluxmesh_schemas::kv::state_key(shard_of(device, args.shards), device);
+            let state: Option<serde_json::Value> = kv.get(key).await?.and_then(|b| serde_json::from_slice(&b).ok());
+            let applied = state.as_ref().and_then(|s| s["count"].as_u64()).unwrap_or(0);
+            match applied.cmp(count) {
+                std::cmp::Ordering::Less => behind += 1,
+                std::cmp::Ordering::Greater => over += 1,
+                std::cmp::Ordering::Equal => {}
+            }
+            if let Some(s) = state {
+                states.insert(device.clone(), s["seq"].as_u64().unwrap_or(0));
+            }
+        }
+        if behind == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stream = js.get_stream(format!("{prefix_upper}_EVT")).await.context("event stream")?;
+    let start = time::OffsetDateTime::from(since - Duration::from_secs(1));
+    let reader: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await?;
+    let mut left = reader.cached_info().num_pending;
+    let mut messages = reader.messages().await?;
+    let mut seqs: HashMap<String, HashSet<u64>> = HashMap::new();
+    let (mut frames, mut dup_frames) = (0u64, 0u64);
+    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+    while left > 0 {
+        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await else { break };
+        left -= 1;
+        let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
+        if !stored.contains_key(frame.device.as_str()) || frame.producer.as_str() != "state" {
+            continue;
+        }
+        frames += 1;
+        if !seqs.entry(frame.device.as_str().to_owned()).or_default().insert(frame.seq.to_native()) {
+            dup_frames += 1;
+        }
+    }
+    let mut gaps = 0u64;
+    for (device, n) in &states {
+        let have = seqs.get(device).map_or(0, |s| s.iter().filter(|q| (1..=*n).contains(*q)).count() as u64);
+        gaps += n - have.min(*n);
+    }
+    println!(
+        "verify_processing: devices={} applied_behind={behind} applied_twice={over} state_frames={frames} duplicate_state_frames={dup_frames} missing_state_frames={gaps}",
+        stored.len()
+    );
     Ok(())
 }
 
@@ -503,6 +629,128 @@ async fn jetstream_device(nats: async_nats::Client, subjects: Subjects, id: Stri
     while let Some(r) = pending.next().await {
         if r.is_ok() {
             load.counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A QoS1 device for `--verify` runs, with exact bookkeeping: it assigns
+/// its own packet ids, so it knows which payload each PUBACK acknowledges.
+/// (rumqttc drops unacknowledged publishes when it reconnects to a broker
+/// that has no session for it, which makes pkid→payload tracking across
+/// reconnects guesswork.) When a connection fails it reconnects, to the
+/// same node and, if that fails, to the next one, and resends every
+/// unacknowledged message with DUP set, as a real device would.
+async fn tracked_device(
+    id: String,
+    nodes: Vec<SocketAddr>,
+    first: usize,
+    acked_seqs: Arc<Mutex<Vec<u64>>>,
+    load: Load,
+) {
+    use rumqttc::mqttbytes::v4::{Connect, Packet as P, Publish};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topic = format!("devices/{id}/load");
+    let mut unacked: std::collections::BTreeMap<u16, (u64, Vec<u8>)> = Default::default();
+    let (mut seq, mut next_pkid, mut attempt) = (0u64, 1u16, first);
+    let start = Instant::now();
+    while !load.stop.load(Ordering::Relaxed) {
+        let addr = nodes[attempt % nodes.len()];
+        let Ok(Ok(mut socket)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+        else {
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let mut wbuf = bytes::BytesMut::new();
+        let mut rbuf = bytes::BytesMut::with_capacity(4096);
+        let mut connect = Connect::new(id.clone());
+        connect.keep_alive = 30;
+        if connect.write(&mut wbuf).is_err() || socket.write_all(&wbuf).await.is_err() {
+            continue;
+        }
+        wbuf.clear();
+        // CONNACK first.
+        let connected = loop {
+            match P::read(&mut rbuf, 1 << 20) {
+                Ok(P::ConnAck(ack)) => break ack.code == rumqttc::ConnectReturnCode::Success,
+                Ok(_) | Err(_) if rbuf.len() > 1 << 16 => break false,
+                Ok(_) => continue,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    match tokio::time::timeout(Duration::from_secs(5), socket.read_buf(&mut rbuf)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => break false,
+                    }
+                }
+                Err(_) => break false,
+            }
+        };
+        if !connected {
+            load.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        // Resend what the last connection left unacknowledged.
+        for (pkid, (_, payload)) in &unacked {
+            let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, payload.clone());
+            p.pkid = *pkid;
+            p.dup = true;
+            let _ = p.write(&mut wbuf);
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let failed = loop {
+            if load.stop.load(Ordering::Relaxed) && unacked.is_empty() {
+                let _ = P::Disconnect.write(&mut wbuf, usize::MAX);
+                let _ = socket.write_all(&wbuf).await;
+                return;
+            }
+            if !load.stop.load(Ordering::Relaxed) {
+                let due = load.due(start, seq);
+                while seq < due && unacked.len() < 100 {
+                    let payload = load.payload(seq);
+                    while unacked.contains_key(&next_pkid) || next_pkid == 0 {
+                        next_pkid = next_pkid.wrapping_add(1);
+                    }
+                    let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, payload.clone());
+                    p.pkid = next_pkid;
+                    let _ = p.write(&mut wbuf);
+                    unacked.insert(next_pkid, (seq, payload));
+                    next_pkid = next_pkid.wrapping_add(1);
+                    seq += 1;
+                    load.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !wbuf.is_empty() {
+                if socket.write_all(&wbuf).await.is_err() {
+                    break true;
+                }
+                wbuf.clear();
+            }
+            tokio::select! {
+                read = socket.read_buf(&mut rbuf) => match read {
+                    Ok(n) if n > 0 => loop {
+                        match P::read(&mut rbuf, 1 << 20) {
+                            Ok(P::PubAck(ack)) => {
+                                if let Some((acked, _)) = unacked.remove(&ack.pkid) {
+                                    load.counters.acked.fetch_add(1, Ordering::Relaxed);
+                                    if let Ok(mut seqs) = acked_seqs.lock() {
+                                        seqs.push(acked);
+                                    }
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    },
+                    _ => break true,
+                },
+                _ = tick.tick() => {}
+            }
+        };
+        if failed {
+            load.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

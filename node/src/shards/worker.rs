@@ -99,11 +99,16 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
         let first = match first {
             Some(Ok(m)) => m,
             Some(Err(e)) => match e.kind() {
-                pull::MessagesErrorKind::MissingHeartbeat | pull::MessagesErrorKind::Pull => {
+                pull::MessagesErrorKind::Pull => {
                     tracing::debug!(shard, error = %e, "pull hiccup");
                     continue;
                 }
-                _ => return Err(WorkerError::Consumer(e.to_string())),
+                // A silent consumer (its server went away, or it moved) does
+                // not come back by itself: start over from the consumer info.
+                _ => {
+                    checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                    return Err(WorkerError::Consumer(e.to_string()));
+                }
             },
             None => return Err(WorkerError::Consumer("message stream ended".into())),
         };

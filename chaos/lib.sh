@@ -1,0 +1,111 @@
+# Shared by the chaos scripts: run the load generator against the local
+# cluster, inject one fault in the middle, and judge the invariants.
+#
+# Each script defines fault() and sources this file, then calls chaos_main.
+# Options (all scripts): --rate R (msg/s, default 10000), --duration S
+# (default 20), --devices D (default 12).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
+cd "$FM_ROOT"
+
+CHAOS_DIR="$FM_LOCAL/chaos"
+ENDPOINTS="$FM_LOCAL/cluster/endpoints.env"
+RATE=10000
+DURATION=20
+DEVICES=12
+
+chaos_args() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --rate) RATE="${2:?}"; shift 2 ;;
+            --duration) DURATION="${2:?}"; shift 2 ;;
+            --devices) DEVICES="${2:?}"; shift 2 ;;
+            *) fm_die "unknown option $1 (--rate R --duration S --devices D)" ;;
+        esac
+    done
+    [[ "$DURATION" =~ ^[0-9]+$ ]] && [ "$DURATION" -ge 10 ] && [ "$DURATION" -le 300 ] ||
+        fm_die "--duration must be 10..300 seconds"
+}
+
+# Every node's HTTP address, except node $1 (if given).
+http_of_nodes() {
+    local skip=${1:-0}
+    for i in $(seq 1 "$FLUXMESH_NODES"); do
+        [ "$i" = "$skip" ] && continue
+        local v="FLUXMESH_NODE${i}_HTTP"
+        echo -n "${!v} "
+    done
+}
+
+now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
+
+# settle LIVE SINCE NODE...: ms from SINCE until every NODE sees LIVE nodes
+# and every shard validly held by its desired owner; "timeout" if not in 30 s.
+settle() {
+    local live=$1 since=$2
+    shift 2
+    python3 chaos/settle.py --live "$live" --since "$since" --timeout 30 "$@" || echo timeout
+}
+
+chaos_main() {
+    local kind=$1
+    shift
+    chaos_args "$@"
+    [ -f "$ENDPOINTS" ] || fm_die "the local cluster is not up: run deploy/local/cluster up"
+    deploy/local/cluster status >/dev/null || fm_die "the local cluster is not healthy: deploy/local/cluster status"
+    fm_cargo
+    fm_venv >/dev/null
+    cargo build --release --locked -q -p fluxmesh-benches
+    # shellcheck disable=SC1090
+    source "$ENDPOINTS"
+    mkdir -p "$CHAOS_DIR"
+    local prefix="chaos-$kind-$(date +%s)-$RANDOM"
+    local out="$CHAOS_DIR/$prefix.out"
+    local mqtt=""
+    for i in $(seq 1 "$FLUXMESH_NODES"); do
+        local v="FLUXMESH_NODE${i}_MQTT"
+        mqtt+="${!v},"
+    done
+    settle "$FLUXMESH_NODES" "$(now)" $(http_of_nodes) >/dev/null
+
+    echo "== chaos $kind: $DEVICES devices, QoS1, $RATE msg/s for $DURATION s (prefix $prefix)"
+    echo "   invariant 1: every PUBACKed message is in FM_TEL"
+    echo "   invariant 2: every stored message applied once; every state frame once, seq 1..n"
+    echo "   invariant 5: shards owned again within a bounded, measured time"
+    ./target/release/fluxmesh-loadgen --mqtt "${mqtt%,}" --nats "$FLUXMESH_NATS_URLS" \
+        --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
+        --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
+    local loadgen=$!
+    # The fault lands a third of the way in.
+    sleep $((DURATION / 3))
+    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE=""
+    fault
+    wait "$loadgen" || { cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
+
+    local acked stored lost resent behind twice frames dup_frames missing_frames
+    acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out")
+    stored=$(sed -n 's/^verify: .* stored=\([0-9]*\).*/\1/p' "$out")
+    lost=$(sed -n 's/.*acked_but_missing=\([0-9]*\).*/\1/p' "$out")
+    resent=$(sed -n 's/.*stored_twice=\([0-9]*\).*/\1/p' "$out")
+    behind=$(sed -n 's/.*applied_behind=\([0-9]*\).*/\1/p' "$out")
+    twice=$(sed -n 's/.*applied_twice=\([0-9]*\).*/\1/p' "$out")
+    frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out")
+    dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out")
+    missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out")
+    local sent
+    sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out")
+    for v in acked stored lost behind twice dup_frames missing_frames; do
+        [ -n "${!v}" ] || { cat "$out" >&2; fm_die "could not read the load generator's verdict ($v)"; }
+    done
+
+    local verdict=PASS
+    if [ "$lost" -ne 0 ] || [ "$behind" -ne 0 ] || [ "$twice" -ne 0 ] || [ "$dup_frames" -ne 0 ] ||
+        [ "$missing_frames" -ne 0 ] || [ "$FAILOVER_MS" = timeout ] || [ "$RECOVERY_MS" = timeout ]; then
+        verdict=FAIL
+    fi
+    echo "   sent=$sent acked=$acked stored=$stored lost=$lost resent_stored_twice=$resent"
+    echo "   applied_behind=$behind applied_twice=$twice state_frames=$frames duplicate_state_frames=$dup_frames missing_state_frames=$missing_frames"
+    echo "   failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS ${FAULT_NOTE}"
+    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS"
+    [ "$verdict" = PASS ] || { echo "   details: $out" >&2; exit 1; }
+}
