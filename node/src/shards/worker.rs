@@ -16,7 +16,7 @@
 //! 5. every `checkpoint_interval_ms` (and before a graceful stop):
 //!    checkpoint the changed device states, each with compare-and-set on its
 //!    KV revision (a node that lost the shard fails here and stops), then
-//!    ack everything processed (one ack: the consumer's policy is `All`).
+//!    ack everything processed (explicit acks: see `checkpoint`).
 //!
 //! A crash anywhere before the ack means those messages are delivered again
 //! and, from the last checkpoint, produce the same frames with the same ids.
@@ -75,8 +75,7 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
     let mut scratch = AlignedVec::new();
     // Processed but not yet checkpointed and acked.
     let mut dirty: BTreeSet<String> = BTreeSet::new();
-    let mut unacked: Option<async_nats::jetstream::Message> = None;
-    let mut unacked_count = 0usize;
+    let mut unacked: Vec<async_nats::jetstream::Message> = Vec::new();
     let interval = Duration::from_millis(ctx.cfg.checkpoint_interval_ms);
     let mut checkpoint_at = Instant::now() + interval;
     loop {
@@ -88,9 +87,8 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
                 checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
                 return Ok(());
             }
-            _ = tokio::time::sleep_until(checkpoint_at.into()), if unacked.is_some() => {
+            _ = tokio::time::sleep_until(checkpoint_at.into()), if !unacked.is_empty() => {
                 checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
-                unacked_count = 0;
                 checkpoint_at = Instant::now() + interval;
                 continue;
             }
@@ -126,12 +124,10 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
         process(&ctx, shard, &batch, &mut states, &mut dirty, &mut scratch).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
-        unacked_count += batch.len();
-        unacked = batch.pop();
+        unacked.extend(batch);
         // Never let unacknowledged deliveries reach the consumer's limit.
-        if Instant::now() >= checkpoint_at || unacked_count >= ctx.cfg.max_ack_pending / 2 {
+        if Instant::now() >= checkpoint_at || unacked.len() >= ctx.cfg.max_ack_pending / 2 {
             checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
-            unacked_count = 0;
             checkpoint_at = Instant::now() + interval;
         }
     }
@@ -145,9 +141,11 @@ async fn checkpoint(
     lease: &Lease,
     states: &mut HashMap<String, Slot>,
     dirty: &mut BTreeSet<String>,
-    unacked: &mut Option<async_nats::jetstream::Message>,
+    unacked: &mut Vec<async_nats::jetstream::Message>,
 ) -> Result<(), WorkerError> {
-    let Some(last) = unacked.take() else { return Ok(()) };
+    if unacked.is_empty() {
+        return Ok(());
+    }
     if !ctx.cluster.holds(lease) {
         return Err(WorkerError::Fenced);
     }
@@ -180,10 +178,15 @@ async fn checkpoint(
     }
     metrics::counter!("fluxmesh_shard_checkpoint_writes_total").increment(dirty.len() as u64);
     dirty.clear();
-    // AckPolicy::All: the last message acks everything before it.
-    if let Err(e) = last.ack().await {
-        // Delivered again later and skipped as already applied.
-        tracing::debug!(shard, error = %e, "ack failed");
+    // Explicit acks, one per message. (AckPolicy::All would be one ack,
+    // but a late ack from a previous owner, landing on the re-created
+    // consumer of the same name, would move its ack floor past messages it
+    // never delivered: found by chaos/kill-nats.)
+    for m in unacked.drain(..) {
+        if let Err(e) = m.ack().await {
+            // Delivered again later and skipped as already applied.
+            tracing::debug!(shard, error = %e, "ack failed");
+        }
     }
     metrics::histogram!("fluxmesh_shard_checkpoint_seconds").record(took.elapsed().as_secs_f64());
     Ok(())
@@ -267,7 +270,7 @@ async fn ensure_consumer(ctx: &ShardContext, shard: u32) -> Result<consumer::Pul
         durable_name: Some(name.clone()),
         description: Some(format!("fluxmesh shard {shard}")),
         filter_subject: ctx.subjects.shard_filter(Family::Telemetry, shard),
-        ack_policy: AckPolicy::All,
+        ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_millis(ctx.cfg.ack_wait_ms),
         max_ack_pending: i64::try_from(ctx.cfg.max_ack_pending).unwrap_or(i64::MAX),
         max_deliver: -1,
