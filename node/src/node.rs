@@ -165,8 +165,20 @@ impl Node {
             config.ingest.max_payload_bytes,
             config.mirrored(Family::Telemetry),
         );
-        let mqtt =
-            mqtt::start(&config.mqtt, config.ingest.max_payload_bytes, ingress.clone(), stop.clone(), tasks).await?;
+        let sessions_bus = mqtt::SessionBus {
+            client: client.clone(),
+            prefix: provisioned.subjects.prefix().to_owned(),
+            node_id: node_id.to_owned(),
+        };
+        let mqtt = mqtt::start(
+            &config.mqtt,
+            config.ingest.max_payload_bytes,
+            ingress.clone(),
+            sessions_bus,
+            stop.clone(),
+            tasks,
+        )
+        .await?;
 
         // Control plane: its own connection, so heartbeats never queue
         // behind telemetry.

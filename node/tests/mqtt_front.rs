@@ -93,6 +93,26 @@ async fn second_connection_with_same_client_id_takes_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_is_connected_to_one_node_at_a_time() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let on_a = Device::connect(a.mqtt_addr(), "roamer").await;
+    on_a.publish("devices/roamer/v", b"{}".to_vec()).await;
+    on_a.wait_acked(1).await;
+    // The same client id on another node ends the session on the first.
+    let on_b = Device::connect(b.mqtt_addr(), "roamer").await;
+    on_a.wait_closed().await;
+    assert!(on_b.alive.load(Ordering::SeqCst), "the newer session stays");
+    on_b.publish("devices/roamer/v", b"{}".to_vec()).await;
+    on_b.wait_acked(1).await;
+    let m = common::metrics(&a).await;
+    assert!(common::counter(&m, "fluxmesh_mqtt_disconnects_total{reason=\"taken_over\"}") >= 1.0, "{m}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_receive_through_the_embedded_broker() {
     let nats = NatsServer::start().await.expect("nats-server");
     let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;

@@ -47,7 +47,8 @@ const BACKLOG_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Session {
     serial: u64,
-    end: CancellationToken,
+    pub(super) connected_us: i64,
+    pub(super) end: CancellationToken,
 }
 
 static SERIALS: AtomicU64 = AtomicU64::new(1);
@@ -218,7 +219,11 @@ impl Conn {
         };
         self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
 
-        let session = Session { serial: SERIALS.fetch_add(1, Ordering::Relaxed), end: CancellationToken::new() };
+        let session = Session {
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            connected_us: fluxmesh_schemas::frame::now_us(),
+            end: CancellationToken::new(),
+        };
         let previous = self
             .shared
             .sessions
@@ -229,6 +234,7 @@ impl Conn {
             tracing::info!(client = %self.client_id, peer = %self.peer, "client id connected again; ending the older session");
             previous.end.cancel();
         }
+        self.shared.sessions_bus.announce(&self.client_id, session.connected_us).await;
         self.write(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
         self.flush().await?;
         tracing::debug!(client = %self.client_id, peer = %self.peer, "MQTT connected");

@@ -55,6 +55,80 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     /// Best-effort fan-out of device publishes into the router.
     pub fanout: Option<std::sync::mpsc::SyncSender<(String, bytes::Bytes)>>,
+    /// Where this node announces new sessions, for cluster-wide takeover.
+    pub sessions_bus: SessionBus,
+}
+
+/// Cluster-wide takeover: every node announces each new MQTT session on
+/// `{prefix}.session.{client id}` (core NATS), and a node that holds an
+/// older session with that client id ends it. "Older" compares (connect
+/// time in µs, node id), so two nodes never end each other's sessions.
+/// Best effort by nature: while NATS is unreachable, a client id can be
+/// connected to two nodes until the next announcement.
+#[derive(Debug, Clone)]
+pub struct SessionBus {
+    pub client: async_nats::Client,
+    pub prefix: String,
+    pub node_id: String,
+}
+
+/// A session announcement.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Announced {
+    node: String,
+    client_id: String,
+    connected_us: i64,
+}
+
+impl SessionBus {
+    fn subject(&self, client_id: &str) -> String {
+        format!("{}.session.{}", self.prefix, fluxmesh_schemas::subject::escape_token(client_id))
+    }
+
+    /// Tells the other nodes that `client_id` connected here at `connected_us`.
+    pub(crate) async fn announce(&self, client_id: &str, connected_us: i64) {
+        let body = Announced { node: self.node_id.clone(), client_id: client_id.to_owned(), connected_us };
+        let Ok(bytes) = serde_json::to_vec(&body) else { return };
+        if let Err(e) = self.client.publish(self.subject(client_id), bytes.into()).await {
+            metrics::counter!("fluxmesh_mqtt_session_announce_failed_total").increment(1);
+            tracing::warn!(client = %client_id, error = %e, "could not announce the session to other nodes");
+        }
+    }
+}
+
+/// Ends local sessions that a newer connection on another node took over.
+async fn watch_sessions(shared: Arc<Shared>) {
+    use futures::StreamExt as _;
+    let bus = &shared.sessions_bus;
+    let mut sub = match bus.client.subscribe(format!("{}.session.>", bus.prefix)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch session announcements; takeover is node-local only");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            msg = sub.next() => match msg { Some(m) => m, None => return },
+        };
+        let Ok(a) = serde_json::from_slice::<Announced>(&msg.payload) else {
+            metrics::counter!("fluxmesh_mqtt_session_announce_bad_total").increment(1);
+            continue;
+        };
+        if a.node == bus.node_id {
+            continue;
+        }
+        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(local) = sessions.get(&a.client_id) {
+            let theirs = (a.connected_us, a.node.as_str());
+            let ours = (local.connected_us, bus.node_id.as_str());
+            if theirs > ours {
+                tracing::info!(client = %a.client_id, node = %a.node, "client id connected to another node; ending the session here");
+                local.end.cancel();
+            }
+        }
+    }
 }
 
 /// Both ends of a rumqttd local link.
@@ -98,6 +172,7 @@ pub async fn start(
     cfg: &MqttConfig,
     max_payload: usize,
     ingress: Ingress,
+    sessions_bus: SessionBus,
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<MqttServer, MqttError> {
@@ -160,7 +235,9 @@ pub async fn start(
         sessions: Mutex::new(HashMap::new()),
         stop: stop.clone(),
         fanout,
+        sessions_bus,
     });
+    tasks.spawn(watch_sessions(shared.clone()));
     let accept_tasks = tasks.clone();
     tasks.spawn(accept(listener, shared, accept_tasks));
     tracing::info!(%listen, "MQTT listening");
