@@ -83,17 +83,17 @@ chaos_main() {
     wait "$loadgen" || { cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
 
     local acked stored lost resent behind twice frames dup_frames missing_frames
-    acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out")
-    stored=$(sed -n 's/^verify: .* stored=\([0-9]*\).*/\1/p' "$out")
-    lost=$(sed -n 's/.*acked_but_missing=\([0-9]*\).*/\1/p' "$out")
-    resent=$(sed -n 's/.*stored_twice=\([0-9]*\).*/\1/p' "$out")
-    behind=$(sed -n 's/.*applied_behind=\([0-9]*\).*/\1/p' "$out")
-    twice=$(sed -n 's/.*applied_twice=\([0-9]*\).*/\1/p' "$out")
-    frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out")
-    dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out")
-    missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out")
+    acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    stored=$(sed -n 's/^verify: .* stored=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    lost=$(sed -n 's/.*acked_but_missing=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    resent=$(sed -n 's/.*stored_twice=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    behind=$(sed -n 's/.*applied_behind=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    twice=$(sed -n 's/.*applied_twice=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     local sent
-    sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out")
+    sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     for v in acked stored lost behind twice dup_frames missing_frames; do
         [ -n "${!v}" ] || { cat "$out" >&2; fm_die "could not read the load generator's verdict ($v)"; }
     done

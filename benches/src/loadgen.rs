@@ -430,10 +430,32 @@ fn mqtt_device(
     });
     [publisher, events]
 }
+/// [`verify_once`], tried up to three times: reading a stream right after a
+/// fault can fail (a consumer placed on a server that is restarting).
+async fn verify(
+    nats: &async_nats::Client,
+    args: &Args,
+    since: SystemTime,
+    acked_by_device: &[(String, Arc<Mutex<Vec<u64>>>)],
+) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match verify_once(nats, args, since, acked_by_device).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                eprintln!("verify: attempt {attempt} failed ({e:#}); reading again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads the stream from the run's start and reports PUBACKed messages
 /// that are not in it, and messages stored more than once; with
 /// `--verify-processing`, also what the shard workers made of them.
-async fn verify(
+async fn verify_once(
     nats: &async_nats::Client,
     args: &Args,
     since: SystemTime,
@@ -464,11 +486,8 @@ async fn verify(
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
         let msg = match next {
             Ok(Some(Ok(msg))) => msg,
-            Ok(Some(Err(e))) => {
-                eprintln!("verify: stream read error: {e}");
-                continue;
-            }
-            _ => bail!("verify: stream read stalled with {left} messages left"),
+            Ok(Some(Err(e))) => bail!("stream read error: {e}"),
+            _ => bail!("stream read stalled with {left} messages left"),
         };
         left -= 1;
         let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
@@ -559,7 +578,11 @@ async fn verify_processing(
     let (mut frames, mut dup_frames) = (0u64, 0u64);
     let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
     while left > 0 {
-        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await else { break };
+        let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(Some(Err(e))) => bail!("event stream read error: {e}"),
+            _ => bail!("event stream read stalled with {left} messages left"),
+        };
         left -= 1;
         let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
         if !stored.contains_key(frame.device.as_str()) || frame.producer.as_str() != "state" {

@@ -60,7 +60,13 @@ struct Slot {
 /// batch in hand) or an error.
 pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: CancellationToken) -> Result<(), WorkerError> {
     let started = Instant::now();
-    let consumer = ensure_consumer(&ctx, shard).await?;
+    let mut consumer = ensure_consumer(&ctx, shard).await?;
+    // Deliveries are numbered 1, 2, 3, … per consumer (redeliveries too):
+    // a jump means some were lost in flight (a pull request of a previous
+    // owner, or a connection that dropped), and applying what follows would
+    // put the device states past messages not yet applied.
+    let mut next_delivery =
+        consumer.info().await.map_err(|e| WorkerError::Consumer(e.to_string()))?.delivered.consumer_sequence + 1;
     let mut states = load_states(&ctx, shard).await?;
     let mut messages = consumer
         .stream()
@@ -120,11 +126,32 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
         if !ctx.cluster.holds(&lease) {
             return Err(WorkerError::Fenced);
         }
+        let mut gap = None;
+        for (i, m) in batch.iter().enumerate() {
+            let delivery = m.info().map(|info| info.consumer_sequence).unwrap_or(0);
+            if delivery != next_delivery {
+                gap = Some((i, delivery));
+                break;
+            }
+            next_delivery += 1;
+        }
+        if let Some((i, _)) = gap {
+            batch.truncate(i);
+        }
         let took = Instant::now();
         process(&ctx, shard, &batch, &mut states, &mut dirty, &mut scratch).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
         unacked.extend(batch);
+        if let Some((_, delivery)) = gap {
+            // Keep what is applied, then start over from the ack floor: the
+            // lost deliveries come again, in order.
+            metrics::counter!("fluxmesh_shard_delivery_gaps_total").increment(1);
+            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+            return Err(WorkerError::Consumer(format!(
+                "delivery gap: expected delivery {next_delivery}, got {delivery}; restarting from the ack floor"
+            )));
+        }
         // Never let unacknowledged deliveries reach the consumer's limit.
         if Instant::now() >= checkpoint_at || unacked.len() >= ctx.cfg.max_ack_pending / 2 {
             checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
