@@ -2,6 +2,7 @@
 //! `FLUXMESH_{SECTION}_{KEY}` environment variables. Unknown keys are
 //! errors, and every problem is reported at once.
 
+use crate::commands::CommandsConfig;
 use crate::shards::ShardsConfig;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -22,6 +23,7 @@ pub struct Config {
     pub nats: NatsConfig,
     pub cluster: ClusterConfig,
     pub shards: ShardsConfig,
+    pub commands: CommandsConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub ingest: IngestConfig,
@@ -135,7 +137,7 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 8] = ["nats", "cluster", "shards", "mqtt", "http", "ingest", "log", "runtime"];
+const SECTIONS: [&str; 9] = ["nats", "cluster", "shards", "commands", "mqtt", "http", "ingest", "log", "runtime"];
 const TOP_LEVEL: [&str; 1] = ["node_id"];
 
 impl Config {
@@ -183,6 +185,7 @@ impl Config {
         let mut problems = self.nats.problems();
         problems.extend(self.cluster.problems());
         problems.extend(self.shards.problems());
+        problems.extend(self.commands.problems());
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());
         }

@@ -3,6 +3,7 @@
 //! binary only parses arguments and waits for a signal, so tests and benches
 //! run real nodes in-process.
 
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod ingress;

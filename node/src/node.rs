@@ -53,6 +53,8 @@ pub enum NodeError {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Commands(#[from] crate::commands::CommandsError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -170,11 +172,13 @@ impl Node {
             prefix: provisioned.subjects.prefix().to_owned(),
             node_id: node_id.to_owned(),
         };
+        let (cmd_ready_tx, cmd_ready_rx) = tokio::sync::mpsc::channel(1024);
         let mqtt = mqtt::start(
             &config.mqtt,
             config.ingest.max_payload_bytes,
             ingress.clone(),
             sessions_bus,
+            cmd_ready_tx,
             stop.clone(),
             tasks,
         )
@@ -242,6 +246,22 @@ impl Node {
             cluster,
             mirror_events: config.mirrored(Family::Event),
         });
+        let commands = Arc::new(crate::commands::Commands {
+            client: client.clone(),
+            js: publisher_js(&ingress).clone(),
+            publisher: ingress.publisher().clone(),
+            subjects: provisioned.subjects.clone(),
+            shards: provisioned.shards,
+            node_id: node_id.to_owned(),
+            cluster: shards.cluster.clone(),
+            sessions: mqtt.sessions().clone(),
+            cfg: config.commands.clone(),
+            replicas: provisioned.replicas,
+        });
+        if let Err(e) = crate::commands::start(commands, cmd_ready_rx, stop.clone(), tasks).await {
+            cluster_stop.cancel();
+            return Err(e.into());
+        }
         tasks.spawn(shards::coordinate(shards.clone(), stop.clone(), cluster_stop));
         Ok(Started { client, control, provisioned, ingress, mqtt, shards })
     }

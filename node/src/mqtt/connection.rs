@@ -49,9 +49,27 @@ pub struct Session {
     serial: u64,
     pub(super) connected_us: i64,
     pub(super) end: CancellationToken,
+    /// Commands to write to this device (QoS1 on `devices/{id}/cmd`).
+    pub(super) commands: tokio::sync::mpsc::Sender<OutCommand>,
+    /// The device subscribed to its command topic.
+    pub(super) cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A command for the device on this connection; `done` learns whether the
+/// device PUBACKed it.
+#[derive(Debug)]
+pub struct OutCommand {
+    pub payload: Bytes,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// Commands waiting to be written to one connection, at most; the sender
+/// waits when it is full.
+const COMMAND_QUEUE: usize = 64;
+/// Commands written and not yet PUBACKed on one connection, at most.
+const COMMANDS_IN_FLIGHT: usize = 32;
 
 /// What to answer once a publish is settled.
 #[derive(Debug, Clone, Copy)]
@@ -139,6 +157,12 @@ struct Conn {
     pending: FuturesOrdered<Settle>,
     submitting: Option<Submit>,
     link: Option<Link>,
+    /// Commands for this device, from the node's command service.
+    commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
+    cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Commands written and awaiting the device's PUBACK, by packet id.
+    awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), String>>>,
+    next_pkid: u16,
 }
 
 /// Serves one connection until the device leaves, breaks the protocol, is
@@ -164,6 +188,10 @@ pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
         pending: FuturesOrdered::new(),
         submitting: None,
         link: None,
+        commands: None,
+        cmd_ready: Arc::default(),
+        awaiting_puback: Default::default(),
+        next_pkid: 1,
     };
     let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
     let session = match tokio::time::timeout(timeout, conn.handshake()).await {
@@ -219,10 +247,14 @@ impl Conn {
         };
         self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
 
+        let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        self.commands = Some(commands_rx);
         let session = Session {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             connected_us: fluxmesh_schemas::frame::now_us(),
             end: CancellationToken::new(),
+            commands: commands_tx,
+            cmd_ready: self.cmd_ready.clone(),
         };
         let previous = self
             .shared
@@ -309,6 +341,9 @@ impl Conn {
                 },
                 forwarded = next_forward(&mut self.link), if self.link.is_some() && draining.is_none() => {
                     self.forward(forwarded).await;
+                }
+                Some(command) = next_command(&mut self.commands), if draining.is_none() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT => {
+                    self.write_command(command);
                 }
                 _ = tokio::time::sleep_until(ka_deadline), if can_read && keep_alive_at.is_some() => {
                     return End::KeepAlive;
@@ -400,8 +435,13 @@ impl Conn {
             Packet::PingReq => self.write(&Packet::PingResp),
             // Publishes read before it are still stored and acknowledged.
             Packet::Disconnect => self.disconnecting = true,
-            // Acks for what we send at QoS 0 never come; tolerate strays.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(ack) => {
+                if let Some(done) = self.awaiting_puback.remove(&ack.pkid) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            // We send nothing at QoS 2; tolerate strays.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Connect(_) => return Err(End::Protocol("second_connect", "CONNECT on a connected session".into())),
             other => return Err(End::Protocol("unexpected_packet", format!("{other:?} from a client"))),
         }
@@ -445,7 +485,28 @@ impl Conn {
     }
 
     /// Subscribes through a rumqttd link, made on the first SUBSCRIBE.
+    /// Writes a command as a QoS1 PUBLISH on `devices/{id}/cmd`.
+    fn write_command(&mut self, command: OutCommand) {
+        let mut pkid = self.next_pkid;
+        while pkid == 0 || self.awaiting_puback.contains_key(&pkid) {
+            pkid = pkid.wrapping_add(1);
+        }
+        self.next_pkid = pkid.wrapping_add(1);
+        let topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
+        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, command.payload);
+        publish.pkid = pkid;
+        self.write(&Packet::Publish(publish));
+        self.awaiting_puback.insert(pkid, command.done);
+    }
+
     async fn subscribe(&mut self, filter: &str) -> bool {
+        let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
+        if rumqttc::mqttbytes::matches(&cmd_topic, filter) {
+            // Commands go straight to the connection, not through the router.
+            self.cmd_ready.store(true, Ordering::Release);
+            let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
+            return true;
+        }
         if self.link.is_none() {
             let shared = self.shared.clone();
             let (id, clean) = (self.client_id.clone(), self.clean);
@@ -525,6 +586,13 @@ impl Conn {
             End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
         }
         metrics::counter!("fluxmesh_mqtt_disconnects_total", "reason" => end.reason()).increment(1);
+    }
+}
+
+async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutCommand>>) -> Option<OutCommand> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

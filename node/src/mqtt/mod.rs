@@ -23,6 +23,7 @@ use crate::ingress::Ingress;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,58 @@ pub(crate) struct Shared {
     pub fanout: Option<std::sync::mpsc::SyncSender<(String, bytes::Bytes)>>,
     /// Where this node announces new sessions, for cluster-wide takeover.
     pub sessions_bus: SessionBus,
+    /// Client ids that just subscribed to their command topic (queued
+    /// commands for them can be delivered now). Full: the command service's
+    /// periodic pass finds them instead.
+    pub cmd_ready: tokio::sync::mpsc::Sender<String>,
+}
+
+/// The node's live MQTT sessions, for the command service.
+#[derive(Clone)]
+pub struct LocalSessions {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LocalSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSessions").finish_non_exhaustive()
+    }
+}
+
+impl LocalSessions {
+    /// Whether `device` is connected here and subscribed to its commands.
+    pub fn ready(&self, device: &str) -> bool {
+        let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.get(device).is_some_and(|s| s.cmd_ready.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Devices connected here and subscribed to their commands.
+    pub fn ready_devices(&self) -> Vec<String> {
+        let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .iter()
+            .filter(|(_, s)| s.cmd_ready.load(std::sync::atomic::Ordering::Acquire))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Writes `payload` to `device` at QoS1 and waits for its PUBACK.
+    pub async fn deliver(&self, device: &str, payload: bytes::Bytes, timeout: Duration) -> Result<(), String> {
+        let sender = {
+            let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            match sessions.get(device) {
+                Some(s) if s.cmd_ready.load(std::sync::atomic::Ordering::Acquire) => s.commands.clone(),
+                Some(_) => return Err("not_subscribed".into()),
+                None => return Err("not_connected".into()),
+            }
+        };
+        let (done, acked) = tokio::sync::oneshot::channel();
+        let attempt = async {
+            sender.send(connection::OutCommand { payload, done }).await.map_err(|_| "disconnected".to_owned())?;
+            acked.await.map_err(|_| "disconnected".to_owned())?
+        };
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| "no_puback".to_owned())?
+    }
 }
 
 /// Cluster-wide takeover: every node announces each new MQTT session on
@@ -157,11 +210,16 @@ impl RouterHandle {
 #[derive(Debug)]
 pub struct MqttServer {
     listen: SocketAddr,
+    sessions: LocalSessions,
 }
 
 impl MqttServer {
     pub fn listen(&self) -> SocketAddr {
         self.listen
+    }
+
+    pub fn sessions(&self) -> &LocalSessions {
+        &self.sessions
     }
 }
 
@@ -173,6 +231,7 @@ pub async fn start(
     max_payload: usize,
     ingress: Ingress,
     sessions_bus: SessionBus,
+    cmd_ready: tokio::sync::mpsc::Sender<String>,
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<MqttServer, MqttError> {
@@ -236,12 +295,13 @@ pub async fn start(
         stop: stop.clone(),
         fanout,
         sessions_bus,
+        cmd_ready,
     });
     tasks.spawn(watch_sessions(shared.clone()));
     let accept_tasks = tasks.clone();
-    tasks.spawn(accept(listener, shared, accept_tasks));
+    tasks.spawn(accept(listener, shared.clone(), accept_tasks));
     tracing::info!(%listen, "MQTT listening");
-    Ok(MqttServer { listen })
+    Ok(MqttServer { listen, sessions: LocalSessions { shared } })
 }
 
 async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {

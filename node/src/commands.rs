@@ -1,0 +1,409 @@
+//! Commands to devices.
+//!
+//! Anyone sends a NATS request to `{prefix}.cmd.{device}` (escaped device id)
+//! with the command as the payload. Every node hears it; only the owner of
+//! the device's shard answers, so each request is handled once:
+//!
+//! 1. The owner asks `{prefix}.sessq.{device}` which node holds the device's
+//!    MQTT session (subscribed to `devices/{device}/cmd`). That node writes
+//!    the command at QoS1 on `devices/{device}/cmd` and, on the device's
+//!    PUBACK, the answer is `{"status":"delivered","node":…}`.
+//! 2. If no node holds the session, the command is kept in the `{PREFIX}_CMDQ`
+//!    stream on `{prefix}.cmdq.{shard}.{device}` (at most
+//!    `commands.max_queued_per_device`; past that the answer is
+//!    `{"status":"rejected","reason":"queue_full"}`), and the answer is
+//!    `{"status":"queued","id":…,"expires_us":…}`.
+//! 3. When the device subscribes to its command topic, on any node, that
+//!    node delivers what is queued for it, oldest first. Every queued
+//!    command ends in an event frame on `{prefix}.evt.{shard}.{device}.cmd`
+//!    (`{"id":…,"status":"delivered"|"expired"}`): a command that outlives
+//!    `commands.ttl_ms` is reported expired, never silently dropped.
+//!
+//! While a shard has no owner (a failover in progress), nobody answers and
+//! the requester's own timeout fires: send again.
+
+use crate::mqtt::LocalSessions;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use fluxmesh_mesh::cluster::ClusterHandle;
+use fluxmesh_mesh::Publisher;
+use fluxmesh_schemas::subject::unescape_token;
+use fluxmesh_schemas::{headers, shard_of, Body, Frame, FrameId, Subjects};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The `[commands]` config section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// How long a command for an offline device is kept.
+    pub ttl_ms: u64,
+    /// Commands kept per offline device, at most; more are refused.
+    pub max_queued_per_device: i64,
+    /// How long to wait for the device's PUBACK.
+    pub deliver_timeout_ms: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig { ttl_ms: 3_600_000, max_queued_per_device: 100, deliver_timeout_ms: 10_000 }
+    }
+}
+
+impl CommandsConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.ttl_ms < 100 {
+            problems.push("commands.ttl_ms: must be at least 100".to_owned());
+        }
+        if !(1..=100_000).contains(&self.max_queued_per_device) {
+            problems.push("commands.max_queued_per_device: must be between 1 and 100000".to_owned());
+        }
+        if !(100..=600_000).contains(&self.deliver_timeout_ms) {
+            problems.push("commands.deliver_timeout_ms: must be between 100 and 600000".to_owned());
+        }
+        problems
+    }
+}
+
+/// Header naming when a queued command expires (µs since the epoch).
+const EXPIRES: &str = "Fm-Expires-Us";
+/// Header with the command's id.
+const COMMAND_ID: &str = "Fm-Command-Id";
+
+/// What the command service needs.
+#[derive(Debug)]
+pub struct Commands {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub publisher: Publisher,
+    pub subjects: Subjects,
+    pub shards: u32,
+    pub node_id: String,
+    pub cluster: ClusterHandle,
+    pub sessions: LocalSessions,
+    pub cfg: CommandsConfig,
+    pub replicas: usize,
+}
+
+impl Commands {
+    fn queue_stream(&self) -> String {
+        format!("{}_CMDQ", self.subjects.prefix().to_ascii_uppercase().replace('-', "_"))
+    }
+
+    fn queue_subject(&self, device: &str) -> String {
+        format!(
+            "{}.cmdq.{}.{}",
+            self.subjects.prefix(),
+            shard_of(device, self.shards),
+            fluxmesh_schemas::subject::escape_token(device)
+        )
+    }
+
+    /// Whether this node owns `device`'s shard right now.
+    fn owns(&self, device: &str) -> bool {
+        let view = self.cluster.view();
+        view.leases.get(&shard_of(device, self.shards)).is_some_and(|l| self.cluster.holds(&l.lease))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.deliver_timeout_ms)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up commands: {0}")]
+pub struct CommandsError(String);
+
+/// Creates the queue stream and starts the service's tasks on `tasks`.
+pub async fn start(
+    commands: Arc<Commands>,
+    cmd_ready: tokio::sync::mpsc::Receiver<String>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), CommandsError> {
+    let prefix = commands.subjects.prefix().to_owned();
+    commands
+        .js
+        .get_or_create_stream(stream::Config {
+            name: commands.queue_stream(),
+            subjects: vec![format!("{prefix}.cmdq.>")],
+            storage: stream::StorageType::File,
+            num_replicas: commands.replicas,
+            max_messages_per_subject: commands.cfg.max_queued_per_device,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            // A backstop only: expiry is reported by `sweep` before this.
+            max_age: Duration::from_millis(commands.cfg.ttl_ms) * 2 + Duration::from_secs(60),
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| CommandsError(e.to_string()))?;
+    let subscribe = |subject: String| {
+        let client = commands.client.clone();
+        async move { client.subscribe(subject).await.map_err(|e| CommandsError(e.to_string())) }
+    };
+    let requests = subscribe(format!("{prefix}.cmd.>")).await?;
+    let locate = subscribe(format!("{prefix}.sessq.>")).await?;
+    let deliver = subscribe(format!("{prefix}.node.{}.deliver", escape(&commands.node_id))).await?;
+    tasks.spawn(serve_requests(commands.clone(), requests, stop.clone()));
+    tasks.spawn(serve_locate(commands.clone(), locate, stop.clone()));
+    tasks.spawn(serve_deliver(commands.clone(), deliver, stop.clone()));
+    tasks.spawn(drain_ready(commands, cmd_ready, stop));
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    fluxmesh_schemas::subject::escape_token(s).into_owned()
+}
+
+/// The device named by the last token of `subject`.
+fn device_of(subject: &str) -> Option<String> {
+    unescape_token(subject.rsplit('.').next()?).ok().map(|d| d.into_owned())
+}
+
+async fn reply(client: &async_nats::Client, to: Option<async_nats::Subject>, body: serde_json::Value) {
+    if let Some(to) = to {
+        let _ = client.publish(to, body.to_string().into()).await;
+    }
+}
+
+/// Handles `{prefix}.cmd.{device}` requests for the shards this node owns.
+async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+    // Bounded: at most this many commands in progress on this node.
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        let Some(device) = device_of(&msg.subject) else {
+            metrics::counter!("fluxmesh_commands_total", "status" => "bad_subject").increment(1);
+            reply(&c.client, msg.reply, json!({"status": "rejected", "reason": "bad_subject"})).await;
+            continue;
+        };
+        if !c.owns(&device) {
+            continue;
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let c = c.clone();
+        tokio::spawn(async move {
+            let answer = handle(&c, &device, msg.payload.clone(), msg.headers.as_ref()).await;
+            let status = answer["status"].as_str().unwrap_or("?").to_owned();
+            metrics::counter!("fluxmesh_commands_total", "status" => status).increment(1);
+            reply(&c.client, msg.reply, answer).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn handle(
+    c: &Commands,
+    device: &str,
+    payload: Bytes,
+    headers: Option<&async_nats::HeaderMap>,
+) -> serde_json::Value {
+    let id = headers
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    // Who holds the session?
+    let located = c.client.request(format!("{}.sessq.{}", c.subjects.prefix(), escape(device)), Bytes::new());
+    if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_millis(500), located).await {
+        let node = String::from_utf8_lossy(&answer.payload).into_owned();
+        let subject = format!("{}.node.{}.deliver", c.subjects.prefix(), escape(&node));
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Fm-Device", escape(device).as_str());
+        let forwarded = c.client.request_with_headers(subject, h, payload.clone());
+        match tokio::time::timeout(c.timeout() + Duration::from_secs(1), forwarded).await {
+            Ok(Ok(answer)) => {
+                if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&answer.payload) {
+                    v["id"] = json!(id);
+                    if v["status"] == "delivered" {
+                        return v;
+                    }
+                }
+            }
+            _ => tracing::debug!(%device, %node, "delivery through the session's node failed; queueing"),
+        }
+    }
+    // Nobody has it (or delivery failed): keep it for when it connects.
+    let expires_us = fluxmesh_schemas::frame::now_us()
+        .saturating_add(i64::try_from(c.cfg.ttl_ms.saturating_mul(1000)).unwrap_or(i64::MAX));
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", id.as_str());
+    h.insert(COMMAND_ID, id.as_str());
+    h.insert(EXPIRES, expires_us.to_string().as_str());
+    match c.js.publish_with_headers(c.queue_subject(device), h, payload).await {
+        Ok(ack) => match ack.await {
+            Ok(_) => json!({"status": "queued", "id": id, "expires_us": expires_us}),
+            Err(e) if e.to_string().contains("maximum messages per subject") => {
+                json!({"status": "rejected", "reason": "queue_full", "id": id})
+            }
+            Err(e) => json!({"status": "failed", "reason": e.to_string(), "id": id}),
+        },
+        Err(e) => json!({"status": "failed", "reason": e.to_string(), "id": id}),
+    }
+}
+
+/// Answers "who holds this device's session?" when this node does.
+async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        if let (Some(device), Some(to)) = (device_of(&msg.subject), msg.reply) {
+            if c.sessions.ready(&device) {
+                let _ = c.client.publish(to, c.node_id.clone().into()).await;
+            }
+        }
+    }
+}
+
+/// Writes forwarded commands to local sessions.
+async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        let device =
+            msg.headers.as_ref().and_then(|h| h.get("Fm-Device")).and_then(|d| unescape_token(d.as_str()).ok());
+        let Some(device) = device.map(|d| d.into_owned()) else { continue };
+        let c = c.clone();
+        tokio::spawn(async move {
+            let answer = match c.sessions.deliver(&device, msg.payload, c.timeout()).await {
+                Ok(()) => json!({"status": "delivered", "node": c.node_id}),
+                Err(reason) => json!({"status": "not_delivered", "reason": reason, "node": c.node_id}),
+            };
+            reply(&c.client, msg.reply, answer).await;
+        });
+    }
+}
+
+/// Delivers queued commands to devices that subscribed to their command
+/// topic here; every few seconds also to every such device (a notice that
+/// did not fit in the channel is not lost), and reports expired commands
+/// of the shards this node owns.
+async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<String>, stop: CancellationToken) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(device) = ready.recv() => {
+                if let Err(e) = drain_device(&c, &device).await {
+                    tracing::warn!(%device, error = %e, "delivering queued commands failed; retried on the next sweep");
+                }
+            }
+            _ = sweep.tick() => {
+                for device in c.sessions.ready_devices() {
+                    let _ = drain_device(&c, &device).await;
+                }
+                if let Err(e) = report_expired(&c).await {
+                    tracing::warn!(error = %e, "sweeping expired commands failed");
+                }
+            }
+        }
+    }
+}
+
+/// Delivers what is queued for `device`, oldest first; stops at the first
+/// failure (the rest stays queued).
+async fn drain_device(c: &Commands, device: &str) -> Result<(), String> {
+    for (seq, msg) in read_queue(c, c.queue_subject(device)).await? {
+        let (id, expires) = meta(&msg);
+        if expires <= fluxmesh_schemas::frame::now_us() {
+            settle(c, device, seq, &id, "expired").await?;
+            continue;
+        }
+        c.sessions.deliver(device, msg.payload.clone(), c.timeout()).await?;
+        settle(c, device, seq, &id, "delivered").await?;
+    }
+    Ok(())
+}
+
+/// Reports and removes expired commands of the shards this node owns.
+async fn report_expired(c: &Commands) -> Result<(), String> {
+    let now = fluxmesh_schemas::frame::now_us();
+    for (seq, msg) in read_queue(c, format!("{}.cmdq.>", c.subjects.prefix())).await? {
+        let Some(device) = device_of(&msg.subject) else { continue };
+        let (id, expires) = meta(&msg);
+        if expires <= now && c.owns(&device) {
+            settle(c, &device, seq, &id, "expired").await?;
+        }
+    }
+    Ok(())
+}
+
+fn meta(msg: &async_nats::Message) -> (String, i64) {
+    let h = msg.headers.as_ref();
+    let id = h.and_then(|h| h.get(COMMAND_ID)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    let expires = h.and_then(|h| h.get(EXPIRES)).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+    (id, expires)
+}
+
+/// The queued commands on `filter`, with their stream sequences.
+async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats::Message)>, String> {
+    let stream = c.js.get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+    let reader: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: filter,
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut left = reader.cached_info().num_pending;
+    let mut out = Vec::new();
+    if left == 0 {
+        return Ok(out);
+    }
+    let mut messages = reader.messages().await.map_err(|e| e.to_string())?;
+    while left > 0 {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                left -= 1;
+                let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+                out.push((seq, m.message.clone()));
+            }
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            _ => return Err(format!("queue read stalled with {left} left")),
+        }
+    }
+    Ok(out)
+}
+
+/// Reports what became of a queued command, then removes it. The report's
+/// id comes from the command's, so reporting twice stores it once.
+async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) -> Result<(), String> {
+    let shard = shard_of(device, c.shards);
+    let body = json!({"id": id, "status": status}).to_string().into_bytes();
+    let mut frame = Frame::telemetry(device, "cmd", &c.node_id, Vec::new());
+    frame.id = FrameId::from_key(format!("cmd\0{id}\0{status}").as_bytes());
+    frame.producer = "commands".to_owned();
+    frame.body = Body::Event { json: body };
+    let bytes = frame.encode().map_err(|e| e.to_string())?;
+    let mut h = async_nats::HeaderMap::new();
+    for (name, value) in headers::for_frame(&frame) {
+        h.insert(name, value.as_str());
+    }
+    let pending = c
+        .publisher
+        .publish(c.subjects.event(shard, device, "cmd"), h, bytes.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    pending.ack().await.map_err(|e| e.to_string())?;
+    metrics::counter!("fluxmesh_commands_settled_total", "status" => status.to_owned()).increment(1);
+    let stream = c.js.get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+    // Already gone (another node settled it first) is fine.
+    let _ = stream.delete_message(seq).await;
+    Ok(())
+}
