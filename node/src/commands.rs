@@ -213,10 +213,9 @@ async fn handle(
         .and_then(|h| h.get("Nats-Msg-Id"))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-    // Who holds the session?
-    let located = c.client.request(format!("{}.sessq.{}", c.subjects.prefix(), escape(device)), Bytes::new());
-    if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_millis(500), located).await {
-        let node = String::from_utf8_lossy(&answer.payload).into_owned();
+    // Who holds the session (subscribed to its commands)?
+    let located = locate(&c.client, &c.subjects, device, Duration::from_millis(500)).await;
+    if let Some(Located { node, commands: true }) = located {
         let subject = format!("{}.node.{}.deliver", c.subjects.prefix(), escape(&node));
         let mut h = async_nats::HeaderMap::new();
         h.insert("Fm-Device", escape(device).as_str());
@@ -252,6 +251,22 @@ async fn handle(
     }
 }
 
+/// Where a device's MQTT session is, as `{prefix}.sessq.{device}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Located {
+    pub node: String,
+    /// The device subscribed to its command topic.
+    pub commands: bool,
+}
+
+/// Asks the cluster which node holds `device`'s session (nodes that do
+/// not stay silent, so no answer within `wait` means nowhere).
+pub async fn locate(client: &async_nats::Client, subjects: &Subjects, device: &str, wait: Duration) -> Option<Located> {
+    let request = client.request(format!("{}.sessq.{}", subjects.prefix(), escape(device)), Bytes::new());
+    let answer = tokio::time::timeout(wait, request).await.ok()?.ok()?;
+    serde_json::from_slice(&answer.payload).ok()
+}
+
 /// Answers "who holds this device's session?" when this node does.
 async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
     loop {
@@ -260,8 +275,11 @@ async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: C
             m = sub.next() => match m { Some(m) => m, None => return },
         };
         if let (Some(device), Some(to)) = (device_of(&msg.subject), msg.reply) {
-            if c.sessions.ready(&device) {
-                let _ = c.client.publish(to, c.node_id.clone().into()).await;
+            if c.sessions.connected(&device) {
+                let here = Located { node: c.node_id.clone(), commands: c.sessions.ready(&device) };
+                if let Ok(body) = serde_json::to_vec(&here) {
+                    let _ = c.client.publish(to, body.into()).await;
+                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
 //! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
-//! | `GET /api/v1/devices/{id}` | the device's shard, owner node and last checkpointed state |
+//! | `GET /api/v1/devices/{id}` | the device's shard, owner node, connected node and last checkpointed state |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::shards::ShardContext;
@@ -234,16 +234,41 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
     let view = ctx.cluster.view();
     let owner = view.leases.get(&shard).filter(|l| view.is_valid(&l.lease)).map(|l| l.lease.node_id.clone());
     let key = crate::shards::state::state_key(shard, &device);
+    // Nodes answer only for sessions they hold; 300 ms of silence: offline.
+    let located =
+        crate::commands::locate(&ctx.client, &ctx.subjects, &device, std::time::Duration::from_millis(300)).await;
+    let connected = located.as_ref().map(|l| l.node.as_str());
+    let commands = located.as_ref().is_some_and(|l| l.commands);
     match ctx.states.get(&key).await {
         Ok(Some(bytes)) => match serde_json::from_slice::<crate::shards::state::DeviceState>(&bytes) {
-            Ok(st) => Json(json!({"device": device, "shard": shard, "owner_node": owner, "state": st})).into_response(),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": format!("unreadable checkpoint: {e}"), "reason": "bad_checkpoint"}))).into_response(),
+            Ok(st) => Json(json!({
+                "device": device,
+                "shard": shard,
+                "owner_node": owner,
+                "connected_node": connected,
+                "subscribed_to_commands": commands,
+                "state": st,
+            }))
+            .into_response(),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": format!("unreadable checkpoint: {e}"), "reason": "bad_checkpoint"})),
+            )
+                .into_response(),
         },
         Ok(None) => (
             StatusCode::NOT_FOUND,
-            Json(json!({"error": "no state for this device yet", "reason": "unknown_device", "device": device, "shard": shard, "owner_node": owner})),
+            Json(json!({
+                "error": "no state for this device yet",
+                "reason": "unknown_device",
+                "device": device,
+                "shard": shard,
+                "owner_node": owner,
+                "connected_node": connected,
+            })),
         )
             .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "reason": "kv_unavailable"}))).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "reason": "kv_unavailable"})))
+            .into_response(),
     }
 }

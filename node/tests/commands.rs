@@ -67,6 +67,27 @@ async fn commands_reach_online_and_offline_devices_and_expiry_is_reported() {
     let got = online.received.lock().expect("lock").clone();
     assert!(got.iter().any(|(t, p)| t == "devices/valve-1/cmd" && p == b"{\"open\":true}"), "device got {got:?}");
 
+    // GET /api/v1/devices/{id} on the other node says where it is connected.
+    online.publish("devices/valve-1/temp", b"{\"c\":4}".to_vec()).await;
+    online.wait_acked(1).await;
+    let url = format!("http://{}/api/v1/devices/valve-1", a.http_addr());
+    let device = wait_for(Duration::from_secs(30), "the device's state is checkpointed", || {
+        let url = url.clone();
+        async move {
+            let resp = reqwest::get(url).await.ok()?;
+            if resp.status() != 200 {
+                return None;
+            }
+            resp.json::<Value>().await.ok()
+        }
+    })
+    .await
+    .expect("device state");
+    assert_eq!(device["connected_node"], b.node_id(), "{device}");
+    assert_eq!(device["subscribed_to_commands"], true, "{device}");
+    assert_eq!(device["state"]["count"], 1, "{device}");
+    assert!([a.node_id(), b.node_id()].contains(&device["owner_node"].as_str().unwrap_or_default()), "{device}");
+
     // Offline: kept, then delivered when the device subscribes, and reported.
     let queued = command(&client, "valve-2", b"{\"close\":true}").await;
     assert_eq!(queued["status"], "queued", "{queued}");

@@ -83,6 +83,11 @@ impl LocalSessions {
         sessions.get(device).is_some_and(|s| s.cmd_ready.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Whether `device` has a live MQTT session on this node.
+    pub fn connected(&self, device: &str) -> bool {
+        self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(device)
+    }
+
     /// Devices connected here and subscribed to their commands.
     pub fn ready_devices(&self) -> Vec<String> {
         let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
