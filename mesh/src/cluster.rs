@@ -142,6 +142,8 @@ pub enum ClusterError {
     Heartbeat(#[source] async_nats::Error),
     #[error("shard {shard}: lease changed under us (another node claimed or released it first)")]
     LeaseConflict { shard: u32 },
+    #[error("shard {shard}: lease write not answered in time")]
+    Timeout { shard: u32 },
     #[error("shard {shard}: lease write failed: {source}")]
     Lease {
         shard: u32,

@@ -161,6 +161,7 @@ pub async fn coordinate(ctx: Arc<ShardContext>, stop: CancellationToken, cluster
         running: HashMap::new(),
         workers: JoinSet::new(),
         retry_at: HashMap::new(),
+        stalled: None,
     };
     let mut changes = ctx.cluster.subscribe();
     let mut tick = tokio::time::interval(ctx.cluster.config().heartbeat() / 2);
@@ -188,9 +189,22 @@ struct Coordinator {
     workers: JoinSet<Finished>,
     /// Earliest restart of a worker that failed.
     retry_at: HashMap<u32, Instant>,
+    /// Why the last pass could not act, if it could not (logged on change).
+    stalled: Option<&'static str>,
 }
 
 impl Coordinator {
+    /// Logs when the coordinator starts or stops being able to act.
+    fn stalled(&mut self, why: Option<&'static str>) {
+        if self.stalled != why {
+            match why {
+                Some(why) => tracing::warn!(why, "shard coordinator cannot act"),
+                None => tracing::info!(after = self.stalled.unwrap_or_default(), "shard coordinator acting again"),
+            }
+            self.stalled = why;
+        }
+    }
+
     async fn reconcile(&mut self) {
         let ctx = self.ctx.clone();
         let cluster = &ctx.cluster;
@@ -204,14 +218,17 @@ impl Coordinator {
             }
             self.held.clear();
             self.publish_gauge();
+            self.stalled(Some("heartbeats not confirmed"));
             return;
         }
         let view = cluster.view();
         let me = cluster.me().node_id.clone();
         if !view.live.contains_key(&me) {
             // Our own heartbeat has not come back through the watch yet.
+            self.stalled(Some("own heartbeat not seen through the membership watch"));
             return;
         }
+        self.stalled(None);
         let live = view.live_ids();
         let mut claims = Vec::new();
         for shard in 0..self.ctx.shards {
@@ -247,11 +264,15 @@ impl Coordinator {
             }
         }
         if !claims.is_empty() {
-            let results = futures::future::join_all(
-                claims
-                    .into_iter()
-                    .map(|(shard, expected)| async move { (shard, cluster.claim(shard, expected).await) }),
-            )
+            // Bounded: a claim sent while the lease bucket has no leader
+            // would otherwise hold the coordinator for the whole request
+            // timeout (5 s). A claim that lands after we gave up on it is
+            // ours, and the next pass adopts it.
+            let limit = cluster.config().heartbeat() * 5;
+            let results = futures::future::join_all(claims.into_iter().map(|(shard, expected)| async move {
+                let claimed = tokio::time::timeout(limit, cluster.claim(shard, expected)).await;
+                (shard, claimed.unwrap_or(Err(ClusterError::Timeout { shard })))
+            }))
             .await;
             for (shard, result) in results {
                 match result {
@@ -297,7 +318,11 @@ impl Coordinator {
 
     async fn release(&mut self, shard: u32, epoch: u64) {
         self.held.remove(&shard);
-        match self.ctx.cluster.release(shard, epoch).await {
+        let limit = self.ctx.cluster.config().heartbeat() * 5;
+        let released = tokio::time::timeout(limit, self.ctx.cluster.release(shard, epoch))
+            .await
+            .unwrap_or(Err(ClusterError::Timeout { shard }));
+        match released {
             Ok(()) => {
                 metrics::counter!("fluxmesh_lease_releases_total").increment(1);
                 tracing::info!(shard, epoch, "released shard");
