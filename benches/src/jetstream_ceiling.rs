@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use fluxmesh_schemas::{headers, shard_of, DeviceTopic, Frame, Subjects};
+use fluxmesh_schemas::{shard_of, DeviceTopic, Frame, Subjects};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::time::{Duration, Instant};
 
@@ -67,12 +67,9 @@ async fn main() -> anyhow::Result<()> {
         let device = &devices[(i % args.devices as u64) as usize];
         let topic = DeviceTopic::new(device, "load")?;
         let frame = Frame::telemetry(device, "load", "ceiling", vec![7; args.payload]);
-        let mut map = async_nats::HeaderMap::new();
-        for (name, value) in headers::for_frame(&frame) {
-            map.insert(name, value.as_str());
-        }
         let subject = subjects.telemetry(shard_of(device, 64), &topic);
-        let ack = js.publish_with_headers(subject, map, frame.encode()?.into()).await?;
+        let ack =
+            js.publish_with_headers(subject, fluxmesh_mesh::frame_headers(&frame), frame.encode()?.into()).await?;
         pending.push(std::future::IntoFuture::into_future(ack));
     }
     while let Some(r) = pending.next().await {

@@ -14,7 +14,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use fluxmesh_schemas::{headers, shard_of, DeviceTopic, Frame, Subjects};
+use fluxmesh_schemas::{shard_of, DeviceTopic, Frame, Subjects};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -461,38 +461,16 @@ async fn verify_once(
     since: SystemTime,
     acked_by_device: &[(String, Arc<Mutex<Vec<u64>>>)],
 ) -> anyhow::Result<()> {
-    use async_nats::jetstream::consumer::{self, DeliverPolicy};
     let js = async_nats::jetstream::new(nats.clone());
-    let stream = js.get_stream(&args.stream).await.context("stream for --verify")?;
-    let start = time::OffsetDateTime::from(since - Duration::from_secs(1));
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await?;
     let mut stored: HashMap<String, HashSet<u64>> = HashMap::new();
     // Every stored copy counts for processing: a resent QoS1 message stored
     // twice is two messages to the shard worker.
     let mut stored_copies: HashMap<String, u64> = HashMap::new();
     let mut duplicates = 0u64;
-    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-    let mut messages = consumer.messages().await?;
     let prefix = format!("{}-", args.prefix);
-    let mut left = consumer.cached_info().num_pending;
-    while left > 0 {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-        let msg = match next {
-            Ok(Some(Ok(msg))) => msg,
-            Ok(Some(Err(e))) => bail!("stream read error: {e}"),
-            _ => bail!("stream read stalled with {left} messages left"),
-        };
-        left -= 1;
-        let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
+    for_each_frame_since(&js, &args.stream, since, |frame| {
         if !frame.device.as_str().starts_with(&prefix) {
-            continue;
+            return;
         }
         if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
             if let Some(seq) = payload.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
@@ -502,7 +480,9 @@ async fn verify_once(
                 }
             }
         }
-    }
+    })
+    .await
+    .context("reading the telemetry stream")?;
     let (mut acked, mut lost) = (0u64, 0u64);
     let mut examples = Vec::new();
     for (device, seqs) in acked_by_device {
@@ -536,7 +516,6 @@ async fn verify_processing(
     since: SystemTime,
     stored: &HashMap<String, u64>,
 ) -> anyhow::Result<()> {
-    use async_nats::jetstream::consumer::{self, DeliverPolicy};
     let prefix_upper = args.subject_prefix.to_ascii_uppercase().replace('-', "_");
     let kv = js.get_key_value(format!("{prefix_upper}_STATE")).await.context("state bucket")?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -562,37 +541,19 @@ async fn verify_processing(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let stream = js.get_stream(format!("{prefix_upper}_EVT")).await.context("event stream")?;
-    let start = time::OffsetDateTime::from(since - Duration::from_secs(1));
-    let reader: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await?;
-    let mut left = reader.cached_info().num_pending;
-    let mut messages = reader.messages().await?;
     let mut seqs: HashMap<String, HashSet<u64>> = HashMap::new();
     let (mut frames, mut dup_frames) = (0u64, 0u64);
-    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-    while left > 0 {
-        let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
-            Ok(Some(Ok(msg))) => msg,
-            Ok(Some(Err(e))) => bail!("event stream read error: {e}"),
-            _ => bail!("event stream read stalled with {left} messages left"),
-        };
-        left -= 1;
-        let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) else { continue };
+    for_each_frame_since(js, &format!("{prefix_upper}_EVT"), since, |frame| {
         if !stored.contains_key(frame.device.as_str()) || frame.producer.as_str() != "state" {
-            continue;
+            return;
         }
         frames += 1;
         if !seqs.entry(frame.device.as_str().to_owned()).or_default().insert(frame.seq.to_native()) {
             dup_frames += 1;
         }
-    }
+    })
+    .await
+    .context("reading the event stream")?;
     let mut gaps = 0u64;
     for (device, n) in &states {
         let have = seqs.get(device).map_or(0, |s| s.iter().filter(|q| (1..=*n).contains(*q)).count() as u64);
@@ -602,6 +563,33 @@ async fn verify_processing(
         "verify_processing: devices={} applied_behind={behind} applied_twice={over} state_frames={frames} duplicate_state_frames={dup_frames} missing_state_frames={gaps}",
         stored.len()
     );
+    Ok(())
+}
+
+/// Hands `each` every valid frame stored in `stream` from a second before
+/// `since` up to now (corrupt frames are skipped).
+async fn for_each_frame_since(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    since: SystemTime,
+    mut each: impl FnMut(&fluxmesh_schemas::frame::ArchivedFrame),
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    let stream = js.get_stream(stream).await.with_context(|| format!("stream {stream}"))?;
+    let start = time::OffsetDateTime::from(since - Duration::from_secs(1));
+    let config = pull::Config {
+        deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+        inactive_threshold: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+    fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(10), |msg| {
+        if let Ok(frame) = fluxmesh_schemas::frame::access(&msg.payload, &mut scratch) {
+            each(frame);
+        }
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -626,11 +614,7 @@ async fn jetstream_device(nats: async_nats::Client, subjects: Subjects, id: Stri
             }
             let frame = Frame::telemetry(&id, "load", "loadgen", load.payload(seq));
             let Ok(bytes) = frame.encode() else { return };
-            let mut map = async_nats::HeaderMap::new();
-            for (name, value) in headers::for_frame(&frame) {
-                map.insert(name, value.as_str());
-            }
-            match js.publish_with_headers(subject.clone(), map, bytes.into()).await {
+            match js.publish_with_headers(subject.clone(), fluxmesh_mesh::frame_headers(&frame), bytes.into()).await {
                 Ok(ack) => pending.push(ack.into_future()),
                 Err(e) => {
                     eprintln!("\n{id}: {e}");

@@ -9,6 +9,7 @@
 //! - [`publisher`]: JetStream publishes pipelined through a bounded window of
 //!   outstanding acks, retried with the same `Nats-Msg-Id`, every failure
 //!   returned to the caller.
+//! - [`read`]: reading what a stream holds right now.
 
 pub mod cluster;
 pub mod config;
@@ -16,8 +17,10 @@ pub mod connect;
 pub mod placement;
 pub mod provision;
 pub mod publisher;
+pub mod read;
 
 pub use config::NatsConfig;
 pub use connect::{connect, ConnectError};
 pub use provision::{provision, ProvisionError, Provisioned};
-pub use publisher::{Pending, PublishError, Publisher};
+pub use publisher::{frame_headers, Pending, PublishError, Publisher};
+pub use read::{read_pending, ReadError};

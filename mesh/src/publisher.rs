@@ -178,6 +178,15 @@ impl Pending {
     }
 }
 
+/// The NATS headers of `frame` (`fluxmesh_schemas::headers::for_frame`).
+pub fn frame_headers(frame: &fluxmesh_schemas::Frame) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in fluxmesh_schemas::headers::for_frame(frame) {
+        map.insert(name, value.as_str());
+    }
+    map
+}
+
 async fn send(
     js: &jetstream::Context,
     m: &Message,

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use fluxmesh_mesh::cluster::ClusterHandle;
 use fluxmesh_mesh::Publisher;
 use fluxmesh_schemas::subject::unescape_token;
-use fluxmesh_schemas::{headers, shard_of, Body, Frame, FrameId, Subjects};
+use fluxmesh_schemas::{shard_of, Body, Frame, FrameId, Subjects};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -370,32 +370,15 @@ fn meta(msg: &async_nats::Message) -> (String, i64) {
 /// The queued commands on `filter`, with their stream sequences.
 async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats::Message)>, String> {
     let stream = c.js.get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
-    let reader: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            filter_subject: filter,
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut left = reader.cached_info().num_pending;
+    let config = consumer::pull::Config { filter_subject: filter, ..Default::default() };
     let mut out = Vec::new();
-    if left == 0 {
-        return Ok(out);
-    }
-    let mut messages = reader.messages().await.map_err(|e| e.to_string())?;
-    while left > 0 {
-        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-            Ok(Some(Ok(m))) => {
-                left -= 1;
-                let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
-                out.push((seq, m.message.clone()));
-            }
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            _ => return Err(format!("queue read stalled with {left} left")),
-        }
-    }
+    fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(5), |m| {
+        let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+        out.push((seq, m.message));
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -409,13 +392,9 @@ async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) ->
     frame.producer = "commands".to_owned();
     frame.body = Body::Event { json: body };
     let bytes = frame.encode().map_err(|e| e.to_string())?;
-    let mut h = async_nats::HeaderMap::new();
-    for (name, value) in headers::for_frame(&frame) {
-        h.insert(name, value.as_str());
-    }
     let pending = c
         .publisher
-        .publish(c.subjects.event(shard, device, "cmd"), h, bytes.into())
+        .publish(c.subjects.event(shard, device, "cmd"), fluxmesh_mesh::frame_headers(&frame), bytes.into())
         .await
         .map_err(|e| e.to_string())?;
     pending.ack().await.map_err(|e| e.to_string())?;

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use fluxmesh_mesh::{Pending, PublishError, Publisher};
 use fluxmesh_schemas::frame::{self, Frame, FrameId};
-use fluxmesh_schemas::{headers, shard_of, DeviceTopic, Subjects, TopicError};
+use fluxmesh_schemas::{shard_of, DeviceTopic, Subjects, TopicError};
 use std::time::Instant;
 
 /// Why a device message was not taken.
@@ -169,10 +169,7 @@ impl Ingress {
             k.extend_from_slice(key.as_bytes());
             frame.id = FrameId::from_key(&k);
         }
-        let mut header_map = async_nats::HeaderMap::new();
-        for (name, value) in headers::for_frame(&frame) {
-            header_map.insert(name, value.as_str());
-        }
+        let header_map = fluxmesh_mesh::frame_headers(&frame);
         let bytes = Bytes::from(frame.encode()?);
         let mirror = self.mirror_json.then(|| bytes.clone());
         let pending = self.publisher.publish(subject.clone(), header_map, bytes).await?;

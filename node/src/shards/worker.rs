@@ -28,7 +28,7 @@ use async_nats::jetstream::kv;
 use fluxmesh_mesh::cluster::Lease;
 use fluxmesh_schemas::frame::AlignedVec;
 use fluxmesh_schemas::subject::Family;
-use fluxmesh_schemas::{headers, Frame};
+use fluxmesh_schemas::Frame;
 use futures::{FutureExt as _, StreamExt as _};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -60,13 +60,12 @@ struct Slot {
 /// batch in hand) or an error.
 pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: CancellationToken) -> Result<(), WorkerError> {
     let started = Instant::now();
-    let mut consumer = ensure_consumer(&ctx, shard).await?;
+    let consumer = ensure_consumer(&ctx, shard).await?;
     // Deliveries are numbered 1, 2, 3, … per consumer (redeliveries too):
     // a jump means some were lost in flight (a pull request of a previous
     // owner, or a connection that dropped), and applying what follows would
     // put the device states past messages not yet applied.
-    let mut next_delivery =
-        consumer.info().await.map_err(|e| WorkerError::Consumer(e.to_string()))?.delivered.consumer_sequence + 1;
+    let mut next_delivery = consumer.cached_info().delivered.consumer_sequence + 1;
     let mut states = load_states(&ctx, shard).await?;
     let mut messages = consumer
         .stream()
@@ -267,11 +266,7 @@ async fn process(
     for frame in &outputs {
         let bytes = frame.encode().map_err(|e| WorkerError::Output(e.to_string()))?;
         let subject = ctx.subjects.event(shard, &frame.device, frame.kind().as_str());
-        let mut map = async_nats::HeaderMap::new();
-        for (name, value) in headers::for_frame(frame) {
-            map.insert(name, value.as_str());
-        }
-        let sent = ctx.publisher.publish(subject, map, bytes.into()).await;
+        let sent = ctx.publisher.publish(subject, fluxmesh_mesh::frame_headers(frame), bytes.into()).await;
         pending.push(sent.map_err(|e| WorkerError::Output(e.to_string()))?);
     }
     for p in futures::future::join_all(pending.into_iter().map(|p| p.ack())).await {
@@ -288,7 +283,8 @@ async fn process(
 }
 
 /// The shard's durable consumer, recreated from its ack floor when it has
-/// deliveries outstanding (to a previous owner that is gone).
+/// deliveries outstanding (to a previous owner that is gone). Its cached
+/// info is as of now: fetched by the get, or made by the create.
 async fn ensure_consumer(ctx: &ShardContext, shard: u32) -> Result<consumer::PullConsumer, WorkerError> {
     let err = |e: &dyn std::fmt::Display| WorkerError::Consumer(e.to_string());
     let stream = ctx.js.get_stream(&ctx.telemetry_stream).await.map_err(|e| err(&e))?;
@@ -306,7 +302,7 @@ async fn ensure_consumer(ctx: &ShardContext, shard: u32) -> Result<consumer::Pul
     };
     let mut consumer: consumer::PullConsumer =
         stream.get_or_create_consumer(&name, config.clone()).await.map_err(|e| err(&e))?;
-    let info = consumer.info().await.map_err(|e| err(&e))?;
+    let info = consumer.cached_info();
     if info.num_ack_pending > 0 {
         let floor = info.ack_floor.stream_sequence;
         tracing::info!(
@@ -332,35 +328,22 @@ async fn load_states(ctx: &ShardContext, shard: u32) -> Result<HashMap<String, S
     let err = |e: &dyn std::fmt::Display| WorkerError::Load(e.to_string());
     let stream_name = format!("KV_{}", ctx.states_bucket);
     let stream = ctx.js.get_stream(&stream_name).await.map_err(|e| err(&e))?;
-    let reader: consumer::PullConsumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: format!("$KV.{}.{shard}.>", ctx.states_bucket),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(&e))?;
-    let mut left = reader.cached_info().num_pending;
+    let config = pull::Config {
+        filter_subject: format!("$KV.{}.{shard}.>", ctx.states_bucket),
+        deliver_policy: DeliverPolicy::LastPerSubject,
+        ..Default::default()
+    };
     let mut states = HashMap::new();
-    let mut messages = reader.messages().await.map_err(|e| err(&e))?;
-    while left > 0 {
-        let msg = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(err(&e)),
-            Ok(None) | Err(_) => return Err(WorkerError::Load(format!("{left} states not delivered"))),
-        };
-        left -= 1;
+    fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(10), |msg| {
         let deleted = msg
             .headers
             .as_ref()
             .and_then(|h| h.get("KV-Operation"))
             .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
         if deleted {
-            continue;
+            return Ok(());
         }
-        let revision = msg.info().map(|i| i.stream_sequence).map_err(|e| err(&e))?;
+        let revision = msg.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
         match serde_json::from_slice::<DeviceState>(&msg.payload) {
             Ok(state) => {
                 states.insert(state.device.clone(), Slot { state, revision: Some(revision) });
@@ -376,6 +359,9 @@ async fn load_states(ctx: &ShardContext, shard: u32) -> Result<HashMap<String, S
                 }
             }
         }
-    }
+        Ok(())
+    })
+    .await
+    .map_err(|e| err(&e))?;
     Ok(states)
 }
