@@ -23,6 +23,8 @@ pub enum ProvisionError {
     },
     #[error("stream {stream} exists with subjects {found:?}, expected {expected:?}; another cluster may use prefix `{prefix}`")]
     StreamSubjects { stream: String, prefix: String, found: Vec<String>, expected: Vec<String> },
+    #[error("stream {stream} has no leader yet")]
+    Leaderless { stream: String },
     #[error("cannot create or read KV bucket {bucket}: {source}")]
     Bucket {
         bucket: String,
@@ -37,7 +39,10 @@ impl ProvisionError {
     /// Whether trying again may help: JetStream not answering yet (a
     /// cluster still electing leaders) may; a disagreement never does.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProvisionError::Stream { .. } | ProvisionError::Bucket { .. })
+        matches!(
+            self,
+            ProvisionError::Stream { .. } | ProvisionError::Leaderless { .. } | ProvisionError::Bucket { .. }
+        )
     }
 }
 
@@ -136,6 +141,11 @@ async fn ensure_stream(
             wanted = replicas,
             "stream exists with another replica count; leaving it as it is"
         );
+    }
+    // A replicated stream answers publishes only once it has elected a
+    // leader; the node is not ready before that.
+    if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
+        return Err(ProvisionError::Leaderless { stream: name });
     }
     Ok(())
 }

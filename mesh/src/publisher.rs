@@ -194,10 +194,16 @@ async fn send(
     js.publish_with_headers(m.subject.clone(), m.headers.clone(), m.payload.clone()).await
 }
 
+/// Errors that a later attempt may not see. `StreamNotFound` is how the
+/// client reports NATS's "no responders": nobody answered for the subject,
+/// which is also what a stream without a leader (just created, or its
+/// leader's server restarting) looks like. A stream that really is missing
+/// still fails, after the configured attempts.
 fn retryable(kind: PublishErrorKind) -> bool {
     matches!(
         kind,
         PublishErrorKind::TimedOut
+            | PublishErrorKind::StreamNotFound
             | PublishErrorKind::BrokenPipe
             | PublishErrorKind::MaxAckPending
             | PublishErrorKind::Other

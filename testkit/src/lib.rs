@@ -31,10 +31,39 @@ where
     }
 }
 
-/// A port that was free on 127.0.0.1 a moment ago. For servers that bind
-/// by themselves and cannot report a port 0 binding.
+/// Ports handed out by [`free_port`]: below Linux's default ephemeral range
+/// (32768-60999), so the local ends of outgoing connections, which the
+/// kernel takes from that range, cannot take them between our check and
+/// the server's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port that was free on 127.0.0.1 a moment ago, picked at random from
+/// [`TEST_PORTS`]. For servers that bind by themselves and cannot report a
+/// port 0 binding. Another test may still take it first; starts that lose
+/// such a race are retried with new ports ([`NatsServer::start`],
+/// [`NatsCluster::start`]).
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    for attempt in 0u64..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(attempt);
+        let port = TEST_PORTS.start + u16::try_from(h.finish() % span).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Fall back to the kernel's choice rather than fail the test.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts made before giving up on losing port races.
+const START_ATTEMPTS: usize = 5;
+
+/// Whether a failed start was a lost port race, worth another try with new
+/// ports.
+fn lost_port_race(servers: &[&NatsServer]) -> bool {
+    servers.iter().any(|s| s.log().contains("address already in use"))
 }
 
 /// The workspace root (for finding `.local/`).
@@ -73,9 +102,15 @@ pub struct NatsServer {
 impl NatsServer {
     /// A standalone JetStream server.
     pub async fn start() -> anyhow::Result<NatsServer> {
-        let server = Self::spawn("n1", None)?;
-        server.wait_healthy().await?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            let server = Self::spawn("n1", None)?;
+            match server.wait_healthy().await {
+                Ok(()) => return Ok(server),
+                Err(_) if attempt < START_ATTEMPTS && lost_port_race(&[&server]) => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(name: &str, cluster: Option<(&str, u16, &[u16])>) -> anyhow::Result<NatsServer> {
@@ -124,15 +159,24 @@ impl NatsServer {
     }
 
     /// Polls `/healthz` until the server, and JetStream on it, is healthy.
+    /// Fails at once if the server logged a fatal error (it has exited).
     pub async fn wait_healthy(&self) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
         let client = reqwest::Client::new();
-        wait_for(Duration::from_secs(20), &format!("nats-server {} healthy", self.name), || {
+        let healthy = wait_for(Duration::from_secs(20), &format!("nats-server {} healthy", self.name), || {
             let request = client.get(&url).timeout(Duration::from_millis(500)).send();
-            async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+            let fatal = self.log().contains("[FTL]");
+            async move {
+                if fatal {
+                    return Some(false);
+                }
+                request.await.ok().filter(|r| r.status().is_success()).map(|_| true)
+            }
         })
         .await
-        .with_context(|| format!("nats-server log:\n{}", self.log()))
+        .with_context(|| format!("nats-server log:\n{}", self.log()))?;
+        anyhow::ensure!(healthy, "nats-server {} exited; its log:\n{}", self.name, self.log());
+        Ok(())
     }
 
     /// SIGKILLs the server (its store dir stays, so it can be restarted).
@@ -192,17 +236,33 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub async fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        let mut attempt = 1;
+        loop {
+            let cluster = Self::spawn(size)?;
+            match cluster.wait_healthy().await {
+                Ok(()) => return Ok(cluster),
+                Err(_) if attempt < START_ATTEMPTS && lost_port_race(&cluster.servers.iter().collect::<Vec<_>>()) => {
+                    attempt += 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn spawn(size: usize) -> anyhow::Result<NatsCluster> {
         let cluster_ports = (0..size).map(|_| free_port()).collect::<anyhow::Result<Vec<_>>>()?;
         let mut servers = Vec::with_capacity(size);
         for (i, port) in cluster_ports.iter().enumerate() {
             servers.push(NatsServer::spawn(&format!("n{}", i + 1), Some(("fmtest", *port, &cluster_ports)))?);
         }
-        for server in &servers {
+        Ok(NatsCluster { servers })
+    }
+
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        for server in &self.servers {
             server.wait_healthy().await?;
         }
-        let cluster = NatsCluster { servers };
-        cluster.wait_meta_leader().await?;
-        Ok(cluster)
+        self.wait_meta_leader().await
     }
 
     /// Every server's client URL.
