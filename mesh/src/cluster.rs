@@ -367,7 +367,7 @@ async fn heartbeat(inner: Arc<Inner>, value: Vec<u8>, stop: CancellationToken) {
 
 /// What a [`Rewatch`] task hands its reader.
 #[derive(Debug)]
-enum Watched {
+pub enum Watched {
     Entry(Box<kv::Entry>),
     /// The watch was re-created: current values are replayed next.
     Restarted,
@@ -379,7 +379,7 @@ enum Watched {
 /// before it reports a missed heartbeat; so once a second the bucket's last
 /// revision is compared with what the watch delivered, and a watch that
 /// stays behind for a whole second is re-created.
-struct Rewatch {
+pub struct Rewatch {
     store: kv::Store,
     watch: Option<kv::Watch>,
     what: &'static str,
@@ -392,8 +392,14 @@ struct Rewatch {
     check: tokio::time::Interval,
 }
 
+impl std::fmt::Debug for Rewatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewatch").field("bucket", &self.store.name).field("what", &self.what).finish_non_exhaustive()
+    }
+}
+
 impl Rewatch {
-    async fn open(store: kv::Store, what: &'static str) -> Result<Rewatch, ClusterError> {
+    pub async fn open(store: kv::Store, what: &'static str) -> Result<Rewatch, ClusterError> {
         let watch = store
             .watch_with_history(">")
             .await
@@ -405,7 +411,7 @@ impl Rewatch {
 
     /// Runs the watch in a task of its own (so that nothing cancels it
     /// halfway through a check) until `stop` or until the receiver is gone.
-    fn spawn(mut self, stop: CancellationToken, tasks: &TaskTracker) -> mpsc::Receiver<Watched> {
+    pub fn spawn(mut self, stop: CancellationToken, tasks: &TaskTracker) -> mpsc::Receiver<Watched> {
         let (tx, rx) = mpsc::channel(256);
         tasks.spawn(async move {
             loop {

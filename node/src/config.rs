@@ -3,6 +3,8 @@
 //! errors, and every problem is reported at once.
 
 use crate::commands::CommandsConfig;
+use crate::rules::RulesConfig;
+use crate::shards::aggregate::AggregationConfig;
 use crate::shards::ShardsConfig;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -24,6 +26,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub shards: ShardsConfig,
     pub commands: CommandsConfig,
+    pub rules: RulesConfig,
+    pub aggregation: AggregationConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub ingest: IngestConfig,
@@ -137,7 +141,8 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 9] = ["nats", "cluster", "shards", "commands", "mqtt", "http", "ingest", "log", "runtime"];
+const SECTIONS: [&str; 11] =
+    ["nats", "cluster", "shards", "commands", "rules", "aggregation", "mqtt", "http", "ingest", "log", "runtime"];
 const TOP_LEVEL: [&str; 1] = ["node_id"];
 
 impl Config {
@@ -186,6 +191,8 @@ impl Config {
         problems.extend(self.cluster.problems());
         problems.extend(self.shards.problems());
         problems.extend(self.commands.problems());
+        problems.extend(self.rules.problems());
+        problems.extend(self.aggregation.problems());
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());
         }

@@ -8,6 +8,7 @@
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
 //! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
 //! | `GET /api/v1/devices/{id}` | the device's shard, owner node, connected node and last checkpointed state |
+//! | `/api/v1/rules[/{id}]` | rules: see [`crate::rules::http`] |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::shards::ShardContext;
@@ -44,6 +45,7 @@ pub fn router(state: AppState, max_payload: usize) -> Router {
         .route("/api/v1/devices/{id}/telemetry", post(ingest))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/cluster", get(cluster))
+        .merge(crate::rules::http::routes())
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
         .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))

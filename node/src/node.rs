@@ -55,6 +55,8 @@ pub enum NodeError {
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
     Commands(#[from] crate::commands::CommandsError),
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RulesError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -213,6 +215,23 @@ impl Node {
             cluster::ClusterError::is_transient,
         )
         .await?;
+        let rules = retry_until(
+            cancel,
+            "rules bucket not ready yet",
+            Duration::from_millis(200),
+            || {
+                crate::rules::Rules::start(
+                    publisher_js(&ingress),
+                    cluster::bucket_name(&prefix, "RULES"),
+                    provisioned.replicas,
+                    &config.rules,
+                    stop.clone(),
+                    tasks,
+                )
+            },
+            crate::rules::RulesError::is_transient,
+        )
+        .await?;
         let me = Member {
             node_id: node_id.to_owned(),
             incarnation: uuid::Uuid::new_v4().simple().to_string(),
@@ -245,6 +264,16 @@ impl Node {
             cfg: config.shards.clone(),
             cluster,
             mirror_events: config.mirrored(Family::Event),
+            pipeline: shards::pipeline::Pipeline {
+                origin: node_id.to_owned(),
+                state_min_interval_us: i64::try_from(config.shards.state_min_interval_ms.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
+                aggregation: (&config.aggregation).into(),
+                engine: Some(rules.engine.clone()),
+                plugins: None,
+            },
+            rules: Some(rules),
+            command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
         });
         let commands = Arc::new(crate::commands::Commands {
             client: client.clone(),

@@ -17,6 +17,8 @@
 //! our heartbeats) every worker is aborted at once and every lease
 //! forgotten: others may already own those shards.
 
+pub mod aggregate;
+pub mod pipeline;
 pub mod state;
 pub mod worker;
 
@@ -104,6 +106,13 @@ pub struct ShardContext {
     pub cluster: ClusterHandle,
     /// Mirror derived frames as JSON on `{prefix}.json.evt.…`.
     pub mirror_events: bool,
+    /// Rules, aggregation and state settings.
+    pub pipeline: pipeline::Pipeline,
+    /// The rules (their current compiled set is taken per batch).
+    pub rules: Option<Arc<crate::rules::Rules>>,
+    /// Commands rules send that are still in flight (bounded: a worker
+    /// waits for a slot).
+    pub command_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ShardContext {

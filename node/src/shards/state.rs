@@ -14,6 +14,7 @@
 //! included), because every decision uses the messages' own times and
 //! never the clock. That is what makes a replay after failover harmless.
 
+use super::aggregate::Windows;
 use base64::Engine as _;
 use fluxmesh_schemas::frame::{ArchivedBody, ArchivedFrame};
 use fluxmesh_schemas::{Body, Frame, FrameId};
@@ -47,6 +48,20 @@ pub struct DeviceState {
     /// `received_time_us` of the message that derived the last state frame.
     #[serde(default)]
     pub last_frame_us: i64,
+    /// Variables rules set with `set_state`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, Value>,
+    /// Messages a rule dropped (not counted, not aggregated).
+    #[serde(default)]
+    pub dropped: u64,
+    /// Per-kind sequence numbers of derived frames other than `state`
+    /// (whose sequence is `seq`): each `{prefix}.evt.{shard}.{device}.{kind}`
+    /// subject carries 1, 2, 3, …
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seqs: BTreeMap<String, u64>,
+    /// Open aggregation windows.
+    #[serde(default)]
+    pub windows: Windows,
 }
 
 /// A channel's last value: the payload as JSON if it is JSON, else base64.
@@ -83,10 +98,34 @@ impl DeviceState {
         DeviceState { device: device.to_owned(), ..Default::default() }
     }
 
-    /// Applies the telemetry message at `stream_seq`. Non-telemetry frames
-    /// are counted but carry no channel value.
-    pub fn apply(&mut self, frame: &ArchivedFrame, stream_seq: u64, origin: &str, min_interval_us: i64) -> Applied {
-        if stream_seq <= self.last_stream_seq {
+    /// The message at `stream_seq` was applied (or dropped) already.
+    pub fn is_redelivery(&self, stream_seq: u64) -> bool {
+        stream_seq <= self.last_stream_seq
+    }
+
+    /// The next sequence number of derived frames of `kind`.
+    pub fn next_seq(&mut self, kind: fluxmesh_schemas::frame::Kind) -> u64 {
+        if kind == fluxmesh_schemas::frame::Kind::State {
+            self.seq += 1;
+            return self.seq;
+        }
+        let seq = self.seqs.entry(kind.as_str().to_owned()).or_insert(0);
+        *seq += 1;
+        *seq
+    }
+
+    /// Applies the telemetry message at `stream_seq`, whose payload parsed
+    /// as `json` (if it is JSON). Non-telemetry frames are counted but carry
+    /// no channel value.
+    pub fn apply(
+        &mut self,
+        frame: &ArchivedFrame,
+        stream_seq: u64,
+        origin: &str,
+        min_interval_us: i64,
+        json: Option<&Value>,
+    ) -> Applied {
+        if self.is_redelivery(stream_seq) {
             return Applied::Skipped;
         }
         self.last_stream_seq = stream_seq;
@@ -97,14 +136,14 @@ impl DeviceState {
         self.count += 1;
         self.last_seen_us = self.last_seen_us.max(received);
         let ArchivedBody::Telemetry { payload } = &frame.body else { return Applied::Counted };
-        let new = match serde_json::from_slice::<Value>(payload) {
-            Ok(v) => ChannelValue {
-                value: Some(v),
+        let new = match json {
+            Some(v) => ChannelValue {
+                value: Some(v.clone()),
                 value_base64: None,
                 received_time_us: received,
                 device_time_us: frame.device_time_us(),
             },
-            Err(_) => ChannelValue {
+            None => ChannelValue {
                 value: None,
                 value_base64: Some(base64::engine::general_purpose::STANDARD.encode(payload.as_slice())),
                 received_time_us: received,
@@ -130,7 +169,12 @@ impl DeviceState {
         let mut key = Vec::with_capacity(16 + PRODUCER.len());
         key.extend_from_slice(&frame.id.0);
         key.extend_from_slice(PRODUCER.as_bytes());
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        // The frame shows the state without the aggregation internals.
+        let mut view = serde_json::to_value(&*self).unwrap_or_default();
+        if let Some(map) = view.as_object_mut() {
+            map.remove("windows");
+        }
+        let json = serde_json::to_vec(&view).unwrap_or_default();
         Applied::Changed(Box::new(Frame {
             id: FrameId::from_key(&key),
             device: self.device.clone(),
@@ -154,7 +198,15 @@ mod tests {
         let bytes = frame.encode().expect("encode");
         let mut scratch = AlignedVec::new();
         let archived = access(&bytes, &mut scratch).expect("access");
-        state.apply(archived, seq, "node-1", 0)
+        let json = json_of(archived);
+        state.apply(archived, seq, "node-1", 0, json.as_ref())
+    }
+
+    fn json_of(frame: &ArchivedFrame) -> Option<Value> {
+        match &frame.body {
+            ArchivedBody::Telemetry { payload } => serde_json::from_slice(payload).ok(),
+            _ => None,
+        }
     }
 
     #[test]
@@ -186,7 +238,8 @@ mod tests {
         let mut run = |f: Frame, seq: u64| {
             let bytes = f.encode().expect("encode");
             let mut scratch = AlignedVec::new();
-            s.apply(access(&bytes, &mut scratch).expect("access"), seq, "n", 1_000_000)
+            let frame = access(&bytes, &mut scratch).expect("access");
+            s.apply(frame, seq, "n", 1_000_000, json_of(frame).as_ref())
         };
         assert!(matches!(run(at(0, "1"), 1), Applied::Changed(_)), "the first value always derives a frame");
         assert_eq!(run(at(500_000, "2"), 2), Applied::Counted, "inside the interval");

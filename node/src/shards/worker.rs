@@ -21,14 +21,14 @@
 //! A crash anywhere before the ack means those messages are delivered again
 //! and, from the last checkpoint, produce the same frames with the same ids.
 
-use super::state::{state_key, Applied, DeviceState};
+use super::pipeline::{Outputs, Processed, RuleCommand};
+use super::state::{state_key, DeviceState};
 use super::ShardContext;
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv;
 use fluxmesh_mesh::cluster::Lease;
 use fluxmesh_schemas::frame::AlignedVec;
 use fluxmesh_schemas::subject::Family;
-use fluxmesh_schemas::Frame;
 use futures::{FutureExt as _, StreamExt as _};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -218,7 +218,7 @@ async fn checkpoint(
     Ok(())
 }
 
-/// Applies a batch to the device states and stores the derived frames.
+/// Runs a batch through the pipeline and stores the derived frames.
 async fn process(
     ctx: &ShardContext,
     shard: u32,
@@ -227,7 +227,8 @@ async fn process(
     dirty: &mut BTreeSet<String>,
     scratch: &mut AlignedVec,
 ) -> Result<(), WorkerError> {
-    let mut outputs: Vec<Frame> = Vec::new();
+    let rules = ctx.rules.as_ref().map(|r| r.current()).unwrap_or_default();
+    let mut outputs = Outputs::default();
     for m in batch {
         let Ok(info) = m.info() else {
             metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "no_info").increment(1);
@@ -248,22 +249,22 @@ async fn process(
             states.insert(device.to_owned(), Slot { state: DeviceState::new(device), revision: None });
         }
         let Some(slot) = states.get_mut(device) else { continue };
-        let interval = i64::try_from(ctx.cfg.state_min_interval_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
-        match slot.state.apply(frame, stream_seq, &ctx.node_id, interval) {
-            Applied::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
-            Applied::Counted => {
+        match ctx.pipeline.process(&rules, &mut slot.state, frame, stream_seq, &mut outputs) {
+            Processed::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
+            Processed::Applied => {
                 dirty.insert(device.to_owned());
             }
-            Applied::Changed(out) => {
+            Processed::Dropped => {
+                metrics::counter!("fluxmesh_rule_dropped_total").increment(1);
                 dirty.insert(device.to_owned());
-                outputs.push(*out);
             }
         }
     }
 
     // Derived frames: sent pipelined, then every ack awaited.
-    let mut pending = Vec::with_capacity(outputs.len());
-    for frame in &outputs {
+    let frames = &outputs.frames;
+    let mut pending = Vec::with_capacity(frames.len());
+    for frame in frames {
         let bytes = frame.encode().map_err(|e| WorkerError::Output(e.to_string()))?;
         let subject = ctx.subjects.event(shard, &frame.device, frame.kind().as_str());
         let sent = ctx.publisher.publish(subject, fluxmesh_mesh::frame_headers(frame), bytes.into()).await;
@@ -272,14 +273,49 @@ async fn process(
     for p in futures::future::join_all(pending.into_iter().map(|p| p.ack())).await {
         p.map_err(|e| WorkerError::Output(e.to_string()))?;
     }
-    metrics::counter!("fluxmesh_shard_state_frames_total").increment(outputs.len() as u64);
+    for frame in frames {
+        metrics::counter!("fluxmesh_derived_frames_total", "kind" => frame.kind().as_str()).increment(1);
+    }
     if ctx.mirror_events {
-        for frame in &outputs {
+        for frame in frames {
             ctx.mirror(shard, frame).await;
         }
     }
-
+    for command in outputs.commands {
+        send_command(ctx, command).await;
+    }
     Ok(())
+}
+
+/// Sends a rule's command as a request on `{prefix}.cmd.{device}`, like any
+/// client would, with the command's derived id as `Nats-Msg-Id` (a replay
+/// is deduplicated if the command was queued). The answer is awaited in the
+/// background and counted; at most `command_slots` are in flight, past that
+/// the worker waits.
+async fn send_command(ctx: &ShardContext, command: RuleCommand) {
+    let Ok(slot) = ctx.command_slots.clone().acquire_owned().await else { return };
+    let subject = format!("{}.cmd.{}", ctx.subjects.prefix(), fluxmesh_schemas::subject::escape_token(&command.device));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", command.id.to_string().as_str());
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(command.payload.into())
+        .timeout(Some(Duration::from_secs(15)));
+    let client = ctx.client.clone();
+    tokio::spawn(async move {
+        let status = match client.send_request(subject, request).await {
+            Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer.payload)
+                .ok()
+                .and_then(|v| v["status"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "unreadable".to_owned()),
+            Err(e) => {
+                tracing::warn!(device = %command.device, id = %command.id, error = %e, "command from a rule got no answer");
+                "no_answer".to_owned()
+            }
+        };
+        metrics::counter!("fluxmesh_rule_commands_total", "status" => status).increment(1);
+        drop(slot);
+    });
 }
 
 /// The shard's durable consumer, recreated from its ack floor when it has
