@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::{get_json, wait_settled, NodeProc};
+
 use fluxmesh_node::Config;
 use fluxmesh_schemas::{Body, Frame};
 use fluxmesh_testkit::{wait_for, NatsCluster};
@@ -22,110 +24,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A node running on a runtime of its own, on its own thread, so it can be
-/// killed (runtime dropped) or paused (its one worker thread blocked).
-struct NodeProc {
-    http: SocketAddr,
-    handle: tokio::runtime::Handle,
-    command: Option<tokio::sync::oneshot::Sender<bool>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NodeProc {
-    async fn start(urls: &[String], tweak: impl FnOnce(&mut Config) + Send + 'static) -> NodeProc {
-        let urls = urls.to_vec();
-        let (info_tx, info_rx) = tokio::sync::oneshot::channel();
-        let (cmd_tx, cmd_rx) = tokio::sync::oneshot::channel::<bool>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("node runtime");
-            let handle = rt.handle().clone();
-            rt.block_on(async move {
-                let node = common::start_node(&urls, tweak).await;
-                let _ = info_tx.send((node.http_addr(), handle));
-                // true: graceful shutdown; false or dropped: kill.
-                if let Ok(true) = cmd_rx.await {
-                    node.shutdown().await;
-                }
-            });
-            // Whatever is still running dies here, mid-flight.
-            rt.shutdown_background();
-        });
-        let (http, handle) = info_rx.await.expect("node started");
-        NodeProc { http, handle, command: Some(cmd_tx), thread: Some(thread) }
-    }
-
-    /// Stops the node as SIGKILL would, as far as the cluster can tell.
-    fn kill(mut self) {
-        if let Some(c) = self.command.take() {
-            let _ = c.send(false);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// SIGTERM: drain, release leases, leave.
-    async fn shutdown(mut self) {
-        if let Some(c) = self.command.take() {
-            let _ = c.send(true);
-        }
-        if let Some(t) = self.thread.take() {
-            tokio::task::spawn_blocking(move || t.join()).await.expect("join").expect("node thread");
-        }
-    }
-
-    /// Freezes the node for `d`, as SIGSTOP then SIGCONT would: its only
-    /// worker thread is blocked, so none of its tasks runs.
-    fn pause(&self, d: Duration) {
-        self.handle.spawn(async move { std::thread::sleep(d) });
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if let Some(c) = self.command.take() {
-            let _ = c.send(false);
-        }
-    }
-}
-
-async fn get_json(url: String) -> Option<Value> {
-    let resp = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
-    resp.json().await.ok()
-}
-
-/// Whether `node`'s view shows `expected` live nodes and every shard held,
-/// validly, by its desired owner.
-async fn settled(node: SocketAddr, expected: usize) -> bool {
-    let Some(v) = get_json(format!("http://{node}/api/v1/cluster?lag=false")).await else { return false };
-    let nodes = v["nodes"].as_array().map_or(0, Vec::len);
-    let shards = v["shards"].as_array().cloned().unwrap_or_default();
-    nodes == expected
-        && shards.len() == 64
-        && shards.iter().all(|s| s["lease_valid"] == true && s["holder"] == s["desired_owner"])
-}
-
-/// Waits until every listed node agrees the cluster has settled; returns
-/// how long that took.
-async fn wait_settled(nodes: &[SocketAddr], expected: usize, what: &str) -> Duration {
-    let started = Instant::now();
-    wait_for(Duration::from_secs(20), what, || async {
-        for n in nodes {
-            if !settled(*n, expected).await {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await
-    .expect("cluster settles");
-    started.elapsed()
-}
 
 /// Devices posting numbered telemetry over HTTP to whichever node is up,
 /// with an Idempotency-Key so that a retry on another node is stored once.

@@ -5,11 +5,12 @@
 use fluxmesh_node::{Config, Node};
 use fluxmesh_testkit::wait_for;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Messages a device received on its subscriptions: (topic, payload).
@@ -196,4 +197,108 @@ pub fn payload_seq(frame: &fluxmesh_schemas::Frame) -> u64 {
     let fluxmesh_schemas::Body::Telemetry { payload } = &frame.body else { panic!("not telemetry: {frame:?}") };
     let v: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
     v["seq"].as_u64().expect("seq field")
+}
+
+/// A node running on a runtime of its own, on its own thread, so it can be
+/// killed (runtime dropped) or paused (its one worker thread blocked).
+pub struct NodeProc {
+    pub http: SocketAddr,
+    handle: tokio::runtime::Handle,
+    command: Option<tokio::sync::oneshot::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeProc {
+    pub async fn start(urls: &[String], tweak: impl FnOnce(&mut Config) + Send + 'static) -> NodeProc {
+        let urls = urls.to_vec();
+        let (info_tx, info_rx) = tokio::sync::oneshot::channel();
+        let (cmd_tx, cmd_rx) = tokio::sync::oneshot::channel::<bool>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("node runtime");
+            let handle = rt.handle().clone();
+            rt.block_on(async move {
+                let node = start_node(&urls, tweak).await;
+                let _ = info_tx.send((node.http_addr(), handle));
+                // true: graceful shutdown; false or dropped: kill.
+                if let Ok(true) = cmd_rx.await {
+                    node.shutdown().await;
+                }
+            });
+            // Whatever is still running dies here, mid-flight.
+            rt.shutdown_background();
+        });
+        let (http, handle) = info_rx.await.expect("node started");
+        NodeProc { http, handle, command: Some(cmd_tx), thread: Some(thread) }
+    }
+
+    /// Stops the node as SIGKILL would, as far as the cluster can tell.
+    pub fn kill(mut self) {
+        if let Some(c) = self.command.take() {
+            let _ = c.send(false);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// SIGTERM: drain, release leases, leave.
+    pub async fn shutdown(mut self) {
+        if let Some(c) = self.command.take() {
+            let _ = c.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            tokio::task::spawn_blocking(move || t.join()).await.expect("join").expect("node thread");
+        }
+    }
+
+    /// Freezes the node for `d`, as SIGSTOP then SIGCONT would: its only
+    /// worker thread is blocked, so none of its tasks runs.
+    pub fn pause(&self, d: Duration) {
+        self.handle.spawn(async move { std::thread::sleep(d) });
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(c) = self.command.take() {
+            let _ = c.send(false);
+        }
+    }
+}
+
+pub async fn get_json(url: String) -> Option<Value> {
+    let resp = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+    resp.json().await.ok()
+}
+
+/// Whether `node`'s view shows `expected` live nodes and every shard held,
+/// validly, by its desired owner.
+pub async fn settled(node: SocketAddr, expected: usize) -> bool {
+    let Some(v) = get_json(format!("http://{node}/api/v1/cluster?lag=false")).await else { return false };
+    let nodes = v["nodes"].as_array().map_or(0, Vec::len);
+    let shards = v["shards"].as_array().cloned().unwrap_or_default();
+    nodes == expected
+        && shards.len() == 64
+        && shards.iter().all(|s| s["lease_valid"] == true && s["holder"] == s["desired_owner"])
+}
+
+/// Waits until every listed node agrees the cluster has settled; returns
+/// how long that took.
+pub async fn wait_settled(nodes: &[SocketAddr], expected: usize, what: &str) -> Duration {
+    let started = Instant::now();
+    wait_for(Duration::from_secs(20), what, || async {
+        for n in nodes {
+            if !settled(*n, expected).await {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .expect("cluster settles");
+    started.elapsed()
 }
