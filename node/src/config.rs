@@ -3,6 +3,7 @@
 //! errors, and every problem is reported at once.
 
 use crate::commands::CommandsConfig;
+use crate::plugins::PluginsConfig;
 use crate::rules::RulesConfig;
 use crate::shards::aggregate::AggregationConfig;
 use crate::shards::ShardsConfig;
@@ -27,6 +28,7 @@ pub struct Config {
     pub shards: ShardsConfig,
     pub commands: CommandsConfig,
     pub rules: RulesConfig,
+    pub plugins: PluginsConfig,
     pub aggregation: AggregationConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
@@ -141,8 +143,20 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 11] =
-    ["nats", "cluster", "shards", "commands", "rules", "aggregation", "mqtt", "http", "ingest", "log", "runtime"];
+const SECTIONS: [&str; 12] = [
+    "nats",
+    "cluster",
+    "shards",
+    "commands",
+    "rules",
+    "plugins",
+    "aggregation",
+    "mqtt",
+    "http",
+    "ingest",
+    "log",
+    "runtime",
+];
 const TOP_LEVEL: [&str; 1] = ["node_id"];
 
 impl Config {
@@ -192,6 +206,7 @@ impl Config {
         problems.extend(self.shards.problems());
         problems.extend(self.commands.problems());
         problems.extend(self.rules.problems());
+        problems.extend(self.plugins.problems());
         problems.extend(self.aggregation.problems());
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());

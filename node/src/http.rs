@@ -9,6 +9,7 @@
 //! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
 //! | `GET /api/v1/devices/{id}` | the device's shard, owner node, connected node and last checkpointed state |
 //! | `/api/v1/rules[/{id}]` | rules: see [`crate::rules::http`] |
+//! | `/api/v1/plugins[/{name}]` | WebAssembly plugins: see [`crate::plugins::http`] |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::shards::ShardContext;
@@ -37,7 +38,7 @@ pub struct AppState {
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
-pub fn router(state: AppState, max_payload: usize) -> Router {
+pub fn router(state: AppState, max_payload: usize, max_module: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -46,6 +47,7 @@ pub fn router(state: AppState, max_payload: usize) -> Router {
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/cluster", get(cluster))
         .merge(crate::rules::http::routes())
+        .merge(crate::plugins::http::routes(max_module))
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
         .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))

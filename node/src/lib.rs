@@ -9,6 +9,7 @@ pub mod http;
 pub mod ingress;
 pub mod mqtt;
 pub mod node;
+pub mod plugins;
 pub mod rules;
 pub mod shards;
 pub mod telemetry;

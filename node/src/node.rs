@@ -57,6 +57,8 @@ pub enum NodeError {
     Commands(#[from] crate::commands::CommandsError),
     #[error(transparent)]
     Rules(#[from] crate::rules::RulesError),
+    #[error(transparent)]
+    Plugins(#[from] crate::plugins::PluginsError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -103,7 +105,7 @@ impl Node {
             node_id: node_id.as_str().into(),
             prometheus,
         };
-        let app = http::router(state, config.ingest.max_payload_bytes);
+        let app = http::router(state, config.ingest.max_payload_bytes, config.plugins.max_module_bytes);
         let http_stop = stop.clone();
         tasks.spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
@@ -232,6 +234,23 @@ impl Node {
             crate::rules::RulesError::is_transient,
         )
         .await?;
+        let plugins = retry_until(
+            cancel,
+            "plugin store not ready yet",
+            Duration::from_millis(200),
+            || {
+                crate::plugins::Plugins::start(
+                    publisher_js(&ingress),
+                    cluster::bucket_name(&prefix, "PLUGINS"),
+                    provisioned.replicas,
+                    &config.plugins,
+                    stop.clone(),
+                    tasks,
+                )
+            },
+            crate::plugins::PluginsError::is_transient,
+        )
+        .await?;
         let me = Member {
             node_id: node_id.to_owned(),
             incarnation: uuid::Uuid::new_v4().simple().to_string(),
@@ -270,9 +289,10 @@ impl Node {
                     .unwrap_or(i64::MAX),
                 aggregation: (&config.aggregation).into(),
                 engine: Some(rules.engine.clone()),
-                plugins: None,
+                plugins: Some(plugins.clone() as Arc<dyn crate::rules::PluginCaller>),
             },
             rules: Some(rules),
+            plugins: Some(plugins),
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
         });
         let commands = Arc::new(crate::commands::Commands {

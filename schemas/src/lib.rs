@@ -10,11 +10,14 @@
 //! - [`shard`]: the documented shard function `fnv1a64(device) mod S`.
 //! - [`headers`]: the NATS headers every published frame carries.
 //! - [`json`]: the JSON view of a frame, for clients that do not speak rkyv.
+//! - [`plugin_abi`]: what a WebAssembly plugin exports and what the host
+//!   enforces.
 
 pub mod frame;
 pub mod headers;
 pub mod json;
 pub mod kv;
+pub mod plugin_abi;
 pub mod shard;
 pub mod subject;
 

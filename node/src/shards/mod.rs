@@ -110,6 +110,8 @@ pub struct ShardContext {
     pub pipeline: pipeline::Pipeline,
     /// The rules (their current compiled set is taken per batch).
     pub rules: Option<Arc<crate::rules::Rules>>,
+    /// The node's WebAssembly plugins.
+    pub plugins: Option<Arc<crate::plugins::Plugins>>,
     /// Commands rules send that are still in flight (bounded: a worker
     /// waits for a slot).
     pub command_slots: Arc<tokio::sync::Semaphore>,

@@ -1,0 +1,77 @@
+//! `/api/v1/plugins`: list, upload, delete.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /api/v1/plugins` | every stored plugin, and whether this node has it loaded |
+//! | `PUT /api/v1/plugins/{name}` | upload a module (binary `.wasm` or text `.wat`); 200 |
+//! | `DELETE /api/v1/plugins/{name}` | 204; 404 if none |
+//!
+//! A module that does not compile, or lacks the ABI's exports, is refused
+//! with 400 and the compiler's message; nothing is stored.
+
+use super::{Plugins, PluginsError};
+use crate::http::AppState;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+use std::sync::Arc;
+
+pub fn routes(max_module_bytes: usize) -> Router<AppState> {
+    Router::new().route("/api/v1/plugins", get(list)).route(
+        "/api/v1/plugins/{name}",
+        put(upload).delete(remove).layer(DefaultBodyLimit::max(max_module_bytes.saturating_add(1))),
+    )
+}
+
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<PluginsError> for ApiError {
+    fn from(e: PluginsError) -> Self {
+        let status = match e {
+            PluginsError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PluginsError::BadName(_) | PluginsError::Invalid(_) => {
+                metrics::counter!("fluxmesh_plugin_uploads_refused_total").increment(1);
+                StatusCode::BAD_REQUEST
+            }
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn plugins(state: &AppState) -> Result<Arc<Plugins>, ApiError> {
+    state
+        .shards
+        .get()
+        .and_then(|s| s.plugins.clone())
+        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node has not joined the cluster yet".into()))
+}
+
+async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let list = plugins(&state)?.list().await?;
+    Ok(Json(json!({"plugins": list})).into_response())
+}
+
+async fn upload(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let info = plugins(&state)?.put(&name, &body).await?;
+    Ok(Json(json!({"plugin": info})).into_response())
+}
+
+async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    if plugins(&state)?.delete(&name).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no plugin `{name}`")))
+    }
+}

@@ -1,0 +1,283 @@
+//! WebAssembly plugins (wasmtime), called by rules with
+//! `plugin("name", input)`.
+//!
+//! Modules live in the `{PREFIX}_PLUGINS` JetStream object store, one
+//! object per plugin name, uploaded through `PUT /api/v1/plugins/{name}`
+//! (binary or text format; a module that does not compile or lacks the
+//! ABI's exports is refused with 400). Every node has one wasmtime engine,
+//! watches the object store, and compiles each module once, off the async
+//! threads, into a pre-linked template with a bounded pool of warm
+//! instances ([`runtime`]). The ABI is in `fluxmesh_schemas::plugin_abi`.
+
+pub mod http;
+pub mod runtime;
+
+use crate::rules::PluginCaller;
+use async_nats::jetstream::{self, object_store};
+use futures::StreamExt as _;
+use runtime::{CallError, Compiled, Limits};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::AsyncReadExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The `[plugins]` config section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Warm instances kept per plugin; calls beyond them instantiate anew.
+    pub pool_size: usize,
+    /// Fuel per call (about one unit per WebAssembly instruction); a call
+    /// that runs out fails with `timeout`.
+    pub fuel_per_call: u64,
+    /// Linear memory one instance may have, in bytes.
+    pub max_memory_bytes: usize,
+    /// Largest output a call may return, in bytes.
+    pub max_output_bytes: usize,
+    /// Largest module accepted at upload, in bytes.
+    pub max_module_bytes: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            pool_size: 4,
+            fuel_per_call: 10_000_000,
+            max_memory_bytes: 16 * 1024 * 1024,
+            max_output_bytes: 1024 * 1024,
+            max_module_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.fuel_per_call == 0 {
+            problems.push("plugins.fuel_per_call: must be at least 1".to_owned());
+        }
+        if self.max_memory_bytes < 65_536 {
+            problems.push("plugins.max_memory_bytes: must be at least 65536 (one WebAssembly page)".to_owned());
+        }
+        problems
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            fuel: self.fuel_per_call,
+            max_memory_bytes: self.max_memory_bytes,
+            max_output_bytes: self.max_output_bytes,
+            pool_size: self.pool_size,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginsError {
+    #[error("invalid plugin name `{0}`: use 1-64 letters, digits, `-` or `_`")]
+    BadName(String),
+    #[error("module is {size} bytes; at most {max} are accepted")]
+    TooLarge { size: usize, max: usize },
+    #[error("module refused: {0}")]
+    Invalid(String),
+    #[error("plugin store: {0}")]
+    Store(String),
+}
+
+impl PluginsError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PluginsError::Store(_))
+    }
+}
+
+/// What `GET /api/v1/plugins` lists.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub size: usize,
+    pub digest: Option<String>,
+    /// Compiled and callable on this node.
+    pub loaded: bool,
+}
+
+/// This node's plugins.
+pub struct Plugins {
+    engine: wasmtime::Engine,
+    cfg: PluginsConfig,
+    store: object_store::ObjectStore,
+    loaded: RwLock<HashMap<String, Arc<Compiled>>>,
+}
+
+impl std::fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugins").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+pub fn valid_name(name: &str) -> bool {
+    crate::rules::valid_id(name)
+}
+
+impl Plugins {
+    /// Opens the object store and keeps this node's compiled plugins in
+    /// step with it until `stop`.
+    pub async fn start(
+        js: &jetstream::Context,
+        bucket: String,
+        replicas: usize,
+        cfg: &PluginsConfig,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Plugins>, PluginsError> {
+        let store = js
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                description: Some("fluxmesh WebAssembly plugins, one object per name".to_owned()),
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| PluginsError::Store(format!("cannot open {bucket}: {e}")))?;
+        let engine = runtime::engine().map_err(PluginsError::Invalid)?;
+        let plugins = Arc::new(Plugins { engine, cfg: cfg.clone(), store, loaded: RwLock::new(HashMap::new()) });
+        let me = plugins.clone();
+        tasks.spawn(async move { me.follow(stop).await });
+        Ok(plugins)
+    }
+
+    /// Loads every stored plugin, then every change, re-creating the watch
+    /// whenever it ends or fails.
+    async fn follow(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let mut watch = match self.store.watch_with_history().await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the plugin store yet");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let info = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = watch.next() => match next {
+                        Some(Ok(info)) => info,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "plugin watch failed; re-creating it");
+                            break;
+                        }
+                        None => break,
+                    },
+                };
+                if info.deleted {
+                    self.write().remove(&info.name);
+                    tracing::info!(plugin = %info.name, "plugin removed");
+                } else if let Err(e) = self.load(&info.name).await {
+                    metrics::counter!("fluxmesh_plugin_load_errors_total").increment(1);
+                    tracing::warn!(plugin = %info.name, error = %e, "stored plugin not loaded");
+                }
+                metrics::gauge!("fluxmesh_plugins_loaded").set(self.read().len() as f64);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Compiled>>> {
+        self.loaded.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Compiled>>> {
+        self.loaded.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn load(&self, name: &str) -> Result<(), PluginsError> {
+        let mut object = self.store.get(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(object.info().size);
+        object.read_to_end(&mut bytes).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let compiled = self.compile(name, bytes).await?;
+        tracing::info!(plugin = %name, size = compiled.size, "plugin loaded");
+        self.write().insert(name.to_owned(), Arc::new(compiled));
+        Ok(())
+    }
+
+    async fn compile(&self, name: &str, bytes: Vec<u8>) -> Result<Compiled, PluginsError> {
+        let (engine, limits, name) = (self.engine.clone(), self.cfg.limits(), name.to_owned());
+        tokio::task::spawn_blocking(move || Compiled::new(&engine, &name, &bytes, limits))
+            .await
+            .map_err(|e| PluginsError::Invalid(format!("compiler task failed: {e}")))?
+            .map_err(PluginsError::Invalid)
+    }
+
+    /// Checks `bytes` (binary or text) compile and have the ABI, then stores
+    /// them in binary form. Every node (this one too) loads it through the
+    /// watch.
+    pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<PluginInfo, PluginsError> {
+        if !valid_name(name) {
+            return Err(PluginsError::BadName(name.to_owned()));
+        }
+        if bytes.len() > self.cfg.max_module_bytes {
+            return Err(PluginsError::TooLarge { size: bytes.len(), max: self.cfg.max_module_bytes });
+        }
+        let binary = Compiled::to_binary(bytes).map_err(PluginsError::Invalid)?;
+        self.compile(name, binary.clone()).await?;
+        let info =
+            self.store.put(name, &mut binary.as_slice()).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        Ok(PluginInfo { name: info.name, size: info.size, digest: info.digest, loaded: false })
+    }
+
+    /// Every stored plugin, and whether this node has it compiled.
+    pub async fn list(&self) -> Result<Vec<PluginInfo>, PluginsError> {
+        let mut list = self.store.list().await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let mut out = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| PluginsError::Store(e.to_string()))?;
+            let loaded = self.read().contains_key(&info.name);
+            out.push(PluginInfo { name: info.name, size: info.size, digest: info.digest, loaded });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Deletes plugin `name`; `Ok(false)` if there was none.
+    pub async fn delete(&self, name: &str) -> Result<bool, PluginsError> {
+        if !valid_name(name) {
+            return Err(PluginsError::BadName(name.to_owned()));
+        }
+        match self.store.info(name).await {
+            Ok(info) if !info.deleted => {}
+            _ => return Ok(false),
+        }
+        self.store.delete(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// Whether this node has `name` compiled (tests wait on it).
+    pub fn is_loaded(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Calls plugin `name` directly (benchmarks, tests).
+    pub fn call_plugin(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        let plugin = self.read().get(name).cloned().ok_or_else(|| format!("no plugin named `{name}` is loaded"))?;
+        let started = std::time::Instant::now();
+        let result = plugin.call(input);
+        metrics::histogram!("fluxmesh_plugin_call_seconds").record(started.elapsed().as_secs_f64());
+        result.map_err(|e: CallError| {
+            metrics::counter!("fluxmesh_plugin_errors_total", "plugin" => name.to_owned(), "reason" => e.reason())
+                .increment(1);
+            e.to_string()
+        })
+    }
+}
+
+impl PluginCaller for Plugins {
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        self.call_plugin(name, input)
+    }
+}
