@@ -180,3 +180,39 @@ async fn windows_close_by_event_time_and_late_values_are_counted() {
     assert!(late.is_ok(), "late value not counted");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_commands_a_device_over_mqtt() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |_| {}).await;
+    let rule = json!({
+        "device": "pump-*",
+        "channel": "pressure",
+        "script": r#"if payload.bar > 8.0 { command(device, "open-valve"); }"#,
+    });
+    let url = format!("http://{}/api/v1/rules/relief", node.http_addr());
+    let (status, answer) = send(reqwest::Method::PUT, url, Some(rule)).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let pump = common::Device::connect(node.mqtt_addr(), "pump-7").await;
+    pump.client.subscribe("devices/pump-7/cmd", rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+    // Until the rule has reached the worker, readings raise nothing: resend.
+    wait_for(Duration::from_secs(30), "the rule's command reaches the device", || {
+        let (node, pump) = (&node, &pump);
+        async move {
+            ingest(node, "pump-7", "pressure", json!({"bar": 9.5}), None).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while tokio::time::Instant::now() < deadline {
+                let got = pump.received.lock().expect("lock").clone();
+                if got.iter().any(|(t, p)| t == "devices/pump-7/cmd" && p == b"open-valve") {
+                    return Some(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        }
+    })
+    .await
+    .expect("command delivered");
+    node.shutdown().await;
+}

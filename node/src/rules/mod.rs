@@ -128,8 +128,31 @@ pub struct Rule {
     /// `rule:{id}`: the producer of its frames.
     pub producer: String,
     pub ast: rhai::AST,
-    device: GlobMatcher,
-    channel: GlobMatcher,
+    device: Matcher,
+    channel: Matcher,
+}
+
+/// A compiled glob, with the common `*` answered without running it.
+#[derive(Debug)]
+enum Matcher {
+    Any,
+    Glob(GlobMatcher),
+}
+
+impl Matcher {
+    fn new(glob: &str) -> Result<Matcher, globset::Error> {
+        if glob == "*" {
+            return Ok(Matcher::Any);
+        }
+        Glob::new(glob).map(|g| Matcher::Glob(g.compile_matcher()))
+    }
+
+    fn is_match(&self, s: &str) -> bool {
+        match self {
+            Matcher::Any => true,
+            Matcher::Glob(g) => g.is_match(s),
+        }
+    }
 }
 
 impl Rule {
@@ -165,11 +188,7 @@ pub fn compile(engine: &RuleEngine, cfg: &RulesConfig, spec: RuleSpec) -> Result
         return Err(RuleError::TooLarge { size: spec.script.len(), max: cfg.max_script_bytes });
     }
     let glob = |field: &'static str, g: &str| {
-        Glob::new(g).map(|g| g.compile_matcher()).map_err(|e| RuleError::BadGlob {
-            field,
-            glob: g.to_owned(),
-            message: e.kind().to_string(),
-        })
+        Matcher::new(g).map_err(|e| RuleError::BadGlob { field, glob: g.to_owned(), message: e.kind().to_string() })
     };
     let device = glob("device", &spec.device)?;
     let channel = glob("channel", &spec.channel)?;

@@ -359,6 +359,28 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_round_trip_keeps_every_bit() {
+        // Means and M2s are not short decimals; JSON must still give back
+        // the same f64s, or a new owner's aggregates drift by an ULP
+        // (serde_json's `float_roundtrip`).
+        let c = Aggregation { sizes_us: vec![S], lateness_us: 0, max_open: 1000 };
+        let mut w = Windows::new();
+        for i in 0..500 {
+            let field = format!("f{}", i % 50);
+            w.update(&c, "t", &[(field.as_str(), (i as f64 * 0.7311).sin() * 1e3 / 7.0)], 0);
+        }
+        let json = serde_json::to_vec(&w).expect("serialize");
+        let back: Windows = serde_json::from_slice(&json).expect("deserialize");
+        for (a, b) in w.open.iter().zip(&back.open) {
+            assert_eq!(
+                (a.mean.to_bits(), a.m2.to_bits(), a.sum.to_bits()),
+                (b.mean.to_bits(), b.m2.to_bits(), b.sum.to_bits())
+            );
+        }
+        assert_eq!(back, w);
+    }
+
+    #[test]
     fn negative_times_floor_to_their_window() {
         assert_eq!(window_start(-1, 10), -10);
         assert_eq!(window_start(10, 10), 10);

@@ -96,13 +96,20 @@ impl Pipeline {
         if let Some(engine) = &self.engine {
             let mut matching = rules.matching(device, channel).peekable();
             if matching.peek().is_some() {
+                let started = std::time::Instant::now();
                 let mut scope = input_scope(frame, json.as_ref(), payload, st);
+                let mut dropped = false;
                 for rule in matching {
                     if self.run_rule(engine, rule, &mut scope, st, frame, out) {
-                        st.last_stream_seq = stream_seq;
-                        st.dropped += 1;
-                        return Processed::Dropped;
+                        dropped = true;
+                        break;
                     }
+                }
+                metrics::histogram!("fluxmesh_rules_seconds").record(started.elapsed().as_secs_f64());
+                if dropped {
+                    st.last_stream_seq = stream_seq;
+                    st.dropped += 1;
+                    return Processed::Dropped;
                 }
             }
         }
@@ -153,9 +160,7 @@ impl Pipeline {
         out: &mut Outputs,
     ) -> bool {
         let input_id = FrameId(input.id.0);
-        let started = std::time::Instant::now();
         let result = engine.run(&rule.ast, scope, self.plugins.as_ref());
-        metrics::histogram!("fluxmesh_rule_run_seconds").record(started.elapsed().as_secs_f64());
         let actions = match result {
             Ok(actions) => actions,
             Err(e) => {
@@ -227,7 +232,7 @@ fn input_scope(frame: &ArchivedFrame, json: Option<&Value>, payload: &[u8], st: 
     scope.push_constant("device", frame.device.as_str().to_owned());
     scope.push_constant("channel", frame.channel.as_str().to_owned());
     let payload = match json {
-        Some(v) => rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT),
+        Some(v) => crate::rules::engine::to_dynamic(v),
         None => Dynamic::from_blob(payload.to_vec()),
     };
     scope.push("payload", payload);
@@ -238,11 +243,11 @@ fn input_scope(frame: &ArchivedFrame, json: Option<&Value>, payload: &[u8], st: 
     state.insert("count".into(), Dynamic::from(i64::try_from(st.count).unwrap_or(i64::MAX)));
     state.insert("first_seen_us".into(), Dynamic::from(st.first_seen_us));
     state.insert("last_seen_us".into(), Dynamic::from(st.last_seen_us));
-    let vars = if st.vars.is_empty() {
-        Dynamic::from_map(rhai::Map::new())
-    } else {
-        rhai::serde::to_dynamic(&st.vars).unwrap_or(Dynamic::UNIT)
-    };
+    let mut vars = rhai::Map::new();
+    for (k, v) in &st.vars {
+        vars.insert(k.as_str().into(), crate::rules::engine::to_dynamic(v));
+    }
+    let vars = Dynamic::from_map(vars);
     state.insert("vars".into(), vars);
     scope.push_constant("state", state);
     scope.push_constant("frame_id", FrameId(frame.id.0).to_string());
