@@ -50,6 +50,11 @@ struct Args {
     /// Payload size in bytes (at least 16).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Send JSON payloads, `{"sent_us":"…","seq":"…","t":…,"pad":"…"}`,
+    /// padded to --payload bytes (at least 80), instead of binary ones: so
+    /// rules and aggregation have fields to work on. `t` cycles 0.5 … 59.5.
+    #[arg(long)]
+    json: bool,
     /// Seconds of publishing (at most 600).
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -167,6 +172,9 @@ async fn main() -> anyhow::Result<()> {
     if args.duration == 0 || args.duration > 600 {
         bail!("--duration must be 1..=600 seconds");
     }
+    if args.json && args.payload < JSON_MIN {
+        anyhow::bail!("--json needs --payload of at least {JSON_MIN} bytes");
+    }
     if args.payload < 16 || args.payload > 1024 * 1024 {
         bail!("--payload must be 16..=1048576 bytes");
     }
@@ -240,8 +248,7 @@ async fn measure(
                 continue;
             }
             if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
-                if let Some(sent) = payload.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                    let sent = u64::from_le_bytes(sent);
+                if let Some((sent, _)) = payload_meta(payload) {
                     let _ = hist.record(now_us().saturating_sub(sent).max(1));
                     let made = u64::try_from(frame.received_time_us.to_native()).unwrap_or(0);
                     let _ = to_frame.record(made.saturating_sub(sent).max(1));
@@ -260,7 +267,8 @@ async fn measure(
         let id = format!("{device_prefix}-{d}");
         let acked_seqs = Arc::new(Mutex::new(Vec::<u64>::new()));
         acked_by_device.push((id.clone(), acked_seqs.clone()));
-        let load = Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device };
+        let load =
+            Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device, json: args.json };
         match path {
             Path::Mqtt if args.verify && qos == QoS::AtLeastOnce => {
                 devices.push(tokio::spawn(tracked_device(id, args.mqtt.clone(), d, acked_seqs, load)));
@@ -338,6 +346,23 @@ struct Load {
     size: usize,
     /// Messages per second for this device; 0 means as fast as accepted.
     per_device: f64,
+    json: bool,
+}
+
+/// Smallest --json payload.
+const JSON_MIN: usize = 80;
+
+/// (send time µs, sequence number) of a payload this load generator made,
+/// binary (first 16 bytes) or JSON (fixed offsets).
+fn payload_meta(payload: &[u8]) -> Option<(u64, u64)> {
+    let num = |r: std::ops::Range<usize>| std::str::from_utf8(payload.get(r)?).ok()?.parse::<u64>().ok();
+    if payload.first() == Some(&b'{') {
+        // {"sent_us":"<20 digits>","seq":"<20 digits>",...
+        return Some((num(12..32)?, num(41..61)?));
+    }
+    let word =
+        |r: std::ops::Range<usize>| payload.get(r).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
+    Some((word(0..8)?, word(8..16)?))
 }
 
 impl Load {
@@ -351,6 +376,13 @@ impl Load {
     }
 
     fn payload(&self, seq: u64) -> Vec<u8> {
+        if self.json {
+            let head = format!(r#"{{"sent_us":"{:020}","seq":"{:020}","t":{}.5,"pad":""#, now_us(), seq, seq % 60);
+            let mut payload = head.into_bytes();
+            payload.resize(self.size.saturating_sub(2).max(payload.len()), b'x');
+            payload.extend_from_slice(b"\"}");
+            return payload;
+        }
         let mut payload = vec![0u8; self.size];
         payload[..8].copy_from_slice(&now_us().to_le_bytes());
         payload[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -473,9 +505,9 @@ async fn verify_once(
             return;
         }
         if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
-            if let Some(seq) = payload.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            if let Some((_, seq)) = payload_meta(payload) {
                 *stored_copies.entry(frame.device.as_str().to_owned()).or_default() += 1;
-                if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(u64::from_le_bytes(seq)) {
+                if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(seq) {
                     duplicates += 1;
                 }
             }
@@ -759,5 +791,24 @@ async fn tracked_device(
         if failed {
             load.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_payloads_are_json_and_carry_their_meta() {
+        let load = Load { counters: Arc::default(), stop: Arc::default(), size: 100, per_device: 0.0, json: true };
+        let p = load.payload(123_456);
+        assert_eq!(p.len(), 100);
+        let v: serde_json::Value = serde_json::from_slice(&p).expect("valid JSON");
+        assert_eq!(v["t"], 36.5);
+        let (sent, seq) = payload_meta(&p).expect("meta");
+        assert_eq!(seq, 123_456);
+        assert!(sent > 1_600_000_000_000_000);
+        let binary = Load { json: false, ..load }.payload(7);
+        assert_eq!(payload_meta(&binary).map(|m| m.1), Some(7));
     }
 }

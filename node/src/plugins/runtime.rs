@@ -278,6 +278,27 @@ mod tests {
     }
 
     #[test]
+    fn malformed_output_is_an_error_and_the_instance_is_discarded() {
+        let engine = engine().expect("engine");
+        // Returns 5 bytes at 0 ("nope!"), or a range past the end of memory.
+        let module = |ptr_len: &str| {
+            format!(
+                r#"(module (memory (export "memory") 1) (data (i32.const 0) "nope!")
+                   (func (export "fm_alloc") (param i32) (result i32) (i32.const 1024))
+                   (func (export "fm_process") (param i32 i32) (result i64) (i64.const {ptr_len})))"#
+            )
+        };
+        let not_json = Compiled::new(&engine, "not-json", module("5").as_bytes(), LIMITS).expect("compiles");
+        assert!(matches!(not_json.call(b"{}"), Err(CallError::BadOutput(m)) if m.contains("not JSON")));
+        assert!(not_json.pool().is_empty());
+        let outside =
+            Compiled::new(&engine, "outside", module("0x0000FFFF00000010").as_bytes(), LIMITS).expect("compiles");
+        assert!(matches!(outside.call(b"{}"), Err(CallError::BadOutput(m)) if m.contains("outside memory")));
+        let negative = Compiled::new(&engine, "negative", module("-2").as_bytes(), LIMITS).expect("compiles");
+        assert!(matches!(negative.call(b"{}"), Err(CallError::GuestError(-2))));
+    }
+
+    #[test]
     fn modules_without_the_abi_are_refused() {
         let engine = engine().expect("engine");
         let err = Compiled::new(&engine, "empty", b"(module)", LIMITS).expect_err("no exports");
