@@ -188,8 +188,18 @@ impl NatsServer {
     }
 
     /// SIGSTOPs the server: it keeps its sockets but answers nothing.
+    /// Returns once every thread of it has stopped (a signal is delivered
+    /// asynchronously, and on a busy machine a server can still answer for
+    /// a moment after `kill` returns).
     pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal("-STOP")
+        self.signal("-STOP")?;
+        let pid = self.child.as_ref().context("server is not running")?.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            anyhow::ensure!(Instant::now() < deadline, "nats-server {pid} did not stop within 5 s of SIGSTOP");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// SIGCONTs a paused server.
@@ -220,6 +230,23 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in
+/// `/proc/{pid}/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    let mut any = false;
+    for task in tasks.filter_map(Result::ok) {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { return false };
+        // pid (comm) STATE ...; comm may contain spaces, so split after ')'.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        if state != Some("T") {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// Connects to any of `urls`.
