@@ -132,16 +132,29 @@ impl Plugins {
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Plugins>, PluginsError> {
-        let store = js
-            .create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                description: Some("fluxmesh WebAssembly plugins, one object per name".to_owned()),
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| PluginsError::Store(format!("cannot open {bucket}: {e}")))?;
+        // Find it first: another node may have made it already, possibly
+        // with another replica count (each node derives it from the
+        // servers it sees), and creating again would then be refused.
+        let store = match js.get_object_store(&bucket).await {
+            Ok(store) => store,
+            Err(_) => match js
+                .create_object_store(object_store::Config {
+                    bucket: bucket.clone(),
+                    description: Some("fluxmesh WebAssembly plugins, one object per name".to_owned()),
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(store) => store,
+                // Lost a race with another node: use theirs.
+                Err(e) => js
+                    .get_object_store(&bucket)
+                    .await
+                    .map_err(|_| PluginsError::Store(format!("cannot open {bucket}: {e}")))?,
+            },
+        };
         let engine = runtime::engine().map_err(PluginsError::Invalid)?;
         let plugins = Arc::new(Plugins { engine, cfg: cfg.clone(), store, loaded: RwLock::new(HashMap::new()) });
         let me = plugins.clone();
