@@ -122,7 +122,7 @@ fn benches(c: &mut Criterion) {
         origin: "node-1".into(),
         state_min_interval_us: 1_000_000,
         aggregation: agg.clone(),
-        engine: Some(engine.clone()),
+        engine: engine.clone(),
         plugins: Some(Arc::new(OnePlugin(echo())) as Arc<dyn PluginCaller>),
     };
     // Same run, side by side: sustained rates and their ratio.

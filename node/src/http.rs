@@ -98,10 +98,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let Some(ingress) = state.ingress.get() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "node is not ready", "reason": "not_ready"})))
-            .into_response();
-    };
+    let Some(ingress) = state.ingress.get() else { return not_ready() };
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
@@ -161,8 +158,30 @@ async fn ingest(
 }
 
 fn not_ready() -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "node is not ready", "reason": "not_ready"})))
-        .into_response()
+    ApiError::not_ready().into_response()
+}
+
+/// An error answer of the API handlers that return `Result`: a status and
+/// a JSON body with at least `error`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub serde_json::Value);
+
+impl ApiError {
+    /// `{"error": message}` with `status`.
+    pub fn new(status: StatusCode, message: impl std::fmt::Display) -> Self {
+        ApiError(status, json!({"error": message.to_string()}))
+    }
+
+    /// 503: the node is not connected or has not joined the cluster yet.
+    pub fn not_ready() -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "node is not ready", "reason": "not_ready"}))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
 }
 
 /// Live nodes and, per shard, who should own it, who holds its lease (and

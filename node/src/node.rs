@@ -288,11 +288,11 @@ impl Node {
                 state_min_interval_us: i64::try_from(config.shards.state_min_interval_ms.saturating_mul(1000))
                     .unwrap_or(i64::MAX),
                 aggregation: (&config.aggregation).into(),
-                engine: Some(rules.engine.clone()),
+                engine: rules.engine.clone(),
                 plugins: Some(plugins.clone() as Arc<dyn crate::rules::PluginCaller>),
             },
-            rules: Some(rules),
-            plugins: Some(plugins),
+            rules,
+            plugins,
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
         });
         let commands = Arc::new(crate::commands::Commands {

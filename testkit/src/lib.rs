@@ -62,8 +62,8 @@ const START_ATTEMPTS: usize = 5;
 
 /// Whether a failed start was a lost port race, worth another try with new
 /// ports.
-fn lost_port_race(servers: &[&NatsServer]) -> bool {
-    servers.iter().any(|s| s.log().contains("address already in use"))
+fn lost_port_race<'a>(mut servers: impl Iterator<Item = &'a NatsServer>) -> bool {
+    servers.any(|s| s.log().contains("address already in use"))
 }
 
 /// The workspace root (for finding `.local/`).
@@ -107,7 +107,7 @@ impl NatsServer {
             let server = Self::spawn("n1", None)?;
             match server.wait_healthy().await {
                 Ok(()) => return Ok(server),
-                Err(_) if attempt < START_ATTEMPTS && lost_port_race(&[&server]) => attempt += 1,
+                Err(_) if attempt < START_ATTEMPTS && lost_port_race(std::iter::once(&server)) => attempt += 1,
                 Err(e) => return Err(e),
             }
         }
@@ -268,9 +268,7 @@ impl NatsCluster {
             let cluster = Self::spawn(size)?;
             match cluster.wait_healthy().await {
                 Ok(()) => return Ok(cluster),
-                Err(_) if attempt < START_ATTEMPTS && lost_port_race(&cluster.servers.iter().collect::<Vec<_>>()) => {
-                    attempt += 1
-                }
+                Err(_) if attempt < START_ATTEMPTS && lost_port_race(cluster.servers.iter()) => attempt += 1,
                 Err(e) => return Err(e),
             }
         }

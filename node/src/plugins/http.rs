@@ -10,7 +10,7 @@
 //! with 400 and the compiler's message; nothing is stored.
 
 use super::{Plugins, PluginsError};
-use crate::http::AppState;
+use crate::http::{ApiError, AppState};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -27,15 +27,6 @@ pub fn routes(max_module_bytes: usize) -> Router<AppState> {
     )
 }
 
-#[derive(Debug)]
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
-    }
-}
-
 impl From<PluginsError> for ApiError {
     fn from(e: PluginsError) -> Self {
         let status = match e {
@@ -46,16 +37,12 @@ impl From<PluginsError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
         };
-        ApiError(status, e.to_string())
+        ApiError::new(status, e)
     }
 }
 
 fn plugins(state: &AppState) -> Result<Arc<Plugins>, ApiError> {
-    state
-        .shards
-        .get()
-        .and_then(|s| s.plugins.clone())
-        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node has not joined the cluster yet".into()))
+    state.shards.get().map(|s| s.plugins.clone()).ok_or_else(ApiError::not_ready)
 }
 
 async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -72,6 +59,6 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
     if plugins(&state)?.delete(&name).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(ApiError(StatusCode::NOT_FOUND, format!("no plugin `{name}`")))
+        Err(ApiError::new(StatusCode::NOT_FOUND, format!("no plugin `{name}`")))
     }
 }

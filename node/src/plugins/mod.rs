@@ -108,7 +108,14 @@ pub struct Plugins {
     engine: wasmtime::Engine,
     cfg: PluginsConfig,
     store: object_store::ObjectStore,
-    loaded: RwLock<HashMap<String, Arc<Compiled>>>,
+    loaded: RwLock<HashMap<String, Loaded>>,
+}
+
+/// A compiled plugin and the digest of the stored module it was compiled
+/// from.
+struct Loaded {
+    digest: Option<String>,
+    plugin: Arc<Compiled>,
 }
 
 impl std::fmt::Debug for Plugins {
@@ -191,6 +198,9 @@ impl Plugins {
                 if info.deleted {
                     self.write().remove(&info.name);
                     tracing::info!(plugin = %info.name, "plugin removed");
+                } else if self.is_current(&info) {
+                    // Compiled already: a re-created watch replays every
+                    // stored module.
                 } else if let Err(e) = self.load(&info.name).await {
                     metrics::counter!("fluxmesh_plugin_load_errors_total").increment(1);
                     tracing::warn!(plugin = %info.name, error = %e, "stored plugin not loaded");
@@ -201,21 +211,27 @@ impl Plugins {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Compiled>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Loaded>> {
         self.loaded.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Compiled>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Loaded>> {
         self.loaded.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the module `info` describes is the one compiled here.
+    fn is_current(&self, info: &object_store::ObjectInfo) -> bool {
+        info.digest.is_some() && self.read().get(&info.name).is_some_and(|l| l.digest == info.digest)
     }
 
     async fn load(&self, name: &str) -> Result<(), PluginsError> {
         let mut object = self.store.get(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let digest = object.info().digest.clone();
         let mut bytes = Vec::with_capacity(object.info().size);
         object.read_to_end(&mut bytes).await.map_err(|e| PluginsError::Store(e.to_string()))?;
         let compiled = self.compile(name, bytes).await?;
         tracing::info!(plugin = %name, size = compiled.size, "plugin loaded");
-        self.write().insert(name.to_owned(), Arc::new(compiled));
+        self.write().insert(name.to_owned(), Loaded { digest, plugin: Arc::new(compiled) });
         Ok(())
     }
 
@@ -269,15 +285,15 @@ impl Plugins {
         self.store.delete(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
         Ok(true)
     }
+}
 
-    /// Whether this node has `name` compiled (tests wait on it).
-    pub fn is_loaded(&self, name: &str) -> bool {
-        self.read().contains_key(name)
-    }
-
-    /// Calls plugin `name` directly (benchmarks, tests).
-    pub fn call_plugin(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        let plugin = self.read().get(name).cloned().ok_or_else(|| format!("no plugin named `{name}` is loaded"))?;
+impl PluginCaller for Plugins {
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        let plugin = self
+            .read()
+            .get(name)
+            .map(|l| l.plugin.clone())
+            .ok_or_else(|| format!("no plugin named `{name}` is loaded"))?;
         let started = std::time::Instant::now();
         let result = plugin.call(input);
         metrics::histogram!("fluxmesh_plugin_call_seconds").record(started.elapsed().as_secs_f64());
@@ -286,11 +302,5 @@ impl Plugins {
                 .increment(1);
             e.to_string()
         })
-    }
-}
-
-impl PluginCaller for Plugins {
-    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        self.call_plugin(name, input)
     }
 }

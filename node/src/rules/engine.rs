@@ -42,6 +42,12 @@ pub trait PluginCaller: Send + Sync {
     fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String>;
 }
 
+impl std::fmt::Debug for dyn PluginCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginCaller")
+    }
+}
+
 /// Why a rule run failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RunError {

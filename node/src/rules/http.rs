@@ -12,7 +12,7 @@
 //! `{"error":…,"line":…,"column":…}`; nothing is stored.
 
 use super::{RuleError, RuleSpec, Rules, RulesError};
-use crate::http::AppState;
+use crate::http::{ApiError, AppState};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -29,26 +29,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/rules/{id}", get(read).put(replace).delete(remove))
 }
 
-/// An answer other than success: a status and a JSON body.
-#[derive(Debug)]
-struct ApiError(StatusCode, serde_json::Value);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> ApiError {
-    ApiError(status, json!({"error": message.to_string()}))
-}
-
 fn rules(state: &AppState) -> Result<Arc<Rules>, ApiError> {
-    state
-        .shards
-        .get()
-        .and_then(|s| s.rules.clone())
-        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "the node has not joined the cluster yet"))
+    state.shards.get().map(|s| s.rules.clone()).ok_or_else(ApiError::not_ready)
 }
 
 fn refused(e: RulesError) -> ApiError {
@@ -62,9 +44,9 @@ fn refused(e: RulesError) -> ApiError {
         }
         RulesError::Invalid(e) => {
             metrics::counter!("fluxmesh_rule_uploads_refused_total").increment(1);
-            error(StatusCode::BAD_REQUEST, e)
+            ApiError::new(StatusCode::BAD_REQUEST, e)
         }
-        e @ (RulesError::Store(_) | RulesError::Seed(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        e @ (RulesError::Store(_) | RulesError::Seed(_)) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
@@ -82,18 +64,18 @@ struct Body {
 }
 
 fn parse(body: &Bytes, id: Option<&str>) -> Result<RuleSpec, ApiError> {
-    let b: Body =
-        serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")))?;
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid rule: {e}")))?;
     let id = match (id, b.id) {
         (Some(path), Some(body)) if path != body => {
-            return Err(error(
+            return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("id `{body}` in the body differs from `{path}` in the path"),
             ))
         }
         (Some(path), _) => path.to_owned(),
         (None, Some(body)) => body,
-        (None, None) => return Err(error(StatusCode::BAD_REQUEST, "invalid rule: missing field `id`")),
+        (None, None) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid rule: missing field `id`")),
     };
     Ok(RuleSpec {
         id,
@@ -126,7 +108,7 @@ async fn replace(State(state): State<AppState>, Path(id): Path<String>, body: By
 async fn read(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match rules(&state)?.get(&id).await.map_err(refused)? {
         Some(spec) => Ok(Json(spec).into_response()),
-        None => Err(error(StatusCode::NOT_FOUND, format!("no rule `{id}`"))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule `{id}`"))),
     }
 }
 
@@ -134,6 +116,6 @@ async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result
     if rules(&state)?.delete(&id).await.map_err(refused)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(error(StatusCode::NOT_FOUND, format!("no rule `{id}`")))
+        Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule `{id}`")))
     }
 }

@@ -173,10 +173,6 @@ impl RuleSet {
     pub fn matching<'a>(&'a self, device: &'a str, channel: &'a str) -> impl Iterator<Item = &'a Arc<Rule>> + 'a {
         self.rules.iter().filter(move |r| r.matches(device, channel))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
 }
 
 /// Compiles `spec` with `engine`, checking id, globs and size first.
@@ -255,7 +251,12 @@ impl Rules {
         let (tx, rx) = watch::channel(Arc::new(RuleSet::default()));
         let (engine2, cfg2) = (engine.clone(), cfg.clone());
         tasks.spawn(async move {
-            let mut specs: BTreeMap<String, (u64, Option<RuleSpec>)> = BTreeMap::new();
+            // Per key: the revision last seen and what it compiled to (None:
+            // deleted, disabled, unreadable or refused). A rule is compiled
+            // when its entry changes, not again when another rule does or
+            // when a re-created watch replays it.
+            let mut compiled: BTreeMap<String, (u64, Option<Arc<Rule>>)> = BTreeMap::new();
+            let mut changed = false;
             loop {
                 let entry = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -266,27 +267,20 @@ impl Rules {
                         None => return,
                     },
                 };
-                let spec = match entry.operation {
-                    kv::Operation::Put => match serde_json::from_slice::<RuleSpec>(&entry.value) {
-                        Ok(spec) if spec.id == entry.key => Some(spec),
-                        Ok(spec) => {
-                            tracing::warn!(key = %entry.key, id = %spec.id, "rule stored under another key's name; ignored");
-                            None
-                        }
-                        Err(e) => {
-                            metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
-                            tracing::warn!(key = %entry.key, error = %e, "unreadable rule in the bucket; ignored");
-                            None
-                        }
-                    },
-                    kv::Operation::Delete | kv::Operation::Purge => None,
-                };
-                specs.insert(entry.key.clone(), (entry.revision, spec));
-                // Rebuild once the watch has nothing more queued right now.
-                if !entries.is_empty() {
+                if compiled.get(&entry.key).is_none_or(|(revision, _)| *revision != entry.revision) {
+                    let rule = rule_of(&engine2, &cfg2, &entry).map(Arc::new);
+                    compiled.insert(entry.key.clone(), (entry.revision, rule));
+                    changed = true;
+                }
+                // Publish once the watch has nothing more queued right now.
+                if !changed || !entries.is_empty() {
                     continue;
                 }
-                let set = build(&engine2, &cfg2, &specs);
+                changed = false;
+                let set = RuleSet {
+                    rules: compiled.values().filter_map(|(_, rule)| rule.clone()).collect(),
+                    revision: compiled.values().map(|(revision, _)| *revision).max().unwrap_or(0),
+                };
                 tracing::info!(rules = set.rules.len(), revision = set.revision, "rules loaded");
                 metrics::gauge!("fluxmesh_rules_active").set(set.rules.len() as f64);
                 if tx.send(Arc::new(set)).is_err() {
@@ -300,16 +294,6 @@ impl Rules {
     /// The compiled set as this node runs it now.
     pub fn current(&self) -> Arc<RuleSet> {
         self.current.borrow().clone()
-    }
-
-    /// Waits until this node runs rules at or past bucket `revision`.
-    pub async fn wait_for_revision(&self, revision: u64) {
-        let mut rx = self.current.clone();
-        let _ = rx.wait_for(|set| set.revision >= revision).await;
-    }
-
-    pub fn config(&self) -> &RulesConfig {
-        &self.cfg
     }
 
     /// Checks `spec` compiles, then stores it; returns the bucket revision.
@@ -357,23 +341,35 @@ impl Rules {
     }
 }
 
-/// Compiles every enabled, readable spec; a spec that does not compile
-/// (written to the bucket around the API) is logged, counted and left out.
-fn build(engine: &RuleEngine, cfg: &RulesConfig, specs: &BTreeMap<String, (u64, Option<RuleSpec>)>) -> RuleSet {
-    let mut set = RuleSet { rules: Vec::new(), revision: specs.values().map(|(r, _)| *r).max().unwrap_or(0) };
-    for (spec, _) in specs.values().filter_map(|(r, s)| s.as_ref().map(|s| (s, r))) {
-        if !spec.enabled {
-            continue;
-        }
-        match compile(engine, cfg, spec.clone()) {
-            Ok(rule) => set.rules.push(Arc::new(rule)),
-            Err(e) => {
-                metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
-                tracing::warn!(rule = %spec.id, error = %e, "stored rule refused; not running it");
-            }
-        }
+/// The rule a bucket entry holds, if it should run: `None` for a delete,
+/// a disabled rule, or one that is unreadable or does not compile (written
+/// around the API), the last two logged and counted.
+fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<Rule> {
+    if entry.operation != kv::Operation::Put {
+        return None;
     }
-    set
+    let spec = match serde_json::from_slice::<RuleSpec>(&entry.value) {
+        Ok(spec) if spec.id == entry.key => spec,
+        Ok(spec) => {
+            tracing::warn!(key = %entry.key, id = %spec.id, "rule stored under another key's name; ignored");
+            return None;
+        }
+        Err(e) => {
+            metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
+            tracing::warn!(key = %entry.key, error = %e, "unreadable rule in the bucket; ignored");
+            return None;
+        }
+    };
+    if !spec.enabled {
+        return None;
+    }
+    let id = spec.id.clone();
+    compile(engine, cfg, spec)
+        .map_err(|e| {
+            metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
+            tracing::warn!(rule = %id, error = %e, "stored rule refused; not running it");
+        })
+        .ok()
 }
 
 /// Parses a seed file: `// device: GLOB`, `// channel: GLOB` and

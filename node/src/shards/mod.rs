@@ -109,9 +109,9 @@ pub struct ShardContext {
     /// Rules, aggregation and state settings.
     pub pipeline: pipeline::Pipeline,
     /// The rules (their current compiled set is taken per batch).
-    pub rules: Option<Arc<crate::rules::Rules>>,
+    pub rules: Arc<crate::rules::Rules>,
     /// The node's WebAssembly plugins.
-    pub plugins: Option<Arc<crate::plugins::Plugins>>,
+    pub plugins: Arc<crate::plugins::Plugins>,
     /// Commands rules send that are still in flight (bounded: a worker
     /// waits for a slot).
     pub command_slots: Arc<tokio::sync::Semaphore>,

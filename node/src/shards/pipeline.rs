@@ -28,14 +28,8 @@ pub struct Pipeline {
     pub origin: String,
     pub state_min_interval_us: i64,
     pub aggregation: Aggregation,
-    pub engine: Option<Arc<RuleEngine>>,
+    pub engine: Arc<RuleEngine>,
     pub plugins: Option<Arc<dyn PluginCaller>>,
-}
-
-impl std::fmt::Debug for dyn PluginCaller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PluginCaller")
-    }
 }
 
 /// A command a rule sent.
@@ -93,24 +87,22 @@ impl Pipeline {
         let device = frame.device.as_str();
         let channel = frame.channel.as_str();
 
-        if let Some(engine) = &self.engine {
-            let mut matching = rules.matching(device, channel).peekable();
-            if matching.peek().is_some() {
-                let started = std::time::Instant::now();
-                let mut scope = input_scope(frame, json.as_ref(), payload, st);
-                let mut dropped = false;
-                for rule in matching {
-                    if self.run_rule(engine, rule, &mut scope, st, frame, out) {
-                        dropped = true;
-                        break;
-                    }
+        let mut matching = rules.matching(device, channel).peekable();
+        if matching.peek().is_some() {
+            let started = std::time::Instant::now();
+            let mut scope = input_scope(frame, json.as_ref(), payload, st);
+            let mut dropped = false;
+            for rule in matching {
+                if self.run_rule(&self.engine, rule, &mut scope, st, frame, out) {
+                    dropped = true;
+                    break;
                 }
-                metrics::histogram!("fluxmesh_rules_seconds").record(started.elapsed().as_secs_f64());
-                if dropped {
-                    st.last_stream_seq = stream_seq;
-                    st.dropped += 1;
-                    return Processed::Dropped;
-                }
+            }
+            metrics::histogram!("fluxmesh_rules_seconds").record(started.elapsed().as_secs_f64());
+            if dropped {
+                st.last_stream_seq = stream_seq;
+                st.dropped += 1;
+                return Processed::Dropped;
             }
         }
 
@@ -267,13 +259,13 @@ mod tests {
             origin: "n1".into(),
             state_min_interval_us: 0,
             aggregation: Aggregation::from(&AggregationConfig { windows_ms: agg_ms.to_vec(), ..Default::default() }),
-            engine: Some(engine),
+            engine,
             plugins: None,
         }
     }
 
     fn rules(p: &Pipeline, scripts: &[(&str, &str)]) -> RuleSet {
-        let engine = p.engine.as_ref().expect("engine");
+        let engine = &p.engine;
         let rules = scripts
             .iter()
             .map(|(id, s)| Arc::new(compile(engine, &RulesConfig::default(), parse_seed(id, s)).expect("compiles")))

@@ -165,7 +165,7 @@ impl DeviceState {
         }
         self.unsent_change = false;
         self.last_frame_us = received;
-        self.seq += 1;
+        let seq = self.next_seq(fluxmesh_schemas::frame::Kind::State);
         let mut key = Vec::with_capacity(16 + PRODUCER.len());
         key.extend_from_slice(&frame.id.0);
         key.extend_from_slice(PRODUCER.as_bytes());
@@ -183,7 +183,7 @@ impl DeviceState {
             received_time_us: received,
             origin: origin.to_owned(),
             producer: PRODUCER.to_owned(),
-            seq: self.seq,
+            seq,
             body: Body::State { json },
         }))
     }

@@ -227,7 +227,7 @@ async fn process(
     dirty: &mut BTreeSet<String>,
     scratch: &mut AlignedVec,
 ) -> Result<(), WorkerError> {
-    let rules = ctx.rules.as_ref().map(|r| r.current()).unwrap_or_default();
+    let rules = ctx.rules.current();
     let mut outputs = Outputs::default();
     for m in batch {
         let Ok(info) = m.info() else {
