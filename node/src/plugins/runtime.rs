@@ -92,7 +92,6 @@ pub struct Compiled {
     pub name: String,
     pub size: usize,
     pre: InstancePre<Host>,
-    engine: Engine,
     limits: Limits,
     pool: Mutex<Vec<Warm>>,
 }
@@ -112,14 +111,7 @@ impl Compiled {
         let linker: Linker<Host> = Linker::new(engine);
         let pre =
             linker.instantiate_pre(&module).map_err(|e| format!("cannot be linked (no imports are offered): {e:#}"))?;
-        let compiled = Compiled {
-            name: name.to_owned(),
-            size: bytes.len(),
-            pre,
-            engine: engine.clone(),
-            limits,
-            pool: Mutex::new(Vec::new()),
-        };
+        let compiled = Compiled { name: name.to_owned(), size: bytes.len(), pre, limits, pool: Mutex::new(Vec::new()) };
         let first = compiled.instantiate().map_err(|e| e.to_string())?;
         compiled.pool().push(first);
         Ok(compiled)
@@ -132,8 +124,10 @@ impl Compiled {
 
     fn instantiate(&self) -> Result<Warm, CallError> {
         let err = |e: wasmtime::Error| CallError::Instantiate(format!("{e:#}"));
-        let mut store =
-            Store::new(&self.engine, Host { max_memory: self.limits.max_memory_bytes, memory_denied: false });
+        let mut store = Store::new(
+            self.pre.module().engine(),
+            Host { max_memory: self.limits.max_memory_bytes, memory_denied: false },
+        );
         store.limiter(|h| h as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(self.limits.fuel).map_err(err)?;
         let instance = self.pre.instantiate(&mut store).map_err(err)?;

@@ -294,7 +294,7 @@ async fn process(
 /// the worker waits.
 async fn send_command(ctx: &ShardContext, command: RuleCommand) {
     let Ok(slot) = ctx.command_slots.clone().acquire_owned().await else { return };
-    let subject = format!("{}.cmd.{}", ctx.subjects.prefix(), fluxmesh_schemas::subject::escape_token(&command.device));
+    let subject = ctx.subjects.command(&command.device);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", command.id.to_string().as_str());
     let request = async_nats::Request::new()
