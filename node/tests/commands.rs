@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{start_node, Device};
+use common::{next_frame_where, start_node, Device};
 use fluxmesh_schemas::{Body, Frame};
 use fluxmesh_testkit::{wait_for, NatsServer};
-use futures::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -27,19 +26,16 @@ async fn command(client: &async_nats::Client, device: &str, payload: &'static [u
 
 /// Waits for a `cmd` event frame of `device` with `status`.
 async fn wait_event(events: &mut async_nats::Subscriber, device: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .unwrap_or_else(|_| panic!("no `{status}` event for {device}"))
-            .expect("subscription open");
-        let frame = Frame::decode(&msg.payload).expect("frame");
-        let Body::Event { json } = &frame.body else { continue };
-        let v: Value = serde_json::from_slice(json).expect("event JSON");
-        if frame.device == device && v["status"] == status {
-            return v;
-        }
-    }
+    let event_json = |f: &Frame| match &f.body {
+        Body::Event { json } => serde_json::from_slice::<Value>(json).ok(),
+        _ => None,
+    };
+    let what = format!("a `{status}` event for {device}");
+    let frame = next_frame_where(events, Duration::from_secs(30), &what, |f| {
+        f.device == device && event_json(f).is_some_and(|v| v["status"] == status)
+    })
+    .await;
+    event_json(&frame).expect("event JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::start_node;
+use common::{next_frame_where, start_node};
 use fluxmesh_schemas::{Body, Frame, Kind};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use futures::StreamExt;
@@ -81,31 +81,17 @@ async fn plugins_are_uploaded_called_from_rules_and_contained() {
 
     for (channel, expect) in [("spin", "fuel"), ("hog", "memory limit"), ("crash", "trapped")] {
         post(channel).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let msg = tokio::time::timeout_at(deadline, events.next())
-                .await
-                .unwrap_or_else(|_| panic!("no error frame from {channel}"))
-                .expect("subscription open");
-            let f = Frame::decode(&msg.payload).expect("frame");
-            if let Body::Error { message } = &f.body {
-                assert!(message.contains(expect), "{channel}: {message}");
-                assert_eq!(f.producer, format!("rule:call-{channel}"));
-                break;
-            }
-        }
+        let what = format!("an error frame from {channel}");
+        let f = next_frame_where(&mut events, Duration::from_secs(20), &what, |f| f.kind() == Kind::Error).await;
+        let Body::Error { message } = &f.body else { unreachable!("an error frame") };
+        assert!(message.contains(expect), "{channel}: {message}");
+        assert_eq!(f.producer, format!("rule:call-{channel}"));
     }
 
     // Still serving: the echo plugin answers again, and the failures were
     // counted by reason.
     post("echo").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, events.next()).await.expect("echo again").expect("open");
-        if Frame::decode(&msg.payload).expect("frame").kind() == Kind::Event {
-            break;
-        }
-    }
+    next_frame_where(&mut events, Duration::from_secs(20), "echo again", |f| f.kind() == Kind::Event).await;
     let text = common::metrics(&node).await;
     for (plugin, reason) in [("spin", "timeout"), ("hog", "memory"), ("crash", "trap")] {
         let name = format!("fluxmesh_plugin_errors_total{{plugin=\"{plugin}\",reason=\"{reason}\"}}");

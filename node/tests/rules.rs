@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::start_node;
+use common::{next_frame_where, start_node};
 use fluxmesh_schemas::{Body, Frame, Kind};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use futures::StreamExt;
@@ -30,20 +30,6 @@ async fn ingest(node: &fluxmesh_node::Node, device: &str, channel: &str, body: V
     }
     let (status, answer) = send(reqwest::Method::POST, url, Some(body)).await;
     assert_eq!(status, 202, "{answer}");
-}
-
-/// Reads frames from `sub` until `done` says it has what it needs.
-async fn collect(sub: &mut async_nats::Subscriber, what: &str, mut done: impl FnMut(&[Frame]) -> bool) -> Vec<Frame> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut frames = Vec::new();
-    while !done(&frames) {
-        let msg = tokio::time::timeout_at(deadline, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}; got {frames:?}"))
-            .expect("subscription open");
-        frames.push(Frame::decode(&msg.payload).expect("frame"));
-    }
-    frames
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,11 +111,13 @@ async fn rules_are_managed_over_http_and_run_on_every_node() {
         }
     }
     ingest(&a, "oven-0", "temp", json!({"c": 31}), None).await;
-    let later = collect(&mut alerts, "an alert after the runaway rule", |fs| {
-        fs.iter().any(|f| matches!(&f.body, Body::Alert { message, .. } if message == "hot: 31"))
-    })
+    next_frame_where(
+        &mut alerts,
+        Duration::from_secs(30),
+        "an alert after the runaway rule",
+        |f| matches!(&f.body, Body::Alert { message, .. } if message == "hot: 31"),
+    )
     .await;
-    assert!(!later.is_empty());
     let budget_errors: f64 = futures::future::join_all([&a, &b].map(|n| async move {
         common::counter(&common::metrics(n).await, "fluxmesh_rule_errors_total{rule=\"spin\",reason=\"budget\"}")
     }))
@@ -166,8 +154,7 @@ async fn windows_close_by_event_time_and_late_values_are_counted() {
     // Past end + lateness: closes [0, 10 s); then a value too late for it.
     ingest(&node, "meter-1", "power", json!({"watts": 7.0}), Some(base + 11 * s)).await;
     ingest(&node, "meter-1", "power", json!({"watts": 100.0}), Some(base + 2 * s)).await;
-    let frames = collect(&mut aggs, "the first window's aggregate", |fs| !fs.is_empty()).await;
-    let f = &frames[0];
+    let f = &next_frame_where(&mut aggs, Duration::from_secs(30), "the first window's aggregate", |_| true).await;
     assert_eq!((f.kind(), f.producer.as_str(), f.channel.as_str(), f.seq), (Kind::Aggregate, "agg", "power", 1));
     let Body::Aggregate(a) = &f.body else { panic!("aggregate body") };
     assert_eq!((a.field.as_str(), a.window_start_us, a.window_end_us), ("watts", base, base + 10 * s));

@@ -193,6 +193,28 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<fluxm
 }
 
 /// The `seq` field of a telemetry frame's JSON payload.
+/// Reads frames from `sub` until one satisfies `wanted` and returns it;
+/// panics, naming `what`, if none does within `timeout`.
+pub async fn next_frame_where(
+    sub: &mut async_nats::Subscriber,
+    timeout: Duration,
+    what: &str,
+    mut wanted: impl FnMut(&fluxmesh_schemas::Frame) -> bool,
+) -> fluxmesh_schemas::Frame {
+    use futures::StreamExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {timeout:?} waiting for {what}"))
+            .expect("subscription open");
+        let frame = fluxmesh_schemas::Frame::decode(&msg.payload).expect("frame");
+        if wanted(&frame) {
+            return frame;
+        }
+    }
+}
+
 pub fn payload_seq(frame: &fluxmesh_schemas::Frame) -> u64 {
     let fluxmesh_schemas::Body::Telemetry { payload } = &frame.body else { panic!("not telemetry: {frame:?}") };
     let v: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
