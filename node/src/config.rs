@@ -7,6 +7,7 @@ use crate::plugins::PluginsConfig;
 use crate::rules::RulesConfig;
 use crate::shards::aggregate::AggregationConfig;
 use crate::shards::ShardsConfig;
+use crate::storage::StorageConfig;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use fluxmesh_mesh::cluster::ClusterConfig;
@@ -30,6 +31,7 @@ pub struct Config {
     pub rules: RulesConfig,
     pub plugins: PluginsConfig,
     pub aggregation: AggregationConfig,
+    pub storage: StorageConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub ingest: IngestConfig,
@@ -143,7 +145,7 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "nats",
     "cluster",
     "shards",
@@ -151,6 +153,7 @@ const SECTIONS: [&str; 12] = [
     "rules",
     "plugins",
     "aggregation",
+    "storage",
     "mqtt",
     "http",
     "ingest",
@@ -208,6 +211,7 @@ impl Config {
         problems.extend(self.rules.problems());
         problems.extend(self.plugins.problems());
         problems.extend(self.aggregation.problems());
+        problems.extend(self.storage.problems());
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());
         }

@@ -10,6 +10,7 @@
 //! | `GET /api/v1/devices/{id}` | the device's shard, owner node, connected node and last checkpointed state |
 //! | `/api/v1/rules[/{id}]` | rules: see [`crate::rules::http`] |
 //! | `/api/v1/plugins[/{name}]` | WebAssembly plugins: see [`crate::plugins::http`] |
+//! | `GET /api/v1/devices/{id}/{telemetry,aggregates,events}` | history: see [`crate::storage::http`] |
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::shards::ShardContext;
@@ -48,6 +49,7 @@ pub fn router(state: AppState, max_payload: usize, max_module: usize) -> Router 
         .route("/api/v1/cluster", get(cluster))
         .merge(crate::rules::http::routes())
         .merge(crate::plugins::http::routes(max_module))
+        .merge(crate::storage::http::routes())
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
         .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))

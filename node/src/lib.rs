@@ -12,6 +12,7 @@ pub mod node;
 pub mod plugins;
 pub mod rules;
 pub mod shards;
+pub mod storage;
 pub mod telemetry;
 
 pub use config::{Config, ConfigError};

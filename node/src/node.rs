@@ -59,6 +59,8 @@ pub enum NodeError {
     Rules(#[from] crate::rules::RulesError),
     #[error(transparent)]
     Plugins(#[from] crate::plugins::PluginsError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -251,6 +253,16 @@ impl Node {
             crate::plugins::PluginsError::is_transient,
         )
         .await?;
+        // Postgres may still be starting: wait for it like for NATS. A bad
+        // connection string or a failed migration stops the node instead.
+        let storage = retry_until(
+            cancel,
+            "Postgres not ready yet",
+            Duration::from_millis(200),
+            || crate::storage::Storage::start(&config.storage, node_id, stop.clone(), tasks),
+            crate::storage::StorageError::is_transient,
+        )
+        .await?;
         let me = Member {
             node_id: node_id.to_owned(),
             incarnation: uuid::Uuid::new_v4().simple().to_string(),
@@ -293,6 +305,7 @@ impl Node {
             },
             rules,
             plugins,
+            storage,
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
         });
         let commands = Arc::new(crate::commands::Commands {

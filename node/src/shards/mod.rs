@@ -112,6 +112,8 @@ pub struct ShardContext {
     pub rules: Arc<crate::rules::Rules>,
     /// The node's WebAssembly plugins.
     pub plugins: Arc<crate::plugins::Plugins>,
+    /// History in Postgres; `None` when storage is off.
+    pub storage: Option<Arc<crate::storage::Storage>>,
     /// Commands rules send that are still in flight (bounded: a worker
     /// waits for a slot).
     pub command_slots: Arc<tokio::sync::Semaphore>,
@@ -373,7 +375,7 @@ impl Coordinator {
                 self.held.remove(&shard);
             }
             Err(e) => {
-                metrics::counter!("fluxmesh_shard_worker_failures_total").increment(1);
+                metrics::counter!("fluxmesh_shard_worker_failures_total", "reason" => e.reason()).increment(1);
                 tracing::warn!(shard, error = %e, "shard worker failed; restarting it");
                 let backoff = Duration::from_millis(self.ctx.cfg.restart_backoff_ms);
                 self.retry_at.insert(shard, Instant::now() + backoff);

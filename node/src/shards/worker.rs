@@ -12,9 +12,11 @@
 //! 3. apply each message to its device's state (redeliveries at or below a
 //!    device's `last_stream_seq` are skipped), collecting derived frames;
 //! 4. publish the derived frames and wait for their JetStream acks (their
-//!    ids come from the input, so a replay is deduplicated);
-//! 5. every `checkpoint_interval_ms` (and before a graceful stop):
-//!    checkpoint the changed device states, each with compare-and-set on its
+//!    ids come from the input, so a replay is deduplicated); hand the
+//!    batch's history rows to the Postgres writer (when storage is on);
+//! 5. every `checkpoint_interval_ms` (and before a graceful stop): wait
+//!    until the writer has committed every row handed to it, checkpoint the
+//!    changed device states, each with compare-and-set on its
 //!    KV revision (a node that lost the shard fails here and stops), then
 //!    ack everything processed (explicit acks: see `checkpoint`).
 //!
@@ -24,6 +26,7 @@
 use super::pipeline::{Outputs, Processed, RuleCommand};
 use super::state::{state_key, DeviceState};
 use super::ShardContext;
+use crate::storage::writer::{Commit, Rows};
 use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv;
 use fluxmesh_mesh::cluster::Lease;
@@ -47,6 +50,22 @@ pub enum WorkerError {
     Output(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("history: {0}")]
+    Storage(String),
+}
+
+impl WorkerError {
+    /// The `reason` label of `fluxmesh_shard_worker_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WorkerError::Fenced => "fenced",
+            WorkerError::Consumer(_) => "consumer",
+            WorkerError::Load(_) => "load",
+            WorkerError::Output(_) => "output",
+            WorkerError::Checkpoint(_) => "checkpoint",
+            WorkerError::Storage(_) => "storage",
+        }
+    }
 }
 
 /// A device's state and the KV revision it was last written at.
@@ -81,6 +100,8 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
     // Processed but not yet checkpointed and acked.
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut unacked: Vec<async_nats::jetstream::Message> = Vec::new();
+    // History rows handed to the writer, not yet known to be committed.
+    let mut commits: Vec<Commit> = Vec::new();
     let interval = Duration::from_millis(ctx.cfg.checkpoint_interval_ms);
     let mut checkpoint_at = Instant::now() + interval;
     loop {
@@ -89,11 +110,11 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
             _ = stop.cancelled() => {
                 // Graceful: what was processed is checkpointed and acked
                 // before the lease is released.
-                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked, &mut commits, &stop).await?;
                 return Ok(());
             }
             _ = tokio::time::sleep_until(checkpoint_at.into()), if !unacked.is_empty() => {
-                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked, &mut commits, &stop).await?;
                 checkpoint_at = Instant::now() + interval;
                 continue;
             }
@@ -109,7 +130,7 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
                 // A silent consumer (its server went away, or it moved) does
                 // not come back by itself: start over from the consumer info.
                 _ => {
-                    checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+                    checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked, &mut commits, &stop).await?;
                     return Err(WorkerError::Consumer(e.to_string()));
                 }
             },
@@ -138,7 +159,7 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
             batch.truncate(i);
         }
         let took = Instant::now();
-        process(&ctx, shard, &batch, &mut states, &mut dirty, &mut scratch).await?;
+        process(&ctx, shard, &batch, &mut states, &mut dirty, &mut scratch, &mut commits).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
         unacked.extend(batch);
@@ -146,21 +167,23 @@ pub async fn run(ctx: Arc<ShardContext>, shard: u32, lease: Lease, stop: Cancell
             // Keep what is applied, then start over from the ack floor: the
             // lost deliveries come again, in order.
             metrics::counter!("fluxmesh_shard_delivery_gaps_total").increment(1);
-            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked, &mut commits, &stop).await?;
             return Err(WorkerError::Consumer(format!(
                 "delivery gap: expected delivery {next_delivery}, got {delivery}; restarting from the ack floor"
             )));
         }
         // Never let unacknowledged deliveries reach the consumer's limit.
         if Instant::now() >= checkpoint_at || unacked.len() >= ctx.cfg.max_ack_pending / 2 {
-            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked).await?;
+            checkpoint(&ctx, shard, &lease, &mut states, &mut dirty, &mut unacked, &mut commits, &stop).await?;
             checkpoint_at = Instant::now() + interval;
         }
     }
 }
 
-/// Writes the changed device states (CAS on each revision: a node that
+/// Waits until the history rows of everything processed are committed,
+/// writes the changed device states (CAS on each revision: a node that
 /// lost the shard fails here), then acks everything processed so far.
+#[allow(clippy::too_many_arguments)]
 async fn checkpoint(
     ctx: &ShardContext,
     shard: u32,
@@ -168,14 +191,19 @@ async fn checkpoint(
     states: &mut HashMap<String, Slot>,
     dirty: &mut BTreeSet<String>,
     unacked: &mut Vec<async_nats::jetstream::Message>,
+    commits: &mut Vec<Commit>,
+    stop: &CancellationToken,
 ) -> Result<(), WorkerError> {
     if unacked.is_empty() {
         return Ok(());
     }
+    let took = Instant::now();
+    // Rows first: a checkpoint covering a message whose rows are not
+    // stored would skip it on replay, and its rows would never be written.
+    wait_commits(ctx, commits, stop).await?;
     if !ctx.cluster.holds(lease) {
         return Err(WorkerError::Fenced);
     }
-    let took = Instant::now();
     let writes = dirty.iter().filter_map(|device| {
         let slot = states.get(device)?;
         let value: bytes::Bytes = serde_json::to_vec(&slot.state).ok()?.into();
@@ -218,7 +246,37 @@ async fn checkpoint(
     Ok(())
 }
 
-/// Runs a batch through the pipeline and stores the derived frames.
+/// Waits for the writer to commit `commits`: at most
+/// `storage.commit_timeout_ms`, and at most 5 s once the worker is asked to
+/// stop. On failure nothing is acked; the worker restarts from its last
+/// checkpoint and the rows are written again (idempotently).
+async fn wait_commits(
+    ctx: &ShardContext,
+    commits: &mut Vec<Commit>,
+    stop: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let Some(storage) = &ctx.storage else { return Ok(()) };
+    if commits.is_empty() {
+        return Ok(());
+    }
+    let took = Instant::now();
+    let all = futures::future::try_join_all(commits.drain(..).map(Commit::wait));
+    let limit = Duration::from_millis(storage.cfg.commit_timeout_ms);
+    let stopping = async {
+        stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let result = tokio::select! {
+        r = all => r.map(|_| ()).map_err(|e| WorkerError::Storage(e.to_string())),
+        _ = tokio::time::sleep(limit) => Err(WorkerError::Storage(format!("rows not committed within {limit:?}"))),
+        _ = stopping => Err(WorkerError::Storage("stopping before the rows were committed".to_owned())),
+    };
+    metrics::histogram!("fluxmesh_shard_commit_wait_seconds").record(took.elapsed().as_secs_f64());
+    result
+}
+
+/// Runs a batch through the pipeline, stores the derived frames and hands
+/// the history rows to the writer.
 async fn process(
     ctx: &ShardContext,
     shard: u32,
@@ -226,9 +284,11 @@ async fn process(
     states: &mut HashMap<String, Slot>,
     dirty: &mut BTreeSet<String>,
     scratch: &mut AlignedVec,
+    commits: &mut Vec<Commit>,
 ) -> Result<(), WorkerError> {
     let rules = ctx.rules.current();
     let mut outputs = Outputs::default();
+    let mut rows = Rows::default();
     for m in batch {
         let Ok(info) = m.info() else {
             metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "no_info").increment(1);
@@ -253,6 +313,9 @@ async fn process(
             Processed::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
             Processed::Applied => {
                 dirty.insert(device.to_owned());
+                if ctx.storage.is_some() {
+                    rows.telemetry(frame);
+                }
             }
             Processed::Dropped => {
                 metrics::counter!("fluxmesh_rule_dropped_total").increment(1);
@@ -283,6 +346,15 @@ async fn process(
     }
     for command in outputs.commands {
         send_command(ctx, command).await;
+    }
+    if let Some(storage) = &ctx.storage {
+        for frame in frames {
+            rows.derived(frame);
+        }
+        if !rows.is_empty() {
+            let commit = storage.writer.submit(rows).await.map_err(|e| WorkerError::Storage(e.to_string()))?;
+            commits.push(commit);
+        }
     }
     Ok(())
 }

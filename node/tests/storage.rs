@@ -1,0 +1,355 @@
+//! Postgres history (DESIGN §6) against a real primary and a real hot
+//! standby (`pg_basebackup -R`), started by the testkit: rows are written on
+//! the primary and read from the standby; with the standby's replay paused
+//! reads fall back to the primary; a primary crash during load loses and
+//! duplicates nothing; migrations run once however many nodes start.
+
+mod common;
+
+use common::{counter, metrics, start_node, Device};
+use fluxmesh_node::storage::read::Server;
+use fluxmesh_node::storage::schema::{self, Maintenance, Table};
+use fluxmesh_node::storage::StorageConfig;
+use fluxmesh_node::Node;
+use fluxmesh_testkit::{wait_for, NatsServer, Postgres};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn storage_on(primary: &Postgres, replicas: &[&Postgres]) -> impl FnOnce(&mut fluxmesh_node::Config) {
+    let primary = primary.url();
+    let replicas: Vec<String> = replicas.iter().map(|r| r.url()).collect();
+    move |c| {
+        c.storage.primary = primary;
+        c.storage.replicas = replicas;
+        c.storage.replica_check_interval_ms = 100;
+        c.storage.max_replica_lag_ms = 1000;
+        c.shards.checkpoint_interval_ms = 50;
+    }
+}
+
+async fn post(node: &Node, device: &str, query: &str, content_type: &str, body: Vec<u8>) {
+    let url = format!("http://{}/api/v1/devices/{device}/telemetry?{query}", node.http_addr());
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST telemetry");
+    assert_eq!(response.status().as_u16(), 202, "{}", response.text().await.unwrap_or_default());
+}
+
+/// GET a history route: (status, read source header, body).
+async fn history(node: &Node, path_and_query: &str) -> (u16, String, Value) {
+    let response = reqwest::get(format!("http://{}{path_and_query}", node.http_addr())).await.expect("GET history");
+    let status = response.status().as_u16();
+    let source =
+        response.headers().get("fluxmesh-read-source").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    (status, source, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn count(pg: &Postgres, sql: &str) -> i64 {
+    let client = pg.client().await.expect("connect");
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_written_to_the_primary_and_read_from_the_standby() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let primary = Postgres::start_primary().await.expect("primary");
+    let standby = Postgres::start_standby(&primary).await.expect("standby");
+    let node = start_node(&[nats.url()], |c| {
+        storage_on(&primary, &[&standby])(c);
+        c.aggregation.windows_ms = vec![1000];
+        c.aggregation.allowed_lateness_ms = 0;
+    })
+    .await;
+
+    // 120 JSON readings 100 ms apart in device time (12 one-second windows),
+    // one binary payload, one JSON payload jsonb refuses (\u0000).
+    let base_us = 1_763_800_000_000_000i64;
+    for i in 0..120i64 {
+        let query = format!("channel=env&device_time_us={}", base_us + i * 100_000);
+        post(&node, "d1", &query, "application/json", json!({"t": i, "h": 2 * i}).to_string().into_bytes()).await;
+    }
+    post(&node, "d1", "channel=raw", "application/octet-stream", vec![0, 159, 146, 150, 255]).await;
+    post(&node, "d1", "channel=nul", "application/json", br#"{"s":"a\u0000b"}"#.to_vec()).await;
+    let expected = 122;
+
+    let (source, page) = wait_for(Duration::from_secs(30), "every row readable from the standby", || async {
+        let (status, source, body) = history(&node, "/api/v1/devices/d1/telemetry?order=asc&limit=1000").await;
+        let n = body["items"].as_array().map_or(0, Vec::len);
+        (status == 200 && n == expected && source.starts_with("replica:")).then_some((source, body))
+    })
+    .await
+    .expect("history from the standby");
+    assert_eq!(source, format!("replica:127.0.0.1:{}/postgres", standby.port));
+    assert_eq!(count(&primary, "SELECT count(*) FROM telemetry WHERE device = 'd1'").await, expected as i64);
+    assert_eq!(count(&standby, "SELECT count(*) FROM telemetry WHERE device = 'd1'").await, expected as i64);
+
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items[0]["payload"], json!({"t": 0, "h": 0}));
+    assert_eq!(items[0]["channel"], "env");
+    assert_eq!(items[0]["device_time_us"], base_us);
+    assert!(items[0]["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", items[0]);
+    let raw = items.iter().find(|i| i["channel"] == "raw").expect("binary payload row");
+    assert_eq!(raw["payload_base64"], "AJ+Slv8=");
+    let nul = items.iter().find(|i| i["channel"] == "nul").expect("\\u0000 payload row");
+    assert_eq!(nul["payload_base64"], "eyJzIjoiYVx1MDAwMGIifQ==", "kept byte for byte as raw");
+
+    // Pages of 50, newest first, cover every row once.
+    let mut ids = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/api/v1/devices/d1/telemetry?limit=50&cursor={c}"),
+            None => "/api/v1/devices/d1/telemetry?limit=50".to_owned(),
+        };
+        let (status, _, body) = history(&node, &q).await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().expect("items");
+        let times: Vec<i64> = items.iter().filter_map(|i| i["received_us"].as_i64()).collect();
+        assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first: {times:?}");
+        for i in items {
+            assert!(ids.insert(i["id"].as_str().expect("id").to_owned()), "{} twice", i["id"]);
+        }
+        pages += 1;
+        match body["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!((ids.len(), pages), (expected, 3));
+    let (_, _, env) =
+        history(&node, "/api/v1/devices/d1/telemetry?channel=env&from=0&to=2100-01-01T00:00:00Z&limit=1000").await;
+    assert_eq!(env["items"].as_array().map(Vec::len), Some(120), "{env}");
+    let (_, _, none) = history(&node, "/api/v1/devices/d1/telemetry?to=1000").await;
+    assert_eq!(none["items"].as_array().map(Vec::len), Some(0), "{none}");
+
+    // Closed windows and state frames are stored and readable too.
+    let aggregates = wait_for(Duration::from_secs(30), "aggregates stored", || async {
+        let (_, _, body) = history(&node, "/api/v1/devices/d1/aggregates?field=t&order=asc").await;
+        let n = body["items"].as_array().map_or(0, Vec::len);
+        (n >= 11).then_some(body)
+    })
+    .await
+    .expect("aggregates");
+    let first = &aggregates["items"][0];
+    assert_eq!(
+        (first["count"].as_i64(), first["min"].as_f64(), first["max"].as_f64()),
+        (Some(10), Some(0.0), Some(9.0))
+    );
+    assert_eq!(first["mean"].as_f64(), Some(4.5));
+    let (_, _, events) = history(&node, "/api/v1/devices/d1/events?kind=state").await;
+    assert!(events["items"].as_array().is_some_and(|e| !e.is_empty()), "{events}");
+
+    // Bad parameters: a 400 that names the parameter.
+    for (query, param) in [
+        ("telemetry?from=yesterday", "from"),
+        ("telemetry?to=99999999999999999", "to"),
+        ("telemetry?limit=0", "limit"),
+        ("telemetry?limit=ten", "limit"),
+        ("telemetry?order=sideways", "order"),
+        ("telemetry?cursor=not-a-cursor", "cursor"),
+        ("telemetry?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "to"),
+        ("telemetry?bogus=1", "query"),
+        ("events?kind=bogus", "kind"),
+        ("aggregates?kind=alert", "kind"),
+    ] {
+        let (status, _, body) = history(&node, &format!("/api/v1/devices/d1/{query}")).await;
+        assert_eq!((status, body["param"].as_str()), (400, Some(param)), "{query}: {body}");
+    }
+    let m = metrics(&node).await;
+    assert!(counter(&m, "fluxmesh_history_bad_requests_total") >= 10.0);
+    assert!(counter(&m, "fluxmesh_pg_rows_written_total{table=\"telemetry\"}") >= expected as f64, "{m}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fall_back_to_the_primary_while_replay_is_paused() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let primary = Postgres::start_primary().await.expect("primary");
+    let standby = Postgres::start_standby(&primary).await.expect("standby");
+    let node = start_node(&[nats.url()], |c| {
+        storage_on(&primary, &[&standby])(c);
+        c.storage.max_replica_lag_ms = 300;
+    })
+    .await;
+    let read = |n: usize| {
+        let node = &node;
+        async move {
+            let (status, source, body) = history(node, "/api/v1/devices/d2/telemetry?limit=100").await;
+            let got = body["items"].as_array().map_or(0, Vec::len);
+            (status == 200 && got == n).then_some(source)
+        }
+    };
+    for i in 0..10 {
+        post(&node, "d2", "", "application/json", json!({"i": i}).to_string().into_bytes()).await;
+    }
+    wait_for(Duration::from_secs(30), "10 rows from the standby", || async {
+        read(10).await.filter(|s| s.starts_with("replica:"))
+    })
+    .await
+    .expect("replica serves");
+
+    let standby_client = standby.client().await.expect("standby client");
+    standby_client.execute("SELECT pg_wal_replay_pause()", &[]).await.expect("pause replay");
+    for i in 10..20 {
+        post(&node, "d2", "", "application/json", json!({"i": i}).to_string().into_bytes()).await;
+    }
+    // All 20 can only come from the primary: the standby stopped at 10.
+    let source = wait_for(Duration::from_secs(30), "20 rows", || read(20)).await.expect("20 rows readable");
+    assert_eq!(source, "primary");
+    assert_eq!(count(&standby, "SELECT count(*) FROM telemetry WHERE device = 'd2'").await, 10);
+    let m = metrics(&node).await;
+    assert!(counter(&m, "fluxmesh_pg_read_fallbacks_total") >= 1.0, "{m}");
+    let usable = format!("fluxmesh_pg_replica_usable{{server=\"127.0.0.1:{}/postgres\"}}", standby.port);
+    assert!(m.lines().any(|l| l.starts_with(&usable) && l.ends_with(" 0")), "{usable} 0 in {m}");
+
+    standby_client.execute("SELECT pg_wal_replay_resume()", &[]).await.expect("resume replay");
+    wait_for(Duration::from_secs(30), "reads back on the standby", || async {
+        read(20).await.filter(|s| s.starts_with("replica:"))
+    })
+    .await
+    .expect("replica serves again");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_crash_during_load_loses_and_duplicates_nothing() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let mut primary = Postgres::start_primary().await.expect("primary");
+    let node = start_node(&[nats.url()], |c| {
+        storage_on(&primary, &[])(c);
+        // Short enough that workers also give up and restart from their
+        // checkpoints while Postgres is down.
+        c.storage.commit_timeout_ms = 1000;
+        c.storage.connect_timeout_ms = 500;
+        c.storage.query_timeout_ms = 1000;
+    })
+    .await;
+    let devices: Vec<Device> = connect_devices(&node).await;
+    let publish = |from: u64, to: u64| {
+        let devices = &devices;
+        async move {
+            for seq in from..to {
+                for (d, device) in devices.iter().enumerate() {
+                    let payload = json!({"d": d, "seq": seq}).to_string().into_bytes();
+                    device.publish(&format!("devices/crash-{d}/env"), payload).await;
+                }
+            }
+        }
+    };
+    let per_device = 300u64;
+    publish(0, 100).await;
+    wait_for(Duration::from_secs(30), "rows in Postgres", || async {
+        let client = primary.client().await.ok()?;
+        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
+        (n > 0).then_some(())
+    })
+    .await
+    .expect("rows stored before the crash");
+    primary.crash();
+    publish(100, 200).await;
+    for d in &devices {
+        d.wait_acked(200).await;
+    }
+    // Down long enough for workers to give up waiting for their commits
+    // and restart from their checkpoints.
+    wait_for(Duration::from_secs(30), "a worker giving up on its commit", || async {
+        let m = metrics(&node).await;
+        (counter(&m, "fluxmesh_shard_worker_failures_total{reason=\"storage\"}") >= 1.0).then_some(())
+    })
+    .await
+    .expect("workers waited for Postgres");
+    primary.restart().await.expect("primary back");
+    publish(200, per_device).await;
+    for d in &devices {
+        d.wait_acked(per_device as usize).await;
+    }
+
+    let total = per_device as i64 * devices.len() as i64;
+    let stored = wait_for(Duration::from_secs(60), "every acked message stored", || async {
+        let client = primary.client().await.ok()?;
+        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
+        (n >= total).then_some(n)
+    })
+    .await
+    .expect("all rows");
+    assert_eq!(stored, total, "no more rows than messages");
+    let client = primary.client().await.expect("client");
+    let per_message: i64 = client
+        .query_one("SELECT count(DISTINCT (json->>'d', json->>'seq')) FROM telemetry", &[])
+        .await
+        .expect("distinct")
+        .get(0);
+    assert_eq!(per_message, total, "each acked message exactly once");
+    let duplicated_events: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT device, kind, seq FROM events GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .expect("events")
+        .get(0);
+    assert_eq!(duplicated_events, 0, "derived rows once each");
+    let m = metrics(&node).await;
+    assert!(counter(&m, "fluxmesh_pg_write_errors_total") >= 1.0, "the crash reached the writer: {m}");
+    node.shutdown().await;
+}
+
+async fn connect_devices(node: &Node) -> Vec<Device> {
+    let mut devices = Vec::new();
+    for d in 0..4 {
+        devices.push(Device::connect(node.mqtt_addr(), &format!("crash-{d}")).await);
+    }
+    devices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_once_and_partitions_follow_retention() {
+    let primary = Postgres::start_primary().await.expect("primary");
+    let config: tokio_postgres::Config = primary.url().parse().expect("url");
+    let runs = (0..4).map(|_| schema::migrate(&config, "primary", Duration::from_secs(10)));
+    for result in futures::future::join_all(runs).await {
+        result.expect("migrates");
+    }
+    assert_eq!(count(&primary, "SELECT count(*) FROM fluxmesh_schema_history").await, 1);
+
+    let cfg =
+        StorageConfig { primary: primary.url(), retention_days: 2, partitions_ahead_days: 3, ..Default::default() };
+    let server = Server::primary(&cfg, "test").expect("pool");
+    let client = primary.client().await.expect("client");
+    client
+        .batch_execute(
+            "CREATE TABLE telemetry_p20200101 PARTITION OF telemetry \
+             FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-02 00:00:00+00')",
+        )
+        .await
+        .expect("an old partition");
+    let maintenance = Maintenance::new(&cfg);
+    let mut pooled = server.client(Duration::from_secs(5)).await.expect("pooled");
+    maintenance.maintain(&mut pooled, &server.name).await.expect("maintenance");
+    let today = schema::day_of(fluxmesh_schemas::frame::now_us());
+    let partitions: BTreeSet<String> = client
+        .query("SELECT relname::text FROM pg_class WHERE relname LIKE 'telemetry_p%' AND relkind = 'r'", &[])
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: BTreeSet<String> =
+        (today - 1..=today + 3).filter_map(|d| schema::partition_name(Table::Telemetry, d)).collect();
+    assert_eq!(partitions, expected, "yesterday, today and 3 ahead; the 2020 one dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_says_when_storage_is_off() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |_| {}).await;
+    let (status, _, body) = history(&node, "/api/v1/devices/d1/telemetry").await;
+    assert_eq!((status, body["reason"].as_str()), (503, Some("storage_off")), "{body}");
+    node.shutdown().await;
+}
