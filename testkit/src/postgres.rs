@@ -60,6 +60,8 @@ fn run_as() -> anyhow::Result<Option<(u32, u32)>> {
 pub struct Postgres {
     child: Option<Child>,
     pub port: u16,
+    /// Extra `-c name=value` settings, after the defaults.
+    settings: Vec<String>,
     bin: PathBuf,
     data: PathBuf,
     user: Option<(u32, u32)>,
@@ -69,6 +71,12 @@ pub struct Postgres {
 impl Postgres {
     /// A primary that standbys can stream from.
     pub async fn start_primary() -> anyhow::Result<Postgres> {
+        Self::start_primary_with(&[]).await
+    }
+
+    /// A primary with extra `name=value` settings (they win over the
+    /// test defaults: `fsync=on` for a benchmark, say).
+    pub async fn start_primary_with(settings: &[&str]) -> anyhow::Result<Postgres> {
         let bin = postgres_bin_dir()?;
         let user = run_as()?;
         let dir = tempfile::tempdir()?;
@@ -85,7 +93,8 @@ impl Postgres {
         if !status.success() {
             bail!("initdb failed: {}", std::fs::read_to_string(dir.path().join("initdb.log")).unwrap_or_default());
         }
-        Self::launch_new(bin, data, user, dir).await
+        let settings = settings.iter().map(|s| s.to_string()).collect();
+        Self::launch_new(bin, data, user, dir, settings).await
     }
 
     /// A hot standby of `primary`, streaming from it.
@@ -106,7 +115,7 @@ impl Postgres {
                 std::fs::read_to_string(dir.path().join("basebackup.log")).unwrap_or_default()
             );
         }
-        Self::launch_new(primary.bin.clone(), data, primary.user, dir).await
+        Self::launch_new(primary.bin.clone(), data, primary.user, dir, primary.settings.clone()).await
     }
 
     async fn launch_new(
@@ -114,8 +123,9 @@ impl Postgres {
         data: PathBuf,
         user: Option<(u32, u32)>,
         dir: tempfile::TempDir,
+        settings: Vec<String>,
     ) -> anyhow::Result<Postgres> {
-        let mut pg = Postgres { child: None, port: free_port()?, bin, data, user, dir };
+        let mut pg = Postgres { child: None, port: free_port()?, settings, bin, data, user, dir };
         let mut attempt = 1;
         loop {
             pg.launch()?;
@@ -145,6 +155,7 @@ impl Postgres {
             .args(["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "shared_buffers=64MB"])
             .args(["-c", "wal_level=replica", "-c", "max_wal_senders=8", "-c", "hot_standby=on"])
             .args(["-c", "hot_standby_feedback=on", "-c", "wal_receiver_status_interval=1s"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
