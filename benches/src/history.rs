@@ -3,7 +3,8 @@
 //!
 //! 1. **write**: `--submitters` tasks hand the node's writer batches of
 //!    `--batch` telemetry rows (as shard workers do) until `--rows` are
-//!    committed; meanwhile `--readers` tasks query "the last hour of one
+//!    committed over `--connections` writer connections; meanwhile
+//!    `--readers` tasks query, 20 times a second each, "the last hour of one
 //!    device" (the history API's statement, newest first, 1000 rows) on a
 //!    random device, and their latencies are recorded;
 //! 2. **replay**: the same rows again, all duplicates (a failover replay);
@@ -13,7 +14,7 @@
 //!    on top of; the ratio is printed.
 //!
 //!   fluxmesh-history-bench [--rows 1000000] [--devices 1000] [--batch 256]
-//!                          [--submitters 16] [--readers 2]
+//!                          [--submitters 16] [--readers 2] [--connections 2]
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -41,6 +42,9 @@ struct Args {
     submitters: usize,
     #[arg(long, default_value_t = 2)]
     readers: usize,
+    /// storage.writer_connections
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
 }
 
 /// The history API's "newest first" telemetry statement, for one hour.
@@ -114,14 +118,14 @@ async fn main() -> anyhow::Result<()> {
         Postgres::start_primary_with(&["fsync=on", "full_page_writes=on", "shared_buffers=256MB", "max_wal_size=4GB"])
             .await
             .context("starting PostgreSQL")?;
-    let cfg = StorageConfig { primary: pg.url(), ..Default::default() };
+    let cfg = StorageConfig { primary: pg.url(), writer_connections: args.connections, ..Default::default() };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let storage = Storage::start(&cfg, "bench", stop.clone(), &tracker).await?.context("storage is on")?;
     let all = Arc::new(rows(&args));
     println!(
-        "history writer: {} rows, {} devices, batches of {}, {} submitters, {} readers; PostgreSQL with fsync on",
-        args.rows, args.devices, args.batch, args.submitters, args.readers
+        "history writer: {} rows, {} devices, batches of {}, {} submitters, {} writer connections, {} readers at 20/s; PostgreSQL with fsync on",
+        args.rows, args.devices, args.batch, args.submitters, args.connections, args.readers
     );
 
     // 1. write, with readers.
@@ -132,7 +136,11 @@ async fn main() -> anyhow::Result<()> {
         readers.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut i = r * 7919;
+            // 20 queries a second each: a dashboard's load, not a second
+            // write-sized load competing for the two cores.
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
             while writing.load(Ordering::Relaxed) {
+                tick.tick().await;
                 i += 104_729;
                 let device = format!("device-{:05}", i % devices);
                 let now = std::time::SystemTime::now() + Duration::from_secs(60);

@@ -75,7 +75,13 @@ async fn history_is_written_to_the_primary_and_read_from_the_standby() {
     }
     post(&node, "d1", "channel=raw", "application/octet-stream", vec![0, 159, 146, 150, 255]).await;
     post(&node, "d1", "channel=nul", "application/json", br#"{"s":"a\u0000b"}"#.to_vec()).await;
-    let expected = 122;
+    // Valid JSON to serde, refused by jsonb (a lone surrogate), sent among
+    // others so that it shares a batch: only it goes to `raw`.
+    for i in 0..5 {
+        let body = if i == 2 { br#"{"s":"\ud800"}"#.to_vec() } else { json!({"n": i}).to_string().into_bytes() };
+        post(&node, "d1", "channel=mixed", "application/json", body).await;
+    }
+    let expected = 127;
 
     let (source, page) = wait_for(Duration::from_secs(30), "every row readable from the standby", || async {
         let (status, source, body) = history(&node, "/api/v1/devices/d1/telemetry?order=asc&limit=1000").await;
@@ -97,6 +103,9 @@ async fn history_is_written_to_the_primary_and_read_from_the_standby() {
     assert_eq!(raw["payload_base64"], "AJ+Slv8=");
     let nul = items.iter().find(|i| i["channel"] == "nul").expect("\\u0000 payload row");
     assert_eq!(nul["payload_base64"], "eyJzIjoiYVx1MDAwMGIifQ==", "kept byte for byte as raw");
+    let mixed: Vec<&Value> = items.iter().filter(|i| i["channel"] == "mixed").collect();
+    assert_eq!(mixed.iter().filter(|i| i.get("payload_base64").is_some()).count(), 1, "{mixed:?}");
+    assert_eq!(mixed.iter().filter(|i| i["payload"].get("n").is_some()).count(), 4, "{mixed:?}");
 
     // Pages of 50, newest first, cover every row once.
     let mut ids = BTreeSet::new();
@@ -163,6 +172,7 @@ async fn history_is_written_to_the_primary_and_read_from_the_standby() {
     }
     let m = metrics(&node).await;
     assert!(counter(&m, "fluxmesh_history_bad_requests_total") >= 10.0);
+    assert!(counter(&m, "fluxmesh_pg_rows_raw_fallback_total") >= 1.0, "{m}");
     assert!(counter(&m, "fluxmesh_pg_rows_written_total{table=\"telemetry\"}") >= expected as f64, "{m}");
     node.shutdown().await;
 }

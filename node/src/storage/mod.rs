@@ -47,6 +47,9 @@ pub struct StorageConfig {
     pub query_timeout_ms: u64,
     /// Rows the writer puts in one transaction, at most.
     pub batch_rows: usize,
+    /// Write transactions in flight at once (one connection each): Postgres
+    /// runs one core per connection.
+    pub writer_connections: usize,
     /// Write requests (one per shard batch) queued for the writer, at most;
     /// when full, shard workers wait (backpressure onto the consumers).
     pub queue_depth: usize,
@@ -80,6 +83,7 @@ impl Default for StorageConfig {
             connect_timeout_ms: 5000,
             query_timeout_ms: 5000,
             batch_rows: 5000,
+            writer_connections: 2,
             queue_depth: 64,
             commit_timeout_ms: 20_000,
             retention_days: 30,
@@ -117,6 +121,9 @@ impl StorageConfig {
         }
         if !(1..=1_000_000).contains(&self.batch_rows) {
             problems.push("storage.batch_rows: must be between 1 and 1000000".to_owned());
+        }
+        if self.writer_connections == 0 || self.writer_connections >= self.pool_size {
+            problems.push("storage.writer_connections: must be at least 1 and below storage.pool_size".to_owned());
         }
         if self.queue_depth == 0 {
             problems.push("storage.queue_depth: must be at least 1".to_owned());

@@ -6,9 +6,11 @@
 //! `queue_depth` requests; when it is full `submit` waits (the workers stop
 //! pulling, and JetStream holds the backlog).
 //!
-//! The task takes every request queued (up to `batch_rows` rows) into one
-//! transaction: one `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING`
-//! per table, the whole columns sent as binary arrays. A failed transaction
+//! The task runs `writer_connections` lanes; each takes every request
+//! queued (up to `batch_rows` rows) into one transaction: one
+//! `INSERT … SELECT FROM unnest(…)` per table, the whole columns sent as
+//! binary arrays. Plain inserts first; a batch that meets a row already
+//! stored (a replay) is written again with `ON CONFLICT DO NOTHING`. A failed transaction
 //! is retried with backoff (100 ms doubling to 5 s) until it commits: a
 //! Postgres restart costs a pause, never a row, and a commit whose answer
 //! was lost is simply written again and ignored as a duplicate. A request
@@ -24,6 +26,8 @@ use super::{StorageConfig, StorageError};
 use fluxmesh_schemas::frame::{ArchivedBody, ArchivedFrame, Body, Frame, Severity};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{IsNull, ToSql, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -82,7 +86,7 @@ pub struct AggregateRow {
 }
 
 /// The rows of one shard batch.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Rows {
     pub telemetry: Vec<TelemetryRow>,
     pub events: Vec<EventRow>,
@@ -176,6 +180,17 @@ impl Rows {
         });
     }
 
+    /// The first and second halves of each table's rows.
+    fn halves(&self) -> (Rows, Rows) {
+        let (t1, t2) = self.telemetry.split_at(self.telemetry.len() / 2);
+        let (e1, e2) = self.events.split_at(self.events.len() / 2);
+        let (a1, a2) = self.aggregates.split_at(self.aggregates.len() / 2);
+        (
+            Rows { telemetry: t1.to_vec(), events: e1.to_vec(), aggregates: a1.to_vec() },
+            Rows { telemetry: t2.to_vec(), events: e2.to_vec(), aggregates: a2.to_vec() },
+        )
+    }
+
     fn append(&mut self, other: Rows) {
         self.telemetry.extend(other.telemetry);
         self.events.extend(other.events);
@@ -222,7 +237,7 @@ impl Writer {
     ) -> Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let task = Task { primary, maintenance, batch_rows: cfg.batch_rows, timeout: cfg.query_timeout() };
-        tasks.spawn(task.run(rx, stop));
+        tasks.spawn(task.run(rx, cfg.writer_connections, stop));
         Writer { tx }
     }
 
@@ -249,30 +264,42 @@ struct Task {
 }
 
 impl Task {
-    async fn run(self, mut rx: mpsc::Receiver<Request>, stop: CancellationToken) {
+    /// `lanes` loops share the queue, each with one transaction in flight.
+    async fn run(self, rx: mpsc::Receiver<Request>, lanes: usize, stop: CancellationToken) {
+        let rx = tokio::sync::Mutex::new(rx);
+        futures::future::join_all((0..lanes).map(|_| self.lane(&rx, &stop))).await;
+        tracing::debug!("history writer stopped");
+    }
+
+    async fn lane(&self, rx: &tokio::sync::Mutex<mpsc::Receiver<Request>>, stop: &CancellationToken) {
         let mut deadline: Option<Instant> = None;
         loop {
-            let first = match deadline {
-                None => tokio::select! {
-                    r = rx.recv() => r,
-                    _ = stop.cancelled() => {
-                        deadline = Some(Instant::now() + STOP_DEADLINE);
-                        continue;
+            let mut group = Vec::new();
+            {
+                let mut rx = rx.lock().await;
+                let first = match deadline {
+                    None => tokio::select! {
+                        r = rx.recv() => r,
+                        _ = stop.cancelled() => {
+                            deadline = Some(Instant::now() + STOP_DEADLINE);
+                            continue;
+                        }
+                    },
+                    Some(_) => tokio::time::timeout(STOP_QUIET, rx.recv()).await.ok().flatten(),
+                };
+                let Some(first) = first else { break };
+                let mut rows = first.rows.len();
+                group.push(first);
+                while rows < self.batch_rows {
+                    match rx.try_recv() {
+                        Ok(r) => {
+                            rows += r.rows.len();
+                            group.push(r);
+                        }
+                        Err(_) => break,
                     }
-                },
-                Some(_) => tokio::time::timeout(STOP_QUIET, rx.recv()).await.ok().flatten(),
-            };
-            let Some(first) = first else { break };
-            let mut group = vec![first];
-            let mut rows = group[0].rows.len();
-            while rows < self.batch_rows {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        rows += r.rows.len();
-                        group.push(r);
-                    }
-                    Err(_) => break,
                 }
+                metrics::gauge!("fluxmesh_pg_writer_queue").set(rx.len() as f64);
             }
             // A worker that gave up resends its rows after its restart.
             group.retain(|r| !r.done.is_closed());
@@ -287,7 +314,7 @@ impl Task {
                 senders.push(r.done);
             }
             self.expire(&mut all);
-            if !self.write_until_committed(&all, &stop, deadline).await {
+            if !self.write_until_committed(&all, stop, deadline).await {
                 tracing::error!(
                     rows = all.len(),
                     "history writer stopped before these rows committed; their messages stay unacked"
@@ -298,18 +325,25 @@ impl Task {
             for done in senders {
                 let _ = done.send(());
             }
-            metrics::gauge!("fluxmesh_pg_writer_queue").set(rx.len() as f64);
         }
-        tracing::debug!("history writer stopped");
     }
 
     /// Retries until the rows commit; false if the stop deadline passed.
     async fn write_until_committed(&self, rows: &Rows, stop: &CancellationToken, deadline: Option<Instant>) -> bool {
         let mut backoff = Duration::from_millis(100);
-        let mut raw_fallback = false;
+        let mut isolate = false;
+        // Plain inserts first: `ON CONFLICT DO NOTHING` costs about 1.6x
+        // per row (speculative insertion), and duplicates only come with
+        // replays. A batch that meets one is written again with it.
+        let mut on_conflict = false;
         loop {
             let started = Instant::now();
-            match self.write(rows, raw_fallback).await {
+            let result = if isolate {
+                self.write_isolating(rows.clone()).await
+            } else {
+                self.write(rows, false, on_conflict).await
+            };
+            match result {
                 Ok(()) => {
                     metrics::histogram!("fluxmesh_pg_batch_seconds").record(started.elapsed().as_secs_f64());
                     metrics::histogram!("fluxmesh_pg_batch_rows").record(rows.len() as f64);
@@ -319,10 +353,13 @@ impl Task {
                     let kind = classify(&e);
                     metrics::counter!("fluxmesh_pg_write_errors_total", "kind" => kind).increment(1);
                     match kind {
-                        "data" if !raw_fallback => {
-                            tracing::warn!(error = %e, rows = rows.len(), "Postgres refused a value; storing this batch's JSON as bytes");
-                            metrics::counter!("fluxmesh_pg_raw_fallback_batches_total").increment(1);
-                            raw_fallback = true;
+                        "duplicate" if !on_conflict => {
+                            on_conflict = true;
+                            continue;
+                        }
+                        "data" if !isolate => {
+                            tracing::warn!(error = %e, rows = rows.len(), "Postgres refused a value; finding the row and storing its JSON as bytes");
+                            isolate = true;
                             continue;
                         }
                         "no_partition" => self.maintenance.forget(),
@@ -344,8 +381,29 @@ impl Task {
         }
     }
 
+    /// Writes `rows`, halving every part Postgres refuses a value in, until
+    /// the refused rows are alone; those are stored with their JSON as
+    /// bytes (`raw`). About 2·log2(n) transactions per refused row.
+    fn write_isolating(&self, rows: Rows) -> futures::future::BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            match self.write(&rows, false, true).await {
+                Err(e) if classify(&e) == "data" => {
+                    if rows.len() <= 1 {
+                        tracing::warn!(error = %e, "a row's JSON was refused; stored as bytes");
+                        metrics::counter!("fluxmesh_pg_rows_raw_fallback_total").increment(1);
+                        return self.write(&rows, true, true).await;
+                    }
+                    let (a, b) = rows.halves();
+                    self.write_isolating(a).await?;
+                    self.write_isolating(b).await
+                }
+                other => other,
+            }
+        })
+    }
+
     /// One transaction with every row.
-    async fn write(&self, rows: &Rows, raw_fallback: bool) -> Result<(), StorageError> {
+    async fn write(&self, rows: &Rows, raw_fallback: bool, on_conflict: bool) -> Result<(), StorageError> {
         let err = |e| self.primary.error(e);
         let mut client = self.primary.client(self.timeout).await?;
         for (table, days) in self.days(rows) {
@@ -357,18 +415,42 @@ impl Task {
         let mut inserted = [0u64; 3];
         if !rows.telemetry.is_empty() {
             let t = &rows.telemetry;
-            let device: Vec<&str> = t.iter().map(|r| r.device.as_str()).collect();
-            let received: Vec<SystemTime> = t.iter().map(|r| system_time(r.received_us)).collect();
-            let id: Vec<Uuid> = t.iter().map(|r| r.id).collect();
-            let channel: Vec<&str> = t.iter().map(|r| r.channel.as_str()).collect();
-            let device_time: Vec<Option<SystemTime>> = t.iter().map(|r| r.device_time_us.map(system_time)).collect();
-            let origin: Vec<&str> = t.iter().map(|r| r.origin.as_str()).collect();
-            let (json, raw) = split_json(t.iter().map(|r| (r.payload.as_slice(), r.json && !raw_fallback)));
-            let statement = tx.prepare_cached(INSERT_TELEMETRY).await.map_err(err)?;
-            inserted[0] = tx
-                .execute(&statement, &[&device, &received, &id, &channel, &device_time, &origin, &json, &raw])
-                .await
-                .map_err(err)?;
+            if on_conflict {
+                let device: Vec<&str> = t.iter().map(|r| r.device.as_str()).collect();
+                let received: Vec<SystemTime> = t.iter().map(|r| system_time(r.received_us)).collect();
+                let id: Vec<Uuid> = t.iter().map(|r| r.id).collect();
+                let channel: Vec<&str> = t.iter().map(|r| r.channel.as_str()).collect();
+                let device_time: Vec<Option<SystemTime>> =
+                    t.iter().map(|r| r.device_time_us.map(system_time)).collect();
+                let origin: Vec<&str> = t.iter().map(|r| r.origin.as_str()).collect();
+                let (json, raw) = split_json(t.iter().map(|r| (r.payload.as_slice(), r.json && !raw_fallback)));
+                let statement = tx.prepare_cached(INSERT_TELEMETRY).await.map_err(err)?;
+                inserted[0] = tx
+                    .execute(&statement, &[&device, &received, &id, &channel, &device_time, &origin, &json, &raw])
+                    .await
+                    .map_err(err)?;
+            } else {
+                // The bulk of the rows: COPY BINARY, which inserts in
+                // batches (a row already there fails it: see on_conflict).
+                let sink = tx.copy_in(COPY_TELEMETRY).await.map_err(err)?;
+                let writer = BinaryCopyInWriter::new(sink, &TELEMETRY_TYPES);
+                futures::pin_mut!(writer);
+                for r in t {
+                    let (json, raw) = match (r.json && !raw_fallback).then(|| std::str::from_utf8(&r.payload).ok()) {
+                        Some(Some(text)) => (Some(JsonText(text)), None),
+                        _ if r.payload.is_empty() => (None, None),
+                        _ => (None, Some(r.payload.as_slice())),
+                    };
+                    let received = system_time(r.received_us);
+                    let device_time = r.device_time_us.map(system_time);
+                    writer
+                        .as_mut()
+                        .write(&[&r.device, &received, &r.id, &r.channel, &device_time, &r.origin, &json, &raw])
+                        .await
+                        .map_err(err)?;
+                }
+                inserted[0] = writer.finish().await.map_err(err)?;
+            }
         }
         if !rows.events.is_empty() {
             let e = &rows.events;
@@ -384,7 +466,10 @@ impl Task {
             let severity: Vec<Option<&str>> = e.iter().map(|r| r.severity).collect();
             let message: Vec<Option<&str>> = e.iter().map(|r| r.message.as_deref()).collect();
             let (json, raw) = split_json(e.iter().map(|r| (r.body.as_slice(), r.json && !raw_fallback)));
-            let statement = tx.prepare_cached(INSERT_EVENTS).await.map_err(err)?;
+            let statement = tx
+                .prepare_cached(if on_conflict { INSERT_EVENTS } else { strip_on_conflict(INSERT_EVENTS) })
+                .await
+                .map_err(err)?;
             inserted[1] = tx
                 .execute(
                     &statement,
@@ -423,7 +508,10 @@ impl Task {
             let mean: Vec<f64> = a.iter().map(|r| r.mean).collect();
             let variance: Vec<f64> = a.iter().map(|r| r.variance).collect();
             let origin: Vec<&str> = a.iter().map(|r| r.origin.as_str()).collect();
-            let statement = tx.prepare_cached(INSERT_AGGREGATES).await.map_err(err)?;
+            let statement = tx
+                .prepare_cached(if on_conflict { INSERT_AGGREGATES } else { strip_on_conflict(INSERT_AGGREGATES) })
+                .await
+                .map_err(err)?;
             inserted[2] = tx
                 .execute(
                     &statement,
@@ -493,6 +581,30 @@ impl Task {
     }
 }
 
+const COPY_TELEMETRY: &str =
+    "COPY telemetry (device, received_at, frame_id, channel, device_time, origin, json, raw) FROM STDIN BINARY";
+const TELEMETRY_TYPES: [Type; 8] =
+    [Type::TEXT, Type::TIMESTAMPTZ, Type::UUID, Type::TEXT, Type::TIMESTAMPTZ, Type::TEXT, Type::JSONB, Type::BYTEA];
+
+/// JSON text sent as `jsonb` without parsing it here (binary format:
+/// version 1, then the text); Postgres checks it.
+#[derive(Debug)]
+struct JsonText<'a>(&'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(&self, _: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 const INSERT_TELEMETRY: &str = "INSERT INTO telemetry (device, received_at, frame_id, channel, device_time, origin, json, raw) \
      SELECT d, r, f, c, t, o, j::jsonb, b \
      FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::bytea[]) \
@@ -508,6 +620,11 @@ const INSERT_EVENTS: &str = "INSERT INTO events (device, received_at, frame_id, 
 const INSERT_AGGREGATES: &str = "INSERT INTO aggregates (device, received_at, frame_id, channel, field, window_start, window_end, count, sum, min, max, mean, variance, origin) \
      SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::float8[], $10::float8[], $11::float8[], $12::float8[], $13::float8[], $14::text[]) \
      ON CONFLICT DO NOTHING";
+
+/// The statement without its `ON CONFLICT DO NOTHING`.
+fn strip_on_conflict(sql: &'static str) -> &'static str {
+    sql.strip_suffix(" ON CONFLICT DO NOTHING").unwrap_or(sql)
+}
 
 /// Each payload to `json` (as text) or `raw` (as bytes), the other null.
 fn split_json<'a>(items: impl Iterator<Item = (&'a [u8], bool)>) -> (Vec<Option<&'a str>>, Vec<Option<&'a [u8]>>) {
@@ -545,12 +662,14 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// `transient`, `data` (a value Postgres refuses), `no_partition`, or
-/// `other` (retried too, but logged as an error).
+/// `transient`, `duplicate` (a row already stored: a replay), `data` (a
+/// value Postgres refuses), `no_partition`, or `other` (retried too, but
+/// logged as an error).
 fn classify(e: &StorageError) -> &'static str {
     match e {
         StorageError::Postgres { source, .. } => match source.code() {
             _ if is_transient(source) => "transient",
+            Some(code) if *code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => "duplicate",
             Some(code) if code.code().starts_with("22") => "data",
             Some(code) if *code == tokio_postgres::error::SqlState::CHECK_VIOLATION => "no_partition",
             _ => "other",
