@@ -168,10 +168,11 @@ fn params(params: Result<Query<Params>, axum::extract::rejection::QueryRejection
 }
 
 /// Builds `SELECT {columns} FROM {table} WHERE device = $1 AND {time} in
-/// [$2, $3) {filters} {keyset} ORDER BY {time}, frame_id LIMIT n`.
-fn select(columns: &str, table: &str, time: &str, filters: &[&str], page: &Page, first_param: usize) -> String {
+/// [$2, $3) {filters} {keyset} ORDER BY {time}, frame_id LIMIT n`, in the
+/// parameter order of [`run`].
+fn select(columns: &str, table: &str, time: &str, filters: &[&str], page: &Page) -> String {
     let mut sql = format!("SELECT {columns} FROM {table} WHERE device = $1 AND {time} >= $2 AND {time} < $3");
-    let mut n = first_param;
+    let mut n = 4;
     for f in filters {
         sql.push_str(&format!(" AND {f} = ${n}"));
         n += 1;
@@ -237,49 +238,63 @@ fn key(row: &Row, time: &str) -> Option<(SystemTime, Uuid)> {
     Some((row.try_get(time).ok()?, row.try_get("frame_id").ok()?))
 }
 
+/// One history route: its table, its time column, the columns it reads,
+/// the filter parameters it takes (SQL columns of the same name), what it
+/// answers to a filter it does not take, and how a row becomes an item.
+struct Route {
+    table: &'static str,
+    time: &'static str,
+    columns: &'static str,
+    filters: &'static [&'static str],
+    refuse: (&'static str, &'static str),
+    item: fn(&Row) -> Value,
+}
+
+const TELEMETRY: Route = Route {
+    table: "telemetry",
+    time: "received_at",
+    columns: "frame_id, received_at, channel, device_time, origin, json, raw",
+    filters: &["channel"],
+    refuse: ("query", "telemetry takes from, to, limit, order, cursor and channel"),
+    item: telemetry_item,
+};
+
+const AGGREGATES: Route = Route {
+    table: "aggregates",
+    time: "window_start",
+    columns: "frame_id, channel, field, window_start, window_end, count, sum, min, max, mean, variance, origin",
+    filters: &["channel", "field"],
+    refuse: ("kind", "aggregates take channel and field, not kind"),
+    item: aggregate_item,
+};
+
+const EVENTS: Route = Route {
+    table: "events",
+    time: "received_at",
+    columns: "frame_id, received_at, kind, channel, producer, seq, device_time, origin, severity, message, json, raw",
+    filters: &["channel", "kind"],
+    refuse: ("field", "events take channel and kind, not field"),
+    item: event_item,
+};
+
+impl Params {
+    /// The value of filter parameter `name`.
+    fn filter(&self, name: &str) -> Option<&String> {
+        match name {
+            "channel" => self.channel.as_ref(),
+            "field" => self.field.as_ref(),
+            "kind" => self.kind.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 async fn telemetry(
     State(state): State<AppState>,
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let storage = storage(&state)?;
-    let p = params(query)?;
-    if p.field.is_some() || p.kind.is_some() {
-        return Err(bad("query", "telemetry takes from, to, limit, order, cursor and channel"));
-    }
-    let page = p.page(&storage)?;
-    let mut filters: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    let mut names = Vec::new();
-    if let Some(c) = &p.channel {
-        filters.push(c);
-        names.push("channel");
-    }
-    let sql = select(
-        "frame_id, received_at, channel, device_time, origin, json, raw",
-        "telemetry",
-        "received_at",
-        &names,
-        &page,
-        4,
-    );
-    let (rows, source) = run(&storage, &device, &sql, &page, &filters).await?;
-    let last = rows.last().and_then(|r| key(r, "received_at"));
-    let items = rows
-        .iter()
-        .map(|row| {
-            let received = opt_us(row, "received_at").unwrap_or_default();
-            let mut item = serde_json::Map::new();
-            item.insert("id".into(), json!(row.try_get::<_, Uuid>("frame_id").ok().map(|u| u.simple().to_string())));
-            item.insert("channel".into(), json!(row.try_get::<_, String>("channel").ok()));
-            item.insert("received_us".into(), json!(received));
-            item.insert("received_at".into(), rfc3339(received));
-            item.insert("device_time_us".into(), json!(opt_us(row, "device_time")));
-            item.insert("origin".into(), json!(row.try_get::<_, String>("origin").ok()));
-            payload(row, &mut item, "payload");
-            Value::Object(item)
-        })
-        .collect();
-    Ok(answer(&device, items, last, &page, source))
+    history(&state, &device, query, &TELEMETRY).await
 }
 
 async fn aggregates(
@@ -287,54 +302,7 @@ async fn aggregates(
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let storage = storage(&state)?;
-    let p = params(query)?;
-    if p.kind.is_some() {
-        return Err(bad("kind", "aggregates take channel and field, not kind"));
-    }
-    let page = p.page(&storage)?;
-    let mut filters: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    let mut names = Vec::new();
-    if let Some(c) = &p.channel {
-        filters.push(c);
-        names.push("channel");
-    }
-    if let Some(f) = &p.field {
-        filters.push(f);
-        names.push("field");
-    }
-    let sql = select(
-        "frame_id, channel, field, window_start, window_end, count, sum, min, max, mean, variance, origin",
-        "aggregates",
-        "window_start",
-        &names,
-        &page,
-        4,
-    );
-    let (rows, source) = run(&storage, &device, &sql, &page, &filters).await?;
-    let last = rows.last().and_then(|r| key(r, "window_start"));
-    let items = rows
-        .iter()
-        .map(|row| {
-            let start = opt_us(row, "window_start").unwrap_or_default();
-            json!({
-                "id": row.try_get::<_, Uuid>("frame_id").ok().map(|u| u.simple().to_string()),
-                "channel": row.try_get::<_, String>("channel").ok(),
-                "field": row.try_get::<_, String>("field").ok(),
-                "window_start_us": start,
-                "window_start": rfc3339(start),
-                "window_end_us": opt_us(row, "window_end"),
-                "count": row.try_get::<_, i64>("count").ok(),
-                "sum": row.try_get::<_, f64>("sum").ok(),
-                "min": row.try_get::<_, f64>("min").ok(),
-                "max": row.try_get::<_, f64>("max").ok(),
-                "mean": row.try_get::<_, f64>("mean").ok(),
-                "variance": row.try_get::<_, f64>("variance").ok(),
-                "origin": row.try_get::<_, String>("origin").ok(),
-            })
-        })
-        .collect();
-    Ok(answer(&device, items, last, &page, source))
+    history(&state, &device, query, &AGGREGATES).await
 }
 
 async fn events(
@@ -342,10 +310,21 @@ async fn events(
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let storage = storage(&state)?;
+    history(&state, &device, query, &EVENTS).await
+}
+
+/// One page of `route` for `device`.
+async fn history(
+    state: &AppState,
+    device: &str,
+    query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    route: &Route,
+) -> Result<Response, ApiError> {
+    let storage = storage(state)?;
     let p = params(query)?;
-    if p.field.is_some() {
-        return Err(bad("field", "events take channel and kind, not field"));
+    let taken = |name: &str| route.filters.contains(&name);
+    if ["channel", "field", "kind"].iter().any(|name| !taken(name) && p.filter(name).is_some()) {
+        return Err(bad(route.refuse.0, route.refuse.1));
     }
     if let Some(k) = &p.kind {
         if !matches!(k.as_str(), "state" | "alert" | "event" | "error") {
@@ -355,49 +334,75 @@ async fn events(
     let page = p.page(&storage)?;
     let mut filters: Vec<&(dyn ToSql + Sync)> = Vec::new();
     let mut names = Vec::new();
-    if let Some(c) = &p.channel {
-        filters.push(c);
-        names.push("channel");
+    for name in route.filters {
+        if let Some(value) = p.filter(name) {
+            filters.push(value);
+            names.push(*name);
+        }
     }
-    if let Some(k) = &p.kind {
-        filters.push(k);
-        names.push("kind");
+    let sql = select(route.columns, route.table, route.time, &names, &page);
+    let (rows, source) = run(&storage, device, &sql, &page, &filters).await?;
+    let last = rows.last().and_then(|r| key(r, route.time));
+    let items = rows.iter().map(route.item).collect();
+    Ok(answer(device, items, last, &page, source))
+}
+
+fn frame_id(row: &Row) -> Value {
+    json!(row.try_get::<_, Uuid>("frame_id").ok().map(|u| u.simple().to_string()))
+}
+
+fn telemetry_item(row: &Row) -> Value {
+    let received = opt_us(row, "received_at").unwrap_or_default();
+    let mut item = serde_json::Map::new();
+    item.insert("id".into(), frame_id(row));
+    item.insert("channel".into(), json!(row.try_get::<_, String>("channel").ok()));
+    item.insert("received_us".into(), json!(received));
+    item.insert("received_at".into(), rfc3339(received));
+    item.insert("device_time_us".into(), json!(opt_us(row, "device_time")));
+    item.insert("origin".into(), json!(row.try_get::<_, String>("origin").ok()));
+    payload(row, &mut item, "payload");
+    Value::Object(item)
+}
+
+fn aggregate_item(row: &Row) -> Value {
+    let start = opt_us(row, "window_start").unwrap_or_default();
+    json!({
+        "id": frame_id(row),
+        "channel": row.try_get::<_, String>("channel").ok(),
+        "field": row.try_get::<_, String>("field").ok(),
+        "window_start_us": start,
+        "window_start": rfc3339(start),
+        "window_end_us": opt_us(row, "window_end"),
+        "count": row.try_get::<_, i64>("count").ok(),
+        "sum": row.try_get::<_, f64>("sum").ok(),
+        "min": row.try_get::<_, f64>("min").ok(),
+        "max": row.try_get::<_, f64>("max").ok(),
+        "mean": row.try_get::<_, f64>("mean").ok(),
+        "variance": row.try_get::<_, f64>("variance").ok(),
+        "origin": row.try_get::<_, String>("origin").ok(),
+    })
+}
+
+fn event_item(row: &Row) -> Value {
+    let received = opt_us(row, "received_at").unwrap_or_default();
+    let mut item = serde_json::Map::new();
+    item.insert("id".into(), frame_id(row));
+    item.insert("kind".into(), json!(row.try_get::<_, String>("kind").ok()));
+    item.insert("channel".into(), json!(row.try_get::<_, String>("channel").ok()));
+    item.insert("producer".into(), json!(row.try_get::<_, String>("producer").ok()));
+    item.insert("seq".into(), json!(row.try_get::<_, i64>("seq").ok()));
+    item.insert("received_us".into(), json!(received));
+    item.insert("received_at".into(), rfc3339(received));
+    item.insert("device_time_us".into(), json!(opt_us(row, "device_time")));
+    item.insert("origin".into(), json!(row.try_get::<_, String>("origin").ok()));
+    if let Ok(Some(s)) = row.try_get::<_, Option<String>>("severity") {
+        item.insert("severity".into(), json!(s));
     }
-    let sql = select(
-        "frame_id, received_at, kind, channel, producer, seq, device_time, origin, severity, message, json, raw",
-        "events",
-        "received_at",
-        &names,
-        &page,
-        4,
-    );
-    let (rows, source) = run(&storage, &device, &sql, &page, &filters).await?;
-    let last = rows.last().and_then(|r| key(r, "received_at"));
-    let items = rows
-        .iter()
-        .map(|row| {
-            let received = opt_us(row, "received_at").unwrap_or_default();
-            let mut item = serde_json::Map::new();
-            item.insert("id".into(), json!(row.try_get::<_, Uuid>("frame_id").ok().map(|u| u.simple().to_string())));
-            item.insert("kind".into(), json!(row.try_get::<_, String>("kind").ok()));
-            item.insert("channel".into(), json!(row.try_get::<_, String>("channel").ok()));
-            item.insert("producer".into(), json!(row.try_get::<_, String>("producer").ok()));
-            item.insert("seq".into(), json!(row.try_get::<_, i64>("seq").ok()));
-            item.insert("received_us".into(), json!(received));
-            item.insert("received_at".into(), rfc3339(received));
-            item.insert("device_time_us".into(), json!(opt_us(row, "device_time")));
-            item.insert("origin".into(), json!(row.try_get::<_, String>("origin").ok()));
-            if let Ok(Some(s)) = row.try_get::<_, Option<String>>("severity") {
-                item.insert("severity".into(), json!(s));
-            }
-            if let Ok(Some(m)) = row.try_get::<_, Option<String>>("message") {
-                item.insert("message".into(), json!(m));
-            }
-            payload(row, &mut item, "body");
-            Value::Object(item)
-        })
-        .collect();
-    Ok(answer(&device, items, last, &page, source))
+    if let Ok(Some(m)) = row.try_get::<_, Option<String>>("message") {
+        item.insert("message".into(), json!(m));
+    }
+    payload(row, &mut item, "body");
+    Value::Object(item)
 }
 
 #[cfg(test)]
@@ -429,7 +434,7 @@ mod tests {
     fn select_numbers_its_parameters() {
         let page =
             Page { from: UNIX_EPOCH, to: UNIX_EPOCH, limit: 10, desc: true, after: Some((UNIX_EPOCH, Uuid::nil())) };
-        let sql = select("x", "t", "ts", &["channel", "kind"], &page, 4);
+        let sql = select("x", "t", "ts", &["channel", "kind"], &page);
         assert_eq!(
             sql,
             "SELECT x FROM t WHERE device = $1 AND ts >= $2 AND ts < $3 AND channel = $4 AND kind = $5 \

@@ -173,31 +173,7 @@ impl Maintenance {
         }
         Ok(())
     }
-}
 
-/// Runs partition maintenance every `every` until `stop`.
-pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // start-up already ran it
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let result = async {
-            let mut client = primary.client(Duration::from_secs(10)).await?;
-            maintenance.maintain(&mut client, &primary.name).await
-        }
-        .await;
-        if let Err(e) = result {
-            metrics::counter!("fluxmesh_pg_maintenance_errors_total").increment(1);
-            tracing::warn!(error = %e, "partition maintenance failed; next try in {every:?}");
-        }
-    }
-}
-
-impl Maintenance {
     /// Creates today's partitions (and yesterday's, and `ahead` more) and
     /// drops those wholly before retention.
     pub async fn maintain(&self, client: &mut deadpool_postgres::Object, server: &str) -> Result<(), StorageError> {
@@ -234,6 +210,28 @@ impl Maintenance {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs partition maintenance every `every` until `stop`.
+pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // start-up already ran it
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = async {
+            let mut client = primary.client(Duration::from_secs(10)).await?;
+            maintenance.maintain(&mut client, &primary.name).await
+        }
+        .await;
+        if let Err(e) = result {
+            metrics::counter!("fluxmesh_pg_maintenance_errors_total").increment(1);
+            tracing::warn!(error = %e, "partition maintenance failed; next try in {every:?}");
+        }
     }
 }
 

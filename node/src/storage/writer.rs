@@ -436,11 +436,8 @@ impl Task {
                 let writer = BinaryCopyInWriter::new(sink, &TELEMETRY_TYPES);
                 futures::pin_mut!(writer);
                 for r in t {
-                    let (json, raw) = match (r.json && !raw_fallback).then(|| std::str::from_utf8(&r.payload).ok()) {
-                        Some(Some(text)) => (Some(JsonText(text)), None),
-                        _ if r.payload.is_empty() => (None, None),
-                        _ => (None, Some(r.payload.as_slice())),
-                    };
+                    let (json, raw) = json_or_raw(&r.payload, r.json && !raw_fallback);
+                    let json = json.map(JsonText);
                     let received = system_time(r.received_us);
                     let device_time = r.device_time_us.map(system_time);
                     writer
@@ -466,10 +463,7 @@ impl Task {
             let severity: Vec<Option<&str>> = e.iter().map(|r| r.severity).collect();
             let message: Vec<Option<&str>> = e.iter().map(|r| r.message.as_deref()).collect();
             let (json, raw) = split_json(e.iter().map(|r| (r.body.as_slice(), r.json && !raw_fallback)));
-            let statement = tx
-                .prepare_cached(if on_conflict { INSERT_EVENTS } else { strip_on_conflict(INSERT_EVENTS) })
-                .await
-                .map_err(err)?;
+            let statement = tx.prepare_cached(insert_sql(INSERT_EVENTS, on_conflict)).await.map_err(err)?;
             inserted[1] = tx
                 .execute(
                     &statement,
@@ -508,10 +502,7 @@ impl Task {
             let mean: Vec<f64> = a.iter().map(|r| r.mean).collect();
             let variance: Vec<f64> = a.iter().map(|r| r.variance).collect();
             let origin: Vec<&str> = a.iter().map(|r| r.origin.as_str()).collect();
-            let statement = tx
-                .prepare_cached(if on_conflict { INSERT_AGGREGATES } else { strip_on_conflict(INSERT_AGGREGATES) })
-                .await
-                .map_err(err)?;
+            let statement = tx.prepare_cached(insert_sql(INSERT_AGGREGATES, on_conflict)).await.map_err(err)?;
             inserted[2] = tx
                 .execute(
                     &statement,
@@ -621,20 +612,29 @@ const INSERT_AGGREGATES: &str = "INSERT INTO aggregates (device, received_at, fr
      SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::float8[], $10::float8[], $11::float8[], $12::float8[], $13::float8[], $14::text[]) \
      ON CONFLICT DO NOTHING";
 
-/// The statement without its `ON CONFLICT DO NOTHING`.
-fn strip_on_conflict(sql: &'static str) -> &'static str {
-    sql.strip_suffix(" ON CONFLICT DO NOTHING").unwrap_or(sql)
+/// `sql` as it is with `on_conflict`, else without its
+/// `ON CONFLICT DO NOTHING` (the plain insert tried first).
+fn insert_sql(sql: &'static str, on_conflict: bool) -> &'static str {
+    if on_conflict {
+        sql
+    } else {
+        sql.strip_suffix(" ON CONFLICT DO NOTHING").unwrap_or(sql)
+    }
 }
 
-/// Each payload to `json` (as text) or `raw` (as bytes), the other null.
+/// A payload for the `json` column (as text) or the `raw` column (as
+/// bytes), the other null; both null when it is empty.
+fn json_or_raw(bytes: &[u8], json: bool) -> (Option<&str>, Option<&[u8]>) {
+    match json.then(|| std::str::from_utf8(bytes).ok()).flatten() {
+        Some(text) => (Some(text), None),
+        None if bytes.is_empty() => (None, None),
+        None => (None, Some(bytes)),
+    }
+}
+
+/// Each payload to `json` or `raw` ([`json_or_raw`]), as two columns.
 fn split_json<'a>(items: impl Iterator<Item = (&'a [u8], bool)>) -> (Vec<Option<&'a str>>, Vec<Option<&'a [u8]>>) {
-    items
-        .map(|(bytes, json)| match json.then(|| std::str::from_utf8(bytes).ok()).flatten() {
-            Some(text) => (Some(text), None),
-            None if bytes.is_empty() => (None, None),
-            None => (None, Some(bytes)),
-        })
-        .unzip()
+    items.map(|(bytes, json)| json_or_raw(bytes, json)).unzip()
 }
 
 pub fn system_time(us: i64) -> SystemTime {
@@ -691,6 +691,15 @@ mod tests {
         assert!(!jsonb_ok(b"\x01\x02binary"));
         assert!(!jsonb_ok(b""));
         assert!(!jsonb_ok(b"{\"t\":1} trailing"));
+    }
+
+    #[test]
+    fn plain_inserts_have_no_on_conflict() {
+        for sql in [INSERT_TELEMETRY, INSERT_EVENTS, INSERT_AGGREGATES] {
+            assert!(sql.ends_with(" ON CONFLICT DO NOTHING"), "{sql}");
+            assert_eq!(insert_sql(sql, true), sql);
+            assert!(!insert_sql(sql, false).contains("ON CONFLICT"), "{sql}");
+        }
     }
 
     #[test]
