@@ -1,5 +1,6 @@
 //! The `[nats]` config section.
 
+use crate::Secret;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -36,6 +37,24 @@ pub struct NatsConfig {
     pub publish_attempts: u32,
     /// Timeout for one connection attempt.
     pub connect_timeout_ms: u64,
+    /// User and password for the servers' `authorization` block.
+    pub user: String,
+    pub password: Secret,
+    /// A bare token (`authorization { token: ... }`).
+    pub token: Secret,
+    /// A `.creds` file (JWT and nkey seed) of an operator-mode account.
+    pub creds_file: String,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_seed_file: String,
+    /// Refuse to talk to a server that does not offer TLS. `tls://` URLs
+    /// and a `tls_ca_file` imply it.
+    pub tls_required: bool,
+    /// PEM CA bundle the servers' certificates are checked against (the
+    /// system roots are used as well).
+    pub tls_ca_file: String,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for NatsConfig {
@@ -52,6 +71,15 @@ impl Default for NatsConfig {
             ack_timeout_ms: 5000,
             publish_attempts: 5,
             connect_timeout_ms: 2000,
+            user: String::new(),
+            password: Secret::default(),
+            token: Secret::default(),
+            creds_file: String::new(),
+            nkey_seed_file: String::new(),
+            tls_required: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -86,6 +114,33 @@ impl NatsConfig {
         }
         if self.ack_timeout_ms == 0 || self.connect_timeout_ms == 0 {
             problems.push("nats.ack_timeout_ms and nats.connect_timeout_ms must be positive".to_owned());
+        }
+        let methods = [
+            !self.user.is_empty(),
+            !self.token.is_empty(),
+            !self.creds_file.is_empty(),
+            !self.nkey_seed_file.is_empty(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            problems
+                .push("nats: set at most one of user (with password), token, creds_file and nkey_seed_file".to_owned());
+        }
+        if self.user.is_empty() != self.password.is_empty() {
+            problems.push("nats.user and nats.password go together".to_owned());
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            problems.push("nats.tls_cert_file and nats.tls_key_file go together".to_owned());
+        }
+        for (key, path) in [
+            ("creds_file", &self.creds_file),
+            ("nkey_seed_file", &self.nkey_seed_file),
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                problems.push(format!("nats.{key}: {path} is not a readable file"));
+            }
         }
         if self.duplicate_window_secs == 0 {
             problems.push("nats.duplicate_window_secs: must be positive (it is what makes retries safe)".to_owned());

@@ -10,6 +10,7 @@
 //!   outstanding acks, retried with the same `Nats-Msg-Id`, every failure
 //!   returned to the caller.
 //! - [`read`]: reading what a stream holds right now.
+//! - [`secret`]: config values that are never printed.
 
 pub mod cluster;
 pub mod config;
@@ -18,9 +19,11 @@ pub mod placement;
 pub mod provision;
 pub mod publisher;
 pub mod read;
+pub mod secret;
 
 pub use config::NatsConfig;
 pub use connect::{connect, ConnectError};
 pub use provision::{provision, ProvisionError, Provisioned};
 pub use publisher::{frame_headers, Pending, PublishError, Publisher};
 pub use read::{read_pending, ReadError};
+pub use secret::Secret;

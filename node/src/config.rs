@@ -2,6 +2,7 @@
 //! `FLUXMESH_{SECTION}_{KEY}` environment variables. Unknown keys are
 //! errors, and every problem is reported at once.
 
+use crate::auth::AuthConfig;
 use crate::commands::CommandsConfig;
 use crate::plugins::PluginsConfig;
 use crate::rules::RulesConfig;
@@ -32,6 +33,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub aggregation: AggregationConfig,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub ingest: IngestConfig,
@@ -71,6 +73,17 @@ pub struct MqttConfig {
     /// a subscriber that falls further behind skips the oldest segment.
     pub buffer_segment_bytes: usize,
     pub buffer_segments: usize,
+    /// Serve plain MQTT on `listen`. Turn off when only TLS may be used.
+    pub tcp_enabled: bool,
+    /// Serve MQTT over TLS on `tls_listen`, with this PEM certificate chain
+    /// and key.
+    pub tls_enabled: bool,
+    pub tls_listen: SocketAddr,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// PEM CA bundle: when set, TLS clients must present a certificate
+    /// signed by it (they still authenticate as devices).
+    pub tls_client_ca_file: String,
 }
 
 /// The HTTP API (ingest, health, metrics).
@@ -89,6 +102,13 @@ pub struct IngestConfig {
     /// Subject families to mirror as JSON on `{prefix}.json.…`:
     /// any of `"tel"`, `"evt"`.
     pub json_mirror: Vec<String>,
+    /// Messages a second one device may send (token bucket); 0 = no limit.
+    /// MQTT devices over it are slowed down (backpressure), HTTP requests
+    /// get 429 with Retry-After.
+    pub device_rate_per_sec: u32,
+    /// Bucket size: messages a device may send at once after being quiet;
+    /// 0 = the same as the rate.
+    pub device_burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +131,12 @@ impl Default for MqttConfig {
             local_fanout: false,
             buffer_segment_bytes: 16 * 1024 * 1024,
             buffer_segments: 8,
+            tcp_enabled: true,
+            tls_enabled: false,
+            tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
         }
     }
 }
@@ -123,7 +149,7 @@ impl Default for HttpConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_payload_bytes: 256 * 1024, json_mirror: Vec::new() }
+        IngestConfig { max_payload_bytes: 256 * 1024, json_mirror: Vec::new(), device_rate_per_sec: 0, device_burst: 0 }
     }
 }
 
@@ -145,7 +171,7 @@ pub enum ConfigError {
 }
 
 /// Top-level sections; `FLUXMESH_{SECTION}_{KEY}` sets `section.key`.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "nats",
     "cluster",
     "shards",
@@ -154,6 +180,7 @@ const SECTIONS: [&str; 13] = [
     "plugins",
     "aggregation",
     "storage",
+    "auth",
     "mqtt",
     "http",
     "ingest",
@@ -212,6 +239,21 @@ impl Config {
         problems.extend(self.plugins.problems());
         problems.extend(self.aggregation.problems());
         problems.extend(self.storage.problems());
+        problems.extend(self.auth.problems());
+        if !self.mqtt.tcp_enabled && !self.mqtt.tls_enabled {
+            problems.push("mqtt: tcp_enabled and tls_enabled are both off; devices could not connect".to_owned());
+        }
+        if self.mqtt.tls_enabled {
+            if self.mqtt.tls_cert_file.is_empty() || self.mqtt.tls_key_file.is_empty() {
+                problems.push("mqtt.tls_enabled needs mqtt.tls_cert_file and mqtt.tls_key_file".to_owned());
+            } else if let Err(e) = crate::tls::server_config(
+                &self.mqtt.tls_cert_file,
+                &self.mqtt.tls_key_file,
+                &self.mqtt.tls_client_ca_file,
+            ) {
+                problems.push(e.to_string());
+            }
+        }
         if self.node_id.len() > 64 || self.node_id.contains(|c: char| c.is_whitespace() || c.is_control()) {
             problems.push("node_id: at most 64 characters, no whitespace".to_owned());
         }

@@ -11,6 +11,12 @@
 //! | `/api/v1/rules[/{id}]` | rules: see [`crate::rules::http`] |
 //! | `/api/v1/plugins[/{name}]` | WebAssembly plugins: see [`crate::plugins::http`] |
 //! | `GET /api/v1/devices/{id}/{telemetry,aggregates,events}` | history: see [`crate::storage::http`] |
+//! | `/api/v1/devices/{id}/credentials` | device credentials: see [`crate::auth::http`] |
+//!
+//! `/healthz`, `/readyz` and `/metrics` are open. Ingest takes the device's
+//! own credentials (Basic), the admin token, or nobody if anonymous devices
+//! are allowed. Every other route needs `Authorization: Bearer
+//! <auth.admin_token>`.
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::shards::ShardContext;
@@ -37,19 +43,28 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub node_id: Arc<str>,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub admin_token: fluxmesh_mesh::Secret,
+    /// Empty until the node is connected to NATS.
+    pub auth: Arc<std::sync::OnceLock<Arc<crate::auth::Authenticator>>>,
+    /// Per-device message rate on HTTP ingest (`ingest.device_rate_per_sec`).
+    pub limiter: Option<Arc<crate::limits::DeviceLimiter>>,
 }
 
 pub fn router(state: AppState, max_payload: usize, max_module: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .route("/api/v1/devices/{id}/telemetry", post(ingest))
+    let admin = Router::new()
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/cluster", get(cluster))
         .merge(crate::rules::http::routes())
         .merge(crate::plugins::http::routes(max_module))
         .merge(crate::storage::http::routes())
+        .merge(crate::auth::http::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::http::require_admin));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/devices/{id}/telemetry", post(ingest))
+        .merge(admin)
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
         .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))
@@ -101,6 +116,22 @@ async fn ingest(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let Some(ingress) = state.ingress.get() else { return not_ready() };
+    let grant = match crate::auth::http::ingest_grant(&state, &headers, &device).await {
+        Ok(g) => g,
+        Err(response) => return response,
+    };
+    if let Some(limiter) = &state.limiter {
+        if let Err(wait) = limiter.check(&grant.device) {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut response = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("device `{device}` is over ingest.device_rate_per_sec; retry in {secs} s"),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            return response;
+        }
+    }
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),

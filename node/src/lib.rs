@@ -3,10 +3,12 @@
 //! binary only parses arguments and waits for a signal, so tests and benches
 //! run real nodes in-process.
 
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod http;
 pub mod ingress;
+pub mod limits;
 pub mod mqtt;
 pub mod node;
 pub mod plugins;
@@ -14,6 +16,7 @@ pub mod rules;
 pub mod shards;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::{Config, ConfigError};
 pub use node::{Node, NodeError};

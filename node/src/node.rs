@@ -61,6 +61,8 @@ pub enum NodeError {
     Plugins(#[from] crate::plugins::PluginsError),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("stopped before the node was ready")]
     Cancelled,
 }
@@ -100,12 +102,38 @@ impl Node {
             listener.local_addr().map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
         let ingress_slot: Arc<std::sync::OnceLock<Ingress>> = Arc::default();
         let shards_slot: Arc<std::sync::OnceLock<Arc<ShardContext>>> = Arc::default();
+        let auth_slot: Arc<std::sync::OnceLock<Arc<crate::auth::Authenticator>>> = Arc::default();
+        let limiter = crate::limits::quota(config.ingest.device_rate_per_sec, config.ingest.device_burst)
+            .map(|q| Arc::new(crate::limits::DeviceLimiter::new(q)));
+        if let Some(limiter) = limiter.clone() {
+            let prune_stop = stop.clone();
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = prune_stop.cancelled() => return,
+                        _ = every.tick() => limiter.prune(),
+                    }
+                }
+            });
+        }
+        if config.auth.admin_token.is_empty() {
+            tracing::warn!(
+                "auth.admin_token is not set: the admin API (/api/v1, but device ingest) refuses every request"
+            );
+        }
+        if config.auth.allow_anonymous {
+            tracing::warn!("auth.allow_anonymous is on: devices without credentials may connect and publish");
+        }
         let state = AppState {
             ingress: ingress_slot.clone(),
             shards: shards_slot.clone(),
             ready: ready.clone(),
             node_id: node_id.as_str().into(),
             prometheus,
+            admin_token: config.auth.admin_token.clone(),
+            auth: auth_slot.clone(),
+            limiter,
         };
         let app = http::router(state, config.ingest.max_payload_bytes, config.plugins.max_module_bytes);
         let http_stop = stop.clone();
@@ -117,7 +145,7 @@ impl Node {
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, http_addr, &cancel, &stop, &tasks).await;
+        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &stop, &tasks).await;
         let Started { client, control, provisioned, ingress, mqtt, shards } = match started {
             Ok(parts) => parts,
             Err(e) => {
@@ -142,6 +170,7 @@ impl Node {
         config: &Config,
         node_id: &str,
         http_addr: SocketAddr,
+        auth_slot: &std::sync::OnceLock<Arc<crate::auth::Authenticator>>,
         cancel: &CancellationToken,
         stop: &CancellationToken,
         tasks: &TaskTracker,
@@ -178,10 +207,21 @@ impl Node {
             prefix: provisioned.subjects.prefix().to_owned(),
             node_id: node_id.to_owned(),
         };
+        let credentials = retry_until(
+            cancel,
+            "credentials bucket not ready yet",
+            Duration::from_millis(200),
+            || crate::auth::open_store(publisher_js(&ingress), provisioned.subjects.prefix(), provisioned.replicas),
+            |_| true,
+        )
+        .await?;
+        let auth = Arc::new(crate::auth::Authenticator::new(config.auth.clone(), credentials));
+        let _ = auth_slot.set(auth.clone());
         let (cmd_ready_tx, cmd_ready_rx) = tokio::sync::mpsc::channel(1024);
         let mqtt = mqtt::start(
             &config.mqtt,
-            config.ingest.max_payload_bytes,
+            &config.ingest,
+            auth,
             ingress.clone(),
             sessions_bus,
             cmd_ready_tx,

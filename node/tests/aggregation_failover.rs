@@ -62,7 +62,7 @@ async fn run(kill: bool) -> (Rows, usize) {
     let b = NodeProc::start(&[nats.url()], tweak).await;
     wait_settled(&[a.http, b.http], 2, "two nodes own all shards").await;
 
-    let client = reqwest::Client::new();
+    let client = common::http();
     let devices: Vec<String> = (0..DEVICES).map(|d| format!("agg-dev-{d}")).collect();
     let feed = |from: usize, to: usize| {
         let (client, devices, node) = (&client, &devices, a.http);

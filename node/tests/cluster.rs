@@ -27,7 +27,7 @@ async fn three_server_cluster_with_two_nodes() {
 
     let device = Device::connect(a.mqtt_addr(), "cluster-dev-1").await;
     device.publish("devices/via-a/temp", b"{\"v\":1}".to_vec()).await;
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .post(format!("http://{}/api/v1/devices/via-b/telemetry?channel=temp", b.http_addr()))
         .header("content-type", "application/json")
         .body("{\"v\":2}")

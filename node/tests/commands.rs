@@ -70,7 +70,7 @@ async fn commands_reach_online_and_offline_devices_and_expiry_is_reported() {
     let device = wait_for(Duration::from_secs(30), "the device's state is checkpointed", || {
         let url = url.clone();
         async move {
-            let resp = reqwest::get(url).await.ok()?;
+            let resp = common::http().get(url).send().await.ok()?;
             if resp.status() != 200 {
                 return None;
             }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 async fn post(node: &fluxmesh_node::Node, path: &str, body: &'static [u8], headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
+    let mut req = common::http()
         .post(format!("http://{}{path}", node.http_addr()))
         .header("content-type", "application/json")
         .body(body);

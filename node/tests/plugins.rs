@@ -22,7 +22,7 @@ async fn plugins_are_uploaded_called_from_rules_and_contained() {
     let nats = NatsServer::start().await.expect("nats-server");
     let node = start_node(&[nats.url()], |c| c.plugins.fuel_per_call = 1_000_000).await;
     let base = format!("http://{}", node.http_addr());
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     // Not WebAssembly: 400, nothing stored.
     let resp = http.put(format!("{base}/api/v1/plugins/junk")).body("(module (func").send().await.expect("PUT");

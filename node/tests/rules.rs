@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 async fn send(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().request(method, url);
+    let mut req = common::http().request(method, url);
     if let Some(body) = body {
         req = req.json(&body);
     }
@@ -127,7 +127,7 @@ async fn rules_are_managed_over_http_and_run_on_every_node() {
     assert!(budget_errors >= 1.0, "budget errors counted: {budget_errors}");
 
     // Delete: 204, then 404.
-    let resp = reqwest::Client::new().delete(rules_url(&a, "spin")).send().await.expect("DELETE");
+    let resp = common::http().delete(rules_url(&a, "spin")).send().await.expect("DELETE");
     assert_eq!(resp.status().as_u16(), 204);
     let (status, _) = send(reqwest::Method::GET, rules_url(&a, "spin"), None).await;
     assert_eq!(status, 404);

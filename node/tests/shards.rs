@@ -39,7 +39,7 @@ impl Load {
         let acked: Arc<Mutex<BTreeMap<String, Vec<u64>>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().expect("client");
+        let http = common::http_builder().timeout(Duration::from_secs(15)).build().expect("client");
         let tasks = (0..devices)
             .map(|d| {
                 let (acked, stop, sent, targets, http) =

@@ -30,19 +30,15 @@ fn storage_on(primary: &Postgres, replicas: &[&Postgres]) -> impl FnOnce(&mut fl
 
 async fn post(node: &Node, device: &str, query: &str, content_type: &str, body: Vec<u8>) {
     let url = format!("http://{}/api/v1/devices/{device}/telemetry?{query}", node.http_addr());
-    let response = reqwest::Client::new()
-        .post(url)
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("POST telemetry");
+    let response =
+        common::http().post(url).header("content-type", content_type).body(body).send().await.expect("POST telemetry");
     assert_eq!(response.status().as_u16(), 202, "{}", response.text().await.unwrap_or_default());
 }
 
 /// GET a history route: (status, read source header, body).
 async fn history(node: &Node, path_and_query: &str) -> (u16, String, Value) {
-    let response = reqwest::get(format!("http://{}{path_and_query}", node.http_addr())).await.expect("GET history");
+    let response =
+        common::http().get(format!("http://{}{path_and_query}", node.http_addr())).send().await.expect("GET history");
     let status = response.status().as_u16();
     let source =
         response.headers().get("fluxmesh-read-source").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();

@@ -31,11 +31,50 @@ enum Command {
     },
     /// Validate a config (file, then environment) and exit: 0 if valid, 2 if not.
     CheckConfig { file: Option<PathBuf> },
-    /// Print the effective config as TOML.
+    /// Print the effective config as TOML (secrets shown as <redacted>).
     PrintConfig {
         #[arg(long, short, env = "FLUXMESH_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage device credentials and ACL grants, straight in the cluster's
+    /// NATS KV (works before any node runs; uses the config's [nats] and
+    /// [auth] sections).
+    Devices {
+        #[arg(long, short, env = "FLUXMESH_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: DevicesAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesAction {
+    /// Set a device's secret (read from stdin, or generated and printed
+    /// once) and, optionally, its grants.
+    Set {
+        device: String,
+        /// Read the secret from the first line of stdin instead of
+        /// generating one.
+        #[arg(long)]
+        secret_stdin: bool,
+        /// Keep the device's other secrets (rotation).
+        #[arg(long)]
+        keep_existing: bool,
+        /// Extra topic filter the device may publish to (repeatable;
+        /// replaces the stored list when given).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Extra topic filter the device may subscribe within (repeatable).
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// Refuse the device (true) or let it in again (false).
+        #[arg(long)]
+        disabled: Option<bool>,
+    },
+    /// Show a device's record (no hashes).
+    Show { device: String },
+    /// Remove a device's credentials; its sessions end.
+    Remove { device: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +92,7 @@ fn main() -> std::process::ExitCode {
             }
         },
         Command::PrintConfig { config } => print_config(config),
+        Command::Devices { config, action } => devices(config, action),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -67,6 +107,54 @@ fn print_config(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(())
+}
+
+fn devices(config: Option<PathBuf>, action: DevicesAction) -> anyhow::Result<()> {
+    use fluxmesh_node::auth;
+    let config = Config::load(config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let client = fluxmesh_mesh::connect(&config.nats, "fluxmesh-devices-cli").await?;
+        let publisher = fluxmesh_mesh::Publisher::new(client.clone(), &config.nats);
+        let provisioned = fluxmesh_mesh::provision(&client, publisher.context(), &config.nats).await?;
+        let store = auth::open_store(publisher.context(), provisioned.subjects.prefix(), provisioned.replicas).await?;
+        match action {
+            DevicesAction::Set { device, secret_stdin, keep_existing, publish, subscribe, disabled } => {
+                let secret = if secret_stdin {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the secret from stdin")?;
+                    Some(fluxmesh_mesh::Secret::new(line.trim_end_matches(['\r', '\n'])))
+                } else {
+                    None
+                };
+                let update = auth::Update {
+                    secret,
+                    keep_existing,
+                    publish: (!publish.is_empty()).then_some(publish),
+                    subscribe: (!subscribe.is_empty()).then_some(subscribe),
+                    disabled,
+                };
+                let (view, generated) = auth::set(&store, &config.auth, &device, update).await?;
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                if let Some(secret) = generated {
+                    eprintln!("generated secret (shown once; the cluster keeps only its hash):");
+                    println!("{secret}");
+                }
+            }
+            DevicesAction::Show { device } => match auth::show(&store, &device).await? {
+                Some(view) => println!("{}", serde_json::to_string_pretty(&view)?),
+                None => anyhow::bail!("device `{device}` has no credentials"),
+            },
+            DevicesAction::Remove { device } => {
+                if !auth::remove(&store, &device).await? {
+                    anyhow::bail!("device `{device}` has no credentials");
+                }
+                println!("removed the credentials of `{device}`");
+            }
+        }
+        client.flush().await.context("flushing to NATS")?;
+        Ok(())
+    })
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {

@@ -12,6 +12,8 @@
 //! JetStream slows the device down instead of filling memory.
 
 use super::Shared;
+use crate::auth::acl::Grant;
+use crate::auth::Denied;
 use crate::ingress::{DeviceMessage, IngestError, Source};
 use crate::telemetry;
 use bytes::{Bytes, BytesMut};
@@ -29,8 +31,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +54,16 @@ pub struct Session {
     pub(super) commands: tokio::sync::mpsc::Sender<OutCommand>,
     /// The device subscribed to its command topic.
     pub(super) cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the session is ended because its credentials changed.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Session {
+    /// Ends the session because the device's credentials changed.
+    pub(super) fn end_revoked(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.end.cancel();
+    }
 }
 
 /// A command for the device on this connection; `done` learns whether the
@@ -113,8 +124,10 @@ enum End {
     Protocol(&'static str, String),
     KeepAlive,
     TakenOver,
+    Revoked,
     Stopped,
     NotStored(IngestError),
+    Denied(Denied),
 }
 
 impl End {
@@ -126,6 +139,8 @@ impl End {
             End::Protocol(reason, _) => reason,
             End::KeepAlive => "keep_alive",
             End::TakenOver => "taken_over",
+            End::Revoked => "credentials_changed",
+            End::Denied(d) => d.reason(),
             End::Stopped => "node_stopping",
             End::NotStored(_) => "not_stored",
         }
@@ -137,8 +152,8 @@ struct Link {
     rx: rumqttd::local::LinkRx,
 }
 
-struct Conn {
-    socket: TcpStream,
+struct Conn<S> {
+    socket: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     rbuf: BytesMut,
@@ -163,14 +178,25 @@ struct Conn {
     /// Commands written and awaiting the device's PUBACK, by packet id.
     awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), String>>>,
     next_pkid: u16,
+    /// What the device may publish and subscribe to (set by CONNECT).
+    grant: Grant,
+    /// ACL refusals on this connection (the first is logged at warn).
+    denied: u64,
+    limiter: Option<crate::limits::ConnectionLimiter>,
+    /// No publish is submitted before this (out of rate tokens).
+    throttled_until: Option<Instant>,
 }
 
 /// Serves one connection until the device leaves, breaks the protocol, is
 /// taken over, or the node stops.
-pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub(super) async fn serve<S>(socket: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     // The largest packet: the payload limit plus room for the topic and
     // headers of a PUBLISH.
     let max_packet = shared.max_payload + fluxmesh_schemas::subject::MAX_TOPIC_LEN + 16;
+    let shared_quota = shared.quota;
     let mut conn = Conn {
         socket,
         peer,
@@ -192,6 +218,10 @@ pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
         cmd_ready: Arc::default(),
         awaiting_puback: Default::default(),
         next_pkid: 1,
+        grant: Grant::own("", crate::auth::acl::Method::Anonymous),
+        denied: 0,
+        limiter: shared_quota.map(crate::limits::ConnectionLimiter::new),
+        throttled_until: None,
     };
     let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
     let session = match tokio::time::timeout(timeout, conn.handshake()).await {
@@ -213,7 +243,7 @@ pub(super) async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Share
     }
 }
 
-impl Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Reads CONNECT, checks it, registers the session, answers CONNACK.
     async fn handshake(&mut self) -> Result<Session, End> {
         let connect = loop {
@@ -246,6 +276,7 @@ impl Conn {
             connect.client_id
         };
         self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+        self.grant = self.authenticate(connect.login.as_ref()).await?;
 
         let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
         self.commands = Some(commands_rx);
@@ -255,6 +286,7 @@ impl Conn {
             end: CancellationToken::new(),
             commands: commands_tx,
             cmd_ready: self.cmd_ready.clone(),
+            revoked: Arc::default(),
         };
         let previous = self
             .shared
@@ -273,6 +305,29 @@ impl Conn {
         Ok(session)
     }
 
+    /// Checks the CONNECT's credentials: the client id is the device id,
+    /// the password its secret, the username empty or the client id.
+    async fn authenticate(&mut self, login: Option<&rumqttc::Login>) -> Result<Grant, End> {
+        let denied = if login.is_some_and(|l| !l.username.is_empty() && l.username != self.client_id) {
+            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "mqtt", "result" => "username_mismatch")
+                .increment(1);
+            Denied::UsernameMismatch
+        } else {
+            let secret = login.map(|l| l.password.as_bytes()).filter(|p| !p.is_empty());
+            match self.shared.auth.authenticate("mqtt", &self.client_id, secret).await {
+                Ok(grant) => return Ok(grant),
+                Err(denied) => denied,
+            }
+        };
+        let code = match denied {
+            Denied::BadCredentials | Denied::UsernameMismatch => ConnectReturnCode::BadUserNamePassword,
+            Denied::NoCredentials | Denied::Disabled => ConnectReturnCode::NotAuthorized,
+            Denied::Unavailable => ConnectReturnCode::ServiceUnavailable,
+        };
+        self.refuse(code).await;
+        Err(End::Denied(denied))
+    }
+
     async fn refuse(&mut self, code: ConnectReturnCode) {
         self.write(&Packet::ConnAck(ConnAck::new(code, false)));
         let _ = self.flush().await;
@@ -285,7 +340,9 @@ impl Conn {
             if let Err(end) = self.parse_and_handle(draining.is_some()).await {
                 return end;
             }
-            self.start_next();
+            if let Err(end) = self.start_next() {
+                return end;
+            }
             if let Err(end) = self.flush().await {
                 return end;
             }
@@ -297,6 +354,7 @@ impl Conn {
                 if idle {
                     return match end {
                         End::TakenOver => End::TakenOver,
+                        End::Revoked => End::Revoked,
                         _ => End::Stopped,
                     };
                 }
@@ -309,6 +367,7 @@ impl Conn {
             }
             let far = Instant::now() + Duration::from_secs(86_400);
             let ka_deadline = keep_alive_at.unwrap_or(far);
+            let throttle_deadline = self.throttled_until.unwrap_or(far);
             let drain_deadline = draining.as_ref().map(|(at, _)| *at).unwrap_or(far);
             tokio::select! {
                 biased;
@@ -316,7 +375,11 @@ impl Conn {
                     draining = Some((Instant::now() + DRAIN_TIMEOUT, End::Stopped));
                 }
                 _ = session.end.cancelled(), if draining.is_none() => {
-                    draining = Some((Instant::now() + DRAIN_TIMEOUT, End::TakenOver));
+                    let end = if session.revoked.load(Ordering::Acquire) { End::Revoked } else { End::TakenOver };
+                    draining = Some((Instant::now() + DRAIN_TIMEOUT, end));
+                }
+                _ = tokio::time::sleep_until(throttle_deadline), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
                 }
                 Some((reply, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
                     if let Err(end) = self.settle(reply, outcome) {
@@ -367,12 +430,37 @@ impl Conn {
             || (self.backlog.len() < self.shared.config.max_inflight && self.backlog_bytes < BACKLOG_BYTES)
     }
 
-    /// Starts submitting backlogged publishes while there is room.
-    fn start_next(&mut self) {
-        while self.submitting.is_none() && self.has_room() {
-            let Some(publish) = self.backlog.pop_front() else { return };
+    /// Starts submitting backlogged publishes while there is room and the
+    /// device has rate tokens. Out of tokens, the backlog waits (and, once
+    /// full, the socket is not read: the device is slowed, not refused).
+    fn start_next(&mut self) -> Result<(), End> {
+        while self.submitting.is_none() && self.has_room() && self.throttled_until.is_none() {
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
+            if let Some(limiter) = &self.limiter {
+                if let Err(wait) = limiter.check() {
+                    metrics::counter!("fluxmesh_ingest_throttled_total", "source" => "mqtt").increment(1);
+                    self.throttled_until = Some(Instant::now() + wait);
+                    return Ok(());
+                }
+            }
+            let Some(publish) = self.backlog.pop_front() else { return Ok(()) };
             self.backlog_bytes -= publish.payload.len() + publish.topic.len();
-            self.publish(publish);
+            self.publish(publish)?;
+        }
+        Ok(())
+    }
+
+    /// Counts and logs an ACL refusal (the first on a connection at warn,
+    /// the rest at debug, so a misbehaving device cannot flood the log).
+    fn acl_denied(&mut self, action: &'static str, topic: &str) {
+        metrics::counter!("fluxmesh_acl_denied_total", "action" => action).increment(1);
+        self.denied += 1;
+        if self.denied == 1 {
+            tracing::warn!(client = %self.client_id, peer = %self.peer, action, topic, "refused by the device's ACL");
+        } else {
+            tracing::debug!(client = %self.client_id, action, topic, count = self.denied, "refused by the device's ACL");
         }
     }
 
@@ -415,7 +503,11 @@ impl Conn {
             Packet::Subscribe(sub) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 for filter in &sub.filters {
-                    let ok = valid_filter(&filter.path) && self.subscribe(&filter.path).await;
+                    let allowed = self.grant.may_subscribe(&filter.path);
+                    if !allowed {
+                        self.acl_denied("subscribe", &filter.path);
+                    }
+                    let ok = allowed && valid_filter(&filter.path) && self.subscribe(&filter.path).await;
                     codes.push(if ok {
                         SubscribeReasonCode::Success(QoS::AtMostOnce)
                     } else {
@@ -448,7 +540,7 @@ impl Conn {
         Ok(())
     }
 
-    fn publish(&mut self, publish: Publish) {
+    fn publish(&mut self, publish: Publish) -> Result<(), End> {
         let reply = match publish.qos {
             QoS::AtMostOnce => Reply::Nothing,
             QoS::AtLeastOnce => Reply::PubAck(publish.pkid),
@@ -456,11 +548,19 @@ impl Conn {
                 if !self.awaiting_rel.insert(publish.pkid) {
                     // A resend of a QoS2 message this session already stored.
                     self.pending.push_back(settled(Reply::PubRec(publish.pkid), Outcome::Duplicate));
-                    return;
+                    return Ok(());
                 }
                 Reply::PubRec(publish.pkid)
             }
         };
+        if !self.grant.may_publish(&publish.topic) {
+            self.acl_denied("publish", &publish.topic);
+            if self.shared.auth.cfg.disconnect_on_deny() {
+                return Err(End::Protocol("acl_denied", format!("publish to `{}` is outside its ACL", publish.topic)));
+            }
+            self.pending.push_back(settled(reply, Outcome::Refused));
+            return Ok(());
+        }
         if let Some(fanout) = &self.shared.fanout {
             if fanout.try_send((publish.topic.clone(), publish.payload.clone())).is_err() {
                 metrics::counter!("fluxmesh_mqtt_fanout_dropped_total").increment(1);
@@ -469,6 +569,7 @@ impl Conn {
         let ingress = self.shared.ingress.clone();
         let Publish { topic, payload, .. } = publish;
         self.submitting = Some(Box::pin(submit(ingress, topic, payload, reply)));
+        Ok(())
     }
 
     fn settle(&mut self, reply: Reply, outcome: Outcome) -> Result<(), End> {
@@ -569,7 +670,7 @@ impl Conn {
 
     fn closed(&self, end: &End) {
         match end {
-            End::Disconnect | End::PeerClosed | End::Stopped | End::TakenOver => {
+            End::Disconnect | End::PeerClosed | End::Stopped | End::TakenOver | End::Revoked => {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
             }
             End::Protocol(reason, detail) => {
@@ -584,6 +685,8 @@ impl Conn {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, error = %e, "MQTT connection I/O error")
             }
             End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
+            // Counted and logged by the authenticator.
+            End::Denied(_) => {}
         }
         metrics::counter!("fluxmesh_mqtt_disconnects_total", "reason" => end.reason()).increment(1);
     }

@@ -10,6 +10,11 @@
 //! stops reading its socket: devices feel TCP backpressure, and nothing
 //! piles up unacknowledged in memory.
 //!
+//! A device authenticates in its CONNECT ([`crate::auth`]), and every
+//! PUBLISH and SUBSCRIBE is checked against its ACL before anything else
+//! happens to it. Plain TCP (`mqtt.listen`) and TLS (`mqtt.tls_listen`,
+//! rustls) listeners share one connection limit (`mqtt.max_connections`).
+//!
 //! rumqttd's router (its own thread) serves subscriptions: a connection that
 //! SUBSCRIBEs gets a rumqttd local link, and what the router forwards to it
 //! is written to the socket at QoS 0. With `mqtt.local_fanout` on, device
@@ -18,7 +23,8 @@
 
 mod connection;
 
-use crate::config::MqttConfig;
+use crate::auth::Authenticator;
+use crate::config::{IngestConfig, MqttConfig};
 use crate::ingress::Ingress;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,6 +47,8 @@ pub enum MqttError {
     },
     #[error("cannot attach to the MQTT router: {0}")]
     Link(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What every connection task shares.
@@ -48,6 +56,9 @@ pub(crate) struct Shared {
     pub ingress: Ingress,
     pub config: MqttConfig,
     pub max_payload: usize,
+    pub auth: Arc<Authenticator>,
+    /// Each connection's message rate (`ingest.device_rate_per_sec`).
+    pub quota: Option<governor::Quota>,
     /// Makes rumqttd links for connections that subscribe.
     pub router: RouterHandle,
     /// Live sessions on this node by client id, for takeover.
@@ -214,13 +225,20 @@ impl RouterHandle {
 /// The running front end.
 #[derive(Debug)]
 pub struct MqttServer {
-    listen: SocketAddr,
+    tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
     sessions: LocalSessions,
 }
 
 impl MqttServer {
+    /// The plain listener's address, or the TLS one's if plain is off.
     pub fn listen(&self) -> SocketAddr {
-        self.listen
+        self.tcp.or(self.tls).expect("config validation keeps one listener on")
+    }
+
+    /// The TLS listener's address, if it is on.
+    pub fn tls_listen(&self) -> Option<SocketAddr> {
+        self.tls
     }
 
     pub fn sessions(&self) -> &LocalSessions {
@@ -231,18 +249,24 @@ impl MqttServer {
 /// Binds the listener, starts rumqttd's router and the accept loop. Every
 /// task goes into `tasks` and ends when `stop` fires; connections finish
 /// sending the acks they owe first.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     cfg: &MqttConfig,
-    max_payload: usize,
+    ingest: &IngestConfig,
+    auth: Arc<Authenticator>,
     ingress: Ingress,
     sessions_bus: SessionBus,
     cmd_ready: tokio::sync::mpsc::Sender<String>,
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<MqttServer, MqttError> {
-    let listener =
-        TcpListener::bind(cfg.listen).await.map_err(|source| MqttError::Bind { addr: cfg.listen, source })?;
-    let listen = listener.local_addr().map_err(|source| MqttError::Bind { addr: cfg.listen, source })?;
+    let tls = if cfg.tls_enabled {
+        let config = crate::tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
+        Some((bind(cfg.tls_listen).await?, tokio_rustls::TlsAcceptor::from(config)))
+    } else {
+        None
+    };
+    let tcp = if cfg.tcp_enabled { Some(bind(cfg.listen).await?) } else { None };
 
     let router = rumqttd::Router::new(
         0,
@@ -294,7 +318,9 @@ pub async fn start(
     let shared = Arc::new(Shared {
         ingress,
         config: cfg.clone(),
-        max_payload,
+        max_payload: ingest.max_payload_bytes,
+        auth,
+        quota: crate::limits::quota(ingest.device_rate_per_sec, ingest.device_burst),
         router,
         sessions: Mutex::new(HashMap::new()),
         stop: stop.clone(),
@@ -303,14 +329,79 @@ pub async fn start(
         cmd_ready,
     });
     tasks.spawn(watch_sessions(shared.clone()));
-    let accept_tasks = tasks.clone();
-    tasks.spawn(accept(listener, shared.clone(), accept_tasks));
-    tracing::info!(%listen, "MQTT listening");
-    Ok(MqttServer { listen, sessions: LocalSessions { shared } })
+    tasks.spawn(watch_credentials(shared.clone()));
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    let (mut tcp_addr, mut tls_addr) = (None, None);
+    if let Some((listener, addr)) = tcp {
+        tracing::info!(listen = %addr, "MQTT listening");
+        tcp_addr = Some(addr);
+        tasks.spawn(accept(listener, None, shared.clone(), slots.clone(), tasks.clone()));
+    }
+    if let Some(((listener, addr), acceptor)) = tls {
+        tracing::info!(listen = %addr, "MQTT over TLS listening");
+        tls_addr = Some(addr);
+        tasks.spawn(accept(listener, Some(acceptor), shared.clone(), slots, tasks.clone()));
+    }
+    Ok(MqttServer { tcp: tcp_addr, tls: tls_addr, sessions: LocalSessions { shared } })
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| MqttError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| MqttError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Ends the local session of a device whose credentials changed or were
+/// removed, so that it must authenticate again (with its new rights, or
+/// not at all), and forgets what was verified for it. Changes made while
+/// the watch is being re-established are missed: the device keeps its
+/// session until it reconnects.
+async fn watch_credentials(shared: Arc<Shared>) {
+    use futures::StreamExt as _;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let watch = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            w = shared.auth.store().watch_all() => w,
+        };
+        let mut watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch device credentials; retrying");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        loop {
+            let entry = tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                entry = watch.next() => entry,
+            };
+            let Some(Ok(entry)) = entry else { break };
+            let Some(device) = crate::auth::device_of_key(&entry.key) else { continue };
+            shared.auth.forget(&device);
+            let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(session) = sessions.get(&device) {
+                tracing::info!(%device, "device credentials changed; ending its session");
+                metrics::counter!("fluxmesh_mqtt_sessions_revoked_total").increment(1);
+                session.end_revoked();
+            }
+        }
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => break,
@@ -333,9 +424,26 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) 
         };
         let _ = socket.set_nodelay(true);
         let shared = shared.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             metrics::gauge!("fluxmesh_mqtt_connections").increment(1.0);
-            connection::serve(socket, peer, shared).await;
+            match tls {
+                None => connection::serve(socket, peer, shared).await,
+                Some(acceptor) => {
+                    let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
+                    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => connection::serve(stream, peer, shared).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
+                            tracing::info!(%peer, error = %e, "MQTT TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
+                            tracing::info!(%peer, "MQTT TLS handshake timed out");
+                        }
+                    }
+                }
+            }
             metrics::gauge!("fluxmesh_mqtt_connections").decrement(1.0);
             drop(slot);
         });

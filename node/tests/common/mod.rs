@@ -18,6 +18,21 @@ pub type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 static NODES: AtomicUsize = AtomicUsize::new(1);
 
+/// The admin token of every test node.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// An HTTP client that sends the test nodes' admin token.
+pub fn http() -> reqwest::Client {
+    http_builder().build().expect("HTTP client")
+}
+
+pub fn http_builder() -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_TOKEN}")).expect("header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().default_headers(headers)
+}
+
 /// Logs to the test's output, filtered by `RUST_LOG` (default: warnings).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -25,7 +40,9 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
-/// Starts a node on free loopback ports against `urls`.
+/// Starts a node on free loopback ports against `urls`, with the admin
+/// token [`ADMIN_TOKEN`], anonymous devices allowed (tests of auth turn it
+/// off) and cheap password hashing (debug builds).
 pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Node {
     init_logging();
     let mut cfg =
@@ -33,6 +50,10 @@ pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Nod
     cfg.nats.urls = urls.to_vec();
     cfg.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.auth.admin_token = fluxmesh_mesh::Secret::new(ADMIN_TOKEN);
+    cfg.auth.allow_anonymous = true;
+    cfg.auth.hash_memory_kib = 64;
+    cfg.auth.hash_iterations = 1;
     tweak(&mut cfg);
     Node::start(cfg, CancellationToken::new()).await.expect("node starts")
 }
@@ -293,7 +314,7 @@ impl Drop for NodeProc {
 }
 
 pub async fn get_json(url: String) -> Option<Value> {
-    let resp = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let resp = http().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
     resp.json().await.ok()
 }
 

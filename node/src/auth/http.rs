@@ -1,0 +1,165 @@
+//! The admin token check, device authentication for HTTP ingest, and the
+//! credentials API.
+//!
+//! | route | what |
+//! |---|---|
+//! | `PUT /api/v1/devices/{id}/credentials` | set a secret (`{"secret": …}`, or `{}` to have one generated and returned once), grants and `disabled` |
+//! | `GET /api/v1/devices/{id}/credentials` | the record without hashes |
+//! | `DELETE /api/v1/devices/{id}/credentials` | remove; the device's live sessions end |
+
+use super::acl::{Grant, Method};
+use super::{AuthError, Denied, Update};
+use crate::http::{ApiError, AppState};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use axum::{Json, Router};
+use serde_json::json;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/v1/devices/{id}/credentials", put(set).get(show).delete(remove))
+}
+
+fn unauthorized(reason: &'static str, message: &str) -> Response {
+    metrics::counter!("fluxmesh_http_unauthorized_total", "reason" => reason).increment(1);
+    let mut response = (StatusCode::UNAUTHORIZED, Json(json!({"error": message, "reason": reason}))).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Whether the request carries the admin token.
+pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    let token = &state.admin_token;
+    if token.is_empty() {
+        return false;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    subtle::ConstantTimeEq::ct_eq(given.trim().as_bytes(), token.expose().as_bytes()).into()
+}
+
+/// Middleware on every admin route: the bearer token or 401.
+pub async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if is_admin(&state, request.headers()) {
+        return next.run(request).await;
+    }
+    if state.admin_token.is_empty() {
+        return unauthorized("admin_token_unset", "the admin API is off: set auth.admin_token");
+    }
+    let reason = if request.headers().contains_key(header::AUTHORIZATION) { "bad_token" } else { "no_token" };
+    tracing::info!(path = %request.uri().path(), reason, "admin API request refused");
+    unauthorized(reason, "admin API: send Authorization: Bearer <auth.admin_token>")
+}
+
+/// Who is posting for `device` on HTTP ingest: the admin token (a
+/// backend, any device), the device's own Basic credentials, or nobody
+/// (anonymous, if allowed). `Err` is the answer to send.
+pub async fn ingest_grant(state: &AppState, headers: &HeaderMap, device: &str) -> Result<Grant, Response> {
+    if is_admin(state, headers) {
+        return Ok(Grant::own(device, Method::Admin));
+    }
+    let Some(auth) = state.auth.get() else { return Err(ApiError::not_ready().into_response()) };
+    let basic = match headers.get(header::AUTHORIZATION).map(|v| v.to_str().map(basic_credentials)) {
+        None => None,
+        Some(Ok(Some(pair))) => Some(pair),
+        Some(_) => {
+            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "http", "result" => "malformed").increment(1);
+            return Err(unauthorized("malformed_authorization", "Authorization: use Basic (device:secret) or Bearer"));
+        }
+    };
+    if let Some((user, _)) = &basic {
+        if user != device {
+            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "http", "result" => "username_mismatch")
+                .increment(1);
+            return Err(unauthorized("username_mismatch", "the Basic user must be the device id in the path"));
+        }
+    }
+    match auth.authenticate("http", device, basic.as_ref().map(|(_, s)| s.as_bytes())).await {
+        Ok(grant) => Ok(grant),
+        Err(Denied::Unavailable) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "the credentials store is not answering", "reason": "auth_unavailable"})),
+        )
+            .into_response()),
+        Err(denied) => Err(unauthorized(denied.reason(), "device credentials refused")),
+    }
+}
+
+/// `Basic base64(user:secret)` → (user, secret).
+fn basic_credentials(value: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, secret) = text.split_once(':')?;
+    Some((user.to_owned(), secret.to_owned()))
+}
+
+fn store_error(e: AuthError) -> ApiError {
+    match e {
+        AuthError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, json!({"error": m, "reason": "invalid"})),
+        AuthError::Conflict => ApiError(StatusCode::CONFLICT, json!({"error": e.to_string(), "reason": "conflict"})),
+        AuthError::Store(m) => {
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": m, "reason": "store_unavailable"}))
+        }
+    }
+}
+
+async fn set(
+    State(state): State<AppState>,
+    Path(device): Path<String>,
+    body: Result<Json<Update>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+    let Json(update) =
+        body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, json!({"error": e.body_text(), "reason": "bad_body"})))?;
+    let (view, generated) = super::set(auth.store(), &auth.cfg, &device, update).await.map_err(store_error)?;
+    tracing::info!(%device, secrets = view.secrets.len(), "device credentials set");
+    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    if let (Some(secret), Some(obj)) = (generated, body.as_object_mut()) {
+        obj.insert("secret".to_owned(), secret.into());
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+async fn show(State(state): State<AppState>, Path(device): Path<String>) -> Result<Response, ApiError> {
+    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+    match super::show(auth.store(), &device).await.map_err(store_error)? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "this device has no credentials", "reason": "unknown_device"}),
+        )),
+    }
+}
+
+async fn remove(State(state): State<AppState>, Path(device): Path<String>) -> Result<Response, ApiError> {
+    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+    if super::remove(auth.store(), &device).await.map_err(store_error)? {
+        tracing::info!(%device, "device credentials removed");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            json!({"error": "this device has no credentials", "reason": "unknown_device"}),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_header() {
+        assert_eq!(basic_credentials("Basic ZGV2OnNlY3JldA=="), Some(("dev".into(), "secret".into())));
+        assert_eq!(basic_credentials("Basic !!"), None);
+        assert_eq!(basic_credentials("Bearer x"), None);
+        assert_eq!(basic_credentials("Basic ZGV2"), None, "no colon");
+    }
+}

@@ -1,0 +1,81 @@
+//! TLS for the MQTT listener (rustls, ring provider).
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {detail}")]
+    Bad { what: &'static str, path: String, detail: String },
+}
+
+/// Installs ring as rustls's process-wide crypto provider. Two providers
+/// are compiled in (ring and aws-lc-rs, through dependencies), and rustls
+/// refuses to pick one by itself. Idempotent.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn certs(what: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Bad { what, path: path.to_owned(), detail: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::Bad { what, path: path.to_owned(), detail: "no PEM certificate in it".to_owned() });
+    }
+    Ok(certs)
+}
+
+fn key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let what = "mqtt.tls_key_file";
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| TlsError::Bad { what, path: path.to_owned(), detail: e.to_string() })?
+        .ok_or_else(|| TlsError::Bad {
+            what,
+            path: path.to_owned(),
+            detail: "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".to_owned(),
+        })
+}
+
+/// A server config from PEM files; with `client_ca` set, clients must
+/// present a certificate signed by it.
+pub fn server_config(cert: &str, key_file: &str, client_ca: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    install_provider();
+    let chain = certs("mqtt.tls_cert_file", cert)?;
+    let key = key(key_file)?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = if client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs("mqtt.tls_client_ca_file", client_ca)? {
+            roots.add(ca).map_err(|e| TlsError::Bad {
+                what: "mqtt.tls_client_ca_file",
+                path: client_ca.to_owned(),
+                detail: e.to_string(),
+            })?;
+        }
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| TlsError::Bad {
+            what: "mqtt.tls_client_ca_file",
+            path: client_ca.to_owned(),
+            detail: e.to_string(),
+        })?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Bad {
+        what: "mqtt.tls_cert_file",
+        path: cert.to_owned(),
+        detail: format!("does not go with the key: {e}"),
+    })?;
+    Ok(Arc::new(config))
+}
