@@ -333,6 +333,18 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_never_printed() {
+        let f = write(
+            "[nats]\nuser = \"u\"\npassword = \"nats-pass-123\"\n[auth]\nadmin_token = \"admin-token-0123456789\"\n",
+        );
+        let cfg = Config::load_with_env(Some(f.path()), env_with(&[])).expect("loads");
+        assert_eq!(cfg.nats.password.expose(), "nats-pass-123");
+        let printed = format!("{}\n{cfg:?}", toml::to_string_pretty(&cfg).expect("toml"));
+        assert!(!printed.contains("nats-pass-123") && !printed.contains("admin-token-0123456789"), "{printed}");
+        assert!(printed.contains(fluxmesh_mesh::secret::REDACTED));
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let f = write("[nats]\nurlz = [\"nats://x\"]\n");
         let err = Config::load_with_env(Some(f.path()), env_with(&[])).expect_err("unknown key");

@@ -381,6 +381,11 @@ impl Node {
         self.mqtt.listen()
     }
 
+    /// The MQTT over TLS listener, if it is on.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.tls_listen()
+    }
+
     pub fn provisioned(&self) -> &Provisioned {
         &self.provisioned
     }

