@@ -145,9 +145,40 @@ fn benches(c: &mut Criterion) {
     }
 }
 
+/// What a CONNECT with a secret costs: one argon2id check at the default
+/// cost (the first connect of a device on a node), against the remembered
+/// HMAC (every reconnect after that).
+fn auth(c: &mut Criterion) {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+    use hmac::Mac;
+    let defaults = fluxmesh_node::auth::AuthConfig::default();
+    let params = argon2::Params::new(defaults.hash_memory_kib, defaults.hash_iterations, 1, None).expect("params");
+    let hasher = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let secret = b"a-device-secret-0123456789";
+    let phc = hasher.hash_password(secret, &SaltString::generate(&mut OsRng)).expect("hash").to_string();
+    let mut group = c.benchmark_group("auth");
+    group.sample_size(10);
+    group.bench_function("argon2id verify, default cost (first connect)", |b| {
+        b.iter(|| {
+            let parsed = PasswordHash::new(&phc).expect("phc");
+            argon2::Argon2::default().verify_password(black_box(secret), &parsed).is_ok()
+        })
+    });
+    group.finish();
+    let key = [7u8; 32];
+    c.bench_function("auth: HMAC-SHA256 of a remembered secret (reconnect)", |b| {
+        b.iter(|| {
+            let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("key");
+            mac.update(b"device-1");
+            mac.update(black_box(secret));
+            mac.finalize().into_bytes()
+        })
+    });
+}
+
 criterion_group! {
     name = processing;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = benches
+    targets = benches, auth
 }
 criterion_main!(processing);
