@@ -4,6 +4,11 @@
 # Each script defines fault() and sources this file, then calls chaos_main.
 # Options (all scripts): --rate R (msg/s, default 10000), --duration S
 # (default 20), --devices D (default 12).
+#
+# Works against a plain or a --secure cluster: the admin API gets the
+# bearer token from endpoints.env; on a secure one, the run's devices get a
+# fresh secret through the admin API and connect over TLS, and the
+# verifier reads NATS over TLS as user fluxmesh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 cd "$FM_ROOT"
@@ -44,7 +49,8 @@ now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
 settle() {
     local live=$1 since=$2
     shift 2
-    python3 chaos/settle.py --live "$live" --since "$since" --timeout 30 "$@" || echo timeout
+    FLUXMESH_ADMIN_TOKEN="${FLUXMESH_ADMIN_TOKEN:-}" python3 chaos/settle.py --live "$live" --since "$since" --timeout 30 "$@" ||
+        echo timeout
 }
 
 chaos_main() {
@@ -64,15 +70,30 @@ chaos_main() {
     local mqtt=""
     for i in $(seq 1 "$FLUXMESH_NODES"); do
         local v="FLUXMESH_NODE${i}_MQTT"
-        mqtt+="${!v},"
+        mqtt+="${!v:-},"
     done
-    settle "$FLUXMESH_NODES" "$(now)" $(http_of_nodes) >/dev/null
+    local secure_args=() secret=""
+    if [ -n "${FLUXMESH_MQTT_TLS:-}" ]; then
+        mqtt="$FLUXMESH_MQTT_TLS"
+        secure_args=(--tls-ca "$FLUXMESH_CA_FILE" --nats-ca "$FLUXMESH_CA_FILE")
+        secret=$(fm_new_secret)
+    fi
+    local ready
+    ready=$(settle "$FLUXMESH_NODES" "$(now)" $(http_of_nodes))
+    [ "$ready" != timeout ] || fm_die "the cluster did not settle (or its admin token was refused)"
 
     echo "== chaos $kind: $DEVICES devices, QoS1, $RATE msg/s for $DURATION s (prefix $prefix)"
     echo "   invariant 1: every PUBACKed message is in FM_TEL"
     echo "   invariant 2: every stored message applied once; every state frame once, seq 1..n"
     echo "   invariant 5: shards owned again within a bounded, measured time"
-    ./target/release/fluxmesh-loadgen --mqtt "${mqtt%,}" --nats "$FLUXMESH_NATS_URLS" \
+    if [ -n "$secret" ]; then
+        echo "   secure cluster: MQTT over TLS, $DEVICES devices with credentials"
+        FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$FLUXMESH_NODE1_HTTP" "$prefix" "$DEVICES"
+    fi
+    # Secrets reach the load generator through its environment only.
+    FLUXMESH_DEVICE_SECRET="$secret" FLUXMESH_NATS_USER="${FLUXMESH_NATS_USER:-}" \
+        FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
+        --mqtt "${mqtt%,}" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
     local loadgen=$!

@@ -11,6 +11,14 @@
 //! fluxmesh-loadgen --mqtt 127.0.0.1:1883 --nats nats://127.0.0.1:4222 \
 //!     --devices 10 --rate 20000 --qos 1 --payload 64 --duration 20
 //! ```
+//!
+//! Against a secured cluster (`deploy/local/cluster up --secure`), devices
+//! connect over TLS with a secret, and the subscriber over TLS with a user:
+//!
+//! ```text
+//! fluxmesh-loadgen --mqtt "$FLUXMESH_MQTT_TLS" --tls-ca "$FLUXMESH_CA_FILE" --secret "$SECRET" \
+//!     --nats "$FLUXMESH_NATS_URLS" --nats-ca "$FLUXMESH_CA_FILE" ...   # user/password from env
+//! ```
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
@@ -21,6 +29,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,6 +43,22 @@ struct Args {
     /// NATS servers for the measuring subscriber.
     #[arg(long, default_value = "nats://127.0.0.1:4222", value_delimiter = ',')]
     nats: Vec<String>,
+    /// Devices connect with MQTT over TLS, checking the nodes' certificate
+    /// against this PEM CA bundle (server name: the --mqtt host).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// MQTT password of every device (its user name is its client id).
+    #[arg(long, env = "FLUXMESH_DEVICE_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// NATS user of the subscriber (and verifier), with --nats-password.
+    #[arg(long, env = "FLUXMESH_NATS_USER")]
+    nats_user: Option<String>,
+    #[arg(long, env = "FLUXMESH_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// Connect to NATS over TLS only, checking the servers' certificate
+    /// against this PEM CA bundle.
+    #[arg(long, value_name = "PEM")]
+    nats_ca: Option<PathBuf>,
     /// Subject the subscriber measures.
     #[arg(long, default_value = "fm.tel.>")]
     subject: String,
@@ -157,6 +182,37 @@ enum Path {
     JetStream,
 }
 
+/// The host of a NATS URL (`[scheme://][user:pass@]host[:port]`).
+fn nats_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let host = match rest.rsplit_once(':') {
+        Some((h, port)) if !port.contains(']') => h,
+        _ => rest,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A rustls client config trusting the certificates in the PEM file `ca`.
+fn tls_client_config(ca: &FsPath) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
+        roots.add(cert.with_context(|| format!("{}", ca.display()))?)?;
+    }
+    if roots.is_empty() {
+        bail!("{}: no certificate in it", ca.display());
+    }
+    Ok(Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
+}
+
+/// How every simulated device connects: TLS or not, and its secret.
+#[derive(Clone, Default)]
+struct DeviceConn {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    secret: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -164,11 +220,20 @@ async fn main() -> anyhow::Result<()> {
         bail!("load goes to loopback addresses only");
     }
     for url in &args.nats {
-        let host = url.trim_start_matches("nats://").rsplit_once(':').map_or(url.as_str(), |(h, _)| h);
+        let host = nats_host(url);
         if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())) {
             bail!("{url}: load goes to loopback addresses only");
         }
     }
+    // Both ring and aws-lc-rs are linked in (rumqttc's tokio-rustls default
+    // features): name the one to use, once. An error only means one is
+    // already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+    let conn = DeviceConn {
+        tls: args.tls_ca.as_deref().map(tls_client_config).transpose().context("--tls-ca")?,
+        secret: non_empty(&args.secret),
+    };
     if args.duration == 0 || args.duration > 600 {
         bail!("--duration must be 1..=600 seconds");
     }
@@ -187,20 +252,39 @@ async fn main() -> anyhow::Result<()> {
         _ => bail!("--qos must be 0 or 1"),
     };
     let addrs = args.nats.iter().map(|u| u.parse::<async_nats::ServerAddr>()).collect::<Result<Vec<_>, _>>()?;
-    let nats = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(addrs).await.context("NATS")?;
+    let mut options = async_nats::ConnectOptions::new().subscription_capacity(1 << 20);
+    match (non_empty(&args.nats_user), non_empty(&args.nats_password)) {
+        (Some(user), password) => options = options.user_and_password(user, password.unwrap_or_default()),
+        (None, Some(_)) => bail!("--nats-password needs --nats-user"),
+        (None, None) => {}
+    }
+    if let Some(ca) = &args.nats_ca {
+        if !ca.is_file() {
+            bail!("--nats-ca {}: not a file", ca.display());
+        }
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let nats =
+        options.connect(addrs).await.with_context(|| format!("connecting to NATS at {}", args.nats.join(",")))?;
     println!(
-        "devices={} qos={} payload={}B target_rate={}/s duration={}s",
-        args.devices, args.qos, args.payload, args.rate, args.duration
+        "devices={} qos={} payload={}B target_rate={}/s duration={}s mqtt_tls={} device_auth={}",
+        args.devices,
+        args.qos,
+        args.payload,
+        args.rate,
+        args.duration,
+        if conn.tls.is_some() { "on" } else { "off" },
+        if conn.secret.is_some() { "secret" } else { "anonymous" },
     );
     let run_started = SystemTime::now();
-    let (mesh, acked_by_device) = measure(&nats, &args, Path::Mqtt, qos, &args.prefix).await?;
+    let (mesh, acked_by_device) = measure(&nats, &args, &conn, Path::Mqtt, qos, &args.prefix).await?;
     mesh.print("mesh");
     if args.verify {
         verify(&nats, &args, run_started, &acked_by_device).await?;
     }
     if args.peer.is_some() {
         let peer_prefix = format!("{}js", args.prefix);
-        let (peer, _) = measure(&nats, &args, Path::JetStream, qos, &peer_prefix).await?;
+        let (peer, _) = measure(&nats, &args, &conn, Path::JetStream, qos, &peer_prefix).await?;
         peer.print("jetstream");
         println!("[ratio] mesh/jetstream delivered_rate={:.2}", mesh.rate / peer.rate.max(1.0));
         if let (Some(m), Some(p)) = (&mesh.hist, &peer.hist) {
@@ -221,6 +305,7 @@ type AckedByDevice = Vec<(String, Arc<Mutex<Vec<u64>>>)>;
 async fn measure(
     nats: &async_nats::Client,
     args: &Args,
+    conn: &DeviceConn,
     path: Path,
     qos: QoS,
     device_prefix: &str,
@@ -271,11 +356,11 @@ async fn measure(
             Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device, json: args.json };
         match path {
             Path::Mqtt if args.verify && qos == QoS::AtLeastOnce => {
-                devices.push(tokio::spawn(tracked_device(id, args.mqtt.clone(), d, acked_seqs, load)));
+                devices.push(tokio::spawn(tracked_device(id, args.mqtt.clone(), d, conn.clone(), acked_seqs, load)));
             }
             Path::Mqtt => {
                 let addr = args.mqtt[d % args.mqtt.len()];
-                devices.extend(mqtt_device(id, addr, qos, args.verify, acked_seqs, load));
+                devices.extend(mqtt_device(id, addr, conn, qos, args.verify, acked_seqs, load));
             }
             Path::JetStream => {
                 let subjects = Subjects::new(&args.subject_prefix)?;
@@ -356,7 +441,9 @@ const JSON_MIN: usize = 80;
 /// binary (first 16 bytes) or JSON (fixed offsets).
 fn payload_meta(payload: &[u8]) -> Option<(u64, u64)> {
     let num = |r: std::ops::Range<usize>| std::str::from_utf8(payload.get(r)?).ok()?.parse::<u64>().ok();
-    if payload.first() == Some(&b'{') {
+    // Not just a leading `{`: one binary payload in 256 starts with that
+    // byte (the low byte of its send time), and was then not recognised.
+    if payload.starts_with(br#"{"sent_us":""#) {
         // {"sent_us":"<20 digits>","seq":"<20 digits>",...
         return Some((num(12..32)?, num(41..61)?));
     }
@@ -394,12 +481,19 @@ impl Load {
 fn mqtt_device(
     id: String,
     addr: SocketAddr,
+    conn: &DeviceConn,
     qos: QoS,
     verify: bool,
     acked_seqs: Arc<Mutex<Vec<u64>>>,
     load: Load,
 ) -> [tokio::task::JoinHandle<()>; 2] {
     let mut opts = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+    if let Some(tls) = &conn.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    }
+    if let Some(secret) = &conn.secret {
+        opts.set_credentials(id.clone(), secret.clone());
+    }
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(100);
     opts.set_max_packet_size(load.size + 1024, load.size + 1024);
@@ -683,30 +777,31 @@ async fn tracked_device(
     id: String,
     nodes: Vec<SocketAddr>,
     first: usize,
+    conn: DeviceConn,
     acked_seqs: Arc<Mutex<Vec<u64>>>,
     load: Load,
 ) {
     use rumqttc::mqttbytes::v4::{Connect, Packet as P, Publish};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
     let topic = format!("devices/{id}/load");
     let mut unacked: std::collections::BTreeMap<u16, (u64, Vec<u8>)> = Default::default();
     let (mut seq, mut next_pkid, mut attempt) = (0u64, 1u16, first);
     let start = Instant::now();
     while !load.stop.load(Ordering::Relaxed) {
         let addr = nodes[attempt % nodes.len()];
-        let Ok(Ok(mut socket)) =
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
-        else {
+        let Some(mut socket) = connect_stream(addr, conn.tls.as_ref()).await else {
             attempt += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let _ = socket.set_nodelay(true);
         let mut wbuf = bytes::BytesMut::new();
         let mut rbuf = bytes::BytesMut::with_capacity(4096);
         let mut connect = Connect::new(id.clone());
         connect.keep_alive = 30;
-        if connect.write(&mut wbuf).is_err() || socket.write_all(&wbuf).await.is_err() {
+        if let Some(secret) = &conn.secret {
+            connect.set_login(id.clone(), secret.clone());
+        }
+        if connect.write(&mut wbuf).is_err() || write_flush(&mut socket, &wbuf).await.is_err() {
             continue;
         }
         wbuf.clear();
@@ -742,7 +837,7 @@ async fn tracked_device(
         let failed = loop {
             if load.stop.load(Ordering::Relaxed) && unacked.is_empty() {
                 let _ = P::Disconnect.write(&mut wbuf, usize::MAX);
-                let _ = socket.write_all(&wbuf).await;
+                let _ = write_flush(&mut socket, &wbuf).await;
                 return;
             }
             if !load.stop.load(Ordering::Relaxed) {
@@ -762,7 +857,7 @@ async fn tracked_device(
                 }
             }
             if !wbuf.is_empty() {
-                if socket.write_all(&wbuf).await.is_err() {
+                if write_flush(&mut socket, &wbuf).await.is_err() {
                     break true;
                 }
                 wbuf.clear();
@@ -794,6 +889,35 @@ async fn tracked_device(
     }
 }
 
+/// A device's connection: plain TCP or TLS over it.
+trait DeviceIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> DeviceIo for T {}
+
+/// Connects to `addr` (1 s), then, with `tls`, does the TLS handshake (5 s)
+/// with the address's IP as the server name.
+async fn connect_stream(addr: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> Option<Box<dyn DeviceIo>> {
+    let socket = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let _ = socket.set_nodelay(true);
+    let Some(tls) = tls else { return Some(Box::new(socket)) };
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let connector = rumqttc::tokio_rustls::TlsConnector::from(tls.clone());
+    match tokio::time::timeout(Duration::from_secs(5), connector.connect(name, socket)).await {
+        Ok(Ok(stream)) => Some(Box::new(stream)),
+        Ok(Err(e)) => {
+            eprintln!("\n{addr}: TLS: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Writes `buf` and flushes (TLS keeps records buffered until flushed).
+async fn write_flush(socket: &mut Box<dyn DeviceIo>, buf: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    socket.write_all(buf).await?;
+    socket.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,5 +934,19 @@ mod tests {
         assert!(sent > 1_600_000_000_000_000);
         let binary = Load { json: false, ..load }.payload(7);
         assert_eq!(payload_meta(&binary).map(|m| m.1), Some(7));
+        // A binary payload whose send time's low byte is `{`.
+        let mut brace = binary.clone();
+        brace[0] = b'{';
+        assert_eq!(payload_meta(&brace).map(|m| m.1), Some(7));
+    }
+
+    #[test]
+    fn nats_hosts() {
+        assert_eq!(nats_host("nats://127.0.0.1:4222"), "127.0.0.1");
+        assert_eq!(nats_host("tls://localhost:4222"), "localhost");
+        assert_eq!(nats_host("nats://u:p@127.0.0.1:4222"), "127.0.0.1");
+        assert_eq!(nats_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(nats_host("tls://[::1]:4222"), "::1");
+        assert_eq!(nats_host("10.0.0.1:4222"), "10.0.0.1");
     }
 }

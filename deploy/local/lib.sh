@@ -60,3 +60,29 @@ fm_cargo() {
 fm_free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
+
+# fm_provision_devices HTTP PREFIX COUNT: gives devices PREFIX-0 …
+# PREFIX-(COUNT-1) the secret in $FLUXMESH_DEVICE_SECRET, through the
+# admin API of the node at HTTP (host:port) with the bearer token in
+# $FLUXMESH_ADMIN_TOKEN. Both reach Python through its environment, never
+# a command line.
+fm_provision_devices() {
+    FLUXMESH_ADMIN_TOKEN="${FLUXMESH_ADMIN_TOKEN:?no admin token}" \
+        FLUXMESH_DEVICE_SECRET="${FLUXMESH_DEVICE_SECRET:?no device secret}" python3 - "$@" <<'PY'
+import json, os, sys, urllib.error, urllib.request
+http, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+body = json.dumps({"secret": os.environ["FLUXMESH_DEVICE_SECRET"]}).encode()
+headers = {"Authorization": "Bearer " + os.environ["FLUXMESH_ADMIN_TOKEN"], "content-type": "application/json"}
+for d in range(count):
+    url = f"http://{http}/api/v1/devices/{prefix}-{d}/credentials"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT", headers=headers), timeout=30).read()
+    except urllib.error.HTTPError as e:
+        sys.exit(f"PUT {url}: {e.code} {e.read().decode(errors='replace')[:200]}")
+PY
+}
+
+# fm_new_secret: a random device secret (48 hex digits).
+fm_new_secret() {
+    python3 -c 'import secrets; print(secrets.token_hex(24))'
+}
