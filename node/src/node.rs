@@ -90,6 +90,8 @@ impl Node {
             config.node_id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         }
         let node_id = config.node_id.clone();
+        // Before anything opens TLS (NATS, MQTT): rustls needs one provider.
+        crate::tls::install_provider();
         let prometheus = crate::telemetry::prometheus();
         let ready = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();

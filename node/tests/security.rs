@@ -206,7 +206,9 @@ async fn the_admin_api_needs_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
-    fluxmesh_node::tls::install_provider();
+    // No TLS provider is installed in this process yet (nextest runs each
+    // test in its own): the node must install one itself, also when only
+    // its NATS connection uses TLS.
     let certs = TestCerts::new().expect("test certificates");
     let nats_password = "nats-password-0123456789";
     let nats = NatsServer::start_with(&format!(
@@ -232,6 +234,9 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
     // instead of retrying forever.
     let mut cfg = test_config(&[nats.url()]);
     secure(&mut cfg, "not-the-password");
+    cfg.mqtt.tls_enabled = false;
+    cfg.mqtt.tcp_enabled = true;
+    cfg.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let started = tokio::time::timeout(
         Duration::from_secs(30),
         fluxmesh_node::Node::start(cfg, tokio_util::sync::CancellationToken::new()),

@@ -112,6 +112,7 @@ fn print_config(config: Option<PathBuf>) -> anyhow::Result<()> {
 fn devices(config: Option<PathBuf>, action: DevicesAction) -> anyhow::Result<()> {
     use fluxmesh_node::auth;
     let config = Config::load(config.as_deref())?;
+    fluxmesh_node::tls::install_provider();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let client = fluxmesh_mesh::connect(&config.nats, "fluxmesh-devices-cli").await?;
