@@ -7,16 +7,22 @@
 /// The KV key of a device's state in shard `shard`: `{shard}.{hex(device)}`
 /// (KV keys allow only a small alphabet; hex keeps every device id).
 pub fn state_key(shard: u32, device: &str) -> String {
+    device_key(shard, device)
+}
+
+/// `{prefix}.{hex of the device id's UTF-8 bytes}`: a valid KV key for any
+/// device id (also the credentials key, `d.{hex}`).
+pub fn device_key(prefix: impl std::fmt::Display, device: &str) -> String {
     use std::fmt::Write as _;
     let mut key = String::with_capacity(12 + device.len() * 2);
-    let _ = write!(key, "{shard}.");
+    let _ = write!(key, "{prefix}.");
     for b in device.as_bytes() {
         let _ = write!(key, "{b:02x}");
     }
     key
 }
 
-/// The device id in the last token of a state key, if it is valid hex of
+/// The device id in the last token of a device key, if it is valid hex of
 /// UTF-8.
 pub fn device_of_key(hex: &str) -> Option<String> {
     if !hex.len().is_multiple_of(2) {
@@ -36,6 +42,7 @@ mod tests {
         assert_eq!(state_key(7, "a.b *>"), "7.612e62202a3e");
         assert!(state_key(63, "ü").chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
         assert_eq!(device_of_key("612e62202a3e").as_deref(), Some("a.b *>"));
+        assert_eq!(device_key("d", "a.b"), "d.612e62");
         assert_eq!(device_of_key("6"), None);
         assert_eq!(device_of_key("zz"), None);
     }

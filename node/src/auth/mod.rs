@@ -216,15 +216,9 @@ pub fn bucket_name(prefix: &str) -> String {
     fluxmesh_mesh::cluster::bucket_name(prefix, "DEVICES")
 }
 
-/// The key of a device's entry.
+/// The key of a device's entry: `d.{hex of the device id}`.
 pub fn key(device: &str) -> String {
-    use std::fmt::Write as _;
-    let mut key = String::with_capacity(2 + device.len() * 2);
-    key.push_str("d.");
-    for b in device.as_bytes() {
-        let _ = write!(key, "{b:02x}");
-    }
-    key
+    fluxmesh_schemas::kv::device_key("d", device)
 }
 
 /// Opens (or creates) the credentials bucket.
