@@ -72,15 +72,15 @@ pub async fn ingest_grant(state: &AppState, headers: &HeaderMap, device: &str) -
             return Err(unauthorized("malformed_authorization", "Authorization: use Basic (device:secret) or Bearer"));
         }
     };
-    if let Some((user, _)) = &basic {
-        if user != device {
-            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "http", "result" => "username_mismatch")
-                .increment(1);
-            return Err(unauthorized("username_mismatch", "the Basic user must be the device id in the path"));
-        }
-    }
-    match auth.authenticate("http", device, basic.as_ref().map(|(_, s)| s.as_bytes())).await {
+    let (user, secret) = match &basic {
+        Some((user, secret)) => (Some(user.as_str()), Some(secret.as_bytes())),
+        None => (None, None),
+    };
+    match auth.authenticate("http", device, user, secret).await {
         Ok(grant) => Ok(grant),
+        Err(Denied::UsernameMismatch) => {
+            Err(unauthorized("username_mismatch", "the Basic user must be the device id in the path"))
+        }
         Err(Denied::Unavailable) => Err((
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": "the credentials store is not answering", "reason": "auth_unavailable"})),

@@ -192,7 +192,8 @@ pub enum Denied {
     NoCredentials,
     /// Unknown device or wrong secret (not told apart to the device).
     BadCredentials,
-    /// The MQTT username is neither empty nor the client id.
+    /// The username (MQTT: if not empty; HTTP Basic: always) is not the
+    /// device id.
     UsernameMismatch,
     Disabled,
     /// The credentials store did not answer.
@@ -396,14 +397,21 @@ impl Authenticator {
     }
 
     /// Lets `device` in with `secret`, or anonymously when that is allowed
-    /// and the device has no credentials. Counts every outcome.
+    /// and the device has no credentials. A `username`, when given, must be
+    /// the device id. Counts and logs every outcome, and answers a refusal
+    /// only after `auth.failure_delay_ms`.
     pub async fn authenticate(
         &self,
         source: &'static str,
         device: &str,
+        username: Option<&str>,
         secret: Option<&[u8]>,
     ) -> Result<Grant, Denied> {
-        let result = self.check(device, secret).await;
+        let result = if username.is_some_and(|u| u != device) {
+            Err(Denied::UsernameMismatch)
+        } else {
+            self.check(device, secret).await
+        };
         let outcome = match &result {
             Ok(g) if g.method == Method::Anonymous => "anonymous",
             Ok(_) => "ok",

@@ -308,16 +308,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Checks the CONNECT's credentials: the client id is the device id,
     /// the password its secret, the username empty or the client id.
     async fn authenticate(&mut self, login: Option<&rumqttc::Login>) -> Result<Grant, End> {
-        let denied = if login.is_some_and(|l| !l.username.is_empty() && l.username != self.client_id) {
-            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "mqtt", "result" => "username_mismatch")
-                .increment(1);
-            Denied::UsernameMismatch
-        } else {
-            let secret = login.map(|l| l.password.as_bytes()).filter(|p| !p.is_empty());
-            match self.shared.auth.authenticate("mqtt", &self.client_id, secret).await {
-                Ok(grant) => return Ok(grant),
-                Err(denied) => denied,
-            }
+        let username = login.map(|l| l.username.as_str()).filter(|u| !u.is_empty());
+        let secret = login.map(|l| l.password.as_bytes()).filter(|p| !p.is_empty());
+        let denied = match self.shared.auth.authenticate("mqtt", &self.client_id, username, secret).await {
+            Ok(grant) => return Ok(grant),
+            Err(denied) => denied,
         };
         let code = match denied {
             Denied::BadCredentials | Denied::UsernameMismatch => ConnectReturnCode::BadUserNamePassword,
