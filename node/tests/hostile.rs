@@ -6,48 +6,15 @@
 
 mod common;
 
-use common::{counter, get_json, metrics, payload_seq, read_stream, start_node, Device};
+use common::{
+    connect_packet, counter, get_json, metrics, packet, payload_seq, publish_packet, read_stream, start_node, Device,
+};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A CONNECT (MQTT 3.1.1, clean session, keep-alive 60 s) for `client_id`.
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    packet(0x10, &body)
-}
-
-/// A QoS1 PUBLISH of raw `topic` bytes (not necessarily UTF-8).
-fn publish_packet(topic: &[u8], pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.extend_from_slice(payload);
-    packet(0x32, &body)
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
 
 /// Sends `bytes`, closes the write side and reads until the node closes
 /// the connection; returns what it answered.

@@ -162,9 +162,7 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
 
     // A truncated PUBLISH after a good CONNECT, then the socket is closed.
     let mut cut = tokio::net::TcpStream::connect(addr).await.expect("tcp");
-    let connect_v4 =
-        [0x10, 0x0f, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x03, b'c', b'u', b't'];
-    cut.write_all(&connect_v4).await.expect("write");
+    cut.write_all(&common::connect_packet("cut")).await.expect("write");
     cut.write_all(&[0x32, 0x7f, 0x00, 0x10, b'd']).await.expect("write");
     drop(cut);
 

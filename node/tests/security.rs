@@ -264,9 +264,7 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
 
     // Plain MQTT on the TLS port: the handshake fails, counted.
     let mut raw = tokio::net::TcpStream::connect(tls_addr).await.expect("tcp");
-    let connect_v4 =
-        [0x10, 0x0f, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x03, b'c', b'u', b't'];
-    raw.write_all(&connect_v4).await.expect("write");
+    raw.write_all(&common::connect_packet("cut")).await.expect("write");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf)).await.expect("closed in time");
     assert!(!buf.starts_with(&[0x20]), "no CONNACK over plain text: {buf:?}");
