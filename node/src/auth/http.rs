@@ -110,6 +110,11 @@ fn store_error(e: AuthError) -> ApiError {
     }
 }
 
+/// 404: the device has no credentials.
+fn no_credentials() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, json!({"error": "this device has no credentials", "reason": "unknown_device"}))
+}
+
 async fn set(
     State(state): State<AppState>,
     Path(device): Path<String>,
@@ -131,10 +136,7 @@ async fn show(State(state): State<AppState>, Path(device): Path<String>) -> Resu
     let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
     match super::show(auth.store(), &device).await.map_err(store_error)? {
         Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "this device has no credentials", "reason": "unknown_device"}),
-        )),
+        None => Err(no_credentials()),
     }
 }
 
@@ -144,10 +146,7 @@ async fn remove(State(state): State<AppState>, Path(device): Path<String>) -> Re
         tracing::info!(%device, "device credentials removed");
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(ApiError(
-            StatusCode::NOT_FOUND,
-            json!({"error": "this device has no credentials", "reason": "unknown_device"}),
-        ))
+        Err(no_credentials())
     }
 }
 

@@ -76,7 +76,7 @@ impl Default for AuthConfig {
 impl AuthConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if argon2::Params::new(self.hash_memory_kib, self.hash_iterations, 1, None).is_err() {
+        if self.hasher().is_err() {
             problems.push("auth.hash_memory_kib (at least 8) and auth.hash_iterations (at least 1)".to_owned());
         }
         if self.max_concurrent_verifications == 0 {
