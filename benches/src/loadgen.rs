@@ -109,8 +109,14 @@ struct Args {
     /// publishes its frames straight to JetStream with async-nats (same
     /// subjects, headers and ack window as a node), with no MQTT and no
     /// node: the floor the mesh's latency and ceiling its rate can reach.
-    #[arg(long, value_parser = ["jetstream"])]
+    #[arg(long, value_parser = ["jetstream"], conflicts_with = "no_subscriber")]
     peer: Option<String>,
+    /// Run no measuring subscriber: only the devices' PUBACKs are counted
+    /// (`acked_rate`, QoS1 only), so the measuring tool takes no share of
+    /// the machine's CPU or of the mesh's NATS traffic. --verify still
+    /// checks the stream after the run.
+    #[arg(long)]
+    no_subscriber: bool,
 }
 
 #[derive(Debug, Default)]
@@ -131,7 +137,12 @@ struct Outcome {
     sent: u64,
     acked: u64,
     received: u64,
-    rate: f64,
+    /// Received by the subscriber during publishing / publishing time
+    /// (None without a subscriber).
+    rate: Option<f64>,
+    /// PUBACKs during publishing / publishing time: QoS1 throughput as the
+    /// devices see it.
+    acked_rate: f64,
     peak: u64,
     reconnects: u64,
     hist: Option<Histogram<u64>>,
@@ -149,10 +160,14 @@ impl Outcome {
             self.sent.saturating_sub(self.received),
             self.reconnects
         );
-        println!(
-            "[{label}] delivered_rate={:.0} msg/s (received during publishing / publishing time), peak_second={} msg/s",
-            self.rate, self.peak
-        );
+        match self.rate {
+            Some(rate) => println!(
+                "[{label}] delivered_rate={rate:.0} msg/s (received during publishing / publishing time), peak_second={} msg/s",
+                self.peak
+            ),
+            None => println!("[{label}] delivered_rate: not measured (--no-subscriber)"),
+        }
+        println!("[{label}] acked_rate={:.0} msg/s (PUBACKs during publishing / publishing time)", self.acked_rate);
         if let Some(h) = &self.hist {
             println!(
                 "[{label}] latency_us p50={} p99={} max={}",
@@ -251,6 +266,9 @@ async fn main() -> anyhow::Result<()> {
         1 => QoS::AtLeastOnce,
         _ => bail!("--qos must be 0 or 1"),
     };
+    if args.no_subscriber && qos != QoS::AtLeastOnce {
+        bail!("--no-subscriber measures PUBACKs: it needs --qos 1");
+    }
     let addrs = args.nats.iter().map(|u| u.parse::<async_nats::ServerAddr>()).collect::<Result<Vec<_>, _>>()?;
     let mut options = async_nats::ConnectOptions::new().subscription_capacity(1 << 20);
     match (non_empty(&args.nats_user), non_empty(&args.nats_password)) {
@@ -286,7 +304,9 @@ async fn main() -> anyhow::Result<()> {
         let peer_prefix = format!("{}js", args.prefix);
         let (peer, _) = measure(&nats, &args, &conn, Path::JetStream, qos, &peer_prefix).await?;
         peer.print("jetstream");
-        println!("[ratio] mesh/jetstream delivered_rate={:.2}", mesh.rate / peer.rate.max(1.0));
+        if let (Some(m), Some(p)) = (mesh.rate, peer.rate) {
+            println!("[ratio] mesh/jetstream delivered_rate={:.2}", m / p.max(1.0));
+        }
         if let (Some(m), Some(p)) = (&mesh.hist, &peer.hist) {
             println!(
                 "[ratio] mesh/jetstream p50={:.2} p99={:.2}",
@@ -314,7 +334,7 @@ async fn measure(
     let stop = Arc::new(AtomicBool::new(false));
 
     // The measuring subscriber.
-    let mut sub = nats.subscribe(args.subject.clone()).await?;
+    let mut sub = if args.no_subscriber { None } else { Some(nats.subscribe(args.subject.clone()).await?) };
     nats.flush().await?;
     let prefix = format!("{device_prefix}-");
     let sub_counters = counters.clone();
@@ -323,6 +343,7 @@ async fn measure(
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         let mut to_frame = hist.clone();
         let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+        let Some(sub) = sub.as_mut() else { return (hist, to_frame) };
         loop {
             let msg = tokio::select! {
                 _ = &mut sub_stopped => break,
@@ -392,10 +413,12 @@ async fn measure(
     stop.store(true, Ordering::Relaxed);
     let publish_secs = started.elapsed().as_secs_f64();
     let received_at_stop = counters.received.load(Ordering::Relaxed);
+    let acked_at_stop = counters.acked.load(Ordering::Relaxed);
 
     // Let the tail arrive: until everything sent is received, or 10 s.
     let drain_until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < drain_until
+    while !args.no_subscriber
+        && Instant::now() < drain_until
         && counters.received.load(Ordering::Relaxed) < counters.sent.load(Ordering::Relaxed)
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -415,7 +438,8 @@ async fn measure(
         sent: counters.sent.load(Ordering::Relaxed),
         acked: counters.acked.load(Ordering::Relaxed),
         received: counters.received.load(Ordering::Relaxed),
-        rate: received_at_stop as f64 / publish_secs,
+        rate: (!args.no_subscriber).then(|| received_at_stop as f64 / publish_secs),
+        acked_rate: acked_at_stop as f64 / publish_secs,
         peak,
         reconnects: counters.reconnects.load(Ordering::Relaxed),
         hist,
