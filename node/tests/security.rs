@@ -172,6 +172,34 @@ async fn devices_need_credentials_and_stay_within_their_acl() {
     node.shutdown().await;
 }
 
+/// A credentials change made just after the node's NATS server restarted
+/// (while the node is still reconnecting and its watch on the credentials
+/// is being re-established) still ends the device's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_nats_restarts_still_ends_the_session() {
+    let mut nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| {
+        c.auth.allow_anonymous = false;
+        c.auth.failure_delay_ms = 10;
+    })
+    .await;
+    let (status, body) =
+        api(&node, reqwest::Method::PUT, "/api/v1/devices/dev-r/credentials", Some(json!({"secret": SECRET_A}))).await;
+    assert_eq!(status, 200, "{body}");
+    let device = Device::connect_with(opts(node.mqtt_addr(), "dev-r", Some(("", SECRET_A)))).await;
+    device.publish("devices/dev-r/t", b"{}".to_vec()).await;
+    device.wait_acked(1).await;
+
+    nats.restart().await.expect("nats-server again");
+    // At once, while the node is still reconnecting.
+    let js = async_nats::jetstream::new(nats.client().await.expect("connect"));
+    let store = fluxmesh_node::auth::open_store(&js, "FM", 1).await.expect("credentials bucket");
+    assert!(fluxmesh_node::auth::remove(&store, "dev-r").await.expect("remove"), "dev-r had credentials");
+    device.wait_closed().await;
+    assert!(counter(&metrics(&node).await, "fluxmesh_mqtt_sessions_revoked_total") >= 1.0);
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_needs_the_token() {
     let nats = NatsServer::start().await.expect("nats-server");

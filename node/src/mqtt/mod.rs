@@ -329,7 +329,17 @@ pub async fn start(
         cmd_ready,
     });
     tasks.spawn(watch_sessions(shared.clone()));
-    tasks.spawn(watch_credentials(shared.clone()));
+    // Where the credentials watch starts: before any device can connect, so
+    // no change after a device's check can be missed. If the bucket cannot
+    // be asked now, the watch asks when it first opens.
+    let first_revision = match shared.auth.store().stream.get_info().await {
+        Ok(info) => Some(info.state.last_sequence + 1),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the credentials bucket's position; the watch starts when it opens");
+            None
+        }
+    };
+    tasks.spawn(watch_credentials(shared.clone(), first_revision));
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let (mut tcp_addr, mut tls_addr) = (None, None);
     if let Some((listener, addr)) = tcp {
@@ -353,19 +363,22 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> 
 
 /// Ends the local session of a device whose credentials changed or were
 /// removed, so that it must authenticate again (with its new rights, or
-/// not at all), and forgets what was verified for it. Changes made while
-/// the watch is being re-established are missed: the device keeps its
-/// session until it reconnects.
-async fn watch_credentials(shared: Arc<Shared>) {
+/// not at all), and forgets what was verified for it. The watch resumes
+/// from the revision after the last one it saw, so a change made while it
+/// is being re-established (NATS restarting, say) still ends the session.
+async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
     use futures::StreamExt as _;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let watch = tokio::select! {
+        let opened = tokio::select! {
             _ = shared.stop.cancelled() => return,
-            w = shared.auth.store().watch_all() => w,
+            w = open_credentials_watch(shared.auth.store(), next) => w,
         };
-        let mut watch = match watch {
-            Ok(w) => w,
+        let mut watch = match opened {
+            Ok((watch, from)) => {
+                next = Some(from);
+                watch
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch device credentials; retrying");
                 tokio::select! {
@@ -382,7 +395,19 @@ async fn watch_credentials(shared: Arc<Shared>) {
                 _ = shared.stop.cancelled() => return,
                 entry = watch.next() => entry,
             };
-            let Some(Ok(entry)) = entry else { break };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, resume_at = ?next, "device credentials watch failed; re-opening it");
+                    metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
+                    break;
+                }
+                None => {
+                    metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
+                    break;
+                }
+            };
+            next = Some(entry.revision + 1);
             let Some(device) = crate::auth::device_of_key(&entry.key) else { continue };
             shared.auth.forget(&device);
             let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -393,6 +418,21 @@ async fn watch_credentials(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Opens a watch on every credentials key from revision `next`, or, when
+/// no position is known yet, from the revision after the bucket's last.
+/// Returns the watch and the revision it starts at.
+async fn open_credentials_watch(
+    store: &async_nats::jetstream::kv::Store,
+    next: Option<u64>,
+) -> Result<(async_nats::jetstream::kv::Watch, u64), String> {
+    let from = match next {
+        Some(next) => next,
+        None => store.stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence + 1,
+    };
+    let watch = store.watch_all_from_revision(from).await.map_err(|e| e.to_string())?;
+    Ok((watch, from))
 }
 
 async fn accept(
