@@ -332,8 +332,8 @@ pub async fn start(
     // Where the credentials watch starts: before any device can connect, so
     // no change after a device's check can be missed. If the bucket cannot
     // be asked now, the watch asks when it first opens.
-    let first_revision = match shared.auth.store().stream.get_info().await {
-        Ok(info) => Some(info.state.last_sequence + 1),
+    let first_revision = match bucket_next_revision(shared.auth.store()).await {
+        Ok(next) => Some(next),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the credentials bucket's position; the watch starts when it opens");
             None
@@ -397,12 +397,10 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
             };
             let entry = match entry {
                 Some(Ok(entry)) => entry,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, resume_at = ?next, "device credentials watch failed; re-opening it");
-                    metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
-                    break;
-                }
-                None => {
+                ended => {
+                    if let Some(Err(e)) = ended {
+                        tracing::warn!(error = %e, resume_at = ?next, "device credentials watch failed; re-opening it");
+                    }
                     metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
                     break;
                 }
@@ -420,6 +418,11 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
     }
 }
 
+/// The revision the credentials bucket's next change will get.
+async fn bucket_next_revision(store: &async_nats::jetstream::kv::Store) -> Result<u64, String> {
+    Ok(store.stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence + 1)
+}
+
 /// Opens a watch on every credentials key from revision `next`, or, when
 /// no position is known yet, from the revision after the bucket's last.
 /// Returns the watch and the revision it starts at.
@@ -429,7 +432,7 @@ async fn open_credentials_watch(
 ) -> Result<(async_nats::jetstream::kv::Watch, u64), String> {
     let from = match next {
         Some(next) => next,
-        None => store.stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence + 1,
+        None => bucket_next_revision(store).await?,
     };
     let watch = store.watch_all_from_revision(from).await.map_err(|e| e.to_string())?;
     Ok((watch, from))
