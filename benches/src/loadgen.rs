@@ -26,7 +26,7 @@ use fluxmesh_schemas::{shard_of, DeviceTopic, Frame, Subjects};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
@@ -94,7 +94,8 @@ struct Args {
     #[arg(long, default_value = "FM_TEL")]
     stream: String,
     /// With --verify: also check that the shard workers applied every
-    /// stored message exactly once (device states in `{PREFIX}_STATE`) and
+    /// stored message exactly once (device states in the shards'
+    /// checkpoint logs, `{PREFIX}_CKPT`) and
     /// derived every state frame exactly once (`{PREFIX}_EVT`, seq 1..n).
     #[arg(long)]
     verify_processing: bool,
@@ -667,15 +668,20 @@ async fn verify_processing(
     stored: &HashMap<String, u64>,
 ) -> anyhow::Result<()> {
     let prefix_upper = args.subject_prefix.to_ascii_uppercase().replace('-', "_");
-    let kv = js.get_key_value(format!("{prefix_upper}_STATE")).await.context("state bucket")?;
+    let subjects = Subjects::new(&args.subject_prefix)?;
+    let checkpoints = fluxmesh_mesh::checkpoint::Checkpoints::new(js.clone(), subjects);
+    let shards: BTreeSet<u32> = stored.keys().map(|d| shard_of(d, args.shards)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut states, mut behind, mut over);
     loop {
         states = HashMap::new();
         (behind, over) = (0u64, 0u64);
+        let mut checkpointed: HashMap<String, serde_json::Value> = HashMap::new();
+        for shard in &shards {
+            checkpointed.extend(checkpoints.load(*shard).await.context("reading a checkpoint log")?.states);
+        }
         for (device, count) in stored {
-            let key = fluxmesh_schemas::kv::state_key(shard_of(device, args.shards), device);
-            let state: Option<serde_json::Value> = kv.get(key).await?.and_then(|b| serde_json::from_slice(&b).ok());
+            let state = checkpointed.remove(device);
             let applied = state.as_ref().and_then(|s| s["count"].as_u64()).unwrap_or(0);
             match applied.cmp(count) {
                 std::cmp::Ordering::Less => behind += 1,

@@ -85,6 +85,10 @@ pub struct Member {
     pub mqtt: String,
     pub version: String,
     pub started_us: i64,
+    /// Per shard this node runs: messages stored and not yet processed, as
+    /// of its last heartbeat.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lag: BTreeMap<u32, u64>,
 }
 
 /// Who holds a shard.
@@ -110,6 +114,11 @@ pub struct View {
     pub live: BTreeMap<String, Member>,
     /// Current leases by shard. A shard absent here is free.
     pub leases: BTreeMap<u32, HeldLease>,
+    /// The highest lease-bucket revision seen: every lease change up to it
+    /// is reflected in `leases`. A lease we hold at an epoch at or below it
+    /// that `leases` shows at another epoch (or not at all) was taken from
+    /// us, even if the changes in between were never seen one by one.
+    pub lease_revision: u64,
 }
 
 impl View {
@@ -211,6 +220,8 @@ struct Inner {
     view: watch::Receiver<View>,
     /// Send time of the last acknowledged heartbeat.
     last_heartbeat: Mutex<Instant>,
+    /// What the next heartbeat says about each running shard's lag.
+    lags: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl ClusterHandle {
@@ -227,14 +238,22 @@ impl ClusterHandle {
     ) -> Result<ClusterHandle, ClusterError> {
         let value = serde_json::to_vec(&me).map_err(|e| ClusterError::Heartbeat(e.into()))?;
         let sent = Instant::now();
-        members.put(&me.node_id, value.clone().into()).await.map_err(|e| ClusterError::Heartbeat(e.into()))?;
+        members.put(&me.node_id, value.into()).await.map_err(|e| ClusterError::Heartbeat(e.into()))?;
 
         let (view_tx, view_rx) = watch::channel(View::default());
         let view_tx = Arc::new(view_tx);
         let (members_ready, leases_ready) = (CancellationToken::new(), CancellationToken::new());
         let member_watch = Rewatch::open(members.clone(), "membership").await?.spawn(stop.clone(), tasks);
         let lease_watch = Rewatch::open(leases.clone(), "lease").await?.spawn(stop.clone(), tasks);
-        let inner = Arc::new(Inner { me, cfg, members, leases, view: view_rx, last_heartbeat: Mutex::new(sent) });
+        let inner = Arc::new(Inner {
+            me,
+            cfg,
+            members,
+            leases,
+            view: view_rx,
+            last_heartbeat: Mutex::new(sent),
+            lags: Mutex::new(BTreeMap::new()),
+        });
         tasks.spawn(watch_members(
             member_watch,
             inner.cfg.liveness_timeout(),
@@ -243,7 +262,7 @@ impl ClusterHandle {
             stop.clone(),
         ));
         tasks.spawn(watch_leases(lease_watch, view_tx, leases_ready.clone(), stop.clone()));
-        tasks.spawn(heartbeat(inner.clone(), value, stop.clone()));
+        tasks.spawn(heartbeat(inner.clone(), stop.clone()));
         let handle = ClusterHandle { inner };
         tokio::select! {
             _ = async { members_ready.cancelled().await; leases_ready.cancelled().await } => {}
@@ -311,6 +330,24 @@ impl ClusterHandle {
         Ok(HeldLease { lease: value_for_result, epoch })
     }
 
+    /// Sets what the next heartbeats say about `shard`'s lag (`None`: this
+    /// node no longer runs it).
+    pub fn report_lag(&self, shard: u32, pending: Option<u64>) {
+        let mut lags = self.inner.lags.lock().unwrap_or_else(|p| p.into_inner());
+        match pending {
+            Some(p) => lags.insert(shard, p),
+            None => lags.remove(&shard),
+        };
+    }
+
+    /// Forgets the lag of every shard for which `keep` is false; returns
+    /// the sum of the others.
+    pub fn retain_lags(&self, mut keep: impl FnMut(u32) -> bool) -> u64 {
+        let mut lags = self.inner.lags.lock().unwrap_or_else(|p| p.into_inner());
+        lags.retain(|shard, _| keep(*shard));
+        lags.values().sum()
+    }
+
     /// Whether `lease` names this process (whether or not still valid).
     pub fn is_mine(&self, lease: &Lease) -> bool {
         lease.node_id == self.inner.me.node_id && lease.incarnation == self.inner.me.incarnation
@@ -333,22 +370,29 @@ impl ClusterHandle {
     }
 }
 
-/// Puts this node's entry every heartbeat until `stop`.
-async fn heartbeat(inner: Arc<Inner>, value: Vec<u8>, stop: CancellationToken) {
+/// Puts this node's entry (with its shards' lags) every heartbeat until
+/// `stop`.
+async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(inner.cfg.heartbeat());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let value = bytes::Bytes::from(value);
+    let mut me = inner.me.clone();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        me.lag.clone_from(&inner.lags.lock().unwrap_or_else(|p| p.into_inner()));
+        let value = match serde_json::to_vec(&me) {
+            Ok(v) => bytes::Bytes::from(v),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the heartbeat");
+                continue;
+            }
+        };
         let sent = Instant::now();
         // A heartbeat that takes longer than the liveness timeout is as good
         // as missed; do not let a stuck put hold the loop.
-        match tokio::time::timeout(inner.cfg.liveness_timeout(), inner.members.put(&inner.me.node_id, value.clone()))
-            .await
-        {
+        match tokio::time::timeout(inner.cfg.liveness_timeout(), inner.members.put(&inner.me.node_id, value)).await {
             Ok(Ok(_)) => {
                 let mut last = inner.last_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
                 *last = (*last).max(sent);
@@ -606,12 +650,15 @@ async fn watch_leases(
             },
             kv::Operation::Delete | kv::Operation::Purge => None,
         };
-        view.send_modify(|v| match held {
-            Some(h) => {
-                v.leases.insert(shard, h);
-            }
-            None => {
-                v.leases.remove(&shard);
+        view.send_modify(|v| {
+            v.lease_revision = v.lease_revision.max(entry.revision);
+            match held {
+                Some(h) => {
+                    v.leases.insert(shard, h);
+                }
+                None => {
+                    v.leases.remove(&shard);
+                }
             }
         });
         if entry.delta == 0 && replaying {

@@ -1,5 +1,7 @@
 //! Everything fluxmesh says to NATS.
 //!
+//! - [`checkpoint`]: each shard's checkpoint log (device states and the
+//!   sequence covered), fenced by compare-and-set on the log.
 //! - [`cluster`]: membership heartbeats and fenced shard leases in KV.
 //! - [`config`]: the `[nats]` section of the node config.
 //! - [`connect`]: one client per node, with reconnect and connection events.
@@ -11,7 +13,9 @@
 //!   returned to the caller.
 //! - [`read`]: reading what a stream holds right now.
 //! - [`secret`]: config values that are never printed.
+//! - [`shard_reader`]: one shard's telemetry in stream order, with no acks.
 
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod connect;
@@ -20,6 +24,7 @@ pub mod provision;
 pub mod publisher;
 pub mod read;
 pub mod secret;
+pub mod shard_reader;
 
 pub use config::NatsConfig;
 pub use connect::{connect, ConnectError};

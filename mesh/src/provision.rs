@@ -54,6 +54,7 @@ pub struct Provisioned {
     pub replicas: usize,
     pub telemetry_stream: String,
     pub event_stream: String,
+    pub checkpoint_stream: String,
 }
 
 /// Creates (or finds) the streams and buckets and checks cluster agreement.
@@ -84,6 +85,8 @@ pub async fn provision(
         };
         ensure_stream(js, config, &subjects).await?;
     }
+    let checkpoint_stream = subjects.checkpoint_stream();
+    ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
 
     let bucket = format!("{}_CLUSTER", subjects.prefix().to_ascii_uppercase().replace('-', "_"));
     let store = js
@@ -100,7 +103,7 @@ pub async fn provision(
     agree(&store, &bucket, "shards", cfg.shards.to_string()).await?;
     agree(&store, &bucket, "schema_version", SCHEMA_VERSION.to_string()).await?;
 
-    Ok(Provisioned { subjects, shards: cfg.shards, replicas, telemetry_stream, event_stream })
+    Ok(Provisioned { subjects, shards: cfg.shards, replicas, telemetry_stream, event_stream, checkpoint_stream })
 }
 
 /// min(3, servers in the NATS cluster), counting the servers the connected

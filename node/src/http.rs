@@ -6,7 +6,7 @@
 //! | `GET /readyz` | 200 once connected to NATS with streams provisioned and MQTT listening; 503 otherwise |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
-//! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, consumer lag |
+//! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, messages not yet processed (from the holder's heartbeat) |
 //! | `GET /api/v1/devices/{id}` | the device's shard, owner node, connected node and last checkpointed state |
 //! | `/api/v1/rules[/{id}]` | rules: see [`crate::rules::http`] |
 //! | `/api/v1/plugins[/{name}]` | WebAssembly plugins: see [`crate::plugins::http`] |
@@ -103,6 +103,18 @@ struct IngestParams {
 }
 
 /// An error answer: `{"error": "...", "reason": "..."}`.
+/// An error and its causes, outermost first: "a: b: c".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 fn refuse(status: StatusCode, reason: &'static str, message: impl std::fmt::Display) -> Response {
     telemetry::rejected(Source::Http, reason, &message);
     (status, Json(json!({"error": message.to_string(), "reason": reason}))).into_response()
@@ -231,19 +243,21 @@ async fn cluster(
     let view = ctx.cluster.view();
     let live = view.live_ids();
     let with_lag = params.lag.unwrap_or(true);
-    let lags = if with_lag { consumer_lags(ctx).await } else { Default::default() };
     let shards: Vec<serde_json::Value> = (0..ctx.shards)
         .map(|shard| {
             let lease = view.leases.get(&shard);
-            let lag = lags.get(&shard);
+            // The holder's own count, from its last heartbeat.
+            let pending = lease
+                .filter(|_| with_lag)
+                .and_then(|l| view.live.get(&l.lease.node_id))
+                .and_then(|m| m.lag.get(&shard).copied());
             json!({
                 "shard": shard,
                 "desired_owner": fluxmesh_mesh::placement::owner(shard, &live),
                 "holder": lease.map(|l| l.lease.node_id.as_str()),
                 "epoch": lease.map(|l| l.epoch),
                 "lease_valid": lease.is_some_and(|l| view.is_valid(&l.lease)),
-                "pending": lag.map(|l| l.0),
-                "ack_pending": lag.map(|l| l.1),
+                "pending": pending,
             })
         })
         .collect();
@@ -259,24 +273,8 @@ async fn cluster(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClusterParams {
-    /// `false` skips asking JetStream for each shard consumer's lag.
+    /// `false` leaves each shard's lag out.
     lag: Option<bool>,
-}
-
-/// `(not yet delivered, delivered but unacknowledged)` per shard consumer;
-/// shards whose consumer does not answer within 2 s are left out.
-async fn consumer_lags(ctx: &ShardContext) -> std::collections::HashMap<u32, (u64, usize)> {
-    let Ok(stream) = ctx.js.get_stream(&ctx.telemetry_stream).await else { return Default::default() };
-    let stream = &stream;
-    let asks = (0..ctx.shards).map(|shard| async move {
-        let name = crate::shards::worker::consumer_name(shard);
-        let info = tokio::time::timeout(std::time::Duration::from_secs(2), stream.consumer_info(name)).await;
-        match info {
-            Ok(Ok(info)) => Some((shard, (info.num_pending, info.num_ack_pending))),
-            _ => None,
-        }
-    });
-    futures::future::join_all(asks).await.into_iter().flatten().collect()
 }
 
 /// A device's shard, the node that owns the shard and its last
@@ -289,14 +287,14 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
     let shard = fluxmesh_schemas::shard_of(&device, ctx.shards);
     let view = ctx.cluster.view();
     let owner = view.leases.get(&shard).filter(|l| view.is_valid(&l.lease)).map(|l| l.lease.node_id.clone());
-    let key = crate::shards::state::state_key(shard, &device);
     // Nodes answer only for sessions they hold; 300 ms of silence: offline.
     let located =
         crate::commands::locate(&ctx.client, &ctx.subjects, &device, std::time::Duration::from_millis(300)).await;
     let connected = located.as_ref().map(|l| l.node.as_str());
     let commands = located.as_ref().is_some_and(|l| l.commands);
-    match ctx.states.get(&key).await {
-        Ok(Some(bytes)) => match serde_json::from_slice::<crate::shards::state::DeviceState>(&bytes) {
+    let loaded = ctx.checkpoints.load(shard).await.map(|mut l| l.states.remove(&device));
+    match loaded {
+        Ok(Some(value)) => match serde_json::from_value::<crate::shards::state::DeviceState>(value) {
             Ok(st) => Json(json!({
                 "device": device,
                 "shard": shard,
@@ -324,7 +322,10 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
             })),
         )
             .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "reason": "kv_unavailable"})))
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": error_chain(&e), "reason": "checkpoints_unavailable"})),
+        )
             .into_response(),
     }
 }

@@ -253,14 +253,6 @@ impl Node {
             cluster::ClusterError::is_transient,
         )
         .await?;
-        let (states, states_bucket) = retry_until(
-            cancel,
-            "state bucket not ready yet",
-            Duration::from_millis(200),
-            || shards::open_state_bucket(publisher_js(&ingress), &prefix, provisioned.replicas),
-            cluster::ClusterError::is_transient,
-        )
-        .await?;
         let rules = retry_until(
             cancel,
             "rules bucket not ready yet",
@@ -312,6 +304,7 @@ impl Node {
             mqtt: mqtt.listen().to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_us: fluxmesh_schemas::frame::now_us(),
+            lag: Default::default(),
         };
         // Heartbeats and watches outlive `stop`: the coordinator ends them
         // after it has released its leases.
@@ -331,8 +324,10 @@ impl Node {
             subjects: provisioned.subjects.clone(),
             shards: provisioned.shards,
             telemetry_stream: provisioned.telemetry_stream.clone(),
-            states,
-            states_bucket,
+            checkpoints: fluxmesh_mesh::checkpoint::Checkpoints::new(
+                publisher_js(&ingress).clone(),
+                provisioned.subjects.clone(),
+            ),
             node_id: node_id.to_owned(),
             cfg: config.shards.clone(),
             cluster,

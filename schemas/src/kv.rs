@@ -1,14 +1,7 @@
 //! Keys of the mesh's KV buckets that outside readers may need.
 //!
-//! `{PREFIX}_STATE` holds each device's last checkpointed state (JSON) under
-//! `{shard}.{hex of the device id's UTF-8 bytes}`: KV keys allow only
-//! `[-/_=.a-zA-Z0-9]`, and hex keeps every device id distinct.
-
-/// The KV key of a device's state in shard `shard`: `{shard}.{hex(device)}`
-/// (KV keys allow only a small alphabet; hex keeps every device id).
-pub fn state_key(shard: u32, device: &str) -> String {
-    device_key(shard, device)
-}
+//! Device keys are `{prefix}.{hex of the device id's UTF-8 bytes}`: KV keys
+//! allow only `[-/_=.a-zA-Z0-9]`, and hex keeps every device id distinct.
 
 /// `{prefix}.{hex of the device id's UTF-8 bytes}`: a valid KV key for any
 /// device id (also the credentials key, `d.{hex}`).
@@ -38,9 +31,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_keys_are_valid_kv_keys() {
-        assert_eq!(state_key(7, "a.b *>"), "7.612e62202a3e");
-        assert!(state_key(63, "ü").chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
+    fn device_keys_are_valid_kv_keys() {
+        assert_eq!(device_key(7, "a.b *>"), "7.612e62202a3e");
+        assert!(device_key(63, "ü").chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
         assert_eq!(device_of_key("612e62202a3e").as_deref(), Some("a.b *>"));
         assert_eq!(device_key("d", "a.b"), "d.612e62");
         assert_eq!(device_of_key("6"), None);

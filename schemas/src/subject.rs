@@ -291,6 +291,21 @@ impl Subjects {
         format!("{}_EVT", self.prefix.to_ascii_uppercase().replace('-', "_"))
     }
 
+    /// `{PREFIX}_CKPT`: the shards' checkpoint logs.
+    pub fn checkpoint_stream(&self) -> String {
+        format!("{}_CKPT", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// `{prefix}.ckpt.{shard}`: one shard's checkpoint log.
+    pub fn checkpoint(&self, shard: u32) -> String {
+        format!("{}.ckpt.{shard}", self.prefix)
+    }
+
+    /// `{prefix}.ckpt.>`: every shard's checkpoint log.
+    pub fn checkpoint_filter(&self) -> String {
+        format!("{}.ckpt.>", self.prefix)
+    }
+
     /// The wildcard covering a whole family, e.g. `fm.tel.>`.
     pub fn family_filter(&self, family: Family) -> String {
         format!("{}.{}.>", self.prefix, family.token())

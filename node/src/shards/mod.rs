@@ -40,31 +40,22 @@ use worker::WorkerError;
 pub struct ShardsConfig {
     /// Messages a shard worker takes per batch, at most.
     pub batch: usize,
-    /// Deliveries a shard's consumer lets be unacknowledged, at most.
-    pub max_ack_pending: usize,
-    /// How long JetStream waits for a worker's ack before delivering again.
-    pub ack_wait_ms: u64,
     /// Wait before restarting a worker that failed (NATS trouble).
     pub restart_backoff_ms: u64,
     /// A device derives at most one state frame per this much received
     /// time; changes in between ride on the next frame. 0 = a frame for
     /// every change.
     pub state_min_interval_ms: u64,
-    /// How often a worker checkpoints changed device states and acks what
-    /// it processed. Longer: fewer KV writes; more to replay after a kill.
+    /// How often a busy worker appends a checkpoint record (the changed
+    /// device states and the sequence covered) to its shard's log. Longer:
+    /// fewer writes; more to replay after a kill. A quiet shard writes
+    /// nothing.
     pub checkpoint_interval_ms: u64,
 }
 
 impl Default for ShardsConfig {
     fn default() -> Self {
-        ShardsConfig {
-            batch: 256,
-            max_ack_pending: 8192,
-            ack_wait_ms: 30_000,
-            restart_backoff_ms: 500,
-            state_min_interval_ms: 1000,
-            checkpoint_interval_ms: 200,
-        }
+        ShardsConfig { batch: 256, restart_backoff_ms: 500, state_min_interval_ms: 1000, checkpoint_interval_ms: 500 }
     }
 }
 
@@ -74,17 +65,8 @@ impl ShardsConfig {
         if !(1..=10_000).contains(&self.batch) {
             problems.push("shards.batch: must be between 1 and 10000".to_owned());
         }
-        if self.max_ack_pending < self.batch {
-            problems.push("shards.max_ack_pending: must be at least shards.batch".to_owned());
-        }
-        if self.ack_wait_ms < 1000 {
-            problems.push("shards.ack_wait_ms: must be at least 1000".to_owned());
-        }
-        if !(1..=10_000).contains(&self.checkpoint_interval_ms) || self.checkpoint_interval_ms * 2 > self.ack_wait_ms {
-            problems.push(
-                "shards.checkpoint_interval_ms: must be between 1 and 10000 and at most half of shards.ack_wait_ms"
-                    .to_owned(),
-            );
+        if !(1..=10_000).contains(&self.checkpoint_interval_ms) {
+            problems.push("shards.checkpoint_interval_ms: must be between 1 and 10000".to_owned());
         }
         problems
     }
@@ -99,8 +81,8 @@ pub struct ShardContext {
     pub subjects: Subjects,
     pub shards: u32,
     pub telemetry_stream: String,
-    pub states: async_nats::jetstream::kv::Store,
-    pub states_bucket: String,
+    /// Every shard's checkpoint log.
+    pub checkpoints: fluxmesh_mesh::checkpoint::Checkpoints,
     pub node_id: String,
     pub cfg: ShardsConfig,
     pub cluster: ClusterHandle,
@@ -131,27 +113,6 @@ impl ShardContext {
             metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
         }
     }
-}
-
-/// Opens (creating if needed) the device state bucket.
-pub async fn open_state_bucket(
-    js: &async_nats::jetstream::Context,
-    prefix: &str,
-    replicas: usize,
-) -> Result<(async_nats::jetstream::kv::Store, String), ClusterError> {
-    let bucket = fluxmesh_mesh::cluster::bucket_name(prefix, "STATE");
-    let store = js
-        .create_or_update_key_value(async_nats::jetstream::kv::Config {
-            bucket: bucket.clone(),
-            description: "fluxmesh per-device state checkpoints (key: shard.hex(device))".to_owned(),
-            history: 1,
-            num_replicas: replicas,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ClusterError::Bucket { bucket: bucket.clone(), source: e.into() })?;
-    Ok((store, bucket))
 }
 
 #[derive(Debug)]
@@ -247,10 +208,19 @@ impl Coordinator {
         for shard in 0..self.ctx.shards {
             let desired = placement::owner(shard, &live);
             let current = view.leases.get(&shard);
-            // Someone overwrote our lease: stop at once.
-            if let (Some(ours), Some(cur)) = (self.held.get(&shard), current) {
-                if cur.epoch > ours.epoch && !cluster.is_mine(&cur.lease) {
-                    tracing::warn!(shard, by = %cur.lease.node_id, "lease taken over; stopping the worker");
+            // Our lease was overwritten or deleted since we took it: stop
+            // at once. Judged by revision, not by the change itself: the
+            // view may have skipped from our epoch straight past a
+            // takeover and a release.
+            if let Some(ours) = self.held.get(&shard) {
+                if view.lease_revision >= ours.epoch && current.map(|c| c.epoch) != Some(ours.epoch) {
+                    tracing::warn!(
+                        shard,
+                        epoch = ours.epoch,
+                        now = ?current.map(|c| (c.lease.node_id.as_str(), c.epoch)),
+                        "lease taken over; stopping the worker"
+                    );
+                    metrics::counter!("fluxmesh_shards_fenced_total").increment(1);
                     if let Some(r) = self.running.remove(&shard) {
                         r.abort.abort();
                     }
@@ -313,7 +283,8 @@ impl Coordinator {
         }
         let stop = CancellationToken::new();
         let (ctx, worker_stop, epoch, l) = (self.ctx.clone(), stop.clone(), lease.epoch, lease.lease.clone());
-        let abort = self.workers.spawn(async move { (shard, epoch, worker::run(ctx, shard, l, worker_stop).await) });
+        let abort =
+            self.workers.spawn(async move { (shard, epoch, worker::run(ctx, shard, l, epoch, worker_stop).await) });
         self.running.insert(shard, Running { epoch, stop, abort, handing_over: false });
     }
 
@@ -358,7 +329,7 @@ impl Coordinator {
                 };
                 tracing::error!(shard, error = %e, "shard worker panicked");
                 let epoch = self.running.get(&shard).map(|r| r.epoch).unwrap_or_default();
-                (shard, epoch, Err(WorkerError::Consumer(format!("panicked: {e}"))))
+                (shard, epoch, Err(WorkerError::Panicked(e.to_string())))
             }
         };
         // Only act on the worker we know for this shard and epoch.
@@ -418,6 +389,8 @@ impl Coordinator {
     }
 
     fn publish_gauge(&self) {
+        let lag = self.ctx.cluster.retain_lags(|shard| self.running.contains_key(&shard));
+        metrics::gauge!("fluxmesh_shard_lag_messages").set(lag as f64);
         metrics::gauge!("fluxmesh_shards_owned").set(self.held.len() as f64);
         metrics::gauge!("fluxmesh_shards_running").set(self.running.len() as f64);
     }

@@ -22,8 +22,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-pub use fluxmesh_schemas::kv::{device_of_key, state_key};
-
 /// The producer name on derived state frames.
 pub const PRODUCER: &str = "state";
 
