@@ -10,6 +10,9 @@
 //!   per-device `seq` 1, 2, 3, … and no gap;
 //! - invariant 4: one valid lease per shard, held by its desired owner;
 //! - invariant 5: after a kill, every shard is owned again within a bound.
+//!
+//! Two busy loops run beside the whole scenario: fencing must hold on a
+//! machine whose cores are taken, where every race window is wider.
 
 mod common;
 
@@ -17,7 +20,7 @@ use common::{get_json, wait_settled, NodeProc};
 
 use fluxmesh_node::Config;
 use fluxmesh_schemas::{Body, Frame};
-use fluxmesh_testkit::{wait_for, NatsCluster};
+use fluxmesh_testkit::{wait_for, CpuHog, NatsCluster};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -99,6 +102,7 @@ fn ownership_survives_join_leave_kill_and_pause() {
 
 async fn scenario() {
     common::init_logging();
+    let _hog = CpuHog::start(2, Duration::from_secs(600));
     let cluster = NatsCluster::start(3).await.expect("3-server cluster");
     let urls = cluster.urls();
     // A state frame for every change: the most frames to get right. No

