@@ -90,9 +90,10 @@ struct Args {
     /// messages that are not in it (QoS1 only).
     #[arg(long)]
     verify: bool,
-    /// The telemetry stream, for --verify.
-    #[arg(long, default_value = "FM_TEL")]
-    stream: String,
+    /// The telemetry stream to read for --verify; by default every
+    /// partition's stream (`{PREFIX}_TEL_{p}`, as the cluster agreed).
+    #[arg(long)]
+    stream: Option<String>,
     /// With --verify: also check that the shard workers applied every
     /// stored message exactly once (device states in the shards'
     /// checkpoint logs, `{PREFIX}_CKPT`) and
@@ -619,21 +620,29 @@ async fn verify_once(
     let mut stored_copies: HashMap<String, u64> = HashMap::new();
     let mut duplicates = 0u64;
     let prefix = format!("{}-", args.prefix);
-    for_each_frame_since(&js, &args.stream, since, |frame| {
-        if !frame.device.as_str().starts_with(&prefix) {
-            return;
-        }
-        if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
-            if let Some((_, seq)) = payload_meta(payload) {
-                *stored_copies.entry(frame.device.as_str().to_owned()).or_default() += 1;
-                if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(seq) {
-                    duplicates += 1;
+    let streams = match &args.stream {
+        Some(s) => vec![s.clone()],
+        None => fluxmesh_mesh::telemetry_streams(&js, &Subjects::new(&args.subject_prefix)?)
+            .await
+            .context("finding the telemetry streams")?,
+    };
+    for stream in &streams {
+        for_each_frame_since(&js, stream, since, |frame| {
+            if !frame.device.as_str().starts_with(&prefix) {
+                return;
+            }
+            if let fluxmesh_schemas::frame::ArchivedBody::Telemetry { payload } = &frame.body {
+                if let Some((_, seq)) = payload_meta(payload) {
+                    *stored_copies.entry(frame.device.as_str().to_owned()).or_default() += 1;
+                    if !stored.entry(frame.device.as_str().to_owned()).or_default().insert(seq) {
+                        duplicates += 1;
+                    }
                 }
             }
-        }
-    })
-    .await
-    .context("reading the telemetry stream")?;
+        })
+        .await
+        .with_context(|| format!("reading telemetry stream {stream}"))?;
+    }
     let (mut acked, mut lost) = (0u64, 0u64);
     let mut examples = Vec::new();
     for (device, seqs) in acked_by_device {

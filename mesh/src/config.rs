@@ -18,12 +18,16 @@ pub struct NatsConfig {
     /// Shards per cluster. Fixed for the life of a cluster: every node must
     /// agree, and a node with another value refuses to start.
     pub shards: u32,
+    /// Telemetry streams per cluster (`{PREFIX}_TEL_0` …), each holding a
+    /// contiguous range of shards, so that their leaders spread over the
+    /// NATS servers. Fixed for the life of a cluster, like `shards`.
+    pub partitions: u32,
     /// Stream and KV replicas; 0 picks min(3, servers in the NATS cluster).
     pub replicas: usize,
     /// JetStream dedupe window: a frame re-published within it with the same
     /// id is stored once.
     pub duplicate_window_secs: u64,
-    /// How long telemetry stays in `{PREFIX}_TEL`.
+    /// How long telemetry stays in the `{PREFIX}_TEL_{p}` streams.
     pub telemetry_max_age_secs: u64,
     /// How long derived events stay in `{PREFIX}_EVT`.
     pub events_max_age_secs: u64,
@@ -63,6 +67,7 @@ impl Default for NatsConfig {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
             prefix: "fm".to_owned(),
             shards: fluxmesh_schemas::DEFAULT_SHARDS,
+            partitions: fluxmesh_schemas::DEFAULT_PARTITIONS,
             replicas: 0,
             duplicate_window_secs: 120,
             telemetry_max_age_secs: 7 * 24 * 3600,
@@ -100,6 +105,9 @@ impl NatsConfig {
         }
         if !(1..=65_536).contains(&self.shards) {
             problems.push("nats.shards: must be between 1 and 65536".to_owned());
+        }
+        if !(1..=self.shards.clamp(1, 256)).contains(&self.partitions) {
+            problems.push("nats.partitions: must be between 1 and min(256, nats.shards)".to_owned());
         }
         if self.replicas > 5 {
             problems.push("nats.replicas: JetStream allows at most 5 (0 = auto)".to_owned());

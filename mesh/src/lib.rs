@@ -28,7 +28,7 @@ pub mod shard_reader;
 
 pub use config::NatsConfig;
 pub use connect::{connect, ConnectError};
-pub use provision::{provision, ProvisionError, Provisioned};
+pub use provision::{provision, telemetry_streams, ProvisionError, Provisioned};
 pub use publisher::{frame_headers, Pending, PublishError, Publisher};
 pub use read::{read_pending, ReadError};
 pub use secret::Secret;

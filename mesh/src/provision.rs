@@ -23,6 +23,15 @@ pub enum ProvisionError {
     },
     #[error("stream {stream} exists with subjects {found:?}, expected {expected:?}; another cluster may use prefix `{prefix}`")]
     StreamSubjects { stream: String, prefix: String, found: Vec<String>, expected: Vec<String> },
+    #[error(
+        "stream {stream} cannot be created: its subjects overlap another stream's; a cluster made before \
+         telemetry was partitioned has one stream for fm.tel.> (delete it, or use another prefix)"
+    )]
+    Overlap {
+        stream: String,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error("stream {stream} has no leader yet")]
     Leaderless { stream: String },
     #[error("cannot create or read KV bucket {bucket}: {source}")]
@@ -52,9 +61,19 @@ pub struct Provisioned {
     pub subjects: Subjects,
     pub shards: u32,
     pub replicas: usize,
-    pub telemetry_stream: String,
+    pub partitions: u32,
+    /// One telemetry stream per partition, in partition order.
+    pub telemetry_streams: Vec<String>,
     pub event_stream: String,
     pub checkpoint_stream: String,
+}
+
+impl Provisioned {
+    /// The telemetry stream that holds `shard`.
+    pub fn telemetry_stream_of(&self, shard: u32) -> &str {
+        let p = fluxmesh_schemas::partition_of(shard, self.shards, self.partitions) as usize;
+        self.telemetry_streams.get(p).map_or("", String::as_str)
+    }
 }
 
 /// Creates (or finds) the streams and buckets and checks cluster agreement.
@@ -66,28 +85,20 @@ pub async fn provision(
     let subjects = Subjects::new(&cfg.prefix)?;
     let replicas = if cfg.replicas > 0 { cfg.replicas } else { auto_replicas(client) };
 
-    let telemetry_stream = subjects.telemetry_stream();
     let event_stream = subjects.event_stream();
-    for (name, family, max_age) in [
-        (&telemetry_stream, Family::Telemetry, cfg.telemetry_max_age_secs),
-        (&event_stream, Family::Event, cfg.events_max_age_secs),
-    ] {
-        let config = stream::Config {
-            name: name.clone(),
-            subjects: vec![subjects.family_filter(family)],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
-            max_age: Duration::from_secs(max_age),
-            discard: stream::DiscardPolicy::Old,
-            allow_direct: true,
-            ..Default::default()
-        };
-        ensure_stream(js, config, &subjects).await?;
-    }
-    let checkpoint_stream = subjects.checkpoint_stream();
-    ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
-
+    let telemetry_streams: Vec<String> = (0..cfg.partitions).map(|p| subjects.telemetry_stream(p)).collect();
+    let mut streams: Vec<(&String, Vec<String>, u64)> = telemetry_streams
+        .iter()
+        .enumerate()
+        .map(|(p, name)| {
+            let shards = fluxmesh_schemas::shard::partition_shards(p as u32, cfg.shards, cfg.partitions);
+            let filters = shards.map(|s| subjects.shard_filter(Family::Telemetry, s)).collect();
+            (name, filters, cfg.telemetry_max_age_secs)
+        })
+        .collect();
+    streams.push((&event_stream, vec![subjects.family_filter(Family::Event)], cfg.events_max_age_secs));
+    // Agree first: a node with another shard count or partition count must
+    // not create streams for its own layout.
     let bucket = format!("{}_CLUSTER", subjects.prefix().to_ascii_uppercase().replace('-', "_"));
     let store = js
         .create_or_update_key_value(kv::Config {
@@ -101,9 +112,48 @@ pub async fn provision(
         .await
         .map_err(|e| ProvisionError::Bucket { bucket: bucket.clone(), source: e.into() })?;
     agree(&store, &bucket, "shards", cfg.shards.to_string()).await?;
+    agree(&store, &bucket, "partitions", cfg.partitions.to_string()).await?;
     agree(&store, &bucket, "schema_version", SCHEMA_VERSION.to_string()).await?;
 
-    Ok(Provisioned { subjects, shards: cfg.shards, replicas, telemetry_stream, event_stream, checkpoint_stream })
+    for (name, filters, max_age) in streams {
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: filters,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+            max_age: Duration::from_secs(max_age),
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
+        ensure_stream(js, config, &subjects).await?;
+    }
+    let checkpoint_stream = subjects.checkpoint_stream();
+    ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
+
+    Ok(Provisioned {
+        subjects,
+        shards: cfg.shards,
+        partitions: cfg.partitions,
+        replicas,
+        telemetry_streams,
+        event_stream,
+        checkpoint_stream,
+    })
+}
+
+/// The telemetry streams of the cluster with `subjects`' prefix, one per
+/// partition in partition order, as the cluster agreed on them (for
+/// readers outside the nodes: a verifier, a test, a backup job).
+pub async fn telemetry_streams(js: &jetstream::Context, subjects: &Subjects) -> Result<Vec<String>, ProvisionError> {
+    let bucket = format!("{}_CLUSTER", subjects.prefix().to_ascii_uppercase().replace('-', "_"));
+    let bucket_err = |e: async_nats::Error| ProvisionError::Bucket { bucket: bucket.clone(), source: e };
+    let store = js.get_key_value(&bucket).await.map_err(|e| bucket_err(e.into()))?;
+    let value = store.get("partitions").await.map_err(|e| bucket_err(e.into()))?;
+    let text = value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+    let partitions: u32 = text.parse().map_err(|e: std::num::ParseIntError| bucket_err(e.into()))?;
+    Ok((0..partitions).map(|p| subjects.telemetry_stream(p)).collect())
 }
 
 /// min(3, servers in the NATS cluster), counting the servers the connected
@@ -124,10 +174,16 @@ async fn ensure_stream(
     let name = config.name.clone();
     let expected = config.subjects.clone();
     let replicas = config.num_replicas;
-    let mut stream = js
-        .get_or_create_stream(config)
-        .await
-        .map_err(|e| ProvisionError::Stream { stream: name.clone(), source: e.into() })?;
+    let mut stream = js.get_or_create_stream(config).await.map_err(|e| {
+        // JetStream's "subjects overlap with an existing stream".
+        let overlap = matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP);
+        if overlap {
+            ProvisionError::Overlap { stream: name.clone(), source: e.into() }
+        } else {
+            ProvisionError::Stream { stream: name.clone(), source: e.into() }
+        }
+    })?;
     let info = stream.info().await.map_err(|e| ProvisionError::Stream { stream: name.clone(), source: e.into() })?;
     if info.config.subjects != expected {
         return Err(ProvisionError::StreamSubjects {
@@ -137,12 +193,23 @@ async fn ensure_stream(
             expected,
         });
     }
-    if info.config.num_replicas != replicas {
+    if info.config.num_replicas < replicas {
+        // Made while the cluster was still forming: a node that saw fewer
+        // servers than there are (routes not all up yet) picked fewer
+        // replicas. Raise it; JetStream copies the data over.
+        tracing::info!(stream = %name, existing = info.config.num_replicas, wanted = replicas, "raising the stream's replicas");
+        let mut config = info.config.clone();
+        config.num_replicas = replicas;
+        js.update_stream(config)
+            .await
+            .map_err(|e| ProvisionError::Stream { stream: name.clone(), source: e.into() })?;
+        return Err(ProvisionError::Leaderless { stream: name });
+    } else if info.config.num_replicas > replicas {
         tracing::warn!(
             stream = %name,
             existing = info.config.num_replicas,
             wanted = replicas,
-            "stream exists with another replica count; leaving it as it is"
+            "stream exists with more replicas than this node would pick; leaving it as it is"
         );
     }
     // A replicated stream answers publishes only once it has elected a

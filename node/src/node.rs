@@ -323,7 +323,7 @@ impl Node {
             publisher: ingress.publisher().clone(),
             subjects: provisioned.subjects.clone(),
             shards: provisioned.shards,
-            telemetry_stream: provisioned.telemetry_stream.clone(),
+            layout: provisioned.clone(),
             checkpoints: fluxmesh_mesh::checkpoint::Checkpoints::new(
                 publisher_js(&ingress).clone(),
                 provisioned.subjects.clone(),

@@ -21,8 +21,12 @@ async fn three_server_cluster_with_two_nodes() {
     watcher.flush().await.expect("flush");
 
     let js = async_nats::jetstream::new(watcher.clone());
-    let mut stream = js.get_stream("FM_TEL").await.expect("stream");
-    assert_eq!(stream.info().await.expect("info").config.num_replicas, 3, "R3 in a 3-server cluster");
+    let streams = &a.provisioned().telemetry_streams;
+    assert_eq!(streams.len(), 3, "three telemetry partitions by default");
+    for name in streams {
+        let mut stream = js.get_stream(name).await.expect("stream");
+        assert_eq!(stream.info().await.expect("info").config.num_replicas, 3, "R3 in a 3-server cluster");
+    }
     assert_eq!(a.provisioned().replicas, 3);
 
     let device = Device::connect(a.mqtt_addr(), "cluster-dev-1").await;

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    connect_packet, counter, get_json, metrics, packet, payload_seq, publish_packet, read_stream, start_node, Device,
+    connect_packet, counter, get_json, metrics, packet, payload_seq, publish_packet, read_telemetry, start_node, Device,
 };
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
@@ -126,7 +126,7 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     assert!(good.alive.load(std::sync::atomic::Ordering::SeqCst), "the good device was never disconnected");
 
     // Every acknowledged message of the good device is stored, once.
-    let frames = read_stream(&client, "FM_TEL").await;
+    let frames = read_telemetry(&client).await;
     let stored: Vec<u64> = frames.iter().filter(|f| f.device == "good").map(payload_seq).collect();
     let acked: BTreeSet<u64> = good.acked().into_iter().collect();
     assert_eq!(stored.iter().copied().collect::<BTreeSet<_>>(), acked);
@@ -157,7 +157,8 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     }
     good.publish("devices/good/t", b"{\"seq\":300}".to_vec()).await;
     good.wait_acked(301).await;
-    let last = js.get_stream("FM_TEL").await.expect("stream").info().await.expect("info").state.last_sequence;
+    let stream = node.provisioned().telemetry_stream_of(shard).to_owned();
+    let last = js.get_stream(stream).await.expect("stream").info().await.expect("info").state.last_sequence;
     let url = format!("http://{}/api/v1/devices/good", node.http_addr());
     wait_for(Duration::from_secs(30), "the shard past the corrupt frames", || {
         let url = url.clone();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{counter, metrics, start_node, stream_messages};
+use common::{counter, metrics, start_node, telemetry_messages};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use serde_json::Value;
 use std::time::Duration;
@@ -36,8 +36,8 @@ async fn idempotency_key_dedupes_through_jetstream() {
     assert_eq!(first["id"], second["id"]);
     assert_eq!(first["seq"], second["seq"]);
     assert_eq!(third["duplicate"], false);
-    assert_eq!(stream_messages(&client, "FM_TEL").await, 2);
-    let frames = common::read_stream(&client, "FM_TEL").await;
+    assert_eq!(telemetry_messages(&client).await, 2);
+    let frames = common::read_telemetry(&client).await;
     assert_eq!(frames[0].channel, "power/kw");
     assert_eq!(frames[0].id.to_string(), first["id"].as_str().expect("id"));
     node.shutdown().await;
@@ -69,7 +69,7 @@ async fn bad_input_gets_a_reason_and_a_counter() {
     // The node still serves, and nothing bad was stored.
     let (s, _) = post(&node, "/api/v1/devices/d1/telemetry", b"{\"ok\":1}", &[]).await;
     assert_eq!(s, 202);
-    assert_eq!(stream_messages(&client, "FM_TEL").await, 1);
+    assert_eq!(telemetry_messages(&client).await, 1);
     node.shutdown().await;
 }
 
@@ -104,7 +104,7 @@ async fn answers_2xx_only_for_stored_messages() {
     .await
     .expect("ingest recovers after NATS restarts");
     let client = nats.client().await.expect("connect");
-    let frames = common::read_stream(&client, "FM_TEL").await;
+    let frames = common::read_telemetry(&client).await;
     let ids: Vec<String> = frames.iter().map(|f| f.id.to_string()).collect();
     assert!(ids.contains(&ok["id"].as_str().expect("id").to_owned()), "first 202 stored");
     assert!(ids.contains(&accepted["id"].as_str().expect("id").to_owned()), "202 after restart stored");

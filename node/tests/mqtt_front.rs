@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{counter, metrics, start_node, stream_messages, Device};
+use common::{counter, metrics, start_node, telemetry_messages, Device};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -175,7 +175,7 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
     let good = Device::connect(addr, "good-1").await;
     good.publish("devices/good-1/v", b"{}".to_vec()).await;
     good.wait_acked(1).await;
-    assert_eq!(stream_messages(&client, "FM_TEL").await, 1, "only the good message is stored");
+    assert_eq!(telemetry_messages(&client).await, 1, "only the good message is stored");
     let text = metrics(&node).await;
     for reason in ["malformed_packet", "protocol_version", "oversize"] {
         let line = format!("fluxmesh_mqtt_protocol_errors_total{{reason=\"{reason}\"}}");

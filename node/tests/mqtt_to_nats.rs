@@ -72,7 +72,7 @@ async fn topics_outside_devices_are_counted_not_ingested() {
     device.publish("devices/d2/ok", b"{}".to_vec()).await;
     fluxmesh_testkit::wait_for(Duration::from_secs(10), "the good message stored", || {
         let client = client.clone();
-        async move { (common::stream_messages(&client, "FM_TEL").await == 1).then_some(()) }
+        async move { (common::telemetry_messages(&client).await == 1).then_some(()) }
     })
     .await
     .expect("one message stored");
@@ -80,7 +80,7 @@ async fn topics_outside_devices_are_counted_not_ingested() {
     assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"not_device_topic\"}") > before);
     assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"missing_channel\"}") >= 1.0);
     assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"reserved_channel\"}") >= 1.0);
-    assert_eq!(common::stream_messages(&client, "FM_TEL").await, 1);
+    assert_eq!(common::telemetry_messages(&client).await, 1);
     node.shutdown().await;
 }
 
@@ -116,7 +116,7 @@ async fn graceful_shutdown_keeps_every_acknowledged_message() {
     assert!(acked.len() >= 1000);
 
     // Every PUBACKed sequence must be in the stream, once.
-    let frames = common::read_stream(&client, "FM_TEL").await;
+    let frames = common::read_telemetry(&client).await;
     let stored: std::collections::HashSet<u64> = frames.iter().map(common::payload_seq).collect();
     let stored_count = frames.len();
     let lost: Vec<_> = acked.iter().filter(|s| !stored.contains(s)).collect();

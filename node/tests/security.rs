@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{counter, metrics, read_stream, start_node, stream_messages, test_config, Device, ADMIN_TOKEN};
+use common::{counter, metrics, read_telemetry, start_node, telemetry_messages, test_config, Device, ADMIN_TOKEN};
 use fluxmesh_testkit::tls::TestCerts;
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rumqttc::{ConnectReturnCode, MqttOptions, QoS, SubscribeReasonCode, TlsConfiguration, Transport};
@@ -50,10 +50,10 @@ async fn api(node: &fluxmesh_node::Node, method: reqwest::Method, path: &str, bo
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// Telemetry frames per device in `FM_TEL`.
+/// Telemetry frames per device in the telemetry streams.
 async fn stored_per_device(client: &async_nats::Client) -> BTreeMap<String, usize> {
     let mut per = BTreeMap::new();
-    for f in read_stream(client, "FM_TEL").await {
+    for f in read_telemetry(client).await {
         *per.entry(f.device).or_default() += 1;
     }
     per
@@ -303,7 +303,7 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
         .connect(nats.url())
         .await
         .expect("test client over TLS");
-    assert_eq!(stream_messages(&client, "FM_TEL").await, 20);
+    assert_eq!(telemetry_messages(&client).await, 20);
     let text = metrics(&node).await;
     assert!(counter(&text, "fluxmesh_mqtt_tls_handshake_failures_total") >= 1.0, "{text}");
     node.shutdown().await;
@@ -330,7 +330,7 @@ async fn a_device_over_its_rate_is_slowed_and_loses_nothing() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1800), "40 messages at 20/s took only {took:?}");
     assert!(dev.alive.load(std::sync::atomic::Ordering::SeqCst), "slowed, not disconnected");
-    assert_eq!(stream_messages(&client, "FM_TEL").await, 40);
+    assert_eq!(telemetry_messages(&client).await, 40);
 
     // HTTP: over the rate is a 429 with Retry-After.
     let url = format!("http://{}/api/v1/devices/fast-2/telemetry", node.http_addr());

@@ -4,7 +4,7 @@
 //! thread blocked, as SIGSTOP would), all while devices send telemetry.
 //!
 //! Checked (DESIGN §4):
-//! - invariant 1: every message a node acknowledged (HTTP 202) is in FM_TEL;
+//! - invariant 1: every message a node acknowledged (HTTP 202) is in the telemetry streams;
 //! - invariant 2: every stored message is applied to its device's state
 //!   exactly once, and every derived state frame exists exactly once, with
 //!   per-device `seq` 1, 2, 3, … and no gap;
@@ -170,7 +170,7 @@ async fn scenario() {
 
     // Invariant 1: everything acknowledged is stored, once.
     let client = cluster.servers[0].client().await.expect("client");
-    let tel = common::read_stream(&client, "FM_TEL").await;
+    let tel = common::read_telemetry(&client).await;
     let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
     for f in &tel {
         stored.entry(f.device.clone()).or_default().push(common::payload_seq(f));

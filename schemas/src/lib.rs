@@ -22,5 +22,5 @@ pub mod shard;
 pub mod subject;
 
 pub use frame::{Body, Frame, FrameError, FrameId, FrameView, Kind, SCHEMA_VERSION};
-pub use shard::{shard_of, DEFAULT_SHARDS};
+pub use shard::{partition_of, shard_of, DEFAULT_PARTITIONS, DEFAULT_SHARDS};
 pub use subject::{DeviceTopic, Subjects, TopicError};

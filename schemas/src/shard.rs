@@ -20,6 +20,26 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME))
 }
 
+/// The default number of telemetry partitions (streams) in a cluster.
+pub const DEFAULT_PARTITIONS: u32 = 3;
+
+/// The telemetry partition (stream `{PREFIX}_TEL_{p}`) that holds `shard`:
+/// partitions hold contiguous ranges of shards, `shard × P / S`, so that
+/// with S = 64 and P = 3 they hold shards 0-21, 22-42 and 43-63.
+pub fn partition_of(shard: u32, shards: u32, partitions: u32) -> u32 {
+    let (shards, partitions) = (u64::from(shards.max(1)), u64::from(partitions.max(1)));
+    u32::try_from(u64::from(shard) * partitions / shards).unwrap_or(0)
+}
+
+/// The shards partition `partition` holds.
+pub fn partition_shards(partition: u32, shards: u32, partitions: u32) -> std::ops::Range<u32> {
+    // The first shard of partition p is the least s with s × P / S ≥ p,
+    // that is ⌈p × S / P⌉.
+    let (s, p) = (u64::from(shards), u64::from(partitions.max(1)));
+    let first = |q: u64| u32::try_from((q * s).div_ceil(p).min(s)).unwrap_or(shards);
+    first(u64::from(partition))..first(u64::from(partition) + 1)
+}
+
 /// The shard that owns `device` in a cluster of `shards` shards.
 ///
 /// # Panics
@@ -34,6 +54,24 @@ pub fn shard_of(device: &str, shards: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_hold_contiguous_ranges_covering_every_shard() {
+        assert_eq!(partition_shards(0, 64, 3), 0..22);
+        assert_eq!(partition_shards(1, 64, 3), 22..43);
+        assert_eq!(partition_shards(2, 64, 3), 43..64);
+        for (shards, partitions) in [(64, 1), (64, 3), (64, 64), (7, 5), (1000, 7)] {
+            let mut next = 0;
+            for p in 0..partitions {
+                let range = partition_shards(p, shards, partitions);
+                assert_eq!(range.start, next, "S={shards} P={partitions} p={p}");
+                assert!(!range.is_empty(), "S={shards} P={partitions} p={p}");
+                assert!(range.clone().all(|s| partition_of(s, shards, partitions) == p));
+                next = range.end;
+            }
+            assert_eq!(next, shards);
+        }
+    }
 
     /// Published FNV-1a 64 test vectors, so the function is the named one.
     #[test]

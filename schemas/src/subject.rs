@@ -281,9 +281,9 @@ impl Subjects {
         &self.prefix
     }
 
-    /// `{PREFIX}_TEL`.
-    pub fn telemetry_stream(&self) -> String {
-        format!("{}_TEL", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    /// `{PREFIX}_TEL_{partition}`: the telemetry stream of one partition.
+    pub fn telemetry_stream(&self, partition: u32) -> String {
+        format!("{}_TEL_{partition}", self.prefix.to_ascii_uppercase().replace('-', "_"))
     }
 
     /// `{PREFIX}_EVT`.
@@ -445,7 +445,7 @@ mod tests {
         assert_eq!(parsed.device, "a.b c");
         assert_eq!(parsed.rest, "x/>/*/%/");
         assert_eq!(s.json_mirror(&subject).as_deref(), Some("fm.json.tel.7.a%2Eb%20c.x.%3E.%2A.%25.%"));
-        assert_eq!(s.telemetry_stream(), "FM_TEL");
+        assert_eq!(s.telemetry_stream(2), "FM_TEL_2");
         assert!(Subjects::new("a.b").is_err());
         assert!(Subjects::new("").is_err());
     }

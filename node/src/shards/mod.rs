@@ -80,7 +80,8 @@ pub struct ShardContext {
     pub publisher: Publisher,
     pub subjects: Subjects,
     pub shards: u32,
-    pub telemetry_stream: String,
+    /// The cluster's streams and partitions.
+    pub layout: fluxmesh_mesh::Provisioned,
     /// Every shard's checkpoint log.
     pub checkpoints: fluxmesh_mesh::checkpoint::Checkpoints,
     pub node_id: String,

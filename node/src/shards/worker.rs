@@ -127,7 +127,7 @@ pub async fn run(
     }
     let mut reader = ShardReader::open(
         &ctx.js,
-        &ctx.telemetry_stream,
+        ctx.layout.telemetry_stream_of(shard),
         ctx.subjects.shard_filter(Family::Telemetry, shard),
         format!("{}-shard-{shard}-{epoch}", ctx.node_id.replace(['.', '*', '>', ' '], "_")),
         covered + 1,

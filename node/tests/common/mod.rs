@@ -185,6 +185,31 @@ pub async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
     s.info().await.expect("stream info").state.messages
 }
 
+/// The cluster's telemetry streams (prefix `fm`), one per partition.
+pub async fn telemetry_streams(client: &async_nats::Client) -> Vec<String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let subjects = fluxmesh_schemas::Subjects::new("fm").expect("prefix");
+    fluxmesh_mesh::telemetry_streams(&js, &subjects).await.expect("telemetry streams")
+}
+
+/// Messages in every telemetry stream.
+pub async fn telemetry_messages(client: &async_nats::Client) -> u64 {
+    let mut total = 0;
+    for stream in telemetry_streams(client).await {
+        total += stream_messages(client, &stream).await;
+    }
+    total
+}
+
+/// Every telemetry frame, partition after partition.
+pub async fn read_telemetry(client: &async_nats::Client) -> Vec<fluxmesh_schemas::Frame> {
+    let mut frames = Vec::new();
+    for stream in telemetry_streams(client).await {
+        frames.extend(read_stream(client, &stream).await);
+    }
+    frames
+}
+
 /// The node's /metrics text.
 pub async fn metrics(node: &Node) -> String {
     reqwest::get(format!("http://{}/metrics", node.http_addr()))
