@@ -127,6 +127,16 @@ impl View {
         self.live.get(&lease.node_id).is_some_and(|m| m.incarnation == lease.incarnation)
     }
 
+    /// Whether the lease we took on `shard` at `ours` has been overwritten
+    /// or deleted since: the view has seen the bucket at or past our epoch,
+    /// and the shard's lease is not at our epoch. Judged by revision, not by
+    /// watching for the change itself: a view can move from our epoch
+    /// straight past a takeover and a release (the changes in between are
+    /// coalesced) and show no lease at all.
+    pub fn lost(&self, shard: u32, ours: u64) -> bool {
+        self.lease_revision >= ours && self.leases.get(&shard).map(|l| l.epoch) != Some(ours)
+    }
+
     /// Live node ids, for placement.
     pub fn live_ids(&self) -> Vec<String> {
         self.live.keys().cloned().collect()
@@ -665,5 +675,44 @@ async fn watch_leases(
             replaying = false;
             ready.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(node: &str, epoch: u64) -> HeldLease {
+        HeldLease { lease: Lease { node_id: node.into(), incarnation: "i".into(), claimed_us: 0 }, epoch }
+    }
+
+    /// The trace behind the double apply after a pause: node-3 claimed
+    /// shard 0 at epoch 382; node-2 took it over (443) and later released
+    /// it (delete at 457). Node-3's view went from 382 straight to "no
+    /// lease" and it kept processing.
+    #[test]
+    fn a_lease_taken_and_released_behind_our_back_is_lost() {
+        let mut view = View::default();
+        view.leases.insert(0, held("node-3", 382));
+        view.lease_revision = 382;
+        assert!(!view.lost(0, 382), "our own lease, current");
+
+        view.leases.remove(&0);
+        view.lease_revision = 457;
+        assert!(view.lost(0, 382), "deleted after a takeover we never saw");
+
+        view.leases.insert(0, held("node-2", 443));
+        view.lease_revision = 443;
+        assert!(view.lost(0, 382), "taken over");
+    }
+
+    #[test]
+    fn a_claim_the_view_has_not_caught_up_with_is_not_lost() {
+        let mut view = View { lease_revision: 500, ..View::default() };
+        // We claimed at 501; the watch has not delivered it yet.
+        assert!(!view.lost(0, 501));
+        view.leases.insert(0, held("me", 501));
+        view.lease_revision = 501;
+        assert!(!view.lost(0, 501));
     }
 }

@@ -210,11 +210,9 @@ impl Coordinator {
             let desired = placement::owner(shard, &live);
             let current = view.leases.get(&shard);
             // Our lease was overwritten or deleted since we took it: stop
-            // at once. Judged by revision, not by the change itself: the
-            // view may have skipped from our epoch straight past a
-            // takeover and a release.
+            // at once.
             if let Some(ours) = self.held.get(&shard) {
-                if view.lease_revision >= ours.epoch && current.map(|c| c.epoch) != Some(ours.epoch) {
+                if view.lost(shard, ours.epoch) {
                     tracing::warn!(
                         shard,
                         epoch = ours.epoch,
