@@ -626,6 +626,7 @@ async fn verify_once(
             .await
             .context("finding the telemetry streams")?,
     };
+    wait_until_stored_settles(&js, &streams).await?;
     for stream in &streams {
         for_each_frame_since(&js, stream, since, |frame| {
             if !frame.device.as_str().starts_with(&prefix) {
@@ -664,6 +665,31 @@ async fn verify_once(
     if args.verify_processing {
         verify_processing(&js, args, since, &stored_copies).await?;
     }
+    Ok(())
+}
+
+/// Waits (up to 30 s) until the telemetry streams have stopped growing for
+/// a second. Publishes the devices sent just before the end may still be
+/// on their way into the stream (sent, not yet acknowledged); a read that
+/// missed them would count fewer stored messages than the shard workers
+/// then apply, and report them as applied twice.
+async fn wait_until_stored_settles(js: &async_nats::jetstream::Context, streams: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut quiet_since) = (u64::MAX, Instant::now());
+    while Instant::now() < deadline {
+        let mut total = 0;
+        for name in streams {
+            let mut stream = js.get_stream(name).await.with_context(|| format!("stream {name}"))?;
+            total += stream.info().await.with_context(|| format!("stream {name}"))?.state.last_sequence;
+        }
+        if total != last {
+            (last, quiet_since) = (total, Instant::now());
+        } else if quiet_since.elapsed() >= Duration::from_secs(1) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("verify: the telemetry streams were still growing after 30 s; reading them anyway");
     Ok(())
 }
 
