@@ -1,7 +1,7 @@
 //! Reading what a stream holds right now: the messages an ephemeral,
 //! ack-less consumer has pending when it is created, in stream order.
 
-use async_nats::jetstream::{self, consumer, stream::Stream};
+use async_nats::jetstream::{self, consumer, consumer::pull, stream::Stream};
 use futures::StreamExt as _;
 use std::time::Duration;
 
@@ -39,11 +39,26 @@ pub async fn read_pending(
         return Ok(());
     }
     let mut messages = reader.messages().await.map_err(|e| ReadError::Read(e.to_string()))?;
+    let mut progress = tokio::time::Instant::now();
     while left > 0 {
-        match tokio::time::timeout(stall, messages.next()).await {
+        match tokio::time::timeout_at(progress + stall, messages.next()).await {
             Ok(Some(Ok(m))) => {
                 left -= 1;
+                progress = tokio::time::Instant::now();
                 each(m).map_err(ReadError::Message)?;
+            }
+            // A busy or re-electing server answers a pull with "no
+            // responders" or misses a heartbeat; the stream pulls again.
+            // Only a read that makes no progress for `stall` fails.
+            Ok(Some(Err(e)))
+                if matches!(
+                    e.kind(),
+                    pull::MessagesErrorKind::NoResponders
+                        | pull::MessagesErrorKind::MissingHeartbeat
+                        | pull::MessagesErrorKind::Pull
+                ) =>
+            {
+                tracing::debug!(error = %e, left, "stream read hiccup; pulling again");
             }
             Ok(Some(Err(e))) => return Err(ReadError::Read(e.to_string())),
             Ok(None) | Err(_) => return Err(ReadError::Stalled { left }),
