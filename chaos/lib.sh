@@ -1,3 +1,6 @@
+# shellcheck shell=bash
+# http_of_nodes prints a list that callers split on purpose:
+# shellcheck disable=SC2046,SC2119,SC2120
 # Shared by the chaos scripts: run the load generator against the local
 # cluster, inject one fault in the middle, and judge the invariants.
 #
@@ -5,11 +8,15 @@
 # Options (all scripts): --rate R (msg/s, default 10000), --duration S
 # (default 20), --devices D (default 12).
 #
+# Nodes are the ones in endpoints.env's FLUXMESH_NODE_IDS (numbers can have
+# gaps after add-node / remove-node).
+#
 # Works against a plain or a --secure cluster: the admin API gets the
 # bearer token from endpoints.env; on a secure one, the run's devices get a
 # fresh secret through the admin API and connect over TLS, and the
 # verifier reads NATS over TLS as user fluxmesh.
 set -euo pipefail
+# shellcheck source=deploy/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 cd "$FM_ROOT"
 
@@ -28,18 +35,26 @@ chaos_args() {
             *) fm_die "unknown option $1 (--rate R --duration S --devices D)" ;;
         esac
     done
-    [[ "$DURATION" =~ ^[0-9]+$ ]] && [ "$DURATION" -ge 10 ] && [ "$DURATION" -le 300 ] ||
+    if ! [[ "$DURATION" =~ ^[0-9]+$ ]] || [ "$DURATION" -lt 10 ] || [ "$DURATION" -gt 300 ]; then
         fm_die "--duration must be 10..300 seconds"
+    fi
 }
 
-# Every node's HTTP address, except node $1 (if given).
+# Every node's HTTP address, except node $1 (a number, if given).
 http_of_nodes() {
-    local skip=${1:-0}
-    for i in $(seq 1 "$FLUXMESH_NODES"); do
+    local skip=${1:-0} i
+    for i in $(fm_node_ids); do
         [ "$i" = "$skip" ] && continue
         local v="FLUXMESH_NODE${i}_HTTP"
         echo -n "${!v} "
     done
+}
+
+# random_node: the number of a node picked at random.
+random_node() {
+    local ids
+    read -r -a ids <<<"$(fm_node_ids)"
+    echo "${ids[RANDOM % ${#ids[@]}]}"
 }
 
 now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
@@ -65,13 +80,11 @@ chaos_main() {
     # shellcheck disable=SC1090
     source "$ENDPOINTS"
     mkdir -p "$CHAOS_DIR"
-    local prefix="chaos-$kind-$(date +%s)-$RANDOM"
+    local prefix
+    prefix="chaos-$kind-$(date +%s)-$RANDOM"
     local out="$CHAOS_DIR/$prefix.out"
-    local mqtt=""
-    for i in $(seq 1 "$FLUXMESH_NODES"); do
-        local v="FLUXMESH_NODE${i}_MQTT"
-        mqtt+="${!v:-},"
-    done
+    local mqtt
+    mqtt=$(fm_node_list MQTT)
     local secure_args=() secret=""
     if [ -n "${FLUXMESH_MQTT_TLS:-}" ]; then
         mqtt="$FLUXMESH_MQTT_TLS"
@@ -88,12 +101,12 @@ chaos_main() {
     echo "   invariant 5: shards owned again within a bounded, measured time"
     if [ -n "$secret" ]; then
         echo "   secure cluster: MQTT over TLS, $DEVICES devices with credentials"
-        FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$FLUXMESH_NODE1_HTTP" "$prefix" "$DEVICES"
+        FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$(fm_node_list HTTP | cut -d, -f1)" "$prefix" "$DEVICES"
     fi
     # Secrets reach the load generator through its environment only.
     FLUXMESH_DEVICE_SECRET="$secret" FLUXMESH_NATS_USER="${FLUXMESH_NATS_USER:-}" \
         FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
-        --mqtt "${mqtt%,}" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
+        --mqtt "$mqtt" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
     local loadgen=$!
