@@ -8,6 +8,15 @@
 # Options (all scripts): --rate R (msg/s, default 10000), --duration S
 # (default 20), --devices D (default 12).
 #
+# fault() runs a third of the way into the load and sets FAILOVER_MS and
+# RECOVERY_MS (a number, or "timeout": a violation), FAULT_NOTE (shown), and
+# may set FAULT_FAIL (a reason: a violation). It can read LOAD_STARTED (Unix
+# seconds) and LOAD_NODE_IDS (the nodes the devices were spread over). A
+# script that sets PUBACK_GAP_LIMIT_MS before chaos_main also fails when a
+# device went longer than that without a PUBACK while publishing
+# (max_puback_gap_ms, measured by the load generator; every script prints
+# it).
+#
 # Nodes are the ones in endpoints.env's FLUXMESH_NODE_IDS (numbers can have
 # gaps after add-node / remove-node).
 #
@@ -85,6 +94,8 @@ chaos_main() {
     local out="$CHAOS_DIR/$prefix.out"
     local mqtt
     mqtt=$(fm_node_list MQTT)
+    # shellcheck disable=SC2034 # for fault()
+    LOAD_NODE_IDS=$(fm_node_ids)
     local secure_args=() secret=""
     if [ -n "${FLUXMESH_MQTT_TLS:-}" ]; then
         mqtt="$FLUXMESH_MQTT_TLS"
@@ -104,17 +115,21 @@ chaos_main() {
         FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$(fm_node_list HTTP | cut -d, -f1)" "$prefix" "$DEVICES"
     fi
     # Secrets reach the load generator through its environment only.
+    LOAD_STARTED=$(now)
     FLUXMESH_DEVICE_SECRET="$secret" FLUXMESH_NATS_USER="${FLUXMESH_NATS_USER:-}" \
         FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
         --mqtt "$mqtt" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
-    local loadgen=$!
+    CHAOS_LOADGEN=$!
+    # If this script stops early, so does the load generator (by its PID).
+    trap '[ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true' EXIT
     # The fault lands a third of the way in.
     sleep $((DURATION / 3))
-    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE=""
+    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE="" FAULT_FAIL=""
     fault
-    wait "$loadgen" || { cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
+    wait "$CHAOS_LOADGEN" || { CHAOS_LOADGEN=""; cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
+    CHAOS_LOADGEN=""
 
     local acked stored lost resent behind twice frames dup_frames missing_frames
     acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
@@ -126,20 +141,35 @@ chaos_main() {
     frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    local sent
+    local sent gap gap_device gap_from over_1s
     sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    for v in acked stored lost behind twice dup_frames missing_frames; do
+    gap=$(sed -n 's/^\[mesh\] max_puback_gap_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    gap_device=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* device=\([^ ]*\).*/\1/p' "$out" | tail -n 1)
+    gap_from=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* from_unix_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    over_1s=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* devices_over_1s=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    for v in acked stored lost behind twice dup_frames missing_frames gap; do
         [ -n "${!v}" ] || { cat "$out" >&2; fm_die "could not read the load generator's verdict ($v)"; }
     done
 
     local verdict=PASS
     if [ "$lost" -ne 0 ] || [ "$behind" -ne 0 ] || [ "$twice" -ne 0 ] || [ "$dup_frames" -ne 0 ] ||
-        [ "$missing_frames" -ne 0 ] || [ "$FAILOVER_MS" = timeout ] || [ "$RECOVERY_MS" = timeout ]; then
+        [ "$missing_frames" -ne 0 ] || [ "$FAILOVER_MS" = timeout ] || [ "$RECOVERY_MS" = timeout ] ||
+        [ -n "$FAULT_FAIL" ]; then
         verdict=FAIL
     fi
+    if [ -n "${PUBACK_GAP_LIMIT_MS:-}" ] && [ "$gap" -gt "$PUBACK_GAP_LIMIT_MS" ]; then
+        verdict=FAIL
+        FAULT_FAIL+="${FAULT_FAIL:+; }a device went $gap ms without a PUBACK (limit $PUBACK_GAP_LIMIT_MS ms)"
+    fi
+    local gap_when=""
+    [ -n "$gap_from" ] && gap_when="at $(python3 -c 'import sys
+a = int(sys.argv[1]) / 1000 - float(sys.argv[3])
+print(f"{a:.1f}-{a + int(sys.argv[2]) / 1000:.1f}")' "$gap_from" "$gap" "$LOAD_STARTED") s into the load"
     echo "   sent=$sent acked=$acked stored=$stored lost=$lost resent_stored_twice=$resent"
     echo "   applied_behind=$behind applied_twice=$twice state_frames=$frames duplicate_state_frames=$dup_frames missing_state_frames=$missing_frames"
+    echo "   max_puback_gap_ms=$gap (device $gap_device, $gap_when; devices over 1 s: ${over_1s:-?})"
     echo "   failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS ${FAULT_NOTE}"
-    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS"
+    [ -z "$FAULT_FAIL" ] || echo "   violation: $FAULT_FAIL"
+    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS max_puback_gap_ms=$gap"
     [ "$verdict" = PASS ] || { echo "   details: $out" >&2; exit 1; }
 }
