@@ -502,18 +502,19 @@ struct Load {
 }
 
 /// The longest time one QoS1 device went without a PUBACK while it was
-/// publishing: from its start to its first PUBACK, between consecutive
-/// PUBACKs, and from its last PUBACK to the end of publishing if none came
-/// since (a PUBACK after the end closes that gap at its full length). Gaps
-/// that begin after publishing ended (the tail) do not count. A node that
-/// stalls ingest, or a device that must reconnect, shows up here; the floor
-/// is the device's own interval between messages (1 / its rate).
+/// publishing: from its first CONNACK to its first PUBACK, between
+/// consecutive PUBACKs, and from its last PUBACK to the end of publishing
+/// if none came since (a PUBACK after the end closes that gap at its full
+/// length). Connecting and authenticating the first time, and gaps that
+/// begin after publishing ended (the tail), do not count. A node that stalls ingest, or a device that must reconnect,
+/// shows up here; the floor is the device's own interval between messages
+/// (1 / its rate).
 #[derive(Default)]
 struct AckGaps(Mutex<GapState>);
 
 #[derive(Default)]
 struct GapState {
-    /// The last PUBACK, or the start (µs since the Unix epoch).
+    /// The last PUBACK, or the first CONNACK (µs since the Unix epoch).
     last_us: Option<u64>,
     /// When publishing ended, once it has.
     ended_us: Option<u64>,
@@ -532,8 +533,8 @@ impl GapState {
 }
 
 impl AckGaps {
-    /// The device starts publishing.
-    fn start(&self) {
+    /// The device is connected (only its first CONNACK counts).
+    fn connected(&self) {
         if let Ok(mut s) = self.0.lock() {
             s.last_us.get_or_insert_with(now_us);
         }
@@ -643,6 +644,7 @@ fn mqtt_device(
                         next_seq += 1;
                     }
                 }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => gaps.connected(),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     c.acked.fetch_add(1, Ordering::Relaxed);
                     gaps.ack();
@@ -667,7 +669,6 @@ fn mqtt_device(
     let topic = format!("devices/{id}/load");
     let publisher = tokio::spawn(async move {
         let start = Instant::now();
-        load.gaps.start();
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         while !load.stop.load(Ordering::Relaxed) {
@@ -918,7 +919,6 @@ async fn tracked_device(
     let mut unacked: std::collections::BTreeMap<u16, (u64, Vec<u8>)> = Default::default();
     let (mut seq, mut next_pkid, mut attempt) = (0u64, 1u16, first);
     let start = Instant::now();
-    load.gaps.start();
     while !load.stop.load(Ordering::Relaxed) {
         let addr = nodes[attempt % nodes.len()];
         let Some(mut socket) = connect_stream(addr, conn.tls.as_ref()).await else {
@@ -958,6 +958,7 @@ async fn tracked_device(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
+        load.gaps.connected();
         // Resend what the last connection left unacknowledged.
         for (pkid, (_, payload)) in &unacked {
             let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, payload.clone());
@@ -1082,7 +1083,11 @@ mod tests {
 
     #[test]
     fn puback_gaps_count_while_publishing_only() {
-        let mut s = GapState { last_us: Some(1_000), ..Default::default() };
+        let mut s = GapState::default();
+        // Nothing counts before the first CONNACK.
+        s.close_at(1_000);
+        assert_eq!(s.longest, (0, 0));
+        s.last_us = Some(1_000);
         s.close_at(1_500);
         s.last_us = Some(1_500);
         s.close_at(4_000); // a 2.5 ms gap from 1.5 ms
