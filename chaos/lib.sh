@@ -11,7 +11,8 @@
 # fault() runs a third of the way into the load and sets FAILOVER_MS and
 # RECOVERY_MS (a number, or "timeout": a violation), FAULT_NOTE (shown), and
 # may set FAULT_FAIL (a reason: a violation). It can read LOAD_STARTED (Unix
-# seconds) and LOAD_NODE_IDS (the nodes the devices were spread over). A
+# seconds), LOAD_NODE_IDS (the nodes the devices were spread over) and
+# CHAOS_OUT (the load generator's output file, to put notes beside). A
 # script that sets PUBACK_GAP_LIMIT_MS before chaos_main also fails when a
 # device went longer than that without a PUBACK while publishing
 # (max_puback_gap_ms, measured by the load generator; every script prints
@@ -92,6 +93,8 @@ chaos_main() {
     local prefix
     prefix="chaos-$kind-$(date +%s)-$RANDOM"
     local out="$CHAOS_DIR/$prefix.out"
+    # shellcheck disable=SC2034 # for fault()
+    CHAOS_OUT=$out
     local mqtt
     mqtt=$(fm_node_list MQTT)
     # shellcheck disable=SC2034 # for fault()
