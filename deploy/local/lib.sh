@@ -89,9 +89,9 @@ fm_new_secret() {
 }
 
 # fm_node_ids: the numbers of the nodes in a sourced endpoints.env,
-# space-separated: FLUXMESH_NODE_IDS (comma-separated; after add-node and
-# remove-node it can have gaps), or 1..FLUXMESH_NODES for a file written
-# before that variable existed.
+# space-separated: FLUXMESH_NODE_IDS (after add-node and remove-node it can
+# have gaps; commas are taken as spaces too), or 1..FLUXMESH_NODES for a
+# file written before that variable existed.
 fm_node_ids() {
     if [ -n "${FLUXMESH_NODE_IDS:-}" ]; then
         echo "${FLUXMESH_NODE_IDS//,/ }"
