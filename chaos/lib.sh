@@ -1,3 +1,6 @@
+# shellcheck shell=bash
+# http_of_nodes prints a list that callers split on purpose:
+# shellcheck disable=SC2046,SC2119,SC2120
 # Shared by the chaos scripts: run the load generator against the local
 # cluster, inject one fault in the middle, and judge the invariants.
 #
@@ -5,11 +8,25 @@
 # Options (all scripts): --rate R (msg/s, default 10000), --duration S
 # (default 20), --devices D (default 12).
 #
+# fault() runs a third of the way into the load and sets FAILOVER_MS and
+# RECOVERY_MS (a number, or "timeout": a violation), FAULT_NOTE (shown), and
+# may set FAULT_FAIL (a reason: a violation). It can read LOAD_STARTED (Unix
+# seconds), LOAD_NODE_IDS (the nodes the devices were spread over) and
+# CHAOS_OUT (the load generator's output file, to put notes beside). A
+# script that sets PUBACK_GAP_LIMIT_MS before chaos_main also fails when a
+# device went longer than that without a PUBACK while publishing
+# (max_puback_gap_ms, measured by the load generator; every script prints
+# it).
+#
+# Nodes are the ones in endpoints.env's FLUXMESH_NODE_IDS (numbers can have
+# gaps after add-node / remove-node).
+#
 # Works against a plain or a --secure cluster: the admin API gets the
 # bearer token from endpoints.env; on a secure one, the run's devices get a
 # fresh secret through the admin API and connect over TLS, and the
 # verifier reads NATS over TLS as user fluxmesh.
 set -euo pipefail
+# shellcheck source=deploy/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
 cd "$FM_ROOT"
 
@@ -28,18 +45,26 @@ chaos_args() {
             *) fm_die "unknown option $1 (--rate R --duration S --devices D)" ;;
         esac
     done
-    [[ "$DURATION" =~ ^[0-9]+$ ]] && [ "$DURATION" -ge 10 ] && [ "$DURATION" -le 300 ] ||
+    if ! [[ "$DURATION" =~ ^[0-9]+$ ]] || [ "$DURATION" -lt 10 ] || [ "$DURATION" -gt 300 ]; then
         fm_die "--duration must be 10..300 seconds"
+    fi
 }
 
-# Every node's HTTP address, except node $1 (if given).
+# Every node's HTTP address, except node $1 (a number, if given).
 http_of_nodes() {
-    local skip=${1:-0}
-    for i in $(seq 1 "$FLUXMESH_NODES"); do
+    local skip=${1:-0} i
+    for i in $(fm_node_ids); do
         [ "$i" = "$skip" ] && continue
         local v="FLUXMESH_NODE${i}_HTTP"
         echo -n "${!v} "
     done
+}
+
+# random_node: the number of a node picked at random.
+random_node() {
+    local ids
+    read -r -a ids <<<"$(fm_node_ids)"
+    echo "${ids[RANDOM % ${#ids[@]}]}"
 }
 
 now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
@@ -65,13 +90,15 @@ chaos_main() {
     # shellcheck disable=SC1090
     source "$ENDPOINTS"
     mkdir -p "$CHAOS_DIR"
-    local prefix="chaos-$kind-$(date +%s)-$RANDOM"
+    local prefix
+    prefix="chaos-$kind-$(date +%s)-$RANDOM"
     local out="$CHAOS_DIR/$prefix.out"
-    local mqtt=""
-    for i in $(seq 1 "$FLUXMESH_NODES"); do
-        local v="FLUXMESH_NODE${i}_MQTT"
-        mqtt+="${!v:-},"
-    done
+    # shellcheck disable=SC2034 # for fault()
+    CHAOS_OUT=$out
+    local mqtt
+    mqtt=$(fm_node_list MQTT)
+    # shellcheck disable=SC2034 # for fault()
+    LOAD_NODE_IDS=$(fm_node_ids)
     local secure_args=() secret=""
     if [ -n "${FLUXMESH_MQTT_TLS:-}" ]; then
         mqtt="$FLUXMESH_MQTT_TLS"
@@ -83,25 +110,29 @@ chaos_main() {
     [ "$ready" != timeout ] || fm_die "the cluster did not settle (or its admin token was refused)"
 
     echo "== chaos $kind: $DEVICES devices, QoS1, $RATE msg/s for $DURATION s (prefix $prefix)"
-    echo "   invariant 1: every PUBACKed message is in FM_TEL"
+    echo "   invariant 1: every PUBACKed message is in the telemetry streams"
     echo "   invariant 2: every stored message applied once; every state frame once, seq 1..n"
     echo "   invariant 5: shards owned again within a bounded, measured time"
     if [ -n "$secret" ]; then
         echo "   secure cluster: MQTT over TLS, $DEVICES devices with credentials"
-        FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$FLUXMESH_NODE1_HTTP" "$prefix" "$DEVICES"
+        FLUXMESH_DEVICE_SECRET="$secret" fm_provision_devices "$(fm_node_list HTTP | cut -d, -f1)" "$prefix" "$DEVICES"
     fi
     # Secrets reach the load generator through its environment only.
+    LOAD_STARTED=$(now)
     FLUXMESH_DEVICE_SECRET="$secret" FLUXMESH_NATS_USER="${FLUXMESH_NATS_USER:-}" \
         FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
-        --mqtt "${mqtt%,}" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
+        --mqtt "$mqtt" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
-    local loadgen=$!
+    CHAOS_LOADGEN=$!
+    # If this script stops early, so does the load generator (by its PID).
+    trap '[ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true' EXIT
     # The fault lands a third of the way in.
     sleep $((DURATION / 3))
-    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE=""
+    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE="" FAULT_FAIL=""
     fault
-    wait "$loadgen" || { cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
+    wait "$CHAOS_LOADGEN" || { CHAOS_LOADGEN=""; cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
+    CHAOS_LOADGEN=""
 
     local acked stored lost resent behind twice frames dup_frames missing_frames
     acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
@@ -113,20 +144,35 @@ chaos_main() {
     frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
     missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    local sent
+    local sent gap gap_device gap_from over_1s
     sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    for v in acked stored lost behind twice dup_frames missing_frames; do
+    gap=$(sed -n 's/^\[mesh\] max_puback_gap_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    gap_device=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* device=\([^ ]*\).*/\1/p' "$out" | tail -n 1)
+    gap_from=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* from_unix_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    over_1s=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* devices_over_1s=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    for v in acked stored lost behind twice dup_frames missing_frames gap; do
         [ -n "${!v}" ] || { cat "$out" >&2; fm_die "could not read the load generator's verdict ($v)"; }
     done
 
     local verdict=PASS
     if [ "$lost" -ne 0 ] || [ "$behind" -ne 0 ] || [ "$twice" -ne 0 ] || [ "$dup_frames" -ne 0 ] ||
-        [ "$missing_frames" -ne 0 ] || [ "$FAILOVER_MS" = timeout ] || [ "$RECOVERY_MS" = timeout ]; then
+        [ "$missing_frames" -ne 0 ] || [ "$FAILOVER_MS" = timeout ] || [ "$RECOVERY_MS" = timeout ] ||
+        [ -n "$FAULT_FAIL" ]; then
         verdict=FAIL
     fi
+    if [ -n "${PUBACK_GAP_LIMIT_MS:-}" ] && [ "$gap" -gt "$PUBACK_GAP_LIMIT_MS" ]; then
+        verdict=FAIL
+        FAULT_FAIL+="${FAULT_FAIL:+; }a device went $gap ms without a PUBACK (limit $PUBACK_GAP_LIMIT_MS ms)"
+    fi
+    local gap_when=""
+    [ -n "$gap_from" ] && gap_when="at $(python3 -c 'import sys
+a = int(sys.argv[1]) / 1000 - float(sys.argv[3])
+print(f"{a:.1f}-{a + int(sys.argv[2]) / 1000:.1f}")' "$gap_from" "$gap" "$LOAD_STARTED") s into the load"
     echo "   sent=$sent acked=$acked stored=$stored lost=$lost resent_stored_twice=$resent"
     echo "   applied_behind=$behind applied_twice=$twice state_frames=$frames duplicate_state_frames=$dup_frames missing_state_frames=$missing_frames"
+    echo "   max_puback_gap_ms=$gap (device $gap_device, $gap_when; devices over 1 s: ${over_1s:-?})"
     echo "   failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS ${FAULT_NOTE}"
-    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS"
+    [ -z "$FAULT_FAIL" ] || echo "   violation: $FAULT_FAIL"
+    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS max_puback_gap_ms=$gap"
     [ "$verdict" = PASS ] || { echo "   details: $out" >&2; exit 1; }
 }

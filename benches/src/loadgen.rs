@@ -150,6 +150,16 @@ struct Outcome {
     hist: Option<Histogram<u64>>,
     /// Send → the frame's `received_time_us` (set where the frame is made).
     to_frame: Option<Histogram<u64>>,
+    /// QoS1 over MQTT: the longest PUBACK gap of any device (see [`AckGaps`]).
+    puback_gap: Option<LongestGap>,
+}
+
+/// The longest PUBACK gap of a run, and how many devices had one over 1 s.
+struct LongestGap {
+    gap_us: u64,
+    from_us: u64,
+    device: String,
+    devices_over_1s: usize,
 }
 
 impl Outcome {
@@ -170,6 +180,15 @@ impl Outcome {
             None => println!("[{label}] delivered_rate: not measured (--no-subscriber)"),
         }
         println!("[{label}] acked_rate={:.0} msg/s (PUBACKs during publishing / publishing time)", self.acked_rate);
+        if let Some(g) = &self.puback_gap {
+            println!(
+                "[{label}] max_puback_gap_ms={} device={} from_unix_ms={} devices_over_1s={} (longest time a device went without a PUBACK while publishing)",
+                g.gap_us / 1000,
+                g.device,
+                g.from_us / 1000,
+                g.devices_over_1s
+            );
+        }
         if let Some(h) = &self.hist {
             println!(
                 "[{label}] latency_us p50={} p99={} max={}",
@@ -371,12 +390,21 @@ async fn measure(
     let per_device = if args.rate == 0 { 0.0 } else { args.rate as f64 / args.devices as f64 };
     let mut devices = Vec::new();
     let mut acked_by_device = Vec::new();
+    let mut gaps = Vec::new();
     for d in 0..args.devices {
         let id = format!("{device_prefix}-{d}");
         let acked_seqs = Arc::new(Mutex::new(Vec::<u64>::new()));
         acked_by_device.push((id.clone(), acked_seqs.clone()));
-        let load =
-            Load { counters: counters.clone(), stop: stop.clone(), size: args.payload, per_device, json: args.json };
+        let device_gaps = Arc::new(AckGaps::default());
+        gaps.push((id.clone(), device_gaps.clone()));
+        let load = Load {
+            counters: counters.clone(),
+            stop: stop.clone(),
+            size: args.payload,
+            per_device,
+            json: args.json,
+            gaps: device_gaps,
+        };
         match path {
             Path::Mqtt if args.verify && qos == QoS::AtLeastOnce => {
                 devices.push(tokio::spawn(tracked_device(id, args.mqtt.clone(), d, conn.clone(), acked_seqs, load)));
@@ -414,6 +442,10 @@ async fn measure(
     }
     stop.store(true, Ordering::Relaxed);
     let publish_secs = started.elapsed().as_secs_f64();
+    let ended_us = now_us();
+    for (_, g) in &gaps {
+        g.end(ended_us);
+    }
     let received_at_stop = counters.received.load(Ordering::Relaxed);
     let acked_at_stop = counters.acked.load(Ordering::Relaxed);
 
@@ -446,8 +478,17 @@ async fn measure(
         reconnects: counters.reconnects.load(Ordering::Relaxed),
         hist,
         to_frame,
+        puback_gap: (path == Path::Mqtt && qos == QoS::AtLeastOnce).then(|| longest_gap(&gaps)).flatten(),
     };
     Ok((outcome, acked_by_device))
+}
+
+/// The longest gap over all devices.
+fn longest_gap(gaps: &[(String, Arc<AckGaps>)]) -> Option<LongestGap> {
+    let all: Vec<_> = gaps.iter().map(|(id, g)| (g.longest(), id)).collect();
+    let devices_over_1s = all.iter().filter(|((gap, _), _)| *gap > 1_000_000).count();
+    let ((gap_us, from_us), device) = all.into_iter().max_by_key(|((gap, _), _)| *gap)?;
+    Some(LongestGap { gap_us, from_us, device: device.clone(), devices_over_1s })
 }
 
 /// What every simulated device shares.
@@ -458,6 +499,70 @@ struct Load {
     /// Messages per second for this device; 0 means as fast as accepted.
     per_device: f64,
     json: bool,
+    /// This device's PUBACK gaps (QoS1 over MQTT).
+    gaps: Arc<AckGaps>,
+}
+
+/// The longest time one QoS1 device went without a PUBACK while it was
+/// publishing: from its first CONNACK to its first PUBACK, between
+/// consecutive PUBACKs, and from its last PUBACK to the end of publishing
+/// if none came since (a PUBACK after the end closes that gap at its full
+/// length). Connecting and authenticating the first time, and gaps that
+/// begin after publishing ended (the tail), do not count. A node that stalls ingest, or a device that must reconnect,
+/// shows up here; the floor is the device's own interval between messages
+/// (1 / its rate).
+#[derive(Default)]
+struct AckGaps(Mutex<GapState>);
+
+#[derive(Default)]
+struct GapState {
+    /// The last PUBACK, or the first CONNACK (µs since the Unix epoch).
+    last_us: Option<u64>,
+    /// When publishing ended, once it has.
+    ended_us: Option<u64>,
+    /// The longest gap and when it began (µs).
+    longest: (u64, u64),
+}
+
+impl GapState {
+    fn close_at(&mut self, at_us: u64) {
+        if let Some(last) = self.last_us {
+            if self.ended_us.is_none_or(|end| last < end) && at_us.saturating_sub(last) > self.longest.0 {
+                self.longest = (at_us - last, last);
+            }
+        }
+    }
+}
+
+impl AckGaps {
+    /// The device is connected (only its first CONNACK counts).
+    fn connected(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            s.last_us.get_or_insert_with(now_us);
+        }
+    }
+
+    /// A PUBACK arrived.
+    fn ack(&self) {
+        if let Ok(mut s) = self.0.lock() {
+            let now = now_us();
+            s.close_at(now);
+            s.last_us = Some(now);
+        }
+    }
+
+    /// Publishing ended at `at_us`: a gap still open counts up to then.
+    fn end(&self, at_us: u64) {
+        if let Ok(mut s) = self.0.lock() {
+            s.close_at(at_us);
+            s.ended_us = Some(at_us);
+        }
+    }
+
+    /// (longest gap, when it began), µs.
+    fn longest(&self) -> (u64, u64) {
+        self.0.lock().map(|s| s.longest).unwrap_or_default()
+    }
 }
 
 /// Smallest --json payload.
@@ -526,6 +631,7 @@ fn mqtt_device(
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let c = load.counters.clone();
     let stop = load.stop.clone();
+    let gaps = load.gaps.clone();
     let events = tokio::spawn(async move {
         // New publishes leave in the order queued: the n-th carries seq n.
         // After a reconnect, rumqttc resends the unacknowledged ones with
@@ -540,8 +646,10 @@ fn mqtt_device(
                         next_seq += 1;
                     }
                 }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => gaps.connected(),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     c.acked.fetch_add(1, Ordering::Relaxed);
+                    gaps.ack();
                     if let Some(seq) = by_pkid.remove(&ack.pkid) {
                         if let Ok(mut seqs) = acked_seqs.lock() {
                             seqs.push(seq);
@@ -891,6 +999,7 @@ async fn tracked_device(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
+        load.gaps.connected();
         // Resend what the last connection left unacknowledged.
         for (pkid, (_, payload)) in &unacked {
             let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, payload.clone());
@@ -934,6 +1043,7 @@ async fn tracked_device(
                             Ok(P::PubAck(ack)) => {
                                 if let Some((acked, _)) = unacked.remove(&ack.pkid) {
                                     load.counters.acked.fetch_add(1, Ordering::Relaxed);
+                                    load.gaps.ack();
                                     if let Ok(mut seqs) = acked_seqs.lock() {
                                         seqs.push(acked);
                                     }
@@ -989,7 +1099,14 @@ mod tests {
 
     #[test]
     fn json_payloads_are_json_and_carry_their_meta() {
-        let load = Load { counters: Arc::default(), stop: Arc::default(), size: 100, per_device: 0.0, json: true };
+        let load = Load {
+            counters: Arc::default(),
+            stop: Arc::default(),
+            size: 100,
+            per_device: 0.0,
+            json: true,
+            gaps: Arc::default(),
+        };
         let p = load.payload(123_456);
         assert_eq!(p.len(), 100);
         let v: serde_json::Value = serde_json::from_slice(&p).expect("valid JSON");
@@ -1003,6 +1120,29 @@ mod tests {
         let mut brace = binary.clone();
         brace[0] = b'{';
         assert_eq!(payload_meta(&brace).map(|m| m.1), Some(7));
+    }
+
+    #[test]
+    fn puback_gaps_count_while_publishing_only() {
+        let mut s = GapState::default();
+        // Nothing counts before the first CONNACK.
+        s.close_at(1_000);
+        assert_eq!(s.longest, (0, 0));
+        s.last_us = Some(1_000);
+        s.close_at(1_500);
+        s.last_us = Some(1_500);
+        s.close_at(4_000); // a 2.5 ms gap from 1.5 ms
+        s.last_us = Some(4_000);
+        assert_eq!(s.longest, (2_500, 1_500));
+        // Publishing ends at 5 ms; the gap still open counts to then, and
+        // the PUBACK that closes it later counts at its full length.
+        s.ended_us = Some(5_000);
+        s.close_at(7_000);
+        assert_eq!(s.longest, (3_000, 4_000));
+        s.last_us = Some(7_000);
+        // After the end, new gaps do not count.
+        s.close_at(20_000);
+        assert_eq!(s.longest, (3_000, 4_000));
     }
 
     #[test]

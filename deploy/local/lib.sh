@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by deploy/local/cluster and deploy/local/test: idempotent installs
 # of what they need. Nothing here relies on an earlier run having left
 # anything behind.
@@ -85,4 +86,27 @@ PY
 # fm_new_secret: a random device secret (48 hex digits).
 fm_new_secret() {
     python3 -c 'import secrets; print(secrets.token_hex(24))'
+}
+
+# fm_node_ids: the numbers of the nodes in a sourced endpoints.env,
+# space-separated: FLUXMESH_NODE_IDS (after add-node and remove-node it can
+# have gaps; commas are taken as spaces too), or 1..FLUXMESH_NODES for a
+# file written before that variable existed.
+fm_node_ids() {
+    if [ -n "${FLUXMESH_NODE_IDS:-}" ]; then
+        echo "${FLUXMESH_NODE_IDS//,/ }"
+    else
+        seq -s ' ' 1 "${FLUXMESH_NODES:?endpoints.env not sourced}"
+    fi
+}
+
+# fm_node_list SUFFIX: every node's FLUXMESH_NODE{i}_SUFFIX (MQTT, MQTTS,
+# HTTP, PID), comma-separated, in node order.
+fm_node_list() {
+    local out="" i v
+    for i in $(fm_node_ids); do
+        v="FLUXMESH_NODE${i}_$1"
+        out+="${!v:-},"
+    done
+    echo "${out%,}"
 }
