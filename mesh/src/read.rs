@@ -19,9 +19,15 @@ pub enum ReadError {
 
 /// Hands `each` every message pending for a consumer made with `config`
 /// (forced ack-less; idle consumers expire after 30 s unless `config` says
-/// otherwise) at the moment it is created; messages stored later are not
-/// read. Fails if a read errors, nothing arrives for `stall`, or `each`
-/// fails.
+/// otherwise) at the moment it is created, in stream order; messages stored
+/// later are not read. Fails if a read errors for good, nothing arrives for
+/// `stall`, or `each` fails.
+///
+/// A busy or re-electing server can answer a pull with "no responders" or
+/// miss a heartbeat; the pull is then not answered for a long while, and
+/// with no acks what was in flight is not sent again. So the read starts
+/// over with a new consumer right after the last message handed out, up to
+/// the last sequence the first consumer had pending.
 pub async fn read_pending(
     stream: &Stream,
     mut config: consumer::pull::Config,
@@ -33,23 +39,28 @@ pub async fn read_pending(
         config.inactive_threshold = Duration::from_secs(30);
     }
     let reader: consumer::PullConsumer =
-        stream.create_consumer(config).await.map_err(|e| ReadError::Consumer(e.to_string()))?;
-    let mut left = reader.cached_info().num_pending;
+        stream.create_consumer(config.clone()).await.map_err(|e| ReadError::Consumer(e.to_string()))?;
+    let info = reader.cached_info();
+    let mut left = info.num_pending;
     if left == 0 {
         return Ok(());
     }
     let mut messages = reader.messages().await.map_err(|e| ReadError::Read(e.to_string()))?;
     let mut progress = tokio::time::Instant::now();
+    let mut last_seq = None;
     while left > 0 {
         match tokio::time::timeout_at(progress + stall, messages.next()).await {
             Ok(Some(Ok(m))) => {
+                let seq = m.info().map_err(|e| ReadError::Read(e.to_string()))?.stream_sequence;
+                // A message already handed out (a restarted read) is skipped.
+                if last_seq.is_some_and(|last| seq <= last) {
+                    continue;
+                }
+                last_seq = Some(seq);
                 left -= 1;
                 progress = tokio::time::Instant::now();
                 each(m).map_err(ReadError::Message)?;
             }
-            // A busy or re-electing server answers a pull with "no
-            // responders" or misses a heartbeat; the stream pulls again.
-            // Only a read that makes no progress for `stall` fails.
             Ok(Some(Err(e)))
                 if matches!(
                     e.kind(),
@@ -58,7 +69,20 @@ pub async fn read_pending(
                         | pull::MessagesErrorKind::Pull
                 ) =>
             {
-                tracing::debug!(error = %e, left, "stream read hiccup; pulling again");
+                tracing::debug!(error = %e, left, "stream read hiccup; reading on with a new consumer");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut again = config.clone();
+                if let Some(last) = last_seq {
+                    again.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence: last + 1 };
+                }
+                let reader: consumer::PullConsumer = match stream.create_consumer(again).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot create the reading consumer yet");
+                        continue;
+                    }
+                };
+                messages = reader.messages().await.map_err(|e| ReadError::Read(e.to_string()))?;
             }
             Ok(Some(Err(e))) => return Err(ReadError::Read(e.to_string())),
             Ok(None) | Err(_) => return Err(ReadError::Stalled { left }),
