@@ -129,7 +129,14 @@ pub async fn run(
         &ctx.js,
         ctx.layout.telemetry_stream_of(shard),
         ctx.subjects.shard_filter(Family::Telemetry, shard),
-        format!("{}-shard-{shard}-{epoch}", ctx.node_id.replace(['.', '*', '>', ' '], "_")),
+        // Consumer names allow fewer characters than node ids.
+        format!(
+            "{}-shard-{shard}-{epoch}",
+            ctx.node_id
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .collect::<String>()
+        ),
         covered + 1,
         ctx.cfg.batch,
     )
