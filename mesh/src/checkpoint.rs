@@ -311,13 +311,15 @@ impl Checkpoints {
     ) -> Result<(), CheckpointError> {
         let shard = fence.shard;
         let previous = fence.covered;
-        let mut part: HashMap<&str, serde_json::Value> = HashMap::new();
+        // Each state is encoded once; the record carries it verbatim.
+        let mut part: HashMap<&str, Box<serde_json::value::RawValue>> = HashMap::new();
         let mut size = 0usize;
         let mut parts = Vec::new();
         for (device, state) in states {
-            let value = serde_json::to_value(state).map_err(|e| CheckpointError::Encode { shard, source: e })?;
+            let value =
+                serde_json::value::to_raw_value(state).map_err(|e| CheckpointError::Encode { shard, source: e })?;
             // A close estimate: the encoded value plus the key and quotes.
-            let len = device.len() + 4 + value.to_string().len();
+            let len = device.len() + 4 + value.get().len();
             if size + len > MAX_RECORD_BYTES && !part.is_empty() {
                 parts.push(std::mem::take(&mut part));
                 size = 0;
