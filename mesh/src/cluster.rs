@@ -340,14 +340,10 @@ impl ClusterHandle {
         Ok(HeldLease { lease: value_for_result, epoch })
     }
 
-    /// Sets what the next heartbeats say about `shard`'s lag (`None`: this
-    /// node no longer runs it).
-    pub fn report_lag(&self, shard: u32, pending: Option<u64>) {
-        let mut lags = self.inner.lags.lock().unwrap_or_else(|p| p.into_inner());
-        match pending {
-            Some(p) => lags.insert(shard, p),
-            None => lags.remove(&shard),
-        };
+    /// Sets what the next heartbeats say about `shard`'s lag (forgotten by
+    /// [`ClusterHandle::retain_lags`] once this node no longer runs it).
+    pub fn report_lag(&self, shard: u32, pending: u64) {
+        self.inner.lags.lock().unwrap_or_else(|p| p.into_inner()).insert(shard, pending);
     }
 
     /// Forgets the lag of every shard for which `keep` is false; returns

@@ -65,7 +65,6 @@ pub struct Provisioned {
     /// One telemetry stream per partition, in partition order.
     pub telemetry_streams: Vec<String>,
     pub event_stream: String,
-    pub checkpoint_stream: String,
 }
 
 impl Provisioned {
@@ -99,7 +98,7 @@ pub async fn provision(
     streams.push((&event_stream, vec![subjects.family_filter(Family::Event)], cfg.events_max_age_secs));
     // Agree first: a node with another shard count or partition count must
     // not create streams for its own layout.
-    let bucket = format!("{}_CLUSTER", subjects.prefix().to_ascii_uppercase().replace('-', "_"));
+    let bucket = crate::cluster::bucket_name(subjects.prefix(), "CLUSTER");
     let store = js
         .create_or_update_key_value(kv::Config {
             bucket: bucket.clone(),
@@ -129,7 +128,6 @@ pub async fn provision(
         };
         ensure_stream(js, config, &subjects).await?;
     }
-    let checkpoint_stream = subjects.checkpoint_stream();
     ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
 
     Ok(Provisioned {
@@ -139,7 +137,6 @@ pub async fn provision(
         replicas,
         telemetry_streams,
         event_stream,
-        checkpoint_stream,
     })
 }
 
@@ -147,7 +144,7 @@ pub async fn provision(
 /// partition in partition order, as the cluster agreed on them (for
 /// readers outside the nodes: a verifier, a test, a backup job).
 pub async fn telemetry_streams(js: &jetstream::Context, subjects: &Subjects) -> Result<Vec<String>, ProvisionError> {
-    let bucket = format!("{}_CLUSTER", subjects.prefix().to_ascii_uppercase().replace('-', "_"));
+    let bucket = crate::cluster::bucket_name(subjects.prefix(), "CLUSTER");
     let bucket_err = |e: async_nats::Error| ProvisionError::Bucket { bucket: bucket.clone(), source: e };
     let store = js.get_key_value(&bucket).await.map_err(|e| bucket_err(e.into()))?;
     let value = store.get("partitions").await.map_err(|e| bucket_err(e.into()))?;

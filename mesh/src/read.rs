@@ -40,8 +40,7 @@ pub async fn read_pending(
     }
     let reader: consumer::PullConsumer =
         stream.create_consumer(config.clone()).await.map_err(|e| ReadError::Consumer(e.to_string()))?;
-    let info = reader.cached_info();
-    let mut left = info.num_pending;
+    let mut left = reader.cached_info().num_pending;
     if left == 0 {
         return Ok(());
     }

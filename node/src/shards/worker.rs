@@ -189,7 +189,7 @@ async fn consume(
         process(ctx, shard, &batch, p, &mut scratch).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
-        ctx.cluster.report_lag(shard, Some(reader.pending()));
+        ctx.cluster.report_lag(shard, reader.pending());
         if Instant::now() >= checkpoint_at {
             checkpoint(ctx, lease, p, stop).await?;
             checkpoint_at = Instant::now() + interval;
