@@ -23,6 +23,7 @@
 //! sees its deadline passed before anyone else could have claimed, and stops
 //! processing before it emits anything more.
 
+use crate::stores::Bucket;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -178,11 +179,6 @@ impl ClusterError {
     }
 }
 
-/// Bucket names for a subject prefix.
-pub fn bucket_name(prefix: &str, what: &str) -> String {
-    format!("{}_{what}", prefix.to_ascii_uppercase().replace('-', "_"))
-}
-
 /// Opens (creating if needed) the membership and lease buckets.
 pub async fn open_buckets(
     js: &jetstream::Context,
@@ -209,9 +205,8 @@ pub async fn open_buckets(
     // Dead members' entries disappear after a while; liveness itself is
     // judged by heartbeat arrival, not by this.
     let members_max_age = (cfg.liveness_timeout() * 10).max(Duration::from_secs(60));
-    let members = open(bucket_name(prefix, "NODES"), "fluxmesh live nodes (heartbeats)", members_max_age).await?;
-    let leases =
-        open(bucket_name(prefix, "LEASES"), "fluxmesh shard leases (revision = epoch)", Duration::ZERO).await?;
+    let members = open(Bucket::Nodes.name(prefix), "fluxmesh live nodes (heartbeats)", members_max_age).await?;
+    let leases = open(Bucket::Leases.name(prefix), "fluxmesh shard leases (revision = epoch)", Duration::ZERO).await?;
     Ok((members, leases))
 }
 

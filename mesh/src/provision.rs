@@ -98,7 +98,7 @@ pub async fn provision(
     streams.push((&event_stream, vec![subjects.family_filter(Family::Event)], cfg.events_max_age_secs));
     // Agree first: a node with another shard count or partition count must
     // not create streams for its own layout.
-    let bucket = crate::cluster::bucket_name(subjects.prefix(), "CLUSTER");
+    let bucket = crate::stores::Bucket::Cluster.name(subjects.prefix());
     let store = js
         .create_or_update_key_value(kv::Config {
             bucket: bucket.clone(),
@@ -144,7 +144,7 @@ pub async fn provision(
 /// partition in partition order, as the cluster agreed on them (for
 /// readers outside the nodes: a verifier, a test, a backup job).
 pub async fn telemetry_streams(js: &jetstream::Context, subjects: &Subjects) -> Result<Vec<String>, ProvisionError> {
-    let bucket = crate::cluster::bucket_name(subjects.prefix(), "CLUSTER");
+    let bucket = crate::stores::Bucket::Cluster.name(subjects.prefix());
     let bucket_err = |e: async_nats::Error| ProvisionError::Bucket { bucket: bucket.clone(), source: e };
     let store = js.get_key_value(&bucket).await.map_err(|e| bucket_err(e.into()))?;
     let value = store.get("partitions").await.map_err(|e| bucket_err(e.into()))?;

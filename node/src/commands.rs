@@ -23,10 +23,10 @@
 //! the requester's own timeout fires: send again.
 
 use crate::mqtt::LocalSessions;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::consumer;
 use bytes::Bytes;
 use fluxmesh_mesh::cluster::ClusterHandle;
-use fluxmesh_mesh::Publisher;
+use fluxmesh_mesh::Mesh;
 use fluxmesh_schemas::subject::unescape_token;
 use fluxmesh_schemas::{shard_of, Body, Frame, FrameId, Subjects};
 use futures::StreamExt as _;
@@ -79,28 +79,23 @@ const COMMAND_ID: &str = "Fm-Command-Id";
 /// What the command service needs.
 #[derive(Debug)]
 pub struct Commands {
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-    pub publisher: Publisher,
-    pub subjects: Subjects,
-    pub shards: u32,
+    pub mesh: Mesh,
     pub node_id: String,
     pub cluster: ClusterHandle,
     pub sessions: LocalSessions,
     pub cfg: CommandsConfig,
-    pub replicas: usize,
 }
 
 impl Commands {
     fn queue_stream(&self) -> String {
-        format!("{}_CMDQ", self.subjects.prefix().to_ascii_uppercase().replace('-', "_"))
+        fluxmesh_mesh::stores::command_queue_stream(self.mesh.subjects())
     }
 
     fn queue_subject(&self, device: &str) -> String {
         format!(
             "{}.cmdq.{}.{}",
-            self.subjects.prefix(),
-            shard_of(device, self.shards),
+            self.mesh.subjects().prefix(),
+            shard_of(device, self.mesh.shards()),
             fluxmesh_schemas::subject::escape_token(device)
         )
     }
@@ -108,7 +103,7 @@ impl Commands {
     /// Whether this node owns `device`'s shard right now.
     fn owns(&self, device: &str) -> bool {
         let view = self.cluster.view();
-        view.leases.get(&shard_of(device, self.shards)).is_some_and(|l| self.cluster.holds(&l.lease))
+        view.leases.get(&shard_of(device, self.mesh.shards())).is_some_and(|l| self.cluster.holds(&l.lease))
     }
 
     fn timeout(&self) -> Duration {
@@ -117,8 +112,16 @@ impl Commands {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up commands: {0}")]
-pub struct CommandsError(String);
+pub enum CommandsError {
+    #[error("cannot set up commands: the queue stream")]
+    Queue(#[source] fluxmesh_mesh::stores::StoreError),
+    #[error("cannot set up commands: subscribing to {subject}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+}
 
 /// Creates the queue stream and starts the service's tasks on `tasks`.
 pub async fn start(
@@ -127,27 +130,23 @@ pub async fn start(
     stop: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(), CommandsError> {
-    let prefix = commands.subjects.prefix().to_owned();
-    commands
-        .js
-        .get_or_create_stream(stream::Config {
-            name: commands.queue_stream(),
-            subjects: vec![format!("{prefix}.cmdq.>")],
-            storage: stream::StorageType::File,
-            num_replicas: commands.replicas,
-            max_messages_per_subject: commands.cfg.max_queued_per_device,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            // A backstop only: expiry is reported by `sweep` before this.
-            max_age: Duration::from_millis(commands.cfg.ttl_ms) * 2 + Duration::from_secs(60),
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CommandsError(e.to_string()))?;
+    let prefix = commands.mesh.subjects().prefix().to_owned();
+    let limits = fluxmesh_mesh::stores::QueueLimits {
+        per_device: commands.cfg.max_queued_per_device,
+        // A backstop only: expiry is reported by `sweep` before this.
+        max_age: Duration::from_millis(commands.cfg.ttl_ms) * 2 + Duration::from_secs(60),
+    };
+    fluxmesh_mesh::stores::open_command_queue(
+        commands.mesh.js(),
+        commands.mesh.subjects(),
+        commands.mesh.layout().replicas,
+        limits,
+    )
+    .await
+    .map_err(CommandsError::Queue)?;
     let subscribe = |subject: String| {
-        let client = commands.client.clone();
-        async move { client.subscribe(subject).await.map_err(|e| CommandsError(e.to_string())) }
+        let client = commands.mesh.client().clone();
+        async move { client.subscribe(subject.clone()).await.map_err(|source| CommandsError::Subscribe { subject, source }) }
     };
     let requests = subscribe(format!("{prefix}.cmd.>")).await?;
     let locate = subscribe(format!("{prefix}.sessq.>")).await?;
@@ -185,7 +184,7 @@ async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop:
         };
         let Some(device) = device_of(&msg.subject) else {
             metrics::counter!("fluxmesh_commands_total", "status" => "bad_subject").increment(1);
-            reply(&c.client, msg.reply, json!({"status": "rejected", "reason": "bad_subject"})).await;
+            reply(c.mesh.client(), msg.reply, json!({"status": "rejected", "reason": "bad_subject"})).await;
             continue;
         };
         if !c.owns(&device) {
@@ -197,7 +196,7 @@ async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop:
             let answer = handle(&c, &device, msg.payload.clone(), msg.headers.as_ref()).await;
             let status = answer["status"].as_str().unwrap_or("?").to_owned();
             metrics::counter!("fluxmesh_commands_total", "status" => status).increment(1);
-            reply(&c.client, msg.reply, answer).await;
+            reply(c.mesh.client(), msg.reply, answer).await;
             drop(slot);
         });
     }
@@ -214,12 +213,12 @@ async fn handle(
         .map(|v| v.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
     // Who holds the session (subscribed to its commands)?
-    let located = locate(&c.client, &c.subjects, device, Duration::from_millis(500)).await;
+    let located = locate(c.mesh.client(), c.mesh.subjects(), device, Duration::from_millis(500)).await;
     if let Some(Located { node, commands: true }) = located {
-        let subject = format!("{}.node.{}.deliver", c.subjects.prefix(), escape(&node));
+        let subject = format!("{}.node.{}.deliver", c.mesh.subjects().prefix(), escape(&node));
         let mut h = async_nats::HeaderMap::new();
         h.insert("Fm-Device", escape(device).as_str());
-        let forwarded = c.client.request_with_headers(subject, h, payload.clone());
+        let forwarded = c.mesh.client().request_with_headers(subject, h, payload.clone());
         match tokio::time::timeout(c.timeout() + Duration::from_secs(1), forwarded).await {
             Ok(Ok(answer)) => {
                 if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&answer.payload) {
@@ -239,7 +238,7 @@ async fn handle(
     h.insert("Nats-Msg-Id", id.as_str());
     h.insert(COMMAND_ID, id.as_str());
     h.insert(EXPIRES, expires_us.to_string().as_str());
-    match c.js.publish_with_headers(c.queue_subject(device), h, payload).await {
+    match c.mesh.js().publish_with_headers(c.queue_subject(device), h, payload).await {
         Ok(ack) => match ack.await {
             Ok(_) => json!({"status": "queued", "id": id, "expires_us": expires_us}),
             Err(e) if e.to_string().contains("maximum messages per subject") => {
@@ -278,7 +277,7 @@ async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: C
             if c.sessions.connected(&device) {
                 let here = Located { node: c.node_id.clone(), commands: c.sessions.ready(&device) };
                 if let Ok(body) = serde_json::to_vec(&here) {
-                    let _ = c.client.publish(to, body.into()).await;
+                    let _ = c.mesh.client().publish(to, body.into()).await;
                 }
             }
         }
@@ -301,7 +300,7 @@ async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: 
                 Ok(()) => json!({"status": "delivered", "node": c.node_id}),
                 Err(reason) => json!({"status": "not_delivered", "reason": reason, "node": c.node_id}),
             };
-            reply(&c.client, msg.reply, answer).await;
+            reply(c.mesh.client(), msg.reply, answer).await;
         });
     }
 }
@@ -350,7 +349,7 @@ async fn drain_device(c: &Commands, device: &str) -> Result<(), String> {
 /// Reports and removes expired commands of the shards this node owns.
 async fn report_expired(c: &Commands) -> Result<(), String> {
     let now = fluxmesh_schemas::frame::now_us();
-    for (seq, msg) in read_queue(c, format!("{}.cmdq.>", c.subjects.prefix())).await? {
+    for (seq, msg) in read_queue(c, format!("{}.cmdq.>", c.mesh.subjects().prefix())).await? {
         let Some(device) = device_of(&msg.subject) else { continue };
         let (id, expires) = meta(&msg);
         if expires <= now && c.owns(&device) {
@@ -369,7 +368,7 @@ fn meta(msg: &async_nats::Message) -> (String, i64) {
 
 /// The queued commands on `filter`, with their stream sequences.
 async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats::Message)>, String> {
-    let stream = c.js.get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
     let config = consumer::pull::Config { filter_subject: filter, ..Default::default() };
     let mut out = Vec::new();
     fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(5), |m| {
@@ -385,7 +384,7 @@ async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats
 /// Reports what became of a queued command, then removes it. The report's
 /// id comes from the command's, so reporting twice stores it once.
 async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) -> Result<(), String> {
-    let shard = shard_of(device, c.shards);
+    let shard = shard_of(device, c.mesh.shards());
     let body = json!({"id": id, "status": status}).to_string().into_bytes();
     let mut frame = Frame::telemetry(device, "cmd", &c.node_id, Vec::new());
     frame.id = FrameId::from_key(format!("cmd\0{id}\0{status}").as_bytes());
@@ -393,13 +392,14 @@ async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) ->
     frame.body = Body::Event { json: body };
     let bytes = frame.encode().map_err(|e| e.to_string())?;
     let pending = c
-        .publisher
-        .publish(c.subjects.event(shard, device, "cmd"), fluxmesh_mesh::frame_headers(&frame), bytes.into())
+        .mesh
+        .publisher()
+        .publish(c.mesh.subjects().event(shard, device, "cmd"), fluxmesh_mesh::frame_headers(&frame), bytes.into())
         .await
         .map_err(|e| e.to_string())?;
     pending.ack().await.map_err(|e| e.to_string())?;
     metrics::counter!("fluxmesh_commands_settled_total", "status" => status.to_owned()).increment(1);
-    let stream = c.js.get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
     // Already gone (another node settled it first) is fine.
     let _ = stream.delete_message(seq).await;
     Ok(())

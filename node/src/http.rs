@@ -104,17 +104,6 @@ struct IngestParams {
 
 /// An error answer: `{"error": "...", "reason": "..."}`.
 /// An error and its causes, outermost first: "a: b: c".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
 fn refuse(status: StatusCode, reason: &'static str, message: impl std::fmt::Display) -> Response {
     telemetry::rejected(Source::Http, reason, &message);
     (status, Json(json!({"error": message.to_string(), "reason": reason}))).into_response()
@@ -243,7 +232,7 @@ async fn cluster(
     let view = ctx.cluster.view();
     let live = view.live_ids();
     let with_lag = params.lag.unwrap_or(true);
-    let shards: Vec<serde_json::Value> = (0..ctx.shards)
+    let shards: Vec<serde_json::Value> = (0..ctx.mesh.shards())
         .map(|shard| {
             let lease = view.leases.get(&shard);
             // The holder's own count, from its last heartbeat.
@@ -263,7 +252,7 @@ async fn cluster(
         .collect();
     Json(json!({
         "node": &*state.node_id,
-        "shard_count": ctx.shards,
+        "shard_count": ctx.mesh.shards(),
         "nodes": view.live.values().collect::<Vec<_>>(),
         "shards": shards,
     }))
@@ -284,12 +273,13 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
     if let Err(e) = DeviceTopic::new(&device, "x") {
         return refuse(StatusCode::BAD_REQUEST, e.reason(), e);
     }
-    let shard = fluxmesh_schemas::shard_of(&device, ctx.shards);
+    let shard = fluxmesh_schemas::shard_of(&device, ctx.mesh.shards());
     let view = ctx.cluster.view();
     let owner = view.leases.get(&shard).filter(|l| view.is_valid(&l.lease)).map(|l| l.lease.node_id.clone());
     // Nodes answer only for sessions they hold; 300 ms of silence: offline.
     let located =
-        crate::commands::locate(&ctx.client, &ctx.subjects, &device, std::time::Duration::from_millis(300)).await;
+        crate::commands::locate(ctx.mesh.client(), ctx.mesh.subjects(), &device, std::time::Duration::from_millis(300))
+            .await;
     let connected = located.as_ref().map(|l| l.node.as_str());
     let commands = located.as_ref().is_some_and(|l| l.commands);
     let loaded = ctx.checkpoints.load(shard).await.map(|mut l| l.states.remove(&device));
@@ -324,7 +314,7 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
             .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": error_chain(&e), "reason": "checkpoints_unavailable"})),
+            Json(json!({"error": fluxmesh_mesh::error_chain(&e), "reason": "checkpoints_unavailable"})),
         )
             .into_response(),
     }

@@ -3,7 +3,7 @@
 //! telemetry subject, and mirror it as JSON once stored.
 
 use bytes::Bytes;
-use fluxmesh_mesh::{Pending, PublishError, Publisher};
+use fluxmesh_mesh::{Mesh, Pending, PublishError};
 use fluxmesh_schemas::frame::{self, Frame, FrameId};
 use fluxmesh_schemas::{shard_of, DeviceTopic, Subjects, TopicError};
 use std::time::Instant;
@@ -102,10 +102,7 @@ impl IngressMetrics {
 /// A cheap, clonable handle shared by every ingress source.
 #[derive(Debug, Clone)]
 pub struct Ingress {
-    publisher: Publisher,
-    client: async_nats::Client,
-    subjects: Subjects,
-    shards: u32,
+    mesh: Mesh,
     node_id: std::sync::Arc<str>,
     max_payload: usize,
     mirror_json: bool,
@@ -125,30 +122,12 @@ pub struct InFlight {
 }
 
 impl Ingress {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        publisher: Publisher,
-        client: async_nats::Client,
-        subjects: Subjects,
-        shards: u32,
-        node_id: &str,
-        max_payload: usize,
-        mirror_json: bool,
-    ) -> Self {
-        Ingress {
-            publisher,
-            client,
-            subjects,
-            shards,
-            node_id: node_id.into(),
-            max_payload,
-            mirror_json,
-            metrics: IngressMetrics::new(),
-        }
+    pub fn new(mesh: Mesh, node_id: &str, max_payload: usize, mirror_json: bool) -> Self {
+        Ingress { mesh, node_id: node_id.into(), max_payload, mirror_json, metrics: IngressMetrics::new() }
     }
 
     pub fn subjects(&self) -> &Subjects {
-        &self.subjects
+        self.mesh.subjects()
     }
 
     /// Checks, frames and sends one message. Waits while the publish window
@@ -158,8 +137,8 @@ impl Ingress {
         if msg.payload.len() > self.max_payload {
             return Err(IngestError::TooLarge { size: msg.payload.len(), limit: self.max_payload });
         }
-        let shard = shard_of(msg.topic.device, self.shards);
-        let subject = self.subjects.telemetry(shard, &msg.topic);
+        let shard = shard_of(msg.topic.device, self.mesh.shards());
+        let subject = self.mesh.subjects().telemetry(shard, &msg.topic);
         let mut frame = Frame::telemetry(msg.topic.device, msg.topic.channel, &self.node_id, msg.payload.to_vec());
         frame.device_time_us = msg.device_time_us;
         if let Some(key) = msg.idempotency_key {
@@ -172,8 +151,9 @@ impl Ingress {
         let header_map = fluxmesh_mesh::frame_headers(&frame);
         let bytes = Bytes::from(frame.encode()?);
         let mirror = self.mirror_json.then(|| bytes.clone());
-        let pending = self.publisher.publish(subject.clone(), header_map, bytes).await?;
-        self.metrics.in_flight.set(self.publisher.in_flight() as f64);
+        let publisher = self.mesh.publisher();
+        let pending = publisher.publish(subject.clone(), header_map, bytes).await?;
+        self.metrics.in_flight.set(publisher.in_flight() as f64);
         Ok(InFlight { pending, id: frame.id, subject, received, mirror })
     }
 
@@ -212,7 +192,7 @@ impl Ingress {
     }
 
     async fn mirror(&self, subject: &str, bytes: &[u8]) {
-        let Some(json_subject) = self.subjects.json_mirror(subject) else { return };
+        let Some(json_subject) = self.mesh.subjects().json_mirror(subject) else { return };
         let mut scratch = frame::AlignedVec::new();
         let json = match frame::access(bytes, &mut scratch) {
             Ok(frame) => fluxmesh_schemas::json::to_vec(frame),
@@ -221,7 +201,7 @@ impl Ingress {
                 return;
             }
         };
-        if let Err(e) = self.client.publish(json_subject, json.into()).await {
+        if let Err(e) = self.mesh.client().publish(json_subject, json.into()).await {
             metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
             tracing::warn!(error = %e, "JSON mirror publish failed");
         }
@@ -229,11 +209,11 @@ impl Ingress {
 
     /// Stops taking new messages; those already sent still complete.
     pub fn close(&self) {
-        self.publisher.close();
+        self.mesh.publisher().close();
     }
 
-    /// Publishes still awaiting their ack.
-    pub fn publisher(&self) -> &Publisher {
-        &self.publisher
+    /// The mesh this ingress publishes to.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 }

@@ -25,7 +25,7 @@ use crate::ingress::Ingress;
 use crate::mqtt::{self, MqttServer};
 use crate::shards::{self, ShardContext};
 use fluxmesh_mesh::cluster::{self, ClusterHandle, Member};
-use fluxmesh_mesh::{provision, Provisioned, Publisher};
+use fluxmesh_mesh::{provision, Mesh, Provisioned, Publisher};
 use fluxmesh_schemas::subject::Family;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,15 +195,9 @@ impl Node {
             fluxmesh_mesh::ProvisionError::is_transient,
         )
         .await?;
-        let ingress = Ingress::new(
-            publisher,
-            client.clone(),
-            provisioned.subjects.clone(),
-            provisioned.shards,
-            node_id,
-            config.ingest.max_payload_bytes,
-            config.mirrored(Family::Telemetry),
-        );
+        let mesh = Mesh::new(client.clone(), publisher, provisioned.clone());
+        let ingress =
+            Ingress::new(mesh.clone(), node_id, config.ingest.max_payload_bytes, config.mirrored(Family::Telemetry));
         let sessions_bus = mqtt::SessionBus {
             client: client.clone(),
             prefix: provisioned.subjects.prefix().to_owned(),
@@ -213,7 +207,7 @@ impl Node {
             cancel,
             "credentials bucket not ready yet",
             Duration::from_millis(200),
-            || crate::auth::open_store(publisher_js(&ingress), provisioned.subjects.prefix(), provisioned.replicas),
+            || crate::auth::open_store(mesh.js(), mesh.subjects(), provisioned.replicas),
             |_| true,
         )
         .await?;
@@ -259,8 +253,8 @@ impl Node {
             Duration::from_millis(200),
             || {
                 crate::rules::Rules::start(
-                    publisher_js(&ingress),
-                    cluster::bucket_name(&prefix, "RULES"),
+                    mesh.js(),
+                    mesh.subjects(),
                     provisioned.replicas,
                     &config.rules,
                     stop.clone(),
@@ -276,8 +270,8 @@ impl Node {
             Duration::from_millis(200),
             || {
                 crate::plugins::Plugins::start(
-                    publisher_js(&ingress),
-                    cluster::bucket_name(&prefix, "PLUGINS"),
+                    mesh.js(),
+                    mesh.subjects(),
                     provisioned.replicas,
                     &config.plugins,
                     stop.clone(),
@@ -318,17 +312,8 @@ impl Node {
                 }
             };
         let shards = Arc::new(ShardContext {
-            js: publisher_js(&ingress).clone(),
-            client: client.clone(),
-            publisher: ingress.publisher().clone(),
-            subjects: provisioned.subjects.clone(),
-            shards: provisioned.shards,
-            layout: provisioned.clone(),
-            checkpoints: fluxmesh_mesh::checkpoint::Checkpoints::new(
-                publisher_js(&ingress).clone(),
-                provisioned.subjects.clone(),
-            ),
-            node_id: node_id.to_owned(),
+            mesh: mesh.clone(),
+            checkpoints: fluxmesh_mesh::checkpoint::Checkpoints::new(mesh.js().clone(), mesh.subjects().clone()),
             cfg: config.shards.clone(),
             cluster,
             mirror_events: config.mirrored(Family::Event),
@@ -346,22 +331,24 @@ impl Node {
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
         });
         let commands = Arc::new(crate::commands::Commands {
-            client: client.clone(),
-            js: publisher_js(&ingress).clone(),
-            publisher: ingress.publisher().clone(),
-            subjects: provisioned.subjects.clone(),
-            shards: provisioned.shards,
+            mesh: mesh.clone(),
             node_id: node_id.to_owned(),
             cluster: shards.cluster.clone(),
             sessions: mqtt.sessions().clone(),
             cfg: config.commands.clone(),
-            replicas: provisioned.replicas,
         });
         if let Err(e) = crate::commands::start(commands, cmd_ready_rx, stop.clone(), tasks).await {
             cluster_stop.cancel();
             return Err(e.into());
         }
-        tasks.spawn(shards::coordinate(shards.clone(), stop.clone(), cluster_stop));
+        tasks.spawn(fluxmesh_mesh::ownership::coordinate(
+            mesh,
+            shards.cluster.clone(),
+            shards.clone(),
+            config.shards.ownership(),
+            stop.clone(),
+            cluster_stop,
+        ));
         Ok(Started { client, control, provisioned, ingress, mqtt, shards })
     }
 
@@ -402,7 +389,7 @@ impl Node {
             tracing::warn!("tasks did not stop within the deadline");
         }
         self.ingress.close();
-        let left = self.ingress.publisher().drain(SHUTDOWN_STEP).await;
+        let left = self.ingress.mesh().publisher().drain(SHUTDOWN_STEP).await;
         if left > 0 {
             tracing::error!(left, "publishes still unacknowledged at shutdown");
         }
@@ -423,10 +410,6 @@ struct Started {
     ingress: Ingress,
     mqtt: MqttServer,
     shards: Arc<ShardContext>,
-}
-
-fn publisher_js(ingress: &Ingress) -> &async_nats::jetstream::Context {
-    ingress.publisher().context()
 }
 
 /// Runs `attempt` until it succeeds, fails for good (`transient` says no),

@@ -193,7 +193,9 @@ async fn a_change_made_while_nats_restarts_still_ends_the_session() {
     nats.restart().await.expect("nats-server again");
     // At once, while the node is still reconnecting.
     let js = async_nats::jetstream::new(nats.client().await.expect("connect"));
-    let store = fluxmesh_node::auth::open_store(&js, "FM", 1).await.expect("credentials bucket");
+    let store = fluxmesh_node::auth::open_store(&js, &fluxmesh_schemas::Subjects::new("fm").expect("prefix"), 1)
+        .await
+        .expect("credentials bucket");
     assert!(fluxmesh_node::auth::remove(&store, "dev-r").await.expect("remove"), "dev-r had credentials");
     device.wait_closed().await;
     assert!(counter(&metrics(&node).await, "fluxmesh_mqtt_sessions_revoked_total") >= 1.0);

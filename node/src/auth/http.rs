@@ -107,6 +107,10 @@ fn store_error(e: AuthError) -> ApiError {
         AuthError::Store(m) => {
             ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": m, "reason": "store_unavailable"}))
         }
+        AuthError::Open(e) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": fluxmesh_mesh::error_chain(&e), "reason": "store_unavailable"}),
+        ),
     }
 }
 

@@ -180,6 +180,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("credentials store: {0}")]
     Store(String),
+    #[error("credentials store")]
+    Open(#[source] fluxmesh_mesh::stores::StoreError),
     #[error("the credentials of this device changed while they were updated; try again")]
     Conflict,
 }
@@ -212,29 +214,18 @@ impl Denied {
     }
 }
 
-/// The KV bucket of device credentials.
-pub fn bucket_name(prefix: &str) -> String {
-    fluxmesh_mesh::cluster::bucket_name(prefix, "DEVICES")
-}
-
 /// The key of a device's entry: `d.{hex of the device id}`.
 pub fn key(device: &str) -> String {
     fluxmesh_schemas::kv::device_key("d", device)
 }
 
 /// Opens (or creates) the credentials bucket.
-pub async fn open_store(js: &jetstream::Context, prefix: &str, replicas: usize) -> Result<kv::Store, AuthError> {
-    let bucket = bucket_name(prefix);
-    js.create_or_update_key_value(kv::Config {
-        bucket: bucket.clone(),
-        description: "fluxmesh device credentials (salted argon2id hashes) and ACL grants".to_owned(),
-        history: 3,
-        num_replicas: replicas,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| AuthError::Store(format!("cannot open {bucket}: {e}")))
+pub async fn open_store(
+    js: &jetstream::Context,
+    subjects: &fluxmesh_schemas::Subjects,
+    replicas: usize,
+) -> Result<kv::Store, AuthError> {
+    fluxmesh_mesh::stores::open_devices(js, subjects, replicas).await.map_err(AuthError::Open)
 }
 
 /// Reads a device's record and its revision.

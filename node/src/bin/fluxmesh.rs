@@ -118,7 +118,7 @@ fn devices(config: Option<PathBuf>, action: DevicesAction) -> anyhow::Result<()>
         let client = fluxmesh_mesh::connect(&config.nats, "fluxmesh-devices-cli").await?;
         let publisher = fluxmesh_mesh::Publisher::new(client.clone(), &config.nats);
         let provisioned = fluxmesh_mesh::provision(&client, publisher.context(), &config.nats).await?;
-        let store = auth::open_store(publisher.context(), provisioned.subjects.prefix(), provisioned.replicas).await?;
+        let store = auth::open_store(publisher.context(), &provisioned.subjects, provisioned.replicas).await?;
         match action {
             DevicesAction::Set { device, secret_stdin, keep_existing, publish, subscribe, disabled } => {
                 let secret = if secret_stdin {

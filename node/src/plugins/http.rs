@@ -30,14 +30,14 @@ pub fn routes(max_module_bytes: usize) -> Router<AppState> {
 impl From<PluginsError> for ApiError {
     fn from(e: PluginsError) -> Self {
         let status = match e {
-            PluginsError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginsError::Store(_) | PluginsError::Open(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PluginsError::BadName(_) | PluginsError::Invalid(_) => {
                 metrics::counter!("fluxmesh_plugin_uploads_refused_total").increment(1);
                 StatusCode::BAD_REQUEST
             }
         };
-        ApiError::new(status, e)
+        ApiError::new(status, fluxmesh_mesh::error_chain(&e))
     }
 }
 

@@ -85,11 +85,13 @@ pub enum PluginsError {
     Invalid(String),
     #[error("plugin store: {0}")]
     Store(String),
+    #[error("plugin store")]
+    Open(#[source] fluxmesh_mesh::stores::StoreError),
 }
 
 impl PluginsError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, PluginsError::Store(_))
+        matches!(self, PluginsError::Store(_) | PluginsError::Open(_))
     }
 }
 
@@ -133,35 +135,13 @@ impl Plugins {
     /// step with it until `stop`.
     pub async fn start(
         js: &jetstream::Context,
-        bucket: String,
+        subjects: &fluxmesh_schemas::Subjects,
         replicas: usize,
         cfg: &PluginsConfig,
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Plugins>, PluginsError> {
-        // Find it first: another node may have made it already, possibly
-        // with another replica count (each node derives it from the
-        // servers it sees), and creating again would then be refused.
-        let store = match js.get_object_store(&bucket).await {
-            Ok(store) => store,
-            Err(_) => match js
-                .create_object_store(object_store::Config {
-                    bucket: bucket.clone(),
-                    description: Some("fluxmesh WebAssembly plugins, one object per name".to_owned()),
-                    num_replicas: replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(store) => store,
-                // Lost a race with another node: use theirs.
-                Err(e) => js
-                    .get_object_store(&bucket)
-                    .await
-                    .map_err(|_| PluginsError::Store(format!("cannot open {bucket}: {e}")))?,
-            },
-        };
+        let store = fluxmesh_mesh::stores::open_plugins(js, subjects, replicas).await.map_err(PluginsError::Open)?;
         let engine = runtime::engine().map_err(PluginsError::Invalid)?;
         let plugins = Arc::new(Plugins { engine, cfg: cfg.clone(), store, loaded: RwLock::new(HashMap::new()) });
         let me = plugins.clone();

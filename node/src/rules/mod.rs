@@ -199,6 +199,8 @@ pub enum RulesError {
     Invalid(#[from] RuleError),
     #[error("rules bucket: {0}")]
     Store(String),
+    #[error("rules bucket")]
+    Open(#[source] fluxmesh_mesh::stores::StoreError),
     /// A seed file is unreadable or does not compile: the node's own config.
     #[error("rules seed: {0}")]
     Seed(String),
@@ -207,7 +209,7 @@ pub enum RulesError {
 impl RulesError {
     /// Whether trying again may help (NATS not answering yet).
     pub fn is_transient(&self) -> bool {
-        matches!(self, RulesError::Store(_))
+        matches!(self, RulesError::Store(_) | RulesError::Open(_))
     }
 }
 
@@ -225,23 +227,13 @@ impl Rules {
     /// current through a watch until `stop`.
     pub async fn start(
         js: &jetstream::Context,
-        bucket: String,
+        subjects: &fluxmesh_schemas::Subjects,
         replicas: usize,
         cfg: &RulesConfig,
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Rules>, RulesError> {
-        let store = js
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.clone(),
-                description: "fluxmesh rules (Rhai), one key per rule id".to_owned(),
-                history: 5,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| RulesError::Store(format!("cannot open {bucket}: {e}")))?;
+        let store = fluxmesh_mesh::stores::open_rules(js, subjects, replicas).await.map_err(RulesError::Open)?;
         let engine = Arc::new(RuleEngine::new(cfg));
         if !cfg.seed_dir.is_empty() {
             seed(&store, &engine, cfg, Path::new(&cfg.seed_dir)).await?;

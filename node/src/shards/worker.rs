@@ -1,9 +1,10 @@
 //! One shard's worker: runs only while this node holds the shard's lease.
 //!
-//! Start: claim the shard's checkpoint log (read it, then append a claim
-//! record, which fences off every earlier owner: `fluxmesh_mesh::checkpoint`)
-//! and open an ack-less reader of the shard's telemetry right after the
-//! sequence the checkpoint covers (`fluxmesh_mesh::shard_reader`).
+//! It is handed an [`OwnedShard`] by the ownership coordinator
+//! (`fluxmesh_mesh::ownership`): the shard's checkpoint log is claimed (a
+//! claim record fences off every earlier owner) and an ack-less reader of
+//! its telemetry is open right after the sequence the checkpoint covers.
+//! The worker starts from the device states the log held.
 //!
 //! Then, batch after batch:
 //! 1. read up to `batch` messages, in stream order;
@@ -29,13 +30,11 @@ use super::pipeline::{Outputs, Processed, RuleCommand};
 use super::state::DeviceState;
 use super::ShardContext;
 use crate::storage::writer::{Commit, Rows};
-use fluxmesh_mesh::checkpoint::{CheckpointError, Fence};
-use fluxmesh_mesh::cluster::Lease;
-use fluxmesh_mesh::shard_reader::{ReaderError, ShardReader};
+use fluxmesh_mesh::checkpoint::CheckpointError;
+use fluxmesh_mesh::ownership::{OwnedShard, WorkerFailure};
+use fluxmesh_mesh::shard_reader::ReaderError;
 use fluxmesh_schemas::frame::AlignedVec;
-use fluxmesh_schemas::subject::Family;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -51,20 +50,20 @@ pub enum WorkerError {
     Output(String),
     #[error("history: {0}")]
     Storage(String),
-    #[error("worker panicked: {0}")]
-    Panicked(String),
 }
 
-impl WorkerError {
-    /// The `reason` label of `fluxmesh_shard_worker_failures_total`.
-    pub fn reason(&self) -> &'static str {
+impl WorkerFailure for WorkerError {
+    fn is_fenced(&self) -> bool {
+        matches!(self, WorkerError::Fenced)
+    }
+
+    fn reason(&self) -> &'static str {
         match self {
             WorkerError::Fenced => "fenced",
             WorkerError::Reader(_) => "consumer",
             WorkerError::Checkpoint(_) => "checkpoint",
             WorkerError::Output(_) => "output",
             WorkerError::Storage(_) => "storage",
-            WorkerError::Panicked(_) => "panic",
         }
     }
 }
@@ -81,7 +80,6 @@ impl From<CheckpointError> for WorkerError {
 /// What a worker has processed and not yet checkpointed.
 #[derive(Debug)]
 struct Progress {
-    fence: Fence,
     states: HashMap<String, DeviceState>,
     /// Devices whose state changed since the last checkpoint.
     dirty: BTreeSet<String>,
@@ -91,20 +89,11 @@ struct Progress {
     commits: Vec<Commit>,
 }
 
-/// Runs shard `shard` under `lease` (at `epoch`) until `stop` (graceful:
-/// finishes the batch in hand and checkpoints) or an error.
-pub async fn run(
-    ctx: Arc<ShardContext>,
-    shard: u32,
-    lease: Lease,
-    epoch: u64,
-    stop: CancellationToken,
-) -> Result<(), WorkerError> {
-    let started = Instant::now();
-    if !ctx.cluster.holds(&lease) {
-        return Err(WorkerError::Fenced);
-    }
-    let (loaded, fence) = ctx.checkpoints.claim(shard, &ctx.node_id, epoch).await?;
+/// Runs `owned` until `stop` (graceful: finishes the batch in hand and
+/// checkpoints) or an error.
+pub async fn run(ctx: &ShardContext, mut owned: OwnedShard, stop: &CancellationToken) -> Result<(), WorkerError> {
+    let shard = owned.shard();
+    let loaded = owned.take_loaded();
     if loaded.unreadable > 0 {
         metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "bad_checkpoint")
             .increment(loaded.unreadable);
@@ -120,40 +109,21 @@ pub async fn run(
         });
         states.insert(device, state);
     }
-    let covered = fence.covered();
-    let mut p = Progress { fence, states, dirty: BTreeSet::new(), applied: covered, commits: Vec::new() };
-    if p.fence.wants_snapshot() {
-        snapshot(&ctx, &mut p).await?;
+    let mut p = Progress { states, dirty: BTreeSet::new(), applied: owned.covered(), commits: Vec::new() };
+    let result = async {
+        if owned.wants_snapshot() {
+            snapshot(&mut owned, &p).await?;
+        }
+        consume(ctx, &mut owned, &mut p, stop).await
     }
-    let mut reader = ShardReader::open(
-        &ctx.js,
-        ctx.layout.telemetry_stream_of(shard),
-        ctx.subjects.shard_filter(Family::Telemetry, shard),
-        // Consumer names allow fewer characters than node ids.
-        format!(
-            "{}-shard-{shard}-{epoch}",
-            ctx.node_id
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-                .collect::<String>()
-        ),
-        covered + 1,
-        ctx.cfg.batch,
-    )
-    .await
-    .map_err(WorkerError::Reader)?;
-    metrics::histogram!("fluxmesh_shard_start_seconds").record(started.elapsed().as_secs_f64());
-    tracing::debug!(shard, devices = p.states.len(), covered, took = ?started.elapsed(), "shard worker started");
-    let result = consume(&ctx, shard, &lease, &mut reader, &mut p, &stop).await;
-    reader.close().await;
+    .await;
+    owned.close().await;
     result
 }
 
 async fn consume(
     ctx: &ShardContext,
-    shard: u32,
-    lease: &Lease,
-    reader: &mut ShardReader,
+    owned: &mut OwnedShard,
     p: &mut Progress,
     stop: &CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -166,32 +136,32 @@ async fn consume(
             _ = stop.cancelled() => {
                 // Graceful: what was processed is checkpointed before the
                 // lease is released.
-                return checkpoint(ctx, lease, p, stop).await;
+                return checkpoint(ctx, owned, p, stop).await;
             }
-            _ = tokio::time::sleep_until(checkpoint_at.into()), if p.applied > p.fence.covered() => {
-                checkpoint(ctx, lease, p, stop).await?;
+            _ = tokio::time::sleep_until(checkpoint_at.into()), if p.applied > owned.covered() => {
+                checkpoint(ctx, owned, p, stop).await?;
                 checkpoint_at = Instant::now() + interval;
                 continue;
             }
-            m = reader.next() => m.map_err(WorkerError::Reader)?,
+            m = owned.next() => m.map_err(WorkerError::Reader)?,
         };
         let mut batch = vec![first];
         while batch.len() < ctx.cfg.batch {
-            match reader.try_next() {
+            match owned.try_next() {
                 Some(m) => batch.push(m),
                 None => break,
             }
         }
-        if !ctx.cluster.holds(lease) {
+        if !owned.holds() {
             return Err(WorkerError::Fenced);
         }
         let took = Instant::now();
-        process(ctx, shard, &batch, p, &mut scratch).await?;
+        process(ctx, owned.shard(), &batch, p, &mut scratch).await?;
         metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
         metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
-        ctx.cluster.report_lag(shard, reader.pending());
+        owned.report_lag();
         if Instant::now() >= checkpoint_at {
-            checkpoint(ctx, lease, p, stop).await?;
+            checkpoint(ctx, owned, p, stop).await?;
             checkpoint_at = Instant::now() + interval;
         }
     }
@@ -203,35 +173,33 @@ async fn consume(
 /// into a snapshot.
 async fn checkpoint(
     ctx: &ShardContext,
-    lease: &Lease,
+    owned: &mut OwnedShard,
     p: &mut Progress,
     stop: &CancellationToken,
 ) -> Result<(), WorkerError> {
-    if p.applied <= p.fence.covered() {
+    if p.applied <= owned.covered() {
         return Ok(());
     }
     let took = Instant::now();
     // Rows first: a checkpoint covering a message whose rows are not
     // stored would skip it on replay, and its rows would never be written.
     wait_commits(ctx, &mut p.commits, stop).await?;
-    if !ctx.cluster.holds(lease) {
-        return Err(WorkerError::Fenced);
-    }
+    // Fenced here if the lease is no longer ours.
     let changed = p.dirty.iter().filter_map(|d| p.states.get(d).map(|s| (d.as_str(), s)));
-    ctx.checkpoints.append(&mut p.fence, p.applied, changed).await?;
+    owned.checkpoint(p.applied, changed).await?;
     metrics::counter!("fluxmesh_shard_checkpoint_writes_total").increment(1);
     metrics::counter!("fluxmesh_shard_checkpoint_devices_total").increment(p.dirty.len() as u64);
     p.dirty.clear();
-    if p.fence.wants_snapshot() {
-        snapshot(ctx, p).await?;
+    if owned.wants_snapshot() {
+        snapshot(owned, p).await?;
     }
     metrics::histogram!("fluxmesh_shard_checkpoint_seconds").record(took.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// Writes every device's state again and drops the log before it.
-async fn snapshot(ctx: &ShardContext, p: &mut Progress) -> Result<(), WorkerError> {
-    ctx.checkpoints.snapshot(&mut p.fence, p.states.iter().map(|(d, s)| (d.as_str(), s))).await?;
+async fn snapshot(owned: &mut OwnedShard, p: &Progress) -> Result<(), WorkerError> {
+    owned.snapshot(p.states.iter().map(|(d, s)| (d.as_str(), s))).await?;
     metrics::counter!("fluxmesh_shard_checkpoint_snapshots_total").increment(1);
     Ok(())
 }
@@ -316,8 +284,8 @@ async fn process(
     let mut pending = Vec::with_capacity(frames.len());
     for frame in frames {
         let bytes = frame.encode().map_err(|e| WorkerError::Output(e.to_string()))?;
-        let subject = ctx.subjects.event(shard, &frame.device, frame.kind().as_str());
-        let sent = ctx.publisher.publish(subject, fluxmesh_mesh::frame_headers(frame), bytes.into()).await;
+        let subject = ctx.mesh.subjects().event(shard, &frame.device, frame.kind().as_str());
+        let sent = ctx.mesh.publisher().publish(subject, fluxmesh_mesh::frame_headers(frame), bytes.into()).await;
         pending.push(sent.map_err(|e| WorkerError::Output(e.to_string()))?);
     }
     for p in futures::future::join_all(pending.into_iter().map(|p| p.ack())).await {
@@ -353,14 +321,14 @@ async fn process(
 /// the worker waits.
 async fn send_command(ctx: &ShardContext, command: RuleCommand) {
     let Ok(slot) = ctx.command_slots.clone().acquire_owned().await else { return };
-    let subject = ctx.subjects.command(&command.device);
+    let subject = ctx.mesh.subjects().command(&command.device);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", command.id.to_string().as_str());
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(command.payload.into())
         .timeout(Some(Duration::from_secs(15)));
-    let client = ctx.client.clone();
+    let client = ctx.mesh.client().clone();
     tokio::spawn(async move {
         let status = match client.send_request(subject, request).await {
             Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer.payload)
