@@ -2,7 +2,8 @@
 //! standby (`pg_basebackup -R`), started by the testkit: rows are written on
 //! the primary and read from the standby; with the standby's replay paused
 //! reads fall back to the primary; a primary crash during load loses and
-//! duplicates nothing; migrations run once however many nodes start.
+//! duplicates nothing; migrations run once however many nodes start; the
+//! writer groups requests that arrive within its linger into one commit.
 
 mod common;
 
@@ -358,4 +359,50 @@ async fn history_says_when_storage_is_off() {
     let (status, _, body) = history(&node, "/api/v1/devices/d1/telemetry").await;
     assert_eq!((status, body["reason"].as_str()), (503, Some("storage_off")), "{body}");
     node.shutdown().await;
+}
+
+/// Requests that reach the writer within `storage.writer_linger_ms` of
+/// each other share one transaction (group commit); with no linger each
+/// is committed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_groups_requests_that_arrive_within_its_linger() {
+    let primary = Postgres::start_primary().await.expect("primary");
+    let transactions = |linger_ms: u64, device: &'static str| {
+        let primary = &primary;
+        async move {
+            let cfg = StorageConfig {
+                primary: primary.url(),
+                writer_connections: 1,
+                writer_linger_ms: linger_ms,
+                ..Default::default()
+            };
+            let (stop, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
+            let storage = fluxmesh_node::storage::Storage::start(&cfg, "test", stop.clone(), &tasks)
+                .await
+                .expect("storage starts")
+                .expect("storage is on");
+            let mut commits = Vec::new();
+            let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+            for i in 0..5 {
+                let frame = fluxmesh_schemas::Frame::telemetry(device, "t", "test", format!("{{\"i\":{i}}}").into());
+                let bytes = frame.encode().expect("encodes");
+                let mut rows = fluxmesh_node::storage::Rows::default();
+                rows.telemetry(fluxmesh_schemas::frame::access(&bytes, &mut scratch).expect("valid frame"));
+                commits.push(storage.writer.submit(rows).await.expect("queued"));
+                // Apart by more than a transaction takes here, well
+                // within the long linger.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            for commit in commits {
+                commit.wait().await.expect("committed");
+            }
+            stop.cancel();
+            tasks.close();
+            tasks.wait().await;
+            let sql = format!("SELECT count(DISTINCT xmin::text) FROM telemetry WHERE device = '{device}'");
+            count(primary, &sql).await
+        }
+    };
+    assert_eq!(transactions(1000, "grouped").await, 1, "five requests within the linger, one transaction");
+    assert_eq!(transactions(0, "apart").await, 5, "no linger: a transaction per request");
 }

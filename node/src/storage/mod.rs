@@ -47,6 +47,11 @@ pub struct StorageConfig {
     pub query_timeout_ms: u64,
     /// Rows the writer puts in one transaction, at most.
     pub batch_rows: usize,
+    /// How long the writer keeps a transaction open for more rows once it
+    /// has some (group commit), unless `batch_rows` fill it first. Nothing
+    /// but a shard's checkpoint waits for the commit, so this trades a
+    /// little history freshness for far fewer commits at low rates.
+    pub writer_linger_ms: u64,
     /// Write transactions in flight at once (one connection each): Postgres
     /// runs one core per connection.
     pub writer_connections: usize,
@@ -83,6 +88,7 @@ impl Default for StorageConfig {
             connect_timeout_ms: 5000,
             query_timeout_ms: 5000,
             batch_rows: 5000,
+            writer_linger_ms: 50,
             writer_connections: 2,
             queue_depth: 64,
             commit_timeout_ms: 20_000,
@@ -121,6 +127,10 @@ impl StorageConfig {
         }
         if !(1..=1_000_000).contains(&self.batch_rows) {
             problems.push("storage.batch_rows: must be between 1 and 1000000".to_owned());
+        }
+        if self.writer_linger_ms > 1000 || self.writer_linger_ms >= self.commit_timeout_ms {
+            problems
+                .push("storage.writer_linger_ms: must be at most 1000 and below storage.commit_timeout_ms".to_owned());
         }
         if self.writer_connections == 0 || self.writer_connections >= self.pool_size {
             problems.push("storage.writer_connections: must be at least 1 and below storage.pool_size".to_owned());

@@ -7,7 +7,8 @@
 //! pulling, and JetStream holds the backlog).
 //!
 //! The task runs `writer_connections` lanes; each takes every request
-//! queued (up to `batch_rows` rows) into one transaction: one
+//! queued, and those that arrive within `writer_linger_ms` of the first
+//! (group commit; up to `batch_rows` rows), into one transaction: one
 //! `INSERT … SELECT FROM unnest(…)` per table, the whole columns sent as
 //! binary arrays. Plain inserts first; a batch that meets a row already
 //! stored (a replay) is written again with `ON CONFLICT DO NOTHING`. A failed transaction
@@ -236,7 +237,13 @@ impl Writer {
         tasks: &TaskTracker,
     ) -> Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
-        let task = Task { primary, maintenance, batch_rows: cfg.batch_rows, timeout: cfg.query_timeout() };
+        let task = Task {
+            primary,
+            maintenance,
+            batch_rows: cfg.batch_rows,
+            linger: Duration::from_millis(cfg.writer_linger_ms),
+            timeout: cfg.query_timeout(),
+        };
         tasks.spawn(task.run(rx, cfg.writer_connections, stop));
         Writer { tx }
     }
@@ -260,6 +267,7 @@ struct Task {
     primary: Server,
     maintenance: Maintenance,
     batch_rows: usize,
+    linger: Duration,
     timeout: Duration,
 }
 
@@ -290,14 +298,20 @@ impl Task {
                 let Some(first) = first else { break };
                 let mut rows = first.rows.len();
                 group.push(first);
+                // Group commit: more rows for up to `linger`, not once
+                // stopping.
+                let linger_until = tokio::time::Instant::now() + self.linger;
                 while rows < self.batch_rows {
-                    match rx.try_recv() {
-                        Ok(r) => {
-                            rows += r.rows.len();
-                            group.push(r);
+                    let next = match rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(_) if deadline.is_none() && !self.linger.is_zero() => {
+                            tokio::time::timeout_at(linger_until, rx.recv()).await.ok().flatten()
                         }
-                        Err(_) => break,
-                    }
+                        Err(_) => None,
+                    };
+                    let Some(r) = next else { break };
+                    rows += r.rows.len();
+                    group.push(r);
                 }
                 metrics::gauge!("fluxmesh_pg_writer_queue").set(rx.len() as f64);
             }
