@@ -810,8 +810,8 @@ async fn verify_processing(
     since: SystemTime,
     stored: &HashMap<String, u64>,
 ) -> anyhow::Result<()> {
-    let prefix_upper = args.subject_prefix.to_ascii_uppercase().replace('-', "_");
     let subjects = Subjects::new(&args.subject_prefix)?;
+    let event_stream = subjects.event_stream();
     let checkpoints = fluxmesh_mesh::checkpoint::Checkpoints::new(js.clone(), subjects);
     let shards: BTreeSet<u32> = stored.keys().map(|d| shard_of(d, args.shards)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -842,7 +842,7 @@ async fn verify_processing(
     }
     let mut seqs: HashMap<String, HashSet<u64>> = HashMap::new();
     let (mut frames, mut dup_frames) = (0u64, 0u64);
-    for_each_frame_since(js, &format!("{prefix_upper}_EVT"), since, |frame| {
+    for_each_frame_since(js, &event_stream, since, |frame| {
         if !stored.contains_key(frame.device.as_str()) || frame.producer.as_str() != "state" {
             return;
         }

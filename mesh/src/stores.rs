@@ -8,6 +8,10 @@
 //! | `FM_EVT` | stream | derived events | [`crate::provision`] |
 //! | `FM_CKPT` | stream | each shard's checkpoint log | [`crate::provision`] |
 //! | `FM_CMDQ` | stream | commands queued for offline devices | [`open_command_queue`] |
+//!
+//! Stream names come from `Subjects` (`telemetry_stream`, `event_stream`,
+//! `checkpoint_stream`, `command_queue_stream`), bucket names from
+//! [`Bucket::name`]; both are `fluxmesh_schemas::subject::resource_name`.
 //! | `FM_CLUSTER` | KV | shard and partition counts, schema version | [`crate::provision`] |
 //! | `FM_NODES` | KV | membership heartbeats | [`crate::cluster::open_buckets`] |
 //! | `FM_LEASES` | KV | shard leases (revision = epoch) | [`crate::cluster::open_buckets`] |
@@ -41,7 +45,7 @@ impl Bucket {
             Bucket::Rules => "RULES",
             Bucket::Plugins => "PLUGINS",
         };
-        format!("{}_{what}", prefix.to_ascii_uppercase().replace('-', "_"))
+        fluxmesh_schemas::subject::resource_name(prefix, what)
     }
 }
 
@@ -117,11 +121,6 @@ pub async fn open_plugins(
     }
 }
 
-/// `{PREFIX}_CMDQ`: commands kept for devices that are not connected.
-pub fn command_queue_stream(subjects: &Subjects) -> String {
-    format!("{}_CMDQ", subjects.prefix().to_ascii_uppercase().replace('-', "_"))
-}
-
 /// How much the command queue keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -140,7 +139,7 @@ pub async fn open_command_queue(
     replicas: usize,
     limits: QueueLimits,
 ) -> Result<stream::Stream, StoreError> {
-    let name = command_queue_stream(subjects);
+    let name = subjects.command_queue_stream();
     js.get_or_create_stream(stream::Config {
         name: name.clone(),
         subjects: vec![format!("{}.cmdq.>", subjects.prefix())],
@@ -166,6 +165,6 @@ mod tests {
         assert_eq!(Bucket::Leases.name("fm"), "FM_LEASES");
         assert_eq!(Bucket::Plugins.name("my-mesh"), "MY_MESH_PLUGINS");
         let subjects = Subjects::new("my-mesh").expect("valid prefix");
-        assert_eq!(command_queue_stream(&subjects), "MY_MESH_CMDQ");
+        assert_eq!(subjects.command_queue_stream(), "MY_MESH_CMDQ");
     }
 }

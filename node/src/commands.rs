@@ -88,7 +88,7 @@ pub struct Commands {
 
 impl Commands {
     fn queue_stream(&self) -> String {
-        fluxmesh_mesh::stores::command_queue_stream(self.mesh.subjects())
+        self.mesh.subjects().command_queue_stream()
     }
 
     fn queue_subject(&self, device: &str) -> String {

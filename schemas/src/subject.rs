@@ -264,6 +264,13 @@ pub struct ParsedSubject {
     pub rest: String,
 }
 
+/// `{PREFIX}_{what}`: the name of a stream or bucket of the cluster with
+/// subject prefix `prefix` (upper case, `-` as `_`, as JetStream names
+/// allow).
+pub fn resource_name(prefix: &str, what: &str) -> String {
+    format!("{}_{what}", prefix.to_ascii_uppercase().replace('-', "_"))
+}
+
 impl Subjects {
     /// `prefix` must be one token of 1-32 characters from `A-Z a-z 0-9 _ -`
     /// (it also names the streams, `{PREFIX}_TEL`).
@@ -283,17 +290,22 @@ impl Subjects {
 
     /// `{PREFIX}_TEL_{partition}`: the telemetry stream of one partition.
     pub fn telemetry_stream(&self, partition: u32) -> String {
-        format!("{}_TEL_{partition}", self.prefix.to_ascii_uppercase().replace('-', "_"))
+        resource_name(&self.prefix, &format!("TEL_{partition}"))
     }
 
     /// `{PREFIX}_EVT`.
     pub fn event_stream(&self) -> String {
-        format!("{}_EVT", self.prefix.to_ascii_uppercase().replace('-', "_"))
+        resource_name(&self.prefix, "EVT")
     }
 
     /// `{PREFIX}_CKPT`: the shards' checkpoint logs.
     pub fn checkpoint_stream(&self) -> String {
-        format!("{}_CKPT", self.prefix.to_ascii_uppercase().replace('-', "_"))
+        resource_name(&self.prefix, "CKPT")
+    }
+
+    /// `{PREFIX}_CMDQ`: commands kept for devices that are not connected.
+    pub fn command_queue_stream(&self) -> String {
+        resource_name(&self.prefix, "CMDQ")
     }
 
     /// `{prefix}.ckpt.{shard}`: one shard's checkpoint log.
