@@ -65,7 +65,8 @@ pub trait WorkerFailure: std::error::Error + Send + Sync + 'static {
 pub enum OpenError {
     #[error("shard {shard}: the lease is no longer ours")]
     Fenced { shard: u32 },
-    #[error("shard {shard}: claiming the checkpoint log")]
+    // The checkpoint error names the shard.
+    #[error("claiming the checkpoint log")]
     Checkpoint {
         shard: u32,
         #[source]

@@ -8,16 +8,16 @@
 //! | `FM_EVT` | stream | derived events | [`crate::provision`] |
 //! | `FM_CKPT` | stream | each shard's checkpoint log | [`crate::provision`] |
 //! | `FM_CMDQ` | stream | commands queued for offline devices | [`open_command_queue`] |
-//!
-//! Stream names come from `Subjects` (`telemetry_stream`, `event_stream`,
-//! `checkpoint_stream`, `command_queue_stream`), bucket names from
-//! [`Bucket::name`]; both are `fluxmesh_schemas::subject::resource_name`.
 //! | `FM_CLUSTER` | KV | shard and partition counts, schema version | [`crate::provision`] |
 //! | `FM_NODES` | KV | membership heartbeats | [`crate::cluster::open_buckets`] |
 //! | `FM_LEASES` | KV | shard leases (revision = epoch) | [`crate::cluster::open_buckets`] |
 //! | `FM_DEVICES` | KV | device credentials and ACL grants | [`open_devices`] |
 //! | `FM_RULES` | KV | Rhai rules | [`open_rules`] |
 //! | `FM_PLUGINS` | object store | WebAssembly plugins | [`open_plugins`] |
+//!
+//! Stream names come from `Subjects` (`telemetry_stream`, `event_stream`,
+//! `checkpoint_stream`, `command_queue_stream`), bucket names from
+//! [`Bucket::name`]; both are `fluxmesh_schemas::subject::resource_name`.
 
 use async_nats::jetstream::{self, kv, object_store, stream};
 use fluxmesh_schemas::Subjects;

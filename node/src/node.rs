@@ -424,12 +424,14 @@ async fn retry_until<T, E, Fut>(
 ) -> Result<T, NodeError>
 where
     Fut: std::future::Future<Output = Result<T, E>>,
-    E: std::fmt::Display + Into<NodeError>,
+    E: std::error::Error + Into<NodeError>,
 {
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
-            Err(e) if transient(&e) => tracing::warn!(error = %e, retry_in = ?delay, "{what}"),
+            Err(e) if transient(&e) => {
+                tracing::warn!(error = fluxmesh_mesh::error_chain(&e), retry_in = ?delay, "{what}")
+            }
             Err(e) => return Err(e.into()),
         }
         tokio::select! {

@@ -362,12 +362,14 @@ async fn history_says_when_storage_is_off() {
 }
 
 /// Requests that reach the writer within `storage.writer_linger_ms` of
-/// each other share one transaction (group commit); with no linger each
-/// is committed on its own.
+/// the first share one transaction (group commit); the linger runs from
+/// the first request, so a steady trickle still commits; with no linger,
+/// requests apart in time get their own transactions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_groups_requests_that_arrive_within_its_linger() {
     let primary = Postgres::start_primary().await.expect("primary");
-    let transactions = |linger_ms: u64, device: &'static str| {
+    // Transactions that `requests` requests, `apart` from each other, end up in.
+    let transactions = |linger_ms: u64, device: &'static str, requests: usize, apart: Duration| {
         let primary = &primary;
         async move {
             let cfg = StorageConfig {
@@ -383,18 +385,19 @@ async fn the_writer_groups_requests_that_arrive_within_its_linger() {
                 .expect("storage is on");
             let mut commits = Vec::new();
             let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-            for i in 0..5 {
+            for i in 0..requests {
                 let frame = fluxmesh_schemas::Frame::telemetry(device, "t", "test", format!("{{\"i\":{i}}}").into());
                 let bytes = frame.encode().expect("encodes");
                 let mut rows = fluxmesh_node::storage::Rows::default();
                 rows.telemetry(fluxmesh_schemas::frame::access(&bytes, &mut scratch).expect("valid frame"));
                 commits.push(storage.writer.submit(rows).await.expect("queued"));
-                // Apart by more than a transaction takes here, well
-                // within the long linger.
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                tokio::time::sleep(apart).await;
             }
             for commit in commits {
-                commit.wait().await.expect("committed");
+                tokio::time::timeout(Duration::from_secs(10), commit.wait())
+                    .await
+                    .expect("committed within 10 s")
+                    .expect("committed");
             }
             stop.cancel();
             tasks.close();
@@ -403,6 +406,12 @@ async fn the_writer_groups_requests_that_arrive_within_its_linger() {
             count(primary, &sql).await
         }
     };
-    assert_eq!(transactions(1000, "grouped").await, 1, "five requests within the linger, one transaction");
-    assert_eq!(transactions(0, "apart").await, 5, "no linger: a transaction per request");
+    let apart = Duration::from_millis(100);
+    assert_eq!(transactions(1000, "grouped", 5, apart).await, 1, "five requests within the linger: one transaction");
+    // 12 requests over 1.2 s with a 300 ms linger: the window does not
+    // restart with each request.
+    let trickle = transactions(300, "trickle", 12, apart).await;
+    assert!((2..=6).contains(&trickle), "a trickle longer than the linger commits every linger: {trickle}");
+    let alone = transactions(0, "alone", 5, apart).await;
+    assert!(alone >= 3, "no linger: requests 100 ms apart mostly commit alone: {alone}");
 }

@@ -304,7 +304,7 @@ impl Task {
                 while rows < self.batch_rows {
                     let next = match rx.try_recv() {
                         Ok(r) => Some(r),
-                        Err(_) if deadline.is_none() && !self.linger.is_zero() => {
+                        Err(_) if deadline.is_none() && !stop.is_cancelled() && !self.linger.is_zero() => {
                             tokio::time::timeout_at(linger_until, rx.recv()).await.ok().flatten()
                         }
                         Err(_) => None,
