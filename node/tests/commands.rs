@@ -126,3 +126,98 @@ async fn an_expired_command_is_reported_and_a_full_queue_refuses() {
     assert!(report["id"].is_string());
     node.shutdown().await;
 }
+
+/// Commands follow the device's command subscriptions: sent at the QoS the
+/// SUBACK granted, also through a wildcard filter that matches the command
+/// topic (which still serves other topics), and no longer once every such
+/// filter is unsubscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_follow_the_granted_qos_wildcards_and_unsubscribe() {
+    use rumqttc::{QoS, SubscribeReasonCode};
+    let nats = NatsServer::start().await.expect("nats-server");
+    // Local fan-out on, so that the router's deliveries can be seen.
+    let node = start_node(&[nats.url()], |c| {
+        c.commands.ttl_ms = 60_000;
+        c.mqtt.local_fanout = true;
+    })
+    .await;
+    let client = nats.client().await.expect("client");
+    let delivered = |device: &'static str, payload: &'static [u8]| {
+        let client = &client;
+        wait_for(Duration::from_secs(30), "the command is delivered", move || async move {
+            let v = command(client, device, payload).await;
+            (v["status"] == "delivered").then_some(v)
+        })
+    };
+    let qos_of = |d: &Device, payload: &[u8]| {
+        let received = d.received.lock().expect("lock");
+        let qos = d.received_qos.lock().expect("lock");
+        received.iter().zip(qos.iter()).find(|((_, p), _)| p == payload).map(|(_, q)| *q)
+    };
+
+    // Granted QoS 0 on the command topic: the command comes at QoS 0.
+    let q0 = Device::connect(node.mqtt_addr(), "valve-q0").await;
+    q0.client.subscribe("devices/valve-q0/cmd", QoS::AtMostOnce).await.expect("subscribe");
+    delivered("valve-q0", b"zero").await.expect("delivered");
+    wait_for(Duration::from_secs(10), "the QoS 0 command arrives", || {
+        let got = qos_of(&q0, b"zero");
+        async move { got }
+    })
+    .await
+    .map(|qos| assert_eq!(qos, QoS::AtMostOnce, "granted QoS 0, so sent at QoS 0"))
+    .expect("arrives");
+    assert_eq!(q0.subacks.lock().expect("lock")[0], vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]);
+
+    // QoS 1 asked and granted: sent at QoS 1.
+    let q1 = Device::connect(node.mqtt_addr(), "valve-q1").await;
+    // A message, so that the device API has its state to answer with.
+    q1.publish("devices/valve-q1/temp", b"{\"c\":1}".to_vec()).await;
+    q1.wait_acked(1).await;
+    q1.client.subscribe("devices/valve-q1/cmd", QoS::AtLeastOnce).await.expect("subscribe");
+    delivered("valve-q1", b"one").await.expect("delivered");
+    wait_for(Duration::from_secs(10), "the QoS 1 command arrives", || {
+        let got = qos_of(&q1, b"one");
+        async move { got }
+    })
+    .await
+    .map(|qos| assert_eq!(qos, QoS::AtLeastOnce))
+    .expect("arrives");
+    assert_eq!(q1.subacks.lock().expect("lock")[0], vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+
+    // A wildcard that matches the command topic carries commands, and is
+    // still a subscription like any other: it sees other devices' messages.
+    let wild = Device::connect(node.mqtt_addr(), "valve-wild").await;
+    wild.client.subscribe("devices/+/#", QoS::AtLeastOnce).await.expect("subscribe");
+    delivered("valve-wild", b"wild").await.expect("delivered");
+    wait_for(Duration::from_secs(10), "the command arrives through the wildcard", || {
+        let got = qos_of(&wild, b"wild");
+        async move { got }
+    })
+    .await
+    .expect("arrives");
+    q0.publish("devices/valve-q0/temp", b"{\"c\":2}".to_vec()).await;
+    wait_for(Duration::from_secs(10), "the wildcard subscriber sees another device's message", || {
+        let got = wild.received.lock().expect("lock").iter().any(|(t, _)| t == "devices/valve-q0/temp");
+        async move { got.then_some(()) }
+    })
+    .await
+    .expect("routed");
+
+    // Unsubscribed from its only command filter: commands are kept, not sent.
+    q1.client.unsubscribe("devices/valve-q1/cmd").await.expect("unsubscribe");
+    let url = format!("http://{}/api/v1/devices/valve-q1", node.http_addr());
+    let node_id = node.node_id().to_owned();
+    wait_for(Duration::from_secs(30), "the node sees the device take no commands", || {
+        let (url, node_id) = (url.clone(), node_id.clone());
+        async move {
+            let v = common::http().get(url).send().await.ok()?.json::<Value>().await.ok()?;
+            (v["subscribed_to_commands"] == false && v["connected_node"] == node_id.as_str()).then_some(())
+        }
+    })
+    .await
+    .expect("unsubscribed");
+    let queued = command(&client, "valve-q1", b"after").await;
+    assert_eq!(queued["status"], "queued", "{queued}");
+    assert!(qos_of(&q1, b"after").is_none(), "a command reached the device after it unsubscribed");
+    node.shutdown().await;
+}

@@ -175,6 +175,10 @@ struct Conn<S> {
     /// Commands for this device, from the node's command service.
     commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
     cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The device's subscriptions that match its own command topic, with
+    /// the QoS each was granted. Commands flow while there is one, at the
+    /// highest QoS granted.
+    cmd_filters: std::collections::HashMap<String, QoS>,
     /// Commands written and awaiting the device's PUBACK, by packet id.
     awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), String>>>,
     next_pkid: u16,
@@ -216,6 +220,7 @@ where
         link: None,
         commands: None,
         cmd_ready: Arc::default(),
+        cmd_filters: Default::default(),
         awaiting_puback: Default::default(),
         next_pkid: 1,
         grant: Grant::own("", crate::auth::acl::Method::Anonymous),
@@ -400,7 +405,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 forwarded = next_forward(&mut self.link), if self.link.is_some() && draining.is_none() => {
                     self.forward(forwarded).await;
                 }
-                Some(command) = next_command(&mut self.commands), if draining.is_none() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT => {
+                Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT => {
                     self.write_command(command);
                 }
                 _ = tokio::time::sleep_until(ka_deadline), if can_read && keep_alive_at.is_some() => {
@@ -507,16 +512,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     if !allowed {
                         self.acl_denied("subscribe", &filter.path);
                     }
-                    let ok = allowed && valid_filter(&filter.path) && self.subscribe(&filter.path).await;
-                    codes.push(if ok {
-                        SubscribeReasonCode::Success(QoS::AtMostOnce)
-                    } else {
-                        SubscribeReasonCode::Failure
-                    });
+                    let granted = match allowed && valid_filter(&filter.path) {
+                        true => self.subscribe(&filter.path, filter.qos).await,
+                        false => None,
+                    };
+                    codes.push(granted.map_or(SubscribeReasonCode::Failure, SubscribeReasonCode::Success));
                 }
                 self.write(&Packet::SubAck(SubAck::new(sub.pkid, codes)));
             }
             Packet::Unsubscribe(unsub) => {
+                for topic in &unsub.topics {
+                    if self.cmd_filters.remove(topic).is_some() && self.cmd_filters.is_empty() {
+                        // No more commands here: the command service
+                        // queues them until the device subscribes again.
+                        self.cmd_ready.store(false, Ordering::Release);
+                    }
+                }
                 if let Some(link) = &mut self.link {
                     for topic in &unsub.topics {
                         let _ = link.tx.try_unsubscribe(topic.clone());
@@ -587,28 +598,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Ok(())
     }
 
-    /// Subscribes through a rumqttd link, made on the first SUBSCRIBE.
-    /// Writes a command as a QoS1 PUBLISH on `devices/{id}/cmd`.
+    /// Writes a command as a PUBLISH on `devices/{id}/cmd`, at the highest
+    /// QoS its subscriptions were granted. At QoS 0 the command counts as
+    /// delivered once written: the device acknowledges nothing.
     fn write_command(&mut self, command: OutCommand) {
+        let topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
+        let qos = self.cmd_filters.values().fold(QoS::AtMostOnce, |a, b| if *b > a { *b } else { a });
+        if qos == QoS::AtMostOnce {
+            self.write(&Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, command.payload)));
+            let _ = command.done.send(Ok(()));
+            return;
+        }
         let mut pkid = self.next_pkid;
         while pkid == 0 || self.awaiting_puback.contains_key(&pkid) {
             pkid = pkid.wrapping_add(1);
         }
         self.next_pkid = pkid.wrapping_add(1);
-        let topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, command.payload);
         publish.pkid = pkid;
         self.write(&Packet::Publish(publish));
         self.awaiting_puback.insert(pkid, command.done);
     }
 
-    async fn subscribe(&mut self, filter: &str) -> bool {
+    /// Subscribes to `filter`; the QoS granted, or `None` if refused.
+    ///
+    /// A filter that matches the device's own command topic turns commands
+    /// on: they go straight to this connection, not through the router.
+    /// The command topic itself is granted up to QoS 1; a wider filter (say
+    /// `#`) also goes to the router, which serves QoS 0, and commands that
+    /// reach the device only through it are sent at QoS 0 too. Other
+    /// subscriptions go through a rumqttd link, made on the first one.
+    async fn subscribe(&mut self, filter: &str, requested: QoS) -> Option<QoS> {
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
-        if rumqttc::mqttbytes::matches(&cmd_topic, filter) {
-            // Commands go straight to the connection, not through the router.
-            self.cmd_ready.store(true, Ordering::Release);
-            let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
-            return true;
+        let commands = rumqttc::mqttbytes::matches(&cmd_topic, filter);
+        if filter == cmd_topic {
+            let granted = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+            self.commands_on(filter, granted);
+            return Some(granted);
         }
         if self.link.is_none() {
             let shared = self.shared.clone();
@@ -617,15 +643,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Ok(Ok((tx, rx))) => self.link = Some(Link { tx, rx }),
                 Ok(Err(e)) => {
                     tracing::warn!(client = %self.client_id, error = %e, "cannot attach to the MQTT router");
-                    return false;
+                    return None;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "router attach task failed");
-                    return false;
+                    return None;
                 }
             }
         }
-        self.link.as_mut().is_some_and(|l| l.tx.try_subscribe(filter.to_owned()).is_ok())
+        let routed = self.link.as_mut().is_some_and(|l| l.tx.try_subscribe(filter.to_owned()).is_ok());
+        if routed && commands {
+            self.commands_on(filter, QoS::AtMostOnce);
+        }
+        routed.then_some(QoS::AtMostOnce)
+    }
+
+    /// Commands flow through `filter` at `qos`; the command service hears
+    /// that this device now takes commands here.
+    fn commands_on(&mut self, filter: &str, qos: QoS) {
+        self.cmd_filters.insert(filter.to_owned(), qos);
+        self.cmd_ready.store(true, Ordering::Release);
+        let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
     }
 
     async fn forward(&mut self, notification: Option<rumqttd::Notification>) {

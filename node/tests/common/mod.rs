@@ -77,6 +77,8 @@ pub struct Device {
     pub alive: Arc<std::sync::atomic::AtomicBool>,
     /// Return codes of every SUBACK, in order.
     pub subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
+    /// The QoS of each message received, in the order of `received`.
+    pub received_qos: Arc<Mutex<Vec<rumqttc::QoS>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -100,8 +102,9 @@ impl Device {
         let received: Inbox = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>> = Arc::default();
-        let (acked2, connected2, received2, alive2, subacks2) =
-            (acked.clone(), connected.clone(), received.clone(), alive.clone(), subacks.clone());
+        let received_qos: Arc<Mutex<Vec<rumqttc::QoS>>> = Arc::default();
+        let (acked2, connected2, received2, alive2, subacks2, received_qos2) =
+            (acked.clone(), connected.clone(), received.clone(), alive.clone(), subacks.clone(), received_qos.clone());
         let task = tokio::spawn(async move {
             // Publishes leave in the order they were queued, so the n-th
             // outgoing publish carries sequence n.
@@ -125,7 +128,9 @@ impl Device {
                         subacks2.lock().expect("lock").push(ack.return_codes);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        received2.lock().expect("lock").push((p.topic.clone(), p.payload.to_vec()));
+                        let mut received = received2.lock().expect("lock");
+                        received.push((p.topic.clone(), p.payload.to_vec()));
+                        received_qos2.lock().expect("lock").push(p.qos);
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -135,7 +140,7 @@ impl Device {
                 }
             }
         });
-        let device = Device { client, acked, connected, received, alive, subacks, _task: task };
+        let device = Device { client, acked, connected, received, alive, subacks, received_qos, _task: task };
         let connected = device.connected.clone();
         wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);
