@@ -133,6 +133,24 @@ async fn subscribers_receive_through_the_embedded_broker() {
     let (topic, payload) = watcher.received.lock().expect("lock")[0].clone();
     assert_eq!(topic, "devices/sensor-9/env");
     assert_eq!(payload, b"{\"t\":1}");
+
+    // A device that calls itself what the node's own fan-out link is
+    // called does not replace that link: fan-out goes on.
+    let impostor = Device::connect(node.mqtt_addr(), "fluxmesh-fanout").await;
+    impostor.client.subscribe("devices/+/other", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    let seen = watcher.received.lock().expect("lock").len();
+    wait_for(Duration::from_secs(10), "fan-out after the impostor subscribed", || {
+        let (sensor, impostor) = (&sensor, &impostor);
+        let got = watcher.received.lock().expect("lock").len();
+        // Its SUBACK means its router link exists.
+        let subscribed = !impostor.subacks.lock().expect("lock").is_empty();
+        async move {
+            sensor.publish("devices/sensor-9/env", b"{\"t\":2}".to_vec()).await;
+            (subscribed && got > seen + 2).then_some(())
+        }
+    })
+    .await
+    .expect("fan-out still works");
     node.shutdown().await;
 }
 

@@ -211,14 +211,18 @@ pub(crate) struct RouterHandle {
 }
 
 impl RouterHandle {
-    /// A new rumqttd link for `client_id`. Blocks briefly on the router's
-    /// channel: call it from a blocking context.
+    /// A new rumqttd link for device `client_id`. Blocks briefly on the
+    /// router's channel: call it from a blocking context.
+    ///
+    /// In the router the link is named `d:{client_id}`: the router replaces
+    /// a link when another connects with its name, and no device may take
+    /// the name of the node's own links (`fluxmesh-fanout`).
     pub fn link(
         &self,
         client_id: &str,
         clean: bool,
     ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
-        (self.build)(client_id, clean)
+        (self.build)(&format!("d:{client_id}"), clean)
     }
 }
 
