@@ -154,6 +154,51 @@ async fn subscribers_receive_through_the_embedded_broker() {
     node.shutdown().await;
 }
 
+/// A burst makes the router wake a subscriber's link more often than it
+/// has new notifications; an empty wake-up must not end the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_a_burst() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let watcher = Device::connect(node.mqtt_addr(), "burst-watcher").await;
+    watcher.client.subscribe("devices/+/burst", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    let sensors = [
+        Device::connect(node.mqtt_addr(), "burst-1").await,
+        Device::connect(node.mqtt_addr(), "burst-2").await,
+        Device::connect(node.mqtt_addr(), "burst-3").await,
+    ];
+    wait_for(Duration::from_secs(10), "the subscription is in place", || {
+        let sensor = &sensors[0];
+        let got = watcher.received.lock().expect("lock").len();
+        async move {
+            sensor.publish("devices/burst-1/burst", b"{}".to_vec()).await;
+            (got > 0).then_some(())
+        }
+    })
+    .await
+    .expect("subscribed");
+    for i in 0..400 {
+        for (n, sensor) in sensors.iter().enumerate() {
+            sensor.publish(&format!("devices/burst-{}/burst", n + 1), format!("{{\"i\":{i}}}").into_bytes()).await;
+        }
+    }
+    for sensor in &sensors {
+        sensor.wait_acked(400).await;
+    }
+    // After the burst, a marker still reaches the subscriber.
+    wait_for(Duration::from_secs(15), "the subscription still delivers after the burst", || {
+        let sensor = &sensors[1];
+        let got = watcher.received.lock().expect("lock").iter().any(|(_, p)| p == b"marker");
+        async move {
+            sensor.publish("devices/burst-2/burst", b"marker".to_vec()).await;
+            got.then_some(())
+        }
+    })
+    .await
+    .expect("still subscribed");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
     let nats = NatsServer::start().await.expect("nats-server");

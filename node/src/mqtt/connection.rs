@@ -666,21 +666,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
     }
 
-    async fn forward(&mut self, notification: Option<rumqttd::Notification>) {
+    async fn forward(&mut self, notification: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>) {
         match notification {
-            Some(rumqttd::Notification::Forward(f)) => {
+            Ok(Some(rumqttd::Notification::Forward(f))) => {
                 let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                 let publish = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
                 self.write(&Packet::Publish(publish));
             }
-            Some(rumqttd::Notification::Unschedule) => {
+            Ok(Some(rumqttd::Notification::Unschedule)) => {
                 if let Some(link) = &self.link {
                     let _ = link.rx.wake().await;
                 }
             }
-            Some(_) => {}
-            None => {
-                tracing::warn!(client = %self.client_id, "MQTT router link closed");
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT router link closed");
                 self.link = None;
             }
         }
@@ -739,9 +739,13 @@ async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutComma
     }
 }
 
-async fn next_forward(link: &mut Option<Link>) -> Option<rumqttd::Notification> {
+/// The router's next word to this connection's link. `Ok(None)` is a
+/// wake-up whose notifications an earlier one already took (the router
+/// signals once per batch, the link reads the whole buffer): nothing to
+/// do, the link lives on. Only an error means the link is closed.
+async fn next_forward(link: &mut Option<Link>) -> Result<Option<rumqttd::Notification>, rumqttd::local::LinkError> {
     match link {
-        Some(link) => link.rx.next().await.ok().flatten(),
+        Some(link) => link.rx.next().await,
         None => std::future::pending().await,
     }
 }
