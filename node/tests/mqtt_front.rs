@@ -154,6 +154,30 @@ async fn subscribers_receive_through_the_embedded_broker() {
     node.shutdown().await;
 }
 
+/// A connection that subscribed frees its router link when it ends: many
+/// more subscribers than `mqtt.max_connections` can come and go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_leave_free_their_router_slots() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| c.mqtt.max_connections = 3).await;
+    for i in 0..10 {
+        let id = format!("visitor-{i}");
+        let visitor = Device::connect(node.mqtt_addr(), &id).await;
+        visitor.client.subscribe("devices/+/seen", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+        let subacks = visitor.subacks.clone();
+        let codes = wait_for(Duration::from_secs(10), "SUBACK", || {
+            let codes = subacks.lock().expect("lock").first().cloned();
+            async move { codes }
+        })
+        .await
+        .expect("SUBACK arrives");
+        assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce)], "visitor {i}");
+        visitor.client.disconnect().await.expect("disconnect");
+        visitor.wait_closed().await;
+    }
+    node.shutdown().await;
+}
+
 /// A burst makes the router wake a subscriber's link more often than it
 /// has new notifications; an empty wake-up must not end the subscription.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,6 +242,7 @@ where
     };
     let end = conn.run(&session).await;
     conn.closed(&end);
+    conn.leave_router().await;
     let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
         sessions.remove(&conn.client_id);
@@ -638,8 +639,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         if self.link.is_none() {
             let shared = self.shared.clone();
-            let (id, clean) = (self.client_id.clone(), self.clean);
-            match tokio::task::spawn_blocking(move || shared.router.link(&id, clean)).await {
+            let id = self.client_id.clone();
+            match tokio::task::spawn_blocking(move || shared.router.link(&id)).await {
                 Ok(Ok((tx, rx))) => self.link = Some(Link { tx, rx }),
                 Ok(Err(e)) => {
                     tracing::warn!(client = %self.client_id, error = %e, "cannot attach to the MQTT router");
@@ -656,6 +657,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.commands_on(filter, QoS::AtMostOnce);
         }
         routed.then_some(QoS::AtMostOnce)
+    }
+
+    /// Ends this connection's router link, if it made one. The router keeps
+    /// a link, its slot (at most `mqtt.max_connections`) and its
+    /// subscriptions until the link says DISCONNECT.
+    async fn leave_router(&mut self) {
+        let Some(mut link) = self.link.take() else { return };
+        let bye = rumqttd::protocol::Packet::Disconnect(
+            rumqttd::protocol::Disconnect { reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection },
+            None,
+        );
+        // `send` blocks on the router's channel while it is full.
+        let sent = tokio::task::spawn_blocking(move || futures::executor::block_on(link.tx.send(bye)).is_ok()).await;
+        if !matches!(sent, Ok(true)) {
+            tracing::warn!(client = %self.client_id, "could not end the MQTT router link; its slot stays taken");
+        }
     }
 
     /// Commands flow through `filter` at `qos`; the command service hears

@@ -211,18 +211,20 @@ pub(crate) struct RouterHandle {
 }
 
 impl RouterHandle {
-    /// A new rumqttd link for device `client_id`. Blocks briefly on the
-    /// router's channel: call it from a blocking context.
+    /// A new rumqttd link for one connection of device `client_id`.
+    /// Blocks briefly on the router's channel: call it from a blocking
+    /// context. The connection ends the link when it closes.
     ///
-    /// In the router the link is named `d:{client_id}`: the router replaces
-    /// a link when another connects with its name, and no device may take
-    /// the name of the node's own links (`fluxmesh-fanout`).
-    pub fn link(
-        &self,
-        client_id: &str,
-        clean: bool,
-    ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
-        (self.build)(&format!("d:{client_id}"), clean)
+    /// In the router the link is named `d:{client_id}:{serial}`, unique per
+    /// link: the router replaces a link when another connects with its
+    /// name, so no device may take the name of the node's own links
+    /// (`fluxmesh-fanout`), and a connection ending its link never ends a
+    /// newer connection's. Links are clean sessions: the router keeps
+    /// nothing for a device after its connection.
+    pub fn link(&self, client_id: &str) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
+        static LINKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let serial = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (self.build)(&format!("d:{client_id}:{serial}"), true)
     }
 }
 
