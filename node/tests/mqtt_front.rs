@@ -154,6 +154,41 @@ async fn subscribers_receive_through_the_embedded_broker() {
     node.shutdown().await;
 }
 
+/// Local fan-out hands subscribers only what was stored: a publish the
+/// node refuses (here: not a device topic) reaches no subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_stored_messages_are_fanned_out() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let watcher = Device::connect(node.mqtt_addr(), "fan-watcher").await;
+    watcher.client.subscribe("alerts/#", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    watcher.client.subscribe("devices/+/t", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    let sensor = Device::connect(node.mqtt_addr(), "fan-sensor").await;
+    // Until the subscriptions are in place: a refused publish, then a
+    // stored one, in that order on one connection.
+    wait_for(Duration::from_secs(10), "the stored message reaches the subscriber", || {
+        let sensor = &sensor;
+        let got = watcher.received.lock().expect("lock").iter().any(|(t, _)| t == "devices/fan-sensor/t");
+        async move {
+            sensor.publish("alerts/fire", b"refused".to_vec()).await;
+            sensor.publish("devices/fan-sensor/t", b"{}".to_vec()).await;
+            got.then_some(())
+        }
+    })
+    .await
+    .expect("fanned out");
+    let refused: Vec<String> = watcher
+        .received
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(t, _)| t.starts_with("alerts/"))
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert!(refused.is_empty(), "refused publishes reached a subscriber: {refused:?}");
+    node.shutdown().await;
+}
+
 /// A connection that subscribed frees its router link when it ends: many
 /// more subscribers than `mqtt.max_connections` can come and go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -575,14 +575,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.pending.push_back(settled(reply, Outcome::Refused));
             return Ok(());
         }
-        if let Some(fanout) = &self.shared.fanout {
-            if fanout.try_send((publish.topic.clone(), publish.payload.clone())).is_err() {
-                metrics::counter!("fluxmesh_mqtt_fanout_dropped_total").increment(1);
-            }
-        }
-        let ingress = self.shared.ingress.clone();
+        let (ingress, fanout) = (self.shared.ingress.clone(), self.shared.fanout.clone());
         let Publish { topic, payload, .. } = publish;
-        self.submitting = Some(Box::pin(submit(ingress, topic, payload, reply)));
+        self.submitting = Some(Box::pin(submit(ingress, fanout, topic, payload, reply)));
         Ok(())
     }
 
@@ -768,11 +763,30 @@ async fn next_forward(link: &mut Option<Link>) -> Result<Option<rumqttd::Notific
 }
 
 /// Checks and sends one publish; resolves to the future of its ack.
-async fn submit(ingress: crate::ingress::Ingress, topic: String, payload: Bytes, reply: Reply) -> Submitted {
-    Submitted(submit_inner(ingress, topic, payload, reply).await)
+/// The local fan-out queue (`mqtt.local_fanout`), if it is on.
+type Fanout = Option<std::sync::mpsc::SyncSender<(String, Bytes)>>;
+
+async fn submit(
+    ingress: crate::ingress::Ingress,
+    fanout: Fanout,
+    topic: String,
+    payload: Bytes,
+    reply: Reply,
+) -> Submitted {
+    Submitted(submit_inner(ingress, fanout, topic, payload, reply).await)
 }
 
-async fn submit_inner(ingress: crate::ingress::Ingress, topic: String, payload: Bytes, reply: Reply) -> Settle {
+/// Sends the message; what it settles to once stored. Only a stored
+/// message is fanned out to local subscribers: one that is refused (not a
+/// device topic, too large) or not stored reaches nobody.
+async fn submit_inner(
+    ingress: crate::ingress::Ingress,
+    fanout: Fanout,
+    topic: String,
+    payload: Bytes,
+    reply: Reply,
+) -> Settle {
+    let fanned = fanout.map(|f| (f, payload.clone()));
     let device_topic = match DeviceTopic::parse(&topic) {
         Ok(t) => t,
         Err(e) => {
@@ -784,7 +798,14 @@ async fn submit_inner(ingress: crate::ingress::Ingress, topic: String, payload: 
     match ingress.submit(message).await {
         Ok(sent) => Box::pin(async move {
             match ingress.stored(sent, Source::Mqtt).await {
-                Ok(_) => (reply, Outcome::Stored),
+                Ok(_) => {
+                    if let Some((fanout, payload)) = fanned {
+                        if fanout.try_send((topic, payload)).is_err() {
+                            metrics::counter!("fluxmesh_mqtt_fanout_dropped_total").increment(1);
+                        }
+                    }
+                    (reply, Outcome::Stored)
+                }
                 Err(e) => (reply, Outcome::Failed(e)),
             }
         }),

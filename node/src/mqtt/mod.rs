@@ -18,7 +18,7 @@
 //! rumqttd's router (its own thread) serves subscriptions: a connection that
 //! SUBSCRIBEs gets a rumqttd local link, and what the router forwards to it
 //! is written to the socket at QoS 0. With `mqtt.local_fanout` on, device
-//! publishes are also handed to the router (best effort, QoS 0) so that MQTT
+//! publishes, once stored, are also handed to the router (best effort, QoS 0) so that MQTT
 //! subscribers on the same node see them.
 
 mod connection;
