@@ -273,14 +273,26 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
         tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
     assert_eq!(n, 0, "connection closed without an answer");
 
-    // An MQTT 5 CONNECT gets CONNACK "unacceptable protocol version" (0x01).
+    // An MQTT 5 CONNECT gets an MQTT 5 CONNACK, "unsupported protocol
+    // version" (0x84), that MQTT 5 clients can read.
     let mut v5 = tokio::net::TcpStream::connect(addr).await.expect("tcp");
     let connect_v5 =
         [0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x03, b'v', b'5', b'c'];
     v5.write_all(&connect_v5[..]).await.expect("write");
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), v5.read_to_end(&mut answer)).await.expect("answered in time");
-    assert_eq!(answer.get(..4), Some(&[0x20, 0x02, 0x00, 0x01][..]), "CONNACK refused: {answer:?}");
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x84, 0x00], "CONNACK refused: {answer:?}");
+    // The same with properties (receive maximum 20), as real MQTT 5
+    // clients send: the 3.1.1 codec would misread them.
+    let mut v5 = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let connect_v5 = [
+        0x10, 0x13, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x03, 0x21, 0x00, 0x14, 0x00, 0x03,
+        b'v', b'5', b'p',
+    ];
+    v5.write_all(&connect_v5[..]).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), v5.read_to_end(&mut answer)).await.expect("answered in time");
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x84, 0x00], "CONNACK refused: {answer:?}");
 
     // A truncated PUBLISH after a good CONNECT, then the socket is closed.
     let mut cut = tokio::net::TcpStream::connect(addr).await.expect("tcp");

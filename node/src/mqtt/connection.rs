@@ -105,6 +105,30 @@ enum Outcome {
     Failed(IngestError),
 }
 
+/// An MQTT 5 CONNACK refusing the connection with reason 0x84
+/// (unsupported protocol version): type, remaining length 3, no session
+/// present, the reason, an empty property list.
+const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
+
+/// The protocol level a CONNECT at the start of `buf` declares, once
+/// enough of it has arrived: after the fixed header (type, then a
+/// remaining length of 1-4 bytes) come the protocol name (2-byte length,
+/// then the name) and the level.
+fn connect_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    while *buf.get(i)? & 0x80 != 0 {
+        i += 1;
+        if i > 4 {
+            return None;
+        }
+    }
+    let name = usize::from(u16::from_be_bytes([*buf.get(i + 1)?, *buf.get(i + 2)?]));
+    buf.get(i + 3 + name).copied()
+}
+
 type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
 /// A publish that has been sent (or refused) and whose ack is still to
 /// come: what submitting resolves to.
@@ -253,6 +277,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Reads CONNECT, checks it, registers the session, answers CONNACK.
     async fn handshake(&mut self) -> Result<Session, End> {
         let connect = loop {
+            // MQTT 5 is told apart before parsing: its CONNECT carries
+            // properties the 3.1.1 codec would misread as a malformed packet.
+            if connect_level(&self.rbuf) == Some(5) {
+                return Err(self.refuse_v5().await);
+            }
             match Packet::read(&mut self.rbuf, self.max_packet) {
                 Ok(Packet::Connect(c)) => break c,
                 Ok(other) => return Err(End::Protocol("expected_connect", format!("first packet was {other:?}"))),
@@ -268,8 +297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
         };
         if connect.protocol != Protocol::V4 {
-            self.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
-            return Err(End::Protocol("protocol_version", "MQTT 5 is not supported yet; use 3.1.1".into()));
+            return Err(self.refuse_v5().await);
         }
         self.clean = connect.clean_session;
         self.client_id = if connect.client_id.is_empty() {
@@ -327,6 +355,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         self.refuse(code).await;
         Err(End::Denied(denied))
+    }
+
+    /// An MQTT 5 client reads only an MQTT 5 CONNACK: reason 0x84,
+    /// "unsupported protocol version", and no properties.
+    async fn refuse_v5(&mut self) -> End {
+        self.wbuf.extend_from_slice(&CONNACK_V5_UNSUPPORTED);
+        let _ = self.flush().await;
+        End::Protocol("protocol_version", "MQTT 5 is not supported yet; use 3.1.1".into())
     }
 
     async fn refuse(&mut self, code: ConnectReturnCode) {
