@@ -160,6 +160,9 @@ impl Ingress {
     /// Waits for the ack of `sent` (with retries), then mirrors it as JSON.
     pub async fn stored(&self, sent: InFlight, source: Source) -> Result<Stored, IngestError> {
         let result = sent.pending.ack().await;
+        // Its window slot is free again: the gauge must not keep the count
+        // from its send once the node goes quiet.
+        self.metrics.in_flight.set(self.mesh.publisher().in_flight() as f64);
         let ack = match result {
             Ok(ack) => ack,
             Err(e) => {

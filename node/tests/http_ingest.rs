@@ -40,6 +40,17 @@ async fn idempotency_key_dedupes_through_jetstream() {
     let frames = common::read_telemetry(&client).await;
     assert_eq!(frames[0].channel, "power/kw");
     assert_eq!(frames[0].id.to_string(), first["id"].as_str().expect("id"));
+    // Quiet again: nothing is awaiting its ack, and the gauge says so.
+    wait_for(Duration::from_secs(10), "fluxmesh_publish_in_flight back to 0", || {
+        let node = &node;
+        async move {
+            let text = metrics(node).await;
+            (text.contains("fluxmesh_publish_in_flight ") && counter(&text, "fluxmesh_publish_in_flight ") == 0.0)
+                .then_some(())
+        }
+    })
+    .await
+    .expect("the gauge follows the acks");
     node.shutdown().await;
 }
 
