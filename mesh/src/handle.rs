@@ -51,6 +51,11 @@ impl Mesh {
         &self.inner.layout
     }
 
+    /// Every shard's checkpoint log.
+    pub fn checkpoints(&self) -> crate::checkpoint::Checkpoints {
+        crate::checkpoint::Checkpoints::new(self.js().clone(), self.subjects().clone())
+    }
+
     /// The cluster's shard count.
     pub fn shards(&self) -> u32 {
         self.inner.layout.shards

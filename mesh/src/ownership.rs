@@ -132,7 +132,7 @@ impl OwnedShard {
             return Err(OpenError::Fenced { shard });
         }
         let node = &cluster.me().node_id;
-        let checkpoints = Checkpoints::new(mesh.js().clone(), mesh.subjects().clone());
+        let checkpoints = mesh.checkpoints();
         let (loaded, fence) = checkpoints
             .claim(shard, node, held.epoch)
             .await

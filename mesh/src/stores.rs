@@ -142,7 +142,7 @@ pub async fn open_command_queue(
     let name = subjects.command_queue_stream();
     js.get_or_create_stream(stream::Config {
         name: name.clone(),
-        subjects: vec![format!("{}.cmdq.>", subjects.prefix())],
+        subjects: vec![subjects.command_queue_filter()],
         storage: stream::StorageType::File,
         num_replicas: replicas,
         max_messages_per_subject: limits.per_device,

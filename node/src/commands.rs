@@ -92,12 +92,7 @@ impl Commands {
     }
 
     fn queue_subject(&self, device: &str) -> String {
-        format!(
-            "{}.cmdq.{}.{}",
-            self.mesh.subjects().prefix(),
-            shard_of(device, self.mesh.shards()),
-            fluxmesh_schemas::subject::escape_token(device)
-        )
+        self.mesh.subjects().command_queue(shard_of(device, self.mesh.shards()), device)
     }
 
     /// Whether this node owns `device`'s shard right now.
@@ -349,7 +344,7 @@ async fn drain_device(c: &Commands, device: &str) -> Result<(), String> {
 /// Reports and removes expired commands of the shards this node owns.
 async fn report_expired(c: &Commands) -> Result<(), String> {
     let now = fluxmesh_schemas::frame::now_us();
-    for (seq, msg) in read_queue(c, format!("{}.cmdq.>", c.mesh.subjects().prefix())).await? {
+    for (seq, msg) in read_queue(c, c.mesh.subjects().command_queue_filter()).await? {
         let Some(device) = device_of(&msg.subject) else { continue };
         let (id, expires) = meta(&msg);
         if expires <= now && c.owns(&device) {

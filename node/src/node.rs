@@ -313,7 +313,7 @@ impl Node {
             };
         let shards = Arc::new(ShardContext {
             mesh: mesh.clone(),
-            checkpoints: fluxmesh_mesh::checkpoint::Checkpoints::new(mesh.js().clone(), mesh.subjects().clone()),
+            checkpoints: mesh.checkpoints(),
             cfg: config.shards.clone(),
             cluster,
             mirror_events: config.mirrored(Family::Event),

@@ -368,6 +368,16 @@ impl Subjects {
         format!("{}.cmd.{}", self.prefix, escape_token(device))
     }
 
+    /// `{prefix}.cmdq.{shard}.{device}`: commands queued for `device`.
+    pub fn command_queue(&self, shard: u32, device: &str) -> String {
+        format!("{}.cmdq.{shard}.{}", self.prefix, escape_token(device))
+    }
+
+    /// `{prefix}.cmdq.>`: every queued command.
+    pub fn command_queue_filter(&self) -> String {
+        format!("{}.cmdq.>", self.prefix)
+    }
+
     /// Takes a `tel` or `evt` subject apart, unescaping device and channel.
     pub fn parse(&self, subject: &str) -> Result<ParsedSubject, TopicError> {
         let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
@@ -458,6 +468,8 @@ mod tests {
         assert_eq!(parsed.rest, "x/>/*/%/");
         assert_eq!(s.json_mirror(&subject).as_deref(), Some("fm.json.tel.7.a%2Eb%20c.x.%3E.%2A.%25.%"));
         assert_eq!(s.telemetry_stream(2), "FM_TEL_2");
+        assert_eq!(s.command_queue(7, "a.b"), "fm.cmdq.7.a%2Eb");
+        assert_eq!(s.command_queue_filter(), "fm.cmdq.>");
         assert!(Subjects::new("a.b").is_err());
         assert!(Subjects::new("").is_err());
     }
