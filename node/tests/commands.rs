@@ -127,6 +127,23 @@ async fn an_expired_command_is_reported_and_a_full_queue_refuses() {
     node.shutdown().await;
 }
 
+/// The QoS `payload` arrived at on `device`, if it has arrived.
+fn qos_of(device: &Device, payload: &[u8]) -> Option<rumqttc::QoS> {
+    let received = device.received.lock().expect("lock");
+    let qos = device.received_qos.lock().expect("lock");
+    received.iter().zip(qos.iter()).find(|((_, p), _)| p == payload).map(|(_, q)| *q)
+}
+
+/// Waits (10 s at most) for `payload` to arrive on `device`; its QoS.
+async fn arrival_qos(device: &Device, payload: &[u8]) -> rumqttc::QoS {
+    wait_for(Duration::from_secs(10), "the command arrives", || {
+        let got = qos_of(device, payload);
+        async move { got }
+    })
+    .await
+    .expect("the command arrives")
+}
+
 /// Commands follow the device's command subscriptions: sent at the QoS the
 /// SUBACK granted, also through a wildcard filter that matches the command
 /// topic (which still serves other topics), and no longer once every such
@@ -149,23 +166,12 @@ async fn commands_follow_the_granted_qos_wildcards_and_unsubscribe() {
             (v["status"] == "delivered").then_some(v)
         })
     };
-    let qos_of = |d: &Device, payload: &[u8]| {
-        let received = d.received.lock().expect("lock");
-        let qos = d.received_qos.lock().expect("lock");
-        received.iter().zip(qos.iter()).find(|((_, p), _)| p == payload).map(|(_, q)| *q)
-    };
 
     // Granted QoS 0 on the command topic: the command comes at QoS 0.
     let q0 = Device::connect(node.mqtt_addr(), "valve-q0").await;
     q0.client.subscribe("devices/valve-q0/cmd", QoS::AtMostOnce).await.expect("subscribe");
     delivered("valve-q0", b"zero").await.expect("delivered");
-    wait_for(Duration::from_secs(10), "the QoS 0 command arrives", || {
-        let got = qos_of(&q0, b"zero");
-        async move { got }
-    })
-    .await
-    .map(|qos| assert_eq!(qos, QoS::AtMostOnce, "granted QoS 0, so sent at QoS 0"))
-    .expect("arrives");
+    assert_eq!(arrival_qos(&q0, b"zero").await, QoS::AtMostOnce, "granted QoS 0, so sent at QoS 0");
     assert_eq!(q0.subacks.lock().expect("lock")[0], vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]);
 
     // QoS 1 asked and granted: sent at QoS 1.
@@ -175,13 +181,7 @@ async fn commands_follow_the_granted_qos_wildcards_and_unsubscribe() {
     q1.wait_acked(1).await;
     q1.client.subscribe("devices/valve-q1/cmd", QoS::AtLeastOnce).await.expect("subscribe");
     delivered("valve-q1", b"one").await.expect("delivered");
-    wait_for(Duration::from_secs(10), "the QoS 1 command arrives", || {
-        let got = qos_of(&q1, b"one");
-        async move { got }
-    })
-    .await
-    .map(|qos| assert_eq!(qos, QoS::AtLeastOnce))
-    .expect("arrives");
+    assert_eq!(arrival_qos(&q1, b"one").await, QoS::AtLeastOnce);
     assert_eq!(q1.subacks.lock().expect("lock")[0], vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
 
     // A wildcard that matches the command topic carries commands, and is
@@ -189,12 +189,7 @@ async fn commands_follow_the_granted_qos_wildcards_and_unsubscribe() {
     let wild = Device::connect(node.mqtt_addr(), "valve-wild").await;
     wild.client.subscribe("devices/+/#", QoS::AtLeastOnce).await.expect("subscribe");
     delivered("valve-wild", b"wild").await.expect("delivered");
-    wait_for(Duration::from_secs(10), "the command arrives through the wildcard", || {
-        let got = qos_of(&wild, b"wild");
-        async move { got }
-    })
-    .await
-    .expect("arrives");
+    arrival_qos(&wild, b"wild").await;
     q0.publish("devices/valve-q0/temp", b"{\"c\":2}".to_vec()).await;
     wait_for(Duration::from_secs(10), "the wildcard subscriber sees another device's message", || {
         let got = wild.received.lock().expect("lock").iter().any(|(t, _)| t == "devices/valve-q0/temp");
