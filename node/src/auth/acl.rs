@@ -26,6 +26,9 @@ pub struct Grant {
     pub subscribe: Vec<String>,
     /// How it got in.
     pub method: Method,
+    /// The revision of the credentials entry it was granted under; 0 when
+    /// there was none (anonymous, admin).
+    pub revision: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,7 @@ pub enum Method {
 impl Grant {
     /// A device with no grants beyond its own topics.
     pub fn own(device: &str, method: Method) -> Grant {
-        Grant { device: device.to_owned(), publish: Vec::new(), subscribe: Vec::new(), method }
+        Grant { device: device.to_owned(), publish: Vec::new(), subscribe: Vec::new(), method, revision: 0 }
     }
 
     /// Whether this device may publish to `topic` (a topic name, no
@@ -136,6 +139,7 @@ mod tests {
             publish: vec!["devices/child/#".into()],
             subscribe: vec!["alerts/+".into()],
             method: Method::Secret,
+            revision: 1,
         };
         assert!(g.may_publish("devices/gw/temp"));
         assert!(g.may_publish("devices/child/temp"));

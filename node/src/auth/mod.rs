@@ -442,6 +442,7 @@ impl Authenticator {
             publish: record.publish.clone(),
             subscribe: record.subscribe.clone(),
             method: Method::Secret,
+            revision,
         };
         let mac = self.mac(device, secret);
         let remembered = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(device).cloned();

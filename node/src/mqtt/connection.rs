@@ -56,6 +56,8 @@ pub struct Session {
     pub(super) cmd_ready: Arc<std::sync::atomic::AtomicBool>,
     /// Set when the session is ended because its credentials changed.
     revoked: Arc<std::sync::atomic::AtomicBool>,
+    /// The credentials entry revision the device authenticated against.
+    pub(super) auth_revision: u64,
 }
 
 impl Session {
@@ -321,6 +323,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             commands: commands_tx,
             cmd_ready: self.cmd_ready.clone(),
             revoked: Arc::default(),
+            auth_revision: self.grant.revision,
         };
         let previous = self
             .shared

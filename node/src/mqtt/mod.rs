@@ -415,7 +415,9 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
             let Some(device) = crate::auth::device_of_key(&entry.key) else { continue };
             shared.auth.forget(&device);
             let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(session) = sessions.get(&device) {
+            // A change the session already authenticated against (the
+            // watch can deliver it after the device connected) ends nothing.
+            if let Some(session) = sessions.get(&device).filter(|s| entry.revision > s.auth_revision) {
                 tracing::info!(%device, "device credentials changed; ending its session");
                 metrics::counter!("fluxmesh_mqtt_sessions_revoked_total").increment(1);
                 session.end_revoked();
