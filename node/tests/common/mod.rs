@@ -234,29 +234,19 @@ pub fn counter(metrics: &str, name_and_labels: &str) -> f64 {
         .sum()
 }
 
-/// Every frame in `stream`, read with a consumer that is deleted afterwards.
+/// Every frame in `stream`, read as the mesh's own readers do
+/// (`fluxmesh_mesh::read_pending`: a busy server's "no responders" or a
+/// missed heartbeat makes it read on with a new consumer, not fail).
 pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<fluxmesh_schemas::Frame> {
-    use futures::StreamExt;
-    let total = stream_messages(client, stream).await as usize;
     let js = async_nats::jetstream::new(client.clone());
     let s = js.get_stream(stream).await.expect("stream");
-    let consumer: async_nats::jetstream::consumer::PullConsumer = s
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut frames = Vec::with_capacity(total);
-    while frames.len() < total {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream read in time")
-            .expect("stream open")
-            .expect("message");
-        frames.push(fluxmesh_schemas::Frame::decode(&m.payload).expect("valid frame"));
-    }
+    let mut frames = Vec::new();
+    fluxmesh_mesh::read_pending(&s, Default::default(), Duration::from_secs(10), |m| {
+        frames.push(fluxmesh_schemas::Frame::decode(&m.payload).map_err(|e| e.to_string())?);
+        Ok(())
+    })
+    .await
+    .expect("stream read in time");
     frames
 }
 
