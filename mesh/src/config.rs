@@ -31,6 +31,10 @@ pub struct NatsConfig {
     pub telemetry_max_age_secs: u64,
     /// How long derived events stay in `{PREFIX}_EVT`.
     pub events_max_age_secs: u64,
+    /// How long messages on plain MQTT topics stay in `{PREFIX}_MSG`: the
+    /// longest an offline persistent session can be away and still get
+    /// them.
+    pub messages_max_age_secs: u64,
     /// Publishes awaiting their JetStream ack, at most, per node. When full,
     /// ingress waits (backpressure); nothing is dropped.
     pub publish_window: usize,
@@ -72,6 +76,7 @@ impl Default for NatsConfig {
             duplicate_window_secs: 120,
             telemetry_max_age_secs: 7 * 24 * 3600,
             events_max_age_secs: 7 * 24 * 3600,
+            messages_max_age_secs: 24 * 3600,
             publish_window: 2048,
             ack_timeout_ms: 5000,
             publish_attempts: 5,

@@ -65,6 +65,12 @@ pub struct Provisioned {
     /// One telemetry stream per partition, in partition order.
     pub telemetry_streams: Vec<String>,
     pub event_stream: String,
+    /// Messages on plain MQTT topics (outside `devices/`).
+    pub message_stream: String,
+    /// The last retained message of each topic.
+    pub retained_stream: String,
+    /// The wills of live MQTT sessions.
+    pub will_stream: String,
 }
 
 impl Provisioned {
@@ -96,6 +102,8 @@ pub async fn provision(
         })
         .collect();
     streams.push((&event_stream, vec![subjects.family_filter(Family::Event)], cfg.events_max_age_secs));
+    let message_stream = subjects.message_stream();
+    streams.push((&message_stream, vec![subjects.message_filter()], cfg.messages_max_age_secs));
     // Agree first: a node with another shard count or partition count must
     // not create streams for its own layout.
     let bucket = crate::stores::Bucket::Cluster.name(subjects.prefix());
@@ -129,6 +137,36 @@ pub async fn provision(
         ensure_stream(js, config, &subjects).await?;
     }
     ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
+    let retained_stream = subjects.retained_stream();
+    let retained = stream::Config {
+        name: retained_stream.clone(),
+        description: Some("fluxmesh: the last retained MQTT message of each topic (empty: cleared)".to_owned()),
+        subjects: vec![subjects.retained_all()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    };
+    ensure_stream(js, retained, &subjects).await?;
+    let will_stream = subjects.will_stream();
+    let wills = stream::Config {
+        name: will_stream.clone(),
+        description: Some(
+            "fluxmesh: the MQTT will of each live session (empty: none), published by another node if its node dies"
+                .to_owned(),
+        ),
+        subjects: vec![subjects.will_filter(None)],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    };
+    ensure_stream(js, wills, &subjects).await?;
 
     Ok(Provisioned {
         subjects,
@@ -137,6 +175,9 @@ pub async fn provision(
         replicas,
         telemetry_streams,
         event_stream,
+        message_stream,
+        retained_stream,
+        will_stream,
     })
 }
 

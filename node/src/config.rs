@@ -65,14 +65,14 @@ pub struct MqttConfig {
     /// Publishes one connection may have awaiting their JetStream ack; at
     /// this many the node stops reading the connection (backpressure).
     pub max_inflight: usize,
-    /// Also hand device publishes to the embedded broker's router, so that
-    /// MQTT subscribers on this node receive them (best effort, QoS 0).
-    /// Off by default: NATS is the way to watch the mesh.
-    pub local_fanout: bool,
-    /// The router's in-memory log for subscriptions (segments x bytes);
-    /// a subscriber that falls further behind skips the oldest segment.
-    pub buffer_segment_bytes: usize,
-    pub buffer_segments: usize,
+    /// Messages one subscriber may have queued on this node; when full,
+    /// more are dropped for it and counted.
+    pub session_queue: usize,
+    /// QoS 1/2 messages sent to one subscriber and not yet acknowledged.
+    pub max_inflight_out: u16,
+    /// Topic filters under which plain topics (outside `devices/`) may be
+    /// used; empty turns plain pub/sub off.
+    pub plain_topics: Vec<String>,
     /// Serve plain MQTT on `listen`. Turn off when only TLS may be used.
     pub tcp_enabled: bool,
     /// Serve MQTT over TLS on `tls_listen`, with this PEM certificate chain
@@ -128,9 +128,9 @@ impl Default for MqttConfig {
             max_connections: 10_000,
             connection_timeout_ms: 5000,
             max_inflight: 100,
-            local_fanout: false,
-            buffer_segment_bytes: 16 * 1024 * 1024,
-            buffer_segments: 8,
+            session_queue: 1000,
+            max_inflight_out: 32,
+            plain_topics: vec!["#".to_owned()],
             tcp_enabled: true,
             tls_enabled: false,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
@@ -268,10 +268,16 @@ impl Config {
         if self.mqtt.max_connections == 0 {
             problems.push("mqtt.max_connections: must be at least 1".to_owned());
         }
-        if self.mqtt.buffer_segment_bytes < 1024 * 1024 || self.mqtt.buffer_segments < 2 {
-            problems.push(
-                "mqtt.buffer_segment_bytes must be at least 1048576 and mqtt.buffer_segments at least 2".to_owned(),
-            );
+        if self.mqtt.session_queue == 0 {
+            problems.push("mqtt.session_queue: must be at least 1".to_owned());
+        }
+        if self.mqtt.max_inflight_out == 0 {
+            problems.push("mqtt.max_inflight_out: must be between 1 and 65535".to_owned());
+        }
+        for filter in &self.mqtt.plain_topics {
+            if !rumqttc::mqttbytes::valid_filter(filter) {
+                problems.push(format!("mqtt.plain_topics: `{filter}` is not an MQTT topic filter"));
+            }
         }
         if self.mqtt.max_inflight == 0 {
             problems.push("mqtt.max_inflight: must be at least 1".to_owned());

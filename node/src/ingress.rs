@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use fluxmesh_mesh::{Mesh, Pending, PublishError};
 use fluxmesh_schemas::frame::{self, Frame, FrameId};
-use fluxmesh_schemas::{shard_of, DeviceTopic, Subjects, TopicError};
+use fluxmesh_schemas::{shard_of, DeviceTopic, PlainTopic, Subjects, TopicError};
 use std::time::Instant;
 
 /// Why a device message was not taken.
@@ -41,6 +41,41 @@ pub struct DeviceMessage<'a> {
     /// stored once.
     pub idempotency_key: Option<&'a str>,
     pub device_time_us: Option<i64>,
+    /// The MQTT QoS it was published with (HTTP: 1).
+    pub qos: u8,
+}
+
+/// A message on a plain MQTT topic (outside `devices/`): stored in the
+/// message stream as it came, for subscribers only.
+#[derive(Debug)]
+pub struct PlainMessage<'a> {
+    pub topic: PlainTopic<'a>,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// The id to store it under (deterministic for a will, so that a will
+    /// fired twice is stored once); a new one if `None`.
+    pub id: Option<FrameId>,
+}
+
+/// A PUBLISH as an MQTT client sent it (or its will), on a device topic or
+/// a plain one.
+#[derive(Debug)]
+pub struct MqttPublish<'a> {
+    pub topic: &'a str,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// Derives the stored ids, so that sending it again stores it once.
+    pub key: Option<&'a str>,
+}
+
+/// A sent MQTT publish: the message and, if retained, its retained copy.
+#[derive(Debug)]
+#[must_use = "await `Ingress::stored_mqtt` to learn whether the message was stored"]
+pub struct MqttInFlight {
+    sent: InFlight,
+    retained: Option<Pending>,
 }
 
 /// The result of a stored message.
@@ -121,6 +156,13 @@ pub struct InFlight {
     mirror: Option<Bytes>,
 }
 
+impl InFlight {
+    /// The id the message is stored under.
+    pub fn id(&self) -> FrameId {
+        self.id
+    }
+}
+
 impl Ingress {
     pub fn new(mesh: Mesh, node_id: &str, max_payload: usize, mirror_json: bool) -> Self {
         Ingress { mesh, node_id: node_id.into(), max_payload, mirror_json, metrics: IngressMetrics::new() }
@@ -148,13 +190,103 @@ impl Ingress {
             k.extend_from_slice(key.as_bytes());
             frame.id = FrameId::from_key(&k);
         }
-        let header_map = fluxmesh_mesh::frame_headers(&frame);
+        let mut header_map = fluxmesh_mesh::frame_headers(&frame);
+        if msg.qos != 1 {
+            header_map.insert(fluxmesh_schemas::headers::QOS, qos_token(msg.qos));
+        }
         let bytes = Bytes::from(frame.encode()?);
         let mirror = self.mirror_json.then(|| bytes.clone());
         let publisher = self.mesh.publisher();
         let pending = publisher.publish(subject.clone(), header_map, bytes).await?;
         self.metrics.in_flight.set(publisher.in_flight() as f64);
         Ok(InFlight { pending, id: frame.id, subject, received, mirror })
+    }
+
+    /// Sends one message on a plain topic, as it came: the payload is the
+    /// NATS message's body, so any NATS client reads it as published.
+    pub async fn submit_plain(&self, msg: PlainMessage<'_>) -> Result<InFlight, IngestError> {
+        let received = Instant::now();
+        if msg.payload.len() > self.max_payload {
+            return Err(IngestError::TooLarge { size: msg.payload.len(), limit: self.max_payload });
+        }
+        let subject = self.mesh.subjects().message(&msg.topic);
+        let id = msg.id.unwrap_or_else(FrameId::new_v7);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(fluxmesh_schemas::headers::MSG_ID, id.to_string().as_str());
+        if msg.qos != 1 {
+            headers.insert(fluxmesh_schemas::headers::QOS, qos_token(msg.qos));
+        }
+        if msg.retain {
+            headers.insert(fluxmesh_schemas::headers::RETAIN, "1");
+        }
+        let publisher = self.mesh.publisher();
+        let pending = publisher.publish(subject.clone(), headers, msg.payload).await?;
+        self.metrics.in_flight.set(publisher.in_flight() as f64);
+        Ok(InFlight { pending, id, subject, received, mirror: None })
+    }
+
+    /// Sends an MQTT publish: a device topic as telemetry, any other topic
+    /// as a plain message, and, if it is retained, right after it its
+    /// retained copy (on the same connection, so retained messages are
+    /// kept in publish order).
+    pub async fn submit_mqtt(&self, publish: MqttPublish<'_>) -> Result<MqttInFlight, IngestError> {
+        let MqttPublish { topic, payload, qos, retain, key } = publish;
+        let retained = retain.then(|| payload.clone());
+        let sent = match DeviceTopic::parse(topic) {
+            Ok(device_topic) => {
+                let message =
+                    DeviceMessage { topic: device_topic, payload, idempotency_key: key, device_time_us: None, qos };
+                self.submit(message).await?
+            }
+            Err(device_err) => match PlainTopic::parse(topic) {
+                Ok(plain) => {
+                    let id = key.map(|k| FrameId::from_key(k.as_bytes()));
+                    self.submit_plain(PlainMessage { topic: plain, payload, qos, retain, id }).await?
+                }
+                // A topic under `devices/` that is not a device topic says
+                // more than "not a plain topic".
+                Err(TopicError::NotDeviceTopic) => return Err(device_err.into()),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let retained = match retained {
+            Some(payload) => Some(self.send_retained(topic, qos, payload, sent.id).await?),
+            None => None,
+        };
+        Ok(MqttInFlight { sent, retained })
+    }
+
+    /// Waits until an MQTT publish (and its retained copy) is stored.
+    pub async fn stored_mqtt(&self, sent: MqttInFlight) -> Result<Stored, IngestError> {
+        let stored = self.stored(sent.sent, Source::Mqtt).await?;
+        if let Some(retained) = sent.retained {
+            retained.ack().await?;
+        }
+        Ok(stored)
+    }
+
+    /// Sends `payload` as the retained message of `topic` (any valid topic
+    /// name), to replace the one before; an empty payload clears it. Sent
+    /// right after the message itself (`id` is its id), on the same
+    /// connection, so retained messages are kept in publish order; the
+    /// returned ack says when it is stored.
+    pub async fn send_retained(
+        &self,
+        topic: &str,
+        qos: u8,
+        payload: Bytes,
+        id: FrameId,
+    ) -> Result<Pending, IngestError> {
+        let subject = self.mesh.subjects().retained(topic);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(fluxmesh_schemas::headers::MSG_ID, format!("{id}-r").as_str());
+        if qos != 1 {
+            headers.insert(fluxmesh_schemas::headers::QOS, qos_token(qos));
+        }
+        let op = if payload.is_empty() { "clear" } else { "set" };
+        let pending = self.mesh.publisher().publish(subject, headers, payload).await?;
+        metrics::counter!("fluxmesh_mqtt_retained_total", "op" => op).increment(1);
+        Ok(pending)
     }
 
     /// Waits for the ack of `sent` (with retries), then mirrors it as JSON.
@@ -218,5 +350,13 @@ impl Ingress {
     /// The mesh this ingress publishes to.
     pub fn mesh(&self) -> &Mesh {
         &self.mesh
+    }
+}
+
+fn qos_token(qos: u8) -> &'static str {
+    match qos {
+        0 => "0",
+        1 => "1",
+        _ => "2",
     }
 }

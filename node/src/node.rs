@@ -214,11 +214,16 @@ impl Node {
         let auth = Arc::new(crate::auth::Authenticator::new(config.auth.clone(), credentials));
         let _ = auth_slot.set(auth.clone());
         let (cmd_ready_tx, cmd_ready_rx) = tokio::sync::mpsc::channel(1024);
+        // This run of the node: leases and will records of an earlier run
+        // (same node id) are not valid.
+        let incarnation = uuid::Uuid::new_v4().simple().to_string();
+        let wills = mqtt::wills::Wills::new(ingress.clone(), node_id, &incarnation);
         let mqtt = mqtt::start(
             &config.mqtt,
             &config.ingest,
             auth,
             ingress.clone(),
+            wills.clone(),
             sessions_bus,
             cmd_ready_tx,
             stop.clone(),
@@ -293,7 +298,7 @@ impl Node {
         .await?;
         let me = Member {
             node_id: node_id.to_owned(),
-            incarnation: uuid::Uuid::new_v4().simple().to_string(),
+            incarnation,
             http: http_addr.to_string(),
             mqtt: mqtt.listen().to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -311,6 +316,12 @@ impl Node {
                     return Err(e.into());
                 }
             };
+        tasks.spawn(mqtt::wills::watch_departures(
+            wills,
+            cluster.subscribe(),
+            config.cluster.liveness_timeout(),
+            stop.clone(),
+        ));
         let shards = Arc::new(ShardContext {
             mesh: mesh.clone(),
             checkpoints: mesh.checkpoints(),

@@ -61,9 +61,41 @@ fn describe() {
     describe_gauge!("fluxmesh_publish_in_flight", "JetStream publishes awaiting their ack.");
     describe_gauge!("fluxmesh_nats_connected", "1 while the node is connected to NATS.");
     describe_counter!("fluxmesh_json_mirror_failed_total", "JSON mirror publishes that failed.");
+    describe_gauge!("fluxmesh_mqtt_subscriptions", "MQTT subscriptions held by this node's sessions.");
     describe_counter!(
-        "fluxmesh_mqtt_buffer_overrun_total",
-        "Times the MQTT broker dropped buffered messages because ingress fell behind."
+        "fluxmesh_mqtt_feed_messages_total",
+        "Stored messages this node read back from the streams for its MQTT subscribers."
+    );
+    describe_counter!(
+        "fluxmesh_mqtt_feed_failures_total",
+        "Times a subscriber feed could not read its stream and retried."
+    );
+    describe_counter!(
+        "fluxmesh_mqtt_feed_unreadable_total",
+        "Stored messages not delivered to subscribers because their subject or frame could not be read, by reason."
+    );
+    describe_counter!("fluxmesh_mqtt_deliveries_queued_total", "Messages queued for an MQTT subscriber.");
+    describe_counter!("fluxmesh_mqtt_deliveries_total", "Messages written to MQTT subscribers, by QoS.");
+    describe_counter!(
+        "fluxmesh_mqtt_deliveries_dropped_total",
+        "Messages dropped for an MQTT subscriber because its queue (mqtt.session_queue) was full."
+    );
+    describe_counter!("fluxmesh_mqtt_wills_published_total", "MQTT wills published, by why the connection ended.");
+    describe_counter!(
+        "fluxmesh_mqtt_will_publish_failed_total",
+        "MQTT wills that could not be published (the record stays for another node)."
+    );
+    describe_counter!("fluxmesh_mqtt_will_clear_failed_total", "MQTT will records not cleared.");
+    describe_counter!("fluxmesh_mqtt_will_sweep_failed_total", "Sweeps of a departed node's wills that failed.");
+    describe_counter!("fluxmesh_mqtt_will_records_bad_total", "Unreadable MQTT will records.");
+    describe_counter!("fluxmesh_mqtt_retained_total", "Retained messages set and cleared, by op.");
+    describe_counter!(
+        "fluxmesh_mqtt_retained_read_failed_total",
+        "Subscriptions whose retained messages could not be read."
+    );
+    describe_counter!(
+        "fluxmesh_mqtt_subscribe_failed_total",
+        "Subscriptions refused because the streams they need could not be read."
     );
 }
 

@@ -152,12 +152,7 @@ async fn arrival_qos(device: &Device, payload: &[u8]) -> rumqttc::QoS {
 async fn commands_follow_the_granted_qos_wildcards_and_unsubscribe() {
     use rumqttc::{QoS, SubscribeReasonCode};
     let nats = NatsServer::start().await.expect("nats-server");
-    // Local fan-out on, so that the router's deliveries can be seen.
-    let node = start_node(&[nats.url()], |c| {
-        c.commands.ttl_ms = 60_000;
-        c.mqtt.local_fanout = true;
-    })
-    .await;
+    let node = start_node(&[nats.url()], |c| c.commands.ttl_ms = 60_000).await;
     let client = nats.client().await.expect("client");
     let delivered = |device: &'static str, payload: &'static [u8]| {
         let client = &client;

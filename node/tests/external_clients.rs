@@ -80,3 +80,128 @@ async fn mosquitto_pub_to_nats_py_json_subscriber() {
     let _ = sub.wait();
     node.shutdown().await;
 }
+
+/// Waits until node `http` holds at least `n` MQTT subscriptions: an
+/// external subscriber has no other way to say it is ready.
+async fn wait_subscriptions(http: std::net::SocketAddr, n: f64) {
+    fluxmesh_testkit::wait_for(Duration::from_secs(30), "the subscriptions are in place", || async move {
+        let m = common::metrics_at(http).await;
+        (common::counter(&m, "fluxmesh_mqtt_subscriptions") >= n).then_some(())
+    })
+    .await
+    .expect("subscribed");
+}
+
+/// `mosquitto_sub` on one node receives what `mosquitto_pub` published on
+/// another, device telemetry and plain topics, at the QoS asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_on_one_node_receives_mosquitto_pub_on_another() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let (host, port_b) = (b.mqtt_addr().ip().to_string(), b.mqtt_addr().port().to_string());
+    let sub = Command::new("mosquitto_sub")
+        .args(["-V", "mqttv311", "-h", &host, "-p", &port_b, "-i", "ext-watcher", "-q", "1"])
+        .args(["-t", "devices/ext-dev/#", "-t", "site/+/alarm", "-C", "3", "-W", "60", "-v"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients, or run deploy/local/test)");
+    wait_subscriptions(b.http_addr(), 2.0).await;
+
+    let port_a = a.mqtt_addr().port().to_string();
+    for (id, topic, body) in [
+        ("ext-dev", "devices/ext-dev/env/temp", "21.5"),
+        ("ext-app", "site/7/alarm", "smoke"),
+        ("ext-app", "site/7/other", "not matched"),
+        ("ext-dev", "devices/ext-dev/env/temp", "22.0"),
+    ] {
+        let status = Command::new("mosquitto_pub")
+            .args(["-V", "mqttv311", "-h", &host, "-p", &port_a, "-i", id, "-q", "1", "-t", topic, "-m", body])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success(), "mosquitto_pub {topic} failed: {status}");
+    }
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || sub.wait_with_output()))
+            .await
+            .expect("mosquitto_sub ends after 3 messages")
+            .expect("join")
+            .expect("output");
+    assert!(out.status.success(), "mosquitto_sub: {:?}", out.status);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        vec!["devices/ext-dev/env/temp 21.5", "site/7/alarm smoke", "devices/ext-dev/env/temp 22.0"],
+        "in publish order, nothing unmatched"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+const PAHO_QOS2: &str = r#"
+import sys, time, json
+import paho.mqtt.client as mqtt
+
+host, sub_port, pub_port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+got = []
+subscribed = []
+
+def on_subscribe(client, userdata, mid, reason_codes, properties):
+    subscribed.append([rc.value for rc in reason_codes])
+
+def on_message(client, userdata, msg):
+    got.append({"topic": msg.topic, "payload": msg.payload.decode(), "qos": msg.qos})
+
+sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-sub", protocol=mqtt.MQTTv311)
+sub.on_subscribe = on_subscribe
+sub.on_message = on_message
+sub.connect(host, sub_port)
+sub.loop_start()
+sub.subscribe("paho/#", qos=2)
+deadline = time.time() + 30
+while not subscribed and time.time() < deadline:
+    time.sleep(0.02)
+
+pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-pub", protocol=mqtt.MQTTv311)
+pub.connect(host, pub_port)
+pub.loop_start()
+for i in range(count):
+    pub.publish("paho/q2", str(i), qos=2).wait_for_publish(30)
+while len(got) < count and time.time() < deadline + 30:
+    time.sleep(0.02)
+time.sleep(0.5)  # a duplicate would arrive now
+pub.disconnect()
+sub.disconnect()
+print(json.dumps({"subscribed": subscribed, "got": got}))
+"#;
+
+/// paho-mqtt (Python) publishes at QoS 2 on one node and a paho subscriber
+/// granted QoS 2 on another receives each message once, at QoS 2, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_qos2_across_two_nodes() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let host = a.mqtt_addr().ip().to_string();
+    let (sub_port, pub_port) = (b.mqtt_addr().port().to_string(), a.mqtt_addr().port().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg("-c")
+            .arg(PAHO_QOS2)
+            .args([host.as_str(), sub_port.as_str(), pub_port.as_str(), "20"])
+            .output()
+            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "paho script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    assert_eq!(result["subscribed"], serde_json::json!([[2]]), "granted QoS 2");
+    let got = result["got"].as_array().expect("messages");
+    let payloads: Vec<&str> = got.iter().filter_map(|m| m["payload"].as_str()).collect();
+    let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, expected, "each message once, in order");
+    assert!(got.iter().all(|m| m["qos"] == 2), "{got:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

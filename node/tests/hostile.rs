@@ -62,7 +62,8 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
         b"devices//x",
         b"devices/forger",
         b"devices/forger/cmd",
-        b"elsewhere/x",
+        b"devices",
+        b"$SYS/forged",
         b"devices/forger/a b.c*>%",
     ]
     .iter()
@@ -75,7 +76,7 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     let answer = send_raw(addr, &forged).await;
     assert_eq!(answer.get(..4), Some(&[0x20, 0x02, 0x00, 0x00][..]), "CONNACK accepted: {answer:?}");
     let pubacks = answer[4..].chunks(4).filter(|c| c.first() == Some(&0x40)).count();
-    assert_eq!(pubacks, 7, "every forged publish is acknowledged: {answer:?}");
+    assert_eq!(pubacks, 8, "every forged publish is acknowledged: {answer:?}");
     // (The last one is a valid topic whose characters the subject escapes.)
 
     // U+0000 or invalid UTF-8 in a topic and a malformed remaining length
@@ -139,7 +140,9 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     assert_eq!(forged_stored, ["a b.c*>%"], "only the escaped but valid forged topic is stored");
 
     let text = metrics(&node).await;
-    for reason in ["wildcard", "empty_device", "missing_channel", "reserved_channel", "not_device_topic"] {
+    for reason in
+        ["wildcard", "empty_device", "missing_channel", "reserved_channel", "not_device_topic", "reserved_topic"]
+    {
         let line = format!("fluxmesh_ingest_rejected_total{{source=\"mqtt\",reason=\"{reason}\"}}");
         assert!(counter(&text, &line) >= 1.0, "no {reason} counter in\n{text}");
     }

@@ -112,71 +112,41 @@ async fn a_client_id_is_connected_to_one_node_at_a_time() {
     b.shutdown().await;
 }
 
+/// A subscription is served from the streams: what is stored reaches the
+/// subscriber, at the QoS it was granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_receive_through_the_embedded_broker() {
+async fn subscribers_receive_what_is_stored() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let node = start_node(&[nats.url()], |_| {}).await;
     let watcher = Device::connect(node.mqtt_addr(), "watcher").await;
     watcher.client.subscribe("devices/+/env", rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+    assert_eq!(
+        watcher.wait_subacks(1).await[0],
+        vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)]
+    );
     let sensor = Device::connect(node.mqtt_addr(), "sensor-9").await;
-    // Publish until the subscription is in place (SUBACK is asynchronous).
-    wait_for(Duration::from_secs(10), "fan-out to the subscriber", || {
-        let sensor = &sensor;
-        let got = watcher.received.lock().expect("lock").len();
-        async move {
-            sensor.publish("devices/sensor-9/env", b"{\"t\":1}".to_vec()).await;
-            (got > 0).then_some(())
-        }
-    })
-    .await
-    .expect("subscriber receives");
-    let (topic, payload) = watcher.received.lock().expect("lock")[0].clone();
-    assert_eq!(topic, "devices/sensor-9/env");
-    assert_eq!(payload, b"{\"t\":1}");
-
-    // A device that calls itself what the node's own fan-out link is
-    // called does not replace that link: fan-out goes on.
-    let impostor = Device::connect(node.mqtt_addr(), "fluxmesh-fanout").await;
-    impostor.client.subscribe("devices/+/other", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
-    let seen = watcher.received.lock().expect("lock").len();
-    wait_for(Duration::from_secs(10), "fan-out after the impostor subscribed", || {
-        let (sensor, impostor) = (&sensor, &impostor);
-        let got = watcher.received.lock().expect("lock").len();
-        // Its SUBACK means its router link exists.
-        let subscribed = !impostor.subacks.lock().expect("lock").is_empty();
-        async move {
-            sensor.publish("devices/sensor-9/env", b"{\"t\":2}".to_vec()).await;
-            (subscribed && got > seen + 2).then_some(())
-        }
-    })
-    .await
-    .expect("fan-out still works");
+    sensor.publish("devices/sensor-9/env", b"{\"t\":1}".to_vec()).await;
+    let got = watcher.wait_received("devices/sensor-9/env", 1).await;
+    assert_eq!(got, vec![(b"{\"t\":1}".to_vec(), rumqttc::QoS::AtLeastOnce)]);
     node.shutdown().await;
 }
 
-/// Local fan-out hands subscribers only what was stored: a publish the
-/// node refuses (here: not a device topic) reaches no subscriber.
+/// Subscribers are handed only what was stored: a publish the node
+/// refuses (here: a plain topic outside `mqtt.plain_topics`) reaches no
+/// subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_stored_messages_are_fanned_out() {
+async fn only_stored_messages_reach_subscribers() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let node = start_node(&[nats.url()], |c| c.mqtt.plain_topics = vec!["public/#".to_owned()]).await;
     let watcher = Device::connect(node.mqtt_addr(), "fan-watcher").await;
     watcher.client.subscribe("alerts/#", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
     watcher.client.subscribe("devices/+/t", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    watcher.wait_subacks(2).await;
     let sensor = Device::connect(node.mqtt_addr(), "fan-sensor").await;
-    // Until the subscriptions are in place: a refused publish, then a
-    // stored one, in that order on one connection.
-    wait_for(Duration::from_secs(10), "the stored message reaches the subscriber", || {
-        let sensor = &sensor;
-        let got = watcher.received.lock().expect("lock").iter().any(|(t, _)| t == "devices/fan-sensor/t");
-        async move {
-            sensor.publish("alerts/fire", b"refused".to_vec()).await;
-            sensor.publish("devices/fan-sensor/t", b"{}".to_vec()).await;
-            got.then_some(())
-        }
-    })
-    .await
-    .expect("fanned out");
+    // A refused publish, then a stored one, in that order on one connection.
+    sensor.publish("alerts/fire", b"refused".to_vec()).await;
+    sensor.publish("devices/fan-sensor/t", b"{}".to_vec()).await;
+    watcher.wait_received("devices/fan-sensor/t", 1).await;
     let refused: Vec<String> = watcher
         .received
         .lock()
@@ -189,36 +159,38 @@ async fn only_stored_messages_are_fanned_out() {
     node.shutdown().await;
 }
 
-/// A connection that subscribed frees its router link when it ends: many
-/// more subscribers than `mqtt.max_connections` can come and go.
+/// A connection that subscribed removes its subscriptions when it ends:
+/// many subscribers can come and go, and the node holds none of theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_that_leave_free_their_router_slots() {
+async fn subscribers_that_leave_take_their_subscriptions() {
     let nats = NatsServer::start().await.expect("nats-server");
     let node = start_node(&[nats.url()], |c| c.mqtt.max_connections = 3).await;
     for i in 0..10 {
         let id = format!("visitor-{i}");
         let visitor = Device::connect(node.mqtt_addr(), &id).await;
         visitor.client.subscribe("devices/+/seen", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
-        let subacks = visitor.subacks.clone();
-        let codes = wait_for(Duration::from_secs(10), "SUBACK", || {
-            let codes = subacks.lock().expect("lock").first().cloned();
-            async move { codes }
-        })
-        .await
-        .expect("SUBACK arrives");
-        assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce)], "visitor {i}");
+        visitor.client.subscribe(format!("visitors/{i}/#"), rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+        let codes = visitor.wait_subacks(2).await;
+        assert_eq!(codes[0], vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce)], "visitor {i}");
         visitor.client.disconnect().await.expect("disconnect");
         visitor.wait_closed().await;
     }
+    let addr = node.http_addr();
+    wait_for(Duration::from_secs(10), "no subscriptions left", || async move {
+        let m = common::metrics_at(addr).await;
+        (common::counter(&m, "fluxmesh_mqtt_subscriptions") == 0.0).then_some(())
+    })
+    .await
+    .expect("every subscription removed");
     node.shutdown().await;
 }
 
-/// A burst makes the router wake a subscriber's link more often than it
-/// has new notifications; an empty wake-up must not end the subscription.
+/// A burst of publishes, more than a subscriber's queue holds, does not
+/// end its subscription (what does not fit is dropped for it, and counted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_outlives_a_burst() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let node = start_node(&[nats.url()], |c| c.mqtt.local_fanout = true).await;
+    let node = start_node(&[nats.url()], |c| c.mqtt.session_queue = 100).await;
     let watcher = Device::connect(node.mqtt_addr(), "burst-watcher").await;
     watcher.client.subscribe("devices/+/burst", rumqttc::QoS::AtMostOnce).await.expect("subscribe");
     let sensors = [

@@ -58,15 +58,19 @@ async fn mqtt_publish_arrives_as_frame_with_headers_and_json() {
     node.shutdown().await;
 }
 
+/// Topics outside `devices/` are plain messages: stored in `FM_MSG` as
+/// published, not as telemetry. Malformed device topics are counted and
+/// stored nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topics_outside_devices_are_counted_not_ingested() {
+async fn plain_topics_are_stored_apart_and_bad_device_topics_are_counted() {
     let nats = NatsServer::start().await.expect("nats-server");
     let node = start_node(&[nats.url()], |_| {}).await;
     let client = nats.client().await.expect("connect");
     let device = Device::connect(node.mqtt_addr(), "dev-client-2").await;
     let before =
         counter(&metrics(&node).await, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"not_device_topic\"}");
-    device.publish("weather/today", b"{}".to_vec()).await;
+    device.publish("weather/today", b"sunny".to_vec()).await;
+    device.publish("devices", b"{}".to_vec()).await;
     device.publish("devices/only-id", b"{}".to_vec()).await;
     device.publish("devices/d2/cmd", b"{}".to_vec()).await;
     device.publish("devices/d2/ok", b"{}".to_vec()).await;
@@ -81,6 +85,12 @@ async fn topics_outside_devices_are_counted_not_ingested() {
     assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"missing_channel\"}") >= 1.0);
     assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"reserved_channel\"}") >= 1.0);
     assert_eq!(common::telemetry_messages(&client).await, 1);
+    let js = async_nats::jetstream::new(client.clone());
+    let mut plain = js.get_stream("FM_MSG").await.expect("FM_MSG");
+    let stored =
+        plain.get_last_raw_message_by_subject("fm.msg.weather.today").await.expect("stored as a plain message");
+    assert_eq!(stored.payload.as_ref(), b"sunny", "the payload as published");
+    assert_eq!(plain.info().await.expect("info").state.messages, 1, "only the plain topic");
     node.shutdown().await;
 }
 

@@ -26,6 +26,12 @@ pub const KIND: &str = "Fm-Kind";
 pub const TIME_US: &str = "Fm-Time-Us";
 pub const DEVICE_TIME_US: &str = "Fm-Device-Time-Us";
 pub const ORIGIN: &str = "Fm-Origin";
+/// The QoS an MQTT client published with, on telemetry and plain messages,
+/// when it is not 1 (absent: 1, as HTTP ingest gives). A subscriber gets
+/// the message at the lower of this and its granted QoS.
+pub const QOS: &str = "Fm-Qos";
+/// `1` on a plain message that was published with the retain flag.
+pub const RETAIN: &str = "Fm-Retain";
 
 /// The escaped header form of a channel: each level escaped, joined by `/`.
 pub fn escape_channel(channel: &str) -> String {

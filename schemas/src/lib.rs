@@ -23,4 +23,4 @@ pub mod subject;
 
 pub use frame::{Body, Frame, FrameError, FrameId, FrameView, Kind, SCHEMA_VERSION};
 pub use shard::{partition_of, shard_of, DEFAULT_PARTITIONS, DEFAULT_SHARDS};
-pub use subject::{DeviceTopic, Subjects, TopicError};
+pub use subject::{DeviceTopic, PlainTopic, Subjects, TopicError};

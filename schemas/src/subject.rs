@@ -8,6 +8,9 @@
 //! | derived events | `{prefix}.evt.{shard}.{device}.{kind}` | `{PREFIX}_EVT` |
 //! | JSON mirror | `{prefix}.json.{tel or evt}.{...same tokens...}` | none (core NATS) |
 //! | commands | `{prefix}.cmd.{device}` | none (request/reply) |
+//! | plain MQTT topics | `{prefix}.msg.{level...}` | `{PREFIX}_MSG` |
+//! | MQTT wills of live sessions | `{prefix}.will.{node}.{incarnation}.{client id}` | `{PREFIX}_WILLS`, one per subject |
+//! | retained messages | `{prefix}.ret.{level...}` (every level of the topic) | `{PREFIX}_RETAINED`, one per subject |
 //!
 //! `{shard}` is the decimal shard number ([`crate::shard_of`]). Each MQTT topic
 //! level of the channel becomes one token, so `devices/d1/env/temp` is
@@ -68,6 +71,12 @@ pub enum TopicError {
     BadPrefix(String),
     #[error("subject `{0}` is not a fluxmesh subject: {1}")]
     BadSubject(String, &'static str),
+    #[error("topic is empty")]
+    EmptyTopic,
+    #[error("topics starting with `$` are reserved for the broker")]
+    Reserved,
+    #[error("topic contains U+0000")]
+    NullCharacter,
 }
 
 impl TopicError {
@@ -85,6 +94,9 @@ impl TopicError {
             TopicError::BadToken(..) => "bad_token",
             TopicError::BadPrefix(_) => "bad_prefix",
             TopicError::BadSubject(..) => "bad_subject",
+            TopicError::EmptyTopic => "empty_topic",
+            TopicError::Reserved => "reserved_topic",
+            TopicError::NullCharacter => "null_character",
         }
     }
 }
@@ -220,6 +232,42 @@ impl<'a> DeviceTopic<'a> {
     }
 }
 
+/// A plain MQTT topic: any topic outside `devices/`, published and
+/// subscribed to across the mesh but not processed by rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainTopic<'a>(&'a str);
+
+impl<'a> PlainTopic<'a> {
+    /// Checks a topic a client published on that is not a device topic.
+    /// Refuses the device topic space (`devices` and below), wildcards,
+    /// `$` topics (the broker's own), U+0000 and over-long topics.
+    pub fn parse(topic: &'a str) -> Result<Self, TopicError> {
+        if topic.is_empty() {
+            return Err(TopicError::EmptyTopic);
+        }
+        if topic.len() > MAX_TOPIC_LEN {
+            return Err(TopicError::TopicTooLong);
+        }
+        if topic.split('/').next() == Some(DEVICE_TOPIC_ROOT) {
+            return Err(TopicError::NotDeviceTopic);
+        }
+        if topic.starts_with('$') {
+            return Err(TopicError::Reserved);
+        }
+        if topic.contains(['+', '#']) {
+            return Err(TopicError::Wildcard);
+        }
+        if topic.contains('\0') {
+            return Err(TopicError::NullCharacter);
+        }
+        Ok(PlainTopic(topic))
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+}
+
 fn push_channel_tokens(out: &mut String, channel: &str) {
     for (i, level) in channel.split('/').enumerate() {
         if i > 0 {
@@ -306,6 +354,132 @@ impl Subjects {
     /// `{PREFIX}_CMDQ`: commands kept for devices that are not connected.
     pub fn command_queue_stream(&self) -> String {
         resource_name(&self.prefix, "CMDQ")
+    }
+
+    /// `{PREFIX}_MSG`: messages on plain MQTT topics.
+    pub fn message_stream(&self) -> String {
+        resource_name(&self.prefix, "MSG")
+    }
+
+    /// `{prefix}.msg.{level...}`: one level of the topic per token, escaped
+    /// as device channels are (`a//b` → `fm.msg.a.%.b`).
+    pub fn message(&self, topic: &PlainTopic<'_>) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + topic.0.len() + 8);
+        s.push_str(&self.prefix);
+        s.push_str(".msg.");
+        push_channel_tokens(&mut s, topic.0);
+        s
+    }
+
+    /// `{prefix}.msg.>`: every plain topic.
+    pub fn message_filter(&self) -> String {
+        format!("{}.msg.>", self.prefix)
+    }
+
+    /// `{PREFIX}_WILLS`: the will of every live MQTT session that has one.
+    pub fn will_stream(&self) -> String {
+        resource_name(&self.prefix, "WILLS")
+    }
+
+    /// `{prefix}.will.{node}.{incarnation}.{client}`: where the will of
+    /// `client`'s session on one run of `node` is kept.
+    pub fn will(&self, node: &str, incarnation: &str, client: &str) -> String {
+        format!("{}.will.{}.{}.{}", self.prefix, escape_token(node), escape_token(incarnation), escape_token(client))
+    }
+
+    /// `{prefix}.will.>`, or `{prefix}.will.{node}.>` for one node's.
+    pub fn will_filter(&self, node: Option<&str>) -> String {
+        match node {
+            Some(node) => format!("{}.will.{}.>", self.prefix, escape_token(node)),
+            None => format!("{}.will.>", self.prefix),
+        }
+    }
+
+    /// (node, incarnation, client id) of a will subject.
+    pub fn parse_will(&self, subject: &str) -> Result<(String, String, String), TopicError> {
+        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let mut tokens = subject.split('.');
+        if tokens.next() != Some(self.prefix.as_str()) || tokens.next() != Some("will") {
+            return Err(bad("not a will subject"));
+        }
+        let mut next = || -> Result<String, TopicError> {
+            Ok(unescape_token(tokens.next().ok_or_else(|| bad("too few tokens"))?)?.into_owned())
+        };
+        let (node, incarnation, client) = (next()?, next()?, next()?);
+        if tokens.next().is_some() {
+            return Err(bad("too many tokens"));
+        }
+        Ok((node, incarnation, client))
+    }
+
+    /// `{PREFIX}_RETAINED`: the last retained message of each topic.
+    pub fn retained_stream(&self) -> String {
+        resource_name(&self.prefix, "RETAINED")
+    }
+
+    /// `{prefix}.ret.{level...}`: where the retained message of `topic` (a
+    /// topic name, device or plain) is kept; every level is one token.
+    pub fn retained(&self, topic: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + topic.len() + 8);
+        s.push_str(&self.prefix);
+        s.push_str(".ret.");
+        push_channel_tokens(&mut s, topic);
+        s
+    }
+
+    /// `{prefix}.ret.>`: every retained message.
+    pub fn retained_all(&self) -> String {
+        format!("{}.ret.>", self.prefix)
+    }
+
+    /// The subject filters that select the retained messages an MQTT filter
+    /// matches (`+` → `*`; `a/#` → `a` and `a.>`, since `#` includes its
+    /// parent level). None of them overlaps another, as a JetStream
+    /// consumer requires.
+    pub fn retained_filters(&self, filter: &str) -> Vec<String> {
+        let mut base = format!("{}.ret", self.prefix);
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" && levels.peek().is_none() {
+                // The parent level itself, unless `#` is the whole filter
+                // (a topic has at least one level).
+                let parent = (base.len() > self.prefix.len() + 4).then(|| base.clone());
+                base.push_str(".>");
+                return parent.into_iter().chain([base]).collect();
+            }
+            base.push('.');
+            if level == "+" {
+                base.push('*');
+            } else {
+                push_escaped(&mut base, level);
+            }
+        }
+        vec![base]
+    }
+
+    /// The MQTT topic of a `tel` or `msg` subject: `fm.tel.3.d1.env.temp`
+    /// → `devices/d1/env/temp`, `fm.msg.a.%.b` → `a//b`.
+    pub fn mqtt_topic(&self, subject: &str) -> Result<String, TopicError> {
+        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+            .ok_or_else(|| bad("wrong prefix"))?;
+        if let Some(levels) = rest.strip_prefix("msg.").or_else(|| rest.strip_prefix("ret.")) {
+            let mut topic = String::with_capacity(levels.len());
+            for (i, token) in levels.split('.').enumerate() {
+                if i > 0 {
+                    topic.push('/');
+                }
+                topic.push_str(&unescape_token(token)?);
+            }
+            return Ok(topic);
+        }
+        let parsed = self.parse(subject)?;
+        if parsed.family != Family::Telemetry {
+            return Err(bad("not a telemetry or message subject"));
+        }
+        Ok(format!("{DEVICE_TOPIC_ROOT}/{}/{}", parsed.device, parsed.rest))
     }
 
     /// `{prefix}.ckpt.{shard}`: one shard's checkpoint log.
@@ -441,6 +615,42 @@ mod tests {
         assert!(unescape_token("").is_err());
         assert!(unescape_token("%FF").is_err(), "not UTF-8");
         assert_eq!(unescape_token("%").as_deref(), Ok(""));
+    }
+
+    #[test]
+    fn plain_topics_map_to_subjects_and_back() {
+        let subjects = Subjects::new("fm").expect("prefix");
+        for topic in ["TopicA", "/TopicA", "a//b", "a/b.c/ d", "sport/tennis/player1", "Ünï/%"] {
+            let plain = PlainTopic::parse(topic).expect("valid plain topic");
+            let subject = subjects.message(&plain);
+            assert!(subject.starts_with("fm.msg."), "{subject}");
+            assert_eq!(subjects.mqtt_topic(&subject).as_deref(), Ok(topic), "{subject}");
+        }
+        assert_eq!(subjects.message(&PlainTopic::parse("/a").expect("valid")), "fm.msg.%.a");
+        assert_eq!(PlainTopic::parse(""), Err(TopicError::EmptyTopic));
+        assert_eq!(PlainTopic::parse("devices"), Err(TopicError::NotDeviceTopic));
+        assert_eq!(PlainTopic::parse("devices/x"), Err(TopicError::NotDeviceTopic));
+        assert!(PlainTopic::parse("devicesX/x").is_ok());
+        assert_eq!(PlainTopic::parse("$SYS/x"), Err(TopicError::Reserved));
+        assert_eq!(PlainTopic::parse("a/+"), Err(TopicError::Wildcard));
+        assert_eq!(PlainTopic::parse("a/\0"), Err(TopicError::NullCharacter));
+        let t = DeviceTopic::parse("devices/d.1/env/t emp").expect("valid");
+        let subject = subjects.telemetry(7, &t);
+        assert_eq!(subjects.mqtt_topic(&subject).as_deref(), Ok("devices/d.1/env/t emp"));
+        assert!(subjects.mqtt_topic("fm.evt.1.d.alert").is_err());
+        assert_eq!(subjects.retained("devices/d 1/status"), "fm.ret.devices.d%201.status");
+        assert_eq!(subjects.mqtt_topic("fm.ret.devices.d%201.status").as_deref(), Ok("devices/d 1/status"));
+        assert_eq!(subjects.retained_filters("#"), ["fm.ret.>"]);
+        assert_eq!(subjects.retained_filters("a/#"), ["fm.ret.a", "fm.ret.a.>"]);
+        assert_eq!(subjects.retained_filters("+/b.c/+"), ["fm.ret.*.b%2Ec.*"]);
+        assert_eq!(subjects.retained_filters("+/#"), ["fm.ret.*", "fm.ret.*.>"]);
+        assert_eq!(subjects.retained_filters("/x"), ["fm.ret.%.x"]);
+        let will = subjects.will("node-1", "abc", "cli.ent");
+        assert_eq!(will, "fm.will.node-1.abc.cli%2Eent");
+        assert_eq!(subjects.parse_will(&will), Ok(("node-1".into(), "abc".into(), "cli.ent".into())));
+        assert!(subjects.parse_will("fm.will.a.b").is_err());
+        assert!(subjects.parse_will("fm.ret.a.b.c").is_err());
+        assert!(subjects.mqtt_topic("other.msg.a").is_err());
     }
 
     #[test]

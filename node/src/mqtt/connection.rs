@@ -11,13 +11,14 @@
 //! ack. When both are full the task stops reading the socket, so a slow
 //! JetStream slows the device down instead of filling memory.
 
+use super::broker::{Outbox, Outgoing, Sub};
 use super::Shared;
 use crate::auth::acl::Grant;
 use crate::auth::Denied;
-use crate::ingress::{DeviceMessage, IngestError, Source};
+use crate::ingress::{IngestError, MqttPublish, Source};
 use crate::telemetry;
 use bytes::{Bytes, BytesMut};
-use fluxmesh_schemas::DeviceTopic;
+use fluxmesh_schemas::{DeviceTopic, PlainTopic};
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use rumqttc::mqttbytes::{self, valid_filter, Protocol};
@@ -154,6 +155,7 @@ enum End {
     Stopped,
     NotStored(IngestError),
     Denied(Denied),
+    WillNotKept(super::wills::WillError),
 }
 
 impl End {
@@ -169,13 +171,17 @@ impl End {
             End::Denied(d) => d.reason(),
             End::Stopped => "node_stopping",
             End::NotStored(_) => "not_stored",
+            End::WillNotKept(_) => "will_not_kept",
         }
     }
 }
 
-struct Link {
-    tx: rumqttd::local::LinkTx,
-    rx: rumqttd::local::LinkRx,
+/// A QoS 1 or 2 message sent to the client and not yet acknowledged.
+#[derive(Debug)]
+struct OutFlight {
+    qos: QoS,
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    released: bool,
 }
 
 struct Conn<S> {
@@ -197,7 +203,21 @@ struct Conn<S> {
     disconnecting: bool,
     pending: FuturesOrdered<Settle>,
     submitting: Option<Submit>,
-    link: Option<Link>,
+    /// Identifies this session's subscriptions in the node's broker.
+    session_id: u64,
+    /// Messages for this session from the broker: the sender end is given
+    /// with each subscription.
+    outbox_tx: Option<Outbox>,
+    outbox: Option<tokio::sync::mpsc::Receiver<Outgoing>>,
+    /// Filters subscribed in the broker, with the QoS granted.
+    subscriptions: std::collections::HashMap<String, QoS>,
+    /// Messages sent at QoS 1/2 and not yet acknowledged, by packet id.
+    out_inflight: std::collections::HashMap<u16, OutFlight>,
+    /// The will given at CONNECT and its record's stream sequence.
+    will: Option<(super::wills::Will, u64)>,
+    /// Retained messages found for new subscriptions, sent after the
+    /// SUBACK (at most `mqtt.session_queue`).
+    retained: VecDeque<Outgoing>,
     /// Commands for this device, from the node's command service.
     commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
     cmd_ready: Arc<std::sync::atomic::AtomicBool>,
@@ -243,7 +263,13 @@ where
         disconnecting: false,
         pending: FuturesOrdered::new(),
         submitting: None,
-        link: None,
+        session_id: 0,
+        outbox_tx: None,
+        outbox: None,
+        subscriptions: Default::default(),
+        out_inflight: Default::default(),
+        retained: VecDeque::new(),
+        will: None,
         commands: None,
         cmd_ready: Arc::default(),
         cmd_filters: Default::default(),
@@ -268,7 +294,8 @@ where
     };
     let end = conn.run(&session).await;
     conn.closed(&end);
-    conn.leave_router().await;
+    conn.leave_broker();
+    conn.end_will(&end).await;
     let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
         sessions.remove(&conn.client_id);
@@ -313,9 +340,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         self.grant = self.authenticate(connect.login.as_ref()).await?;
+        if let Some(will) = connect.last_will {
+            self.will = Some(self.accept_will(will).await?);
+        }
 
         let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
         self.commands = Some(commands_rx);
+        let (outbox_tx, outbox) = tokio::sync::mpsc::channel(self.shared.config.session_queue);
+        (self.outbox_tx, self.outbox) = (Some(outbox_tx), Some(outbox));
         let session = Session {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             connected_us: fluxmesh_schemas::frame::now_us(),
@@ -325,6 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             revoked: Arc::default(),
             auth_revision: self.grant.revision,
         };
+        self.session_id = session.serial;
         let previous = self
             .shared
             .sessions
@@ -360,6 +393,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Err(End::Denied(denied))
     }
 
+    /// Checks a CONNECT's will like a publish (topic, plain topics, ACL,
+    /// size) and keeps it in NATS, so that it is published even if this
+    /// node dies. Refused: CONNACK "not authorized"; not kept: "server
+    /// unavailable".
+    async fn accept_will(&mut self, will: rumqttc::LastWill) -> Result<(super::wills::Will, u64), End> {
+        let topic_ok = DeviceTopic::parse(&will.topic).is_ok()
+            || (PlainTopic::parse(&will.topic).is_ok() && self.plain_allowed(&will.topic));
+        let allowed = topic_ok && self.grant.may_publish(&will.topic) && will.message.len() <= self.shared.max_payload;
+        if !allowed {
+            if topic_ok {
+                self.acl_denied("will", &will.topic);
+            }
+            self.refuse(ConnectReturnCode::NotAuthorized).await;
+            return Err(End::Protocol("will_refused", format!("will on `{}` is not allowed", will.topic)));
+        }
+        let will = super::wills::Will {
+            topic: will.topic,
+            payload: will.message,
+            qos: will.qos as u8,
+            retain: will.retain,
+            id: fluxmesh_schemas::FrameId::new_v7(),
+        };
+        match self.shared.wills.keep(&self.client_id, &will).await {
+            Ok(seq) => Ok((will, seq)),
+            Err(e) => {
+                self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                Err(End::WillNotKept(e))
+            }
+        }
+    }
+
+    /// After the connection: a DISCONNECT discards the will; any other end
+    /// publishes it. Then its record is cleared.
+    async fn end_will(&mut self, end: &End) {
+        let Some((will, seq)) = self.will.take() else { return };
+        if !matches!(end, End::Disconnect) {
+            let published =
+                tokio::time::timeout(DRAIN_TIMEOUT, self.shared.wills.publish(&self.client_id, &will, end.reason()))
+                    .await;
+            let failed = match published {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(fluxmesh_mesh::error_chain(&e)),
+                Err(_) => Some(format!("not stored within {DRAIN_TIMEOUT:?}")),
+            };
+            if let Some(error) = failed {
+                // The record stays: if this node dies, another publishes it.
+                metrics::counter!("fluxmesh_mqtt_will_publish_failed_total").increment(1);
+                tracing::error!(client = %self.client_id, topic = %will.topic, %error, "cannot publish a will");
+                return;
+            }
+        }
+        self.shared.wills.clear(&self.client_id, seq).await;
+    }
+
+    /// Whether `mqtt.plain_topics` lets clients use plain topic `topic`.
+    fn plain_allowed(&self, topic: &str) -> bool {
+        self.shared.config.plain_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
+    }
+
     /// An MQTT 5 client reads only an MQTT 5 CONNACK: reason 0x84,
     /// "unsupported protocol version", and no properties.
     async fn refuse_v5(&mut self) -> End {
@@ -382,6 +474,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             if let Err(end) = self.start_next() {
                 return end;
+            }
+            while draining.is_none() && self.out_room() {
+                let Some(out) = self.retained.pop_front() else { break };
+                self.write_delivery(out);
             }
             if let Err(end) = self.flush().await {
                 return end;
@@ -442,10 +538,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
                     Err(e) => return End::Io(e),
                 },
-                forwarded = next_forward(&mut self.link), if self.link.is_some() && draining.is_none() => {
-                    self.forward(forwarded).await;
+                Some(out) = next_outgoing(&mut self.outbox), if draining.is_none() && self.out_room() => {
+                    self.write_delivery(out);
+                    // Take what else is queued, so it goes out in one write.
+                    while self.out_room() {
+                        let Some(Some(out)) = next_outgoing(&mut self.outbox).now_or_never() else { break };
+                        self.write_delivery(out);
+                    }
                 }
-                Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT => {
+                Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT && self.out_room() => {
                     self.write_command(command);
                 }
                 _ = tokio::time::sleep_until(ka_deadline), if can_read && keep_alive_at.is_some() => {
@@ -457,6 +558,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
+    }
+
+    /// Room for one more QoS 1/2 message to the client (commands included).
+    fn out_room(&self) -> bool {
+        self.out_inflight.len() + self.awaiting_puback.len() < usize::from(self.shared.config.max_inflight_out)
     }
 
     /// Room for one more publish awaiting its JetStream ack.
@@ -568,9 +674,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         self.cmd_ready.store(false, Ordering::Release);
                     }
                 }
-                if let Some(link) = &mut self.link {
-                    for topic in &unsub.topics {
-                        let _ = link.tx.try_unsubscribe(topic.clone());
+                for topic in &unsub.topics {
+                    if self.subscriptions.remove(topic).is_some() {
+                        self.shared.broker.unsubscribe(self.session_id, topic);
                     }
                 }
                 self.write(&Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
@@ -581,10 +687,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Packet::PubAck(ack) => {
                 if let Some(done) = self.awaiting_puback.remove(&ack.pkid) {
                     let _ = done.send(Ok(()));
+                } else if self.out_inflight.get(&ack.pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
+                    self.out_inflight.remove(&ack.pkid);
                 }
             }
-            // We send nothing at QoS 2; tolerate strays.
-            Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubRec(rec) => {
+                if let Some(out) = self.out_inflight.get_mut(&rec.pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
+                    out.released = true;
+                }
+                // Answered even for an id we do not know: the client may
+                // hold it from before a reconnect.
+                self.write(&Packet::PubRel(rumqttc::PubRel::new(rec.pkid)));
+            }
+            Packet::PubComp(comp) => {
+                if self.out_inflight.get(&comp.pkid).is_some_and(|o| o.released) {
+                    self.out_inflight.remove(&comp.pkid);
+                }
+            }
             Packet::Connect(_) => return Err(End::Protocol("second_connect", "CONNECT on a connected session".into())),
             other => return Err(End::Protocol("unexpected_packet", format!("{other:?} from a client"))),
         }
@@ -604,9 +723,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Reply::PubRec(publish.pkid)
             }
         };
-        // Topics that are not device topics at all are refused (and
-        // counted by reason) when submitted; the ACL judges device topics.
-        if DeviceTopic::parse(&publish.topic).is_ok() && !self.grant.may_publish(&publish.topic) {
+        // Malformed topics are refused (and counted by reason) when
+        // submitted; the ACL and `mqtt.plain_topics` judge the others.
+        let device = DeviceTopic::parse(&publish.topic).is_ok();
+        let plain = !device && PlainTopic::parse(&publish.topic).is_ok();
+        if plain && !self.plain_allowed(&publish.topic) {
+            metrics::counter!("fluxmesh_ingest_rejected_total", "source" => "mqtt", "reason" => "plain_topic_off")
+                .increment(1);
+            tracing::debug!(client = %self.client_id, topic = %publish.topic, "plain topic refused by mqtt.plain_topics");
+            self.pending.push_back(settled(reply, Outcome::Refused));
+            return Ok(());
+        }
+        if (device || plain) && !self.grant.may_publish(&publish.topic) {
             self.acl_denied("publish", &publish.topic);
             if self.shared.auth.cfg.disconnect_on_deny() {
                 return Err(End::Protocol("acl_denied", format!("publish to `{}` is outside its ACL", publish.topic)));
@@ -614,9 +742,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.pending.push_back(settled(reply, Outcome::Refused));
             return Ok(());
         }
-        let (ingress, fanout) = (self.shared.ingress.clone(), self.shared.fanout.clone());
-        let Publish { topic, payload, .. } = publish;
-        self.submitting = Some(Box::pin(submit(ingress, fanout, topic, payload, reply)));
+        let ingress = self.shared.ingress.clone();
+        let qos = publish.qos as u8;
+        let Publish { topic, payload, retain, .. } = publish;
+        self.submitting = Some(Box::pin(submit(ingress, topic, payload, qos, retain, reply)));
         Ok(())
     }
 
@@ -644,68 +773,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let _ = command.done.send(Ok(()));
             return;
         }
-        let mut pkid = self.next_pkid;
-        while pkid == 0 || self.awaiting_puback.contains_key(&pkid) {
-            pkid = pkid.wrapping_add(1);
-        }
-        self.next_pkid = pkid.wrapping_add(1);
+        let pkid = self.next_packet_id();
         let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, command.payload);
         publish.pkid = pkid;
         self.write(&Packet::Publish(publish));
         self.awaiting_puback.insert(pkid, command.done);
     }
 
+    /// A packet id no message to the client is using.
+    fn next_packet_id(&mut self) -> u16 {
+        let mut pkid = self.next_pkid;
+        while pkid == 0 || self.awaiting_puback.contains_key(&pkid) || self.out_inflight.contains_key(&pkid) {
+            pkid = pkid.wrapping_add(1);
+        }
+        self.next_pkid = pkid.wrapping_add(1);
+        pkid
+    }
+
+    /// Writes one message from the broker at the QoS it was given.
+    fn write_delivery(&mut self, out: Outgoing) {
+        let qos = match out.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let mut publish = Publish::from_bytes(out.message.topic.as_str(), qos, out.message.payload.clone());
+        publish.retain = out.retain;
+        if qos != QoS::AtMostOnce {
+            publish.pkid = self.next_packet_id();
+            self.out_inflight.insert(publish.pkid, OutFlight { qos, released: false });
+        }
+        self.write(&Packet::Publish(publish));
+        metrics::counter!("fluxmesh_mqtt_deliveries_total", "qos" => qos_label(qos)).increment(1);
+    }
+
     /// Subscribes to `filter`; the QoS granted, or `None` if refused.
     ///
     /// A filter that matches the device's own command topic turns commands
-    /// on: they go straight to this connection, not through the router.
-    /// The command topic itself is granted up to QoS 1; a wider filter (say
-    /// `#`) also goes to the router, which serves QoS 0, and commands that
-    /// reach the device only through it are sent at QoS 0 too. Other
-    /// subscriptions go through a rumqttd link, made on the first one.
+    /// on: they go straight to this connection (commands are not in any
+    /// stream), at QoS 1 unless the filter was granted QoS 0. The command
+    /// topic itself is granted up to QoS 1 and serves nothing else; a wider
+    /// filter (say `#`) is also a subscription in the node's broker.
     async fn subscribe(&mut self, filter: &str, requested: QoS) -> Option<QoS> {
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         let commands = rumqttc::mqttbytes::matches(&cmd_topic, filter);
+        let to_commands = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         if filter == cmd_topic {
-            let granted = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-            self.commands_on(filter, granted);
-            return Some(granted);
+            self.commands_on(filter, to_commands);
+            return Some(to_commands);
         }
-        if self.link.is_none() {
-            let shared = self.shared.clone();
-            let id = self.client_id.clone();
-            match tokio::task::spawn_blocking(move || shared.router.link(&id)).await {
-                Ok(Ok((tx, rx))) => self.link = Some(Link { tx, rx }),
-                Ok(Err(e)) => {
-                    tracing::warn!(client = %self.client_id, error = %e, "cannot attach to the MQTT router");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "router attach task failed");
-                    return None;
-                }
+        let outbox = self.outbox_tx.clone()?;
+        let sub = Sub { qos: requested as u8, outbox };
+        if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
+            tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
+            metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+            return None;
+        }
+        self.subscriptions.insert(filter.to_owned(), requested);
+        let room = self.shared.config.session_queue.saturating_sub(self.retained.len());
+        match self.shared.broker.retained(filter, requested as u8, room).await {
+            Ok(found) => self.retained.extend(found),
+            Err(e) => {
+                // The subscription stands; only its retained messages are
+                // missing, and the operator hears of it.
+                metrics::counter!("fluxmesh_mqtt_retained_read_failed_total").increment(1);
+                tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
             }
         }
-        let routed = self.link.as_mut().is_some_and(|l| l.tx.try_subscribe(filter.to_owned()).is_ok());
-        if routed && commands {
-            self.commands_on(filter, QoS::AtMostOnce);
+        if commands {
+            self.commands_on(filter, to_commands);
         }
-        routed.then_some(QoS::AtMostOnce)
+        Some(requested)
     }
 
-    /// Ends this connection's router link, if it made one. The router keeps
-    /// a link, its slot (at most `mqtt.max_connections`) and its
-    /// subscriptions until the link says DISCONNECT.
-    async fn leave_router(&mut self) {
-        let Some(mut link) = self.link.take() else { return };
-        let bye = rumqttd::protocol::Packet::Disconnect(
-            rumqttd::protocol::Disconnect { reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection },
-            None,
-        );
-        // `send` blocks on the router's channel while it is full.
-        let sent = tokio::task::spawn_blocking(move || futures::executor::block_on(link.tx.send(bye)).is_ok()).await;
-        if !matches!(sent, Ok(true)) {
-            tracing::warn!(client = %self.client_id, "could not end the MQTT router link; its slot stays taken");
+    /// Removes this session's subscriptions from the node's broker.
+    fn leave_broker(&mut self) {
+        for (filter, _) in self.subscriptions.drain() {
+            self.shared.broker.unsubscribe(self.session_id, &filter);
         }
     }
 
@@ -715,26 +859,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         self.cmd_filters.insert(filter.to_owned(), qos);
         self.cmd_ready.store(true, Ordering::Release);
         let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
-    }
-
-    async fn forward(&mut self, notification: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>) {
-        match notification {
-            Ok(Some(rumqttd::Notification::Forward(f))) => {
-                let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                let publish = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
-                self.write(&Packet::Publish(publish));
-            }
-            Ok(Some(rumqttd::Notification::Unschedule)) => {
-                if let Some(link) = &self.link {
-                    let _ = link.rx.wake().await;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(client = %self.client_id, error = %e, "MQTT router link closed");
-                self.link = None;
-            }
-        }
     }
 
     fn write(&mut self, packet: &Packet) {
@@ -768,6 +892,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 metrics::counter!("fluxmesh_mqtt_protocol_errors_total", "reason" => *reason).increment(1);
                 tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
             }
+            End::WillNotKept(e) => {
+                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
+                    "MQTT connection refused: its will could not be kept");
+            }
             End::NotStored(e) => {
                 tracing::error!(client = %self.client_id, peer = %self.peer, error = %e,
                     "MQTT message could not be stored; closing without PUBACK so the device resends it");
@@ -790,61 +918,50 @@ async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutComma
     }
 }
 
-/// The router's next word to this connection's link. `Ok(None)` is a
-/// wake-up whose notifications an earlier one already took (the router
-/// signals once per batch, the link reads the whole buffer): nothing to
-/// do, the link lives on. Only an error means the link is closed.
-async fn next_forward(link: &mut Option<Link>) -> Result<Option<rumqttd::Notification>, rumqttd::local::LinkError> {
-    match link {
-        Some(link) => link.rx.next().await,
+async fn next_outgoing(outbox: &mut Option<tokio::sync::mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match outbox {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-/// Checks and sends one publish; resolves to the future of its ack.
-/// The local fan-out queue (`mqtt.local_fanout`), if it is on.
-type Fanout = Option<std::sync::mpsc::SyncSender<(String, Bytes)>>;
-
-async fn submit(
-    ingress: crate::ingress::Ingress,
-    fanout: Fanout,
-    topic: String,
-    payload: Bytes,
-    reply: Reply,
-) -> Submitted {
-    Submitted(submit_inner(ingress, fanout, topic, payload, reply).await)
+fn qos_label(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
 }
 
-/// Sends the message; what it settles to once stored. Only a stored
-/// message is fanned out to local subscribers: one that is refused (not a
-/// device topic, too large) or not stored reaches nobody.
-async fn submit_inner(
+/// Checks and sends one publish; resolves to the future of its ack.
+async fn submit(
     ingress: crate::ingress::Ingress,
-    fanout: Fanout,
     topic: String,
     payload: Bytes,
+    qos: u8,
+    retain: bool,
+    reply: Reply,
+) -> Submitted {
+    Submitted(submit_inner(ingress, topic, payload, qos, retain, reply).await)
+}
+
+/// Sends the message: a device topic as telemetry, any other topic as a
+/// plain message, and a retained one also as the topic's retained message.
+/// What it settles to once stored; a message that is refused (malformed
+/// topic, too large) is acknowledged and counted.
+async fn submit_inner(
+    ingress: crate::ingress::Ingress,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
     reply: Reply,
 ) -> Settle {
-    let fanned = fanout.map(|f| (f, payload.clone()));
-    let device_topic = match DeviceTopic::parse(&topic) {
-        Ok(t) => t,
-        Err(e) => {
-            telemetry::rejected(Source::Mqtt, e.reason(), &e);
-            return settled(reply, Outcome::Refused);
-        }
-    };
-    let message = DeviceMessage { topic: device_topic, payload, idempotency_key: None, device_time_us: None };
-    match ingress.submit(message).await {
+    let publish = MqttPublish { topic: &topic, payload, qos, retain, key: None };
+    match ingress.submit_mqtt(publish).await {
         Ok(sent) => Box::pin(async move {
-            match ingress.stored(sent, Source::Mqtt).await {
-                Ok(_) => {
-                    if let Some((fanout, payload)) = fanned {
-                        if fanout.try_send((topic, payload)).is_err() {
-                            metrics::counter!("fluxmesh_mqtt_fanout_dropped_total").increment(1);
-                        }
-                    }
-                    (reply, Outcome::Stored)
-                }
+            match ingress.stored_mqtt(sent).await {
+                Ok(_) => (reply, Outcome::Stored),
                 Err(e) => (reply, Outcome::Failed(e)),
             }
         }),

@@ -1,27 +1,33 @@
-//! The MQTT front end: our own listener and per-connection state machine
-//! in front of rumqttd's router.
+//! The MQTT front end: our own listener, per-connection state machine and
+//! mesh-wide subscriptions.
 //!
-//! Each device connection is served by one task ([`connection`]) that reads
-//! packets with rumqttc's MQTT 3.1.1 codec and hands every PUBLISH to
-//! [`crate::ingress::Ingress`]. The PUBACK (QoS1) or PUBREC (QoS2) is sent
-//! only after JetStream has acknowledged the message, and in the order the
-//! publishes arrived. While a connection has `mqtt.max_inflight` messages
-//! waiting for their acks, or the node's publish window is full, the task
-//! stops reading its socket: devices feel TCP backpressure, and nothing
-//! piles up unacknowledged in memory.
+//! Each connection is served by one task ([`connection`]) that reads
+//! packets with rumqttc's MQTT 3.1.1 codec. Every PUBLISH goes to
+//! [`crate::ingress::Ingress`]: device topics (`devices/{id}/…`) to their
+//! shard's telemetry stream, other topics (plain pub/sub, where
+//! `mqtt.plain_topics` allows) to the message stream. The PUBACK (QoS1) or
+//! PUBREC (QoS2) is sent only after JetStream has acknowledged the message,
+//! and in the order the publishes arrived. While a connection has
+//! `mqtt.max_inflight` messages waiting for their acks, or the node's
+//! publish window is full, the task stops reading its socket: devices feel
+//! TCP backpressure, and nothing piles up unacknowledged in memory.
 //!
 //! A device authenticates in its CONNECT ([`crate::auth`]), and every
 //! PUBLISH and SUBSCRIBE is checked against its ACL before anything else
 //! happens to it. Plain TCP (`mqtt.listen`) and TLS (`mqtt.tls_listen`,
 //! rustls) listeners share one connection limit (`mqtt.max_connections`).
 //!
-//! rumqttd's router (its own thread) serves subscriptions: a connection that
-//! SUBSCRIBEs gets a rumqttd local link, and what the router forwards to it
-//! is written to the socket at QoS 0. With `mqtt.local_fanout` on, device
-//! publishes, once stored, are also handed to the router (best effort, QoS 0) so that MQTT
-//! subscribers on the same node see them.
+//! Subscriptions span the mesh ([`broker`]): the node reads back from the
+//! streams what any node stored and sends each subscriber what matches its
+//! filters, at the QoS it was granted (0, 1 or 2). rumqttd's router is not
+//! used for this: its deliveries come from its own in-memory log, which
+//! holds only this node's publishes, acknowledges before storing, and has
+//! no stream positions a session could resume from on another node.
 
+mod broker;
 mod connection;
+mod topics;
+pub mod wills;
 
 use crate::auth::Authenticator;
 use crate::config::{IngestConfig, MqttConfig};
@@ -45,8 +51,6 @@ pub enum MqttError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot attach to the MQTT router: {0}")]
-    Link(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -59,14 +63,14 @@ pub(crate) struct Shared {
     pub auth: Arc<Authenticator>,
     /// Each connection's message rate (`ingest.device_rate_per_sec`).
     pub quota: Option<governor::Quota>,
-    /// Makes rumqttd links for connections that subscribe.
-    pub router: RouterHandle,
+    /// The node's subscriptions, served from the streams.
+    pub broker: Arc<broker::Broker>,
+    /// Keeps and publishes the sessions' wills.
+    pub wills: Arc<wills::Wills>,
     /// Live sessions on this node by client id, for takeover.
     pub sessions: Mutex<HashMap<String, Session>>,
     /// Ends every connection (graceful: pending acks are still sent).
     pub stop: CancellationToken,
-    /// Best-effort fan-out of device publishes into the router.
-    pub fanout: Option<std::sync::mpsc::SyncSender<(String, bytes::Bytes)>>,
     /// Where this node announces new sessions, for cluster-wide takeover.
     pub sessions_bus: SessionBus,
     /// Client ids that just subscribed to their command topic (queued
@@ -200,34 +204,6 @@ async fn watch_sessions(shared: Arc<Shared>) {
     }
 }
 
-/// Both ends of a rumqttd local link.
-pub(crate) type LinkPair = (rumqttd::local::LinkTx, rumqttd::local::LinkRx);
-type BuildLink = dyn Fn(&str, bool) -> Result<LinkPair, String> + Send + Sync;
-
-/// rumqttd's router channel. Its type names rumqttd's private `Event`, so
-/// it is kept behind a closure that builds links.
-pub(crate) struct RouterHandle {
-    build: Box<BuildLink>,
-}
-
-impl RouterHandle {
-    /// A new rumqttd link for one connection of device `client_id`.
-    /// Blocks briefly on the router's channel: call it from a blocking
-    /// context. The connection ends the link when it closes.
-    ///
-    /// In the router the link is named `d:{client_id}:{serial}`, unique per
-    /// link: the router replaces a link when another connects with its
-    /// name, so no device may take the name of the node's own links
-    /// (`fluxmesh-fanout`), and a connection ending its link never ends a
-    /// newer connection's. Links are clean sessions: the router keeps
-    /// nothing for a device after its connection.
-    pub fn link(&self, client_id: &str) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
-        static LINKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let serial = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (self.build)(&format!("d:{client_id}:{serial}"), true)
-    }
-}
-
 /// The running front end.
 #[derive(Debug)]
 pub struct MqttServer {
@@ -252,7 +228,7 @@ impl MqttServer {
     }
 }
 
-/// Binds the listener, starts rumqttd's router and the accept loop. Every
+/// Binds the listeners and starts the accept loops. Every
 /// task goes into `tasks` and ends when `stop` fires; connections finish
 /// sending the acks they owe first.
 #[allow(clippy::too_many_arguments)]
@@ -261,6 +237,7 @@ pub async fn start(
     ingest: &IngestConfig,
     auth: Arc<Authenticator>,
     ingress: Ingress,
+    wills: Arc<wills::Wills>,
     sessions_bus: SessionBus,
     cmd_ready: tokio::sync::mpsc::Sender<String>,
     stop: CancellationToken,
@@ -274,63 +251,17 @@ pub async fn start(
     };
     let tcp = if cfg.tcp_enabled { Some(bind(cfg.listen).await?) } else { None };
 
-    let router = rumqttd::Router::new(
-        0,
-        rumqttd::RouterConfig {
-            // Links are made only for connections that subscribe, plus one
-            // for fan-out.
-            max_connections: cfg.max_connections + 1,
-            max_outgoing_packet_count: 200,
-            max_segment_size: cfg.buffer_segment_bytes,
-            max_segment_count: cfg.buffer_segments,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-    );
-    let router_tx = router.spawn();
-
-    let fanout = if cfg.local_fanout {
-        let (mut link_tx, _link_rx, _) = rumqttd::local::LinkBuilder::new("fluxmesh-fanout", router_tx.clone())
-            .build()
-            .map_err(|e| MqttError::Link(e.to_string()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, bytes::Bytes)>(4096);
-        // A plain thread: rumqttd's link API blocks on its channel. It ends
-        // when every sender (the connections and `Shared`) is gone.
-        std::thread::Builder::new()
-            .name("fluxmesh-fanout".into())
-            .spawn(move || {
-                while let Ok((topic, payload)) = rx.recv() {
-                    if link_tx.publish(topic, payload).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| MqttError::Link(e.to_string()))?;
-        Some(tx)
-    } else {
-        None
-    };
-
-    let router = RouterHandle {
-        build: Box::new(move |client_id, clean| {
-            let (tx, rx, _connack) = rumqttd::local::LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean)
-                .build()
-                .map_err(|e| e.to_string())?;
-            Ok((tx, rx))
-        }),
-    };
+    let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, stop.clone(), tasks.clone());
     let shared = Arc::new(Shared {
         ingress,
         config: cfg.clone(),
         max_payload: ingest.max_payload_bytes,
         auth,
         quota: crate::limits::quota(ingest.device_rate_per_sec, ingest.device_burst),
-        router,
+        broker,
+        wills,
         sessions: Mutex::new(HashMap::new()),
         stop: stop.clone(),
-        fanout,
         sessions_bus,
         cmd_ready,
     });

@@ -79,6 +79,8 @@ pub struct Device {
     pub subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
     /// The QoS of each message received, in the order of `received`.
     pub received_qos: Arc<Mutex<Vec<rumqttc::QoS>>>,
+    /// The retain flag of each message received, in the order of `received`.
+    pub received_retain: Arc<Mutex<Vec<bool>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -103,8 +105,10 @@ impl Device {
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>> = Arc::default();
         let received_qos: Arc<Mutex<Vec<rumqttc::QoS>>> = Arc::default();
+        let received_retain: Arc<Mutex<Vec<bool>>> = Arc::default();
         let (acked2, connected2, received2, alive2, subacks2, received_qos2) =
             (acked.clone(), connected.clone(), received.clone(), alive.clone(), subacks.clone(), received_qos.clone());
+        let received_retain2 = received_retain.clone();
         let task = tokio::spawn(async move {
             // Publishes leave in the order they were queued, so the n-th
             // outgoing publish carries sequence n.
@@ -131,6 +135,7 @@ impl Device {
                         let mut received = received2.lock().expect("lock");
                         received.push((p.topic.clone(), p.payload.to_vec()));
                         received_qos2.lock().expect("lock").push(p.qos);
+                        received_retain2.lock().expect("lock").push(p.retain);
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -140,7 +145,8 @@ impl Device {
                 }
             }
         });
-        let device = Device { client, acked, connected, received, alive, subacks, received_qos, _task: task };
+        let device =
+            Device { client, acked, connected, received, alive, subacks, received_qos, received_retain, _task: task };
         let connected = device.connected.clone();
         wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);
@@ -171,6 +177,47 @@ impl Device {
         })
         .await
         .expect("the node closes the connection");
+    }
+
+    /// Waits until `n` SUBACKs have arrived; returns their codes.
+    pub async fn wait_subacks(&self, n: usize) -> Vec<Vec<rumqttc::SubscribeReasonCode>> {
+        let subacks = self.subacks.clone();
+        wait_for(Duration::from_secs(30), &format!("{n} SUBACKs"), || {
+            let got = subacks.lock().expect("lock").clone();
+            async move { (got.len() >= n).then_some(got) }
+        })
+        .await
+        .expect("SUBACKs arrive")
+    }
+
+    /// Messages received on `topic`, with the QoS each came at.
+    pub fn received_on(&self, topic: &str) -> Vec<(Vec<u8>, rumqttc::QoS)> {
+        let received = self.received.lock().expect("lock");
+        let qos = self.received_qos.lock().expect("lock");
+        received.iter().zip(qos.iter()).filter(|((t, _), _)| t == topic).map(|((_, p), q)| (p.clone(), *q)).collect()
+    }
+
+    /// The retain flags of the messages received on `topic`, in order.
+    pub fn retain_flags_on(&self, topic: &str) -> Vec<bool> {
+        let received = self.received.lock().expect("lock");
+        let retain = self.received_retain.lock().expect("lock");
+        received.iter().zip(retain.iter()).filter(|((t, _), _)| t == topic).map(|(_, r)| *r).collect()
+    }
+
+    /// Waits until `n` messages have arrived on `topic`; returns them.
+    pub async fn wait_received(&self, topic: &str, n: usize) -> Vec<(Vec<u8>, rumqttc::QoS)> {
+        wait_for(Duration::from_secs(30), &format!("{n} messages on {topic}"), || {
+            let got = self.received_on(topic);
+            async move { (got.len() >= n).then_some(got) }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{n} messages on {topic}; got {}", self.received_on(topic).len()))
+    }
+
+    /// Drops the connection without DISCONNECT, as a device that loses
+    /// power or network would.
+    pub fn sever(&self) {
+        self._task.abort();
     }
 
     pub fn acked(&self) -> Vec<u64> {
@@ -217,12 +264,12 @@ pub async fn read_telemetry(client: &async_nats::Client) -> Vec<fluxmesh_schemas
 
 /// The node's /metrics text.
 pub async fn metrics(node: &Node) -> String {
-    reqwest::get(format!("http://{}/metrics", node.http_addr()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
+    metrics_at(node.http_addr()).await
+}
+
+/// /metrics of the node serving HTTP on `addr`.
+pub async fn metrics_at(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics")).await.expect("GET /metrics").text().await.expect("metrics body")
 }
 
 /// The value of one counter line of /metrics (0 if absent).
