@@ -73,6 +73,9 @@ pub struct MqttConfig {
     /// Topic filters under which plain topics (outside `devices/`) may be
     /// used; empty turns plain pub/sub off.
     pub plain_topics: Vec<String>,
+    /// Topic filters no client may publish to (refused and counted) or
+    /// subscribe within (SUBACK failure), device topics included.
+    pub deny_topics: Vec<String>,
     /// Serve plain MQTT on `listen`. Turn off when only TLS may be used.
     pub tcp_enabled: bool,
     /// Serve MQTT over TLS on `tls_listen`, with this PEM certificate chain
@@ -131,6 +134,7 @@ impl Default for MqttConfig {
             session_queue: 1000,
             max_inflight_out: 32,
             plain_topics: vec!["#".to_owned()],
+            deny_topics: Vec::new(),
             tcp_enabled: true,
             tls_enabled: false,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
@@ -274,9 +278,11 @@ impl Config {
         if self.mqtt.max_inflight_out == 0 {
             problems.push("mqtt.max_inflight_out: must be between 1 and 65535".to_owned());
         }
-        for filter in &self.mqtt.plain_topics {
-            if !rumqttc::mqttbytes::valid_filter(filter) {
-                problems.push(format!("mqtt.plain_topics: `{filter}` is not an MQTT topic filter"));
+        for (key, filters) in [("plain_topics", &self.mqtt.plain_topics), ("deny_topics", &self.mqtt.deny_topics)] {
+            for filter in filters {
+                if !rumqttc::mqttbytes::valid_filter(filter) {
+                    problems.push(format!("mqtt.{key}: `{filter}` is not an MQTT topic filter"));
+                }
             }
         }
         if self.mqtt.max_inflight == 0 {

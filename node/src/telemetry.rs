@@ -80,6 +80,10 @@ fn describe() {
         "fluxmesh_mqtt_deliveries_dropped_total",
         "Messages dropped for an MQTT subscriber because its queue (mqtt.session_queue) was full."
     );
+    describe_counter!(
+        "fluxmesh_mqtt_denied_topics_total",
+        "Publishes and subscriptions refused by mqtt.deny_topics, by action."
+    );
     describe_counter!("fluxmesh_mqtt_wills_published_total", "MQTT wills published, by why the connection ended.");
     describe_counter!(
         "fluxmesh_mqtt_will_publish_failed_total",

@@ -123,22 +123,30 @@ async fn wildcards_overlaps_and_unsubscribe() {
     node.shutdown().await;
 }
 
-/// An operator can keep plain topics to some filters: a publish outside
-/// them is refused (acknowledged, counted, stored nowhere), and devices
-/// that authenticate with a secret need a grant for plain topics.
+/// An operator can keep plain topics to some filters and deny topics
+/// outright: a publish outside them is refused (acknowledged, counted,
+/// stored nowhere), and a subscription within a denied filter fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_topics_follow_config() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let node = start_node(&[nats.url()], |c| c.mqtt.plain_topics = vec!["public/#".to_owned()]).await;
+    let node = start_node(&[nats.url()], |c| {
+        c.mqtt.plain_topics = vec!["public/#".to_owned()];
+        c.mqtt.deny_topics = vec!["public/secret/#".to_owned()];
+    })
+    .await;
     let watcher = Device::connect(node.mqtt_addr(), "cfg-watcher").await;
     watcher.client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
-    watcher.wait_subacks(1).await;
+    watcher.client.subscribe("public/secret/+", QoS::AtLeastOnce).await.expect("subscribe");
+    let codes = watcher.wait_subacks(2).await;
+    assert_eq!(codes[1], vec![SubscribeReasonCode::Failure], "a filter within mqtt.deny_topics is refused");
     let publisher = Device::connect(node.mqtt_addr(), "cfg-pub").await;
     publisher.publish("private/x", b"no".to_vec()).await;
+    publisher.publish("public/secret/x", b"no".to_vec()).await;
     publisher.publish("public/x", b"yes".to_vec()).await;
-    publisher.wait_acked(2).await;
+    publisher.wait_acked(3).await;
     watcher.wait_received("public/x", 1).await;
     assert!(watcher.received_on("private/x").is_empty(), "a refused plain topic reached a subscriber");
+    assert!(watcher.received_on("public/secret/x").is_empty(), "a denied topic reached a subscriber");
     let client = nats.client().await.expect("client");
     wait_for(Duration::from_secs(10), "one plain message stored", || {
         let client = client.clone();
@@ -152,6 +160,8 @@ async fn plain_topics_follow_config() {
         1.0,
         "{m}"
     );
+    assert_eq!(common::counter(&m, "fluxmesh_mqtt_denied_topics_total{action=\"publish\"}"), 1.0, "{m}");
+    assert_eq!(common::counter(&m, "fluxmesh_mqtt_denied_topics_total{action=\"subscribe\"}"), 1.0, "{m}");
     node.shutdown().await;
 }
 

@@ -400,7 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn accept_will(&mut self, will: rumqttc::LastWill) -> Result<(super::wills::Will, u64), End> {
         let topic_ok = DeviceTopic::parse(&will.topic).is_ok()
             || (PlainTopic::parse(&will.topic).is_ok() && self.plain_allowed(&will.topic));
-        let allowed = topic_ok && self.grant.may_publish(&will.topic) && will.message.len() <= self.shared.max_payload;
+        let allowed = topic_ok
+            && !self.topic_denied(&will.topic)
+            && self.grant.may_publish(&will.topic)
+            && will.message.len() <= self.shared.max_payload;
         if !allowed {
             if topic_ok {
                 self.acl_denied("will", &will.topic);
@@ -445,6 +448,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
         }
         self.shared.wills.clear(&self.client_id, seq).await;
+    }
+
+    /// Whether `mqtt.deny_topics` keeps every client off `topic`.
+    fn topic_denied(&self, topic: &str) -> bool {
+        self.shared.config.deny_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
     }
 
     /// Whether `mqtt.plain_topics` lets clients use plain topic `topic`.
@@ -654,8 +662,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Packet::Subscribe(sub) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 for filter in &sub.filters {
-                    let allowed = self.grant.may_subscribe(&filter.path);
-                    if !allowed {
+                    let denied =
+                        self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(&filter.path, d));
+                    let allowed = !denied && self.grant.may_subscribe(&filter.path);
+                    if denied {
+                        metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "subscribe").increment(1);
+                        tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
+                    } else if !allowed {
                         self.acl_denied("subscribe", &filter.path);
                     }
                     let granted = match allowed && valid_filter(&filter.path) {
@@ -727,6 +740,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // submitted; the ACL and `mqtt.plain_topics` judge the others.
         let device = DeviceTopic::parse(&publish.topic).is_ok();
         let plain = !device && PlainTopic::parse(&publish.topic).is_ok();
+        if self.topic_denied(&publish.topic) {
+            metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "publish").increment(1);
+            tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish refused by mqtt.deny_topics");
+            self.pending.push_back(settled(reply, Outcome::Refused));
+            return Ok(());
+        }
         if plain && !self.plain_allowed(&publish.topic) {
             metrics::counter!("fluxmesh_ingest_rejected_total", "source" => "mqtt", "reason" => "plain_topic_off")
                 .increment(1);
