@@ -35,6 +35,9 @@ pub struct NatsConfig {
     /// longest an offline persistent session can be away and still get
     /// them.
     pub messages_max_age_secs: u64,
+    /// How long a persistent MQTT session is kept after it last changed
+    /// (its client connected, subscribed or received).
+    pub sessions_max_age_secs: u64,
     /// Publishes awaiting their JetStream ack, at most, per node. When full,
     /// ingress waits (backpressure); nothing is dropped.
     pub publish_window: usize,
@@ -77,6 +80,7 @@ impl Default for NatsConfig {
             telemetry_max_age_secs: 7 * 24 * 3600,
             events_max_age_secs: 7 * 24 * 3600,
             messages_max_age_secs: 24 * 3600,
+            sessions_max_age_secs: 7 * 24 * 3600,
             publish_window: 2048,
             ack_timeout_ms: 5000,
             publish_attempts: 5,

@@ -71,6 +71,8 @@ pub struct Provisioned {
     pub retained_stream: String,
     /// The wills of live MQTT sessions.
     pub will_stream: String,
+    /// Persistent MQTT sessions.
+    pub session_stream: String,
 }
 
 impl Provisioned {
@@ -167,6 +169,23 @@ pub async fn provision(
         ..Default::default()
     };
     ensure_stream(js, wills, &subjects).await?;
+    let session_stream = subjects.session_stream();
+    let sessions = stream::Config {
+        name: session_stream.clone(),
+        description: Some(
+            "fluxmesh: persistent MQTT sessions (subscriptions and stream positions; empty: none)".to_owned(),
+        ),
+        subjects: vec![subjects.sessions_all()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        // A session untouched this long is gone (its client never came back).
+        max_age: Duration::from_secs(cfg.sessions_max_age_secs),
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    };
+    ensure_stream(js, sessions, &subjects).await?;
 
     Ok(Provisioned {
         subjects,
@@ -178,6 +197,7 @@ pub async fn provision(
         message_stream,
         retained_stream,
         will_stream,
+        session_stream,
     })
 }
 

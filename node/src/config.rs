@@ -76,6 +76,10 @@ pub struct MqttConfig {
     /// Topic filters no client may publish to (refused and counted) or
     /// subscribe within (SUBACK failure), device topics included.
     pub deny_topics: Vec<String>,
+    /// How often a persistent session's progress (cursors) is stored while
+    /// it moves. A node killed loses at most this much: those messages are
+    /// sent again.
+    pub session_save_interval_ms: u64,
     /// Serve plain MQTT on `listen`. Turn off when only TLS may be used.
     pub tcp_enabled: bool,
     /// Serve MQTT over TLS on `tls_listen`, with this PEM certificate chain
@@ -135,6 +139,7 @@ impl Default for MqttConfig {
             max_inflight_out: 32,
             plain_topics: vec!["#".to_owned()],
             deny_topics: Vec::new(),
+            session_save_interval_ms: 1000,
             tcp_enabled: true,
             tls_enabled: false,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
@@ -271,6 +276,9 @@ impl Config {
         }
         if self.mqtt.max_connections == 0 {
             problems.push("mqtt.max_connections: must be at least 1".to_owned());
+        }
+        if !(10..=60_000).contains(&self.mqtt.session_save_interval_ms) {
+            problems.push("mqtt.session_save_interval_ms: must be between 10 and 60000".to_owned());
         }
         if self.mqtt.session_queue == 0 {
             problems.push("mqtt.session_queue: must be at least 1".to_owned());

@@ -85,6 +85,12 @@ fn describe() {
         "Publishes and subscriptions refused by mqtt.deny_topics, by action."
     );
     describe_counter!("fluxmesh_mqtt_wills_published_total", "MQTT wills published, by why the connection ended.");
+    describe_counter!("fluxmesh_mqtt_sessions_resumed_total", "Persistent MQTT sessions that came back.");
+    describe_counter!("fluxmesh_mqtt_replayed_total", "Messages sent to resumed sessions from the streams.");
+    describe_counter!("fluxmesh_mqtt_replay_failed_total", "Resumed sessions' stream replays that failed.");
+    describe_counter!("fluxmesh_mqtt_session_saves_total", "Persistent session records written.");
+    describe_counter!("fluxmesh_mqtt_session_save_failed_total", "Persistent session record writes that failed.");
+    describe_counter!("fluxmesh_mqtt_sessions_corrupt_total", "Unreadable persistent session records.");
     describe_counter!(
         "fluxmesh_mqtt_will_publish_failed_total",
         "MQTT wills that could not be published (the record stays for another node)."

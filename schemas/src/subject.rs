@@ -9,6 +9,7 @@
 //! | JSON mirror | `{prefix}.json.{tel or evt}.{...same tokens...}` | none (core NATS) |
 //! | commands | `{prefix}.cmd.{device}` | none (request/reply) |
 //! | plain MQTT topics | `{prefix}.msg.{level...}` | `{PREFIX}_MSG` |
+//! | persistent MQTT sessions | `{prefix}.sess.{client id}` | `{PREFIX}_SESSIONS`, one per subject |
 //! | MQTT wills of live sessions | `{prefix}.will.{node}.{incarnation}.{client id}` | `{PREFIX}_WILLS`, one per subject |
 //! | retained messages | `{prefix}.ret.{level...}` (every level of the topic) | `{PREFIX}_RETAINED`, one per subject |
 //!
@@ -374,6 +375,22 @@ impl Subjects {
     /// `{prefix}.msg.>`: every plain topic.
     pub fn message_filter(&self) -> String {
         format!("{}.msg.>", self.prefix)
+    }
+
+    /// `{PREFIX}_SESSIONS`: persistent MQTT sessions (subscriptions and
+    /// stream positions).
+    pub fn session_stream(&self) -> String {
+        resource_name(&self.prefix, "SESSIONS")
+    }
+
+    /// `{prefix}.sess.{client}`: the persistent session of `client`.
+    pub fn session(&self, client: &str) -> String {
+        format!("{}.sess.{}", self.prefix, escape_token(client))
+    }
+
+    /// `{prefix}.sess.>`.
+    pub fn sessions_all(&self) -> String {
+        format!("{}.sess.>", self.prefix)
     }
 
     /// `{PREFIX}_WILLS`: the will of every live MQTT session that has one.

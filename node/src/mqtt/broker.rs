@@ -26,6 +26,7 @@ use fluxmesh_mesh::Mesh;
 use fluxmesh_schemas::frame::{self, ArchivedBody};
 use fluxmesh_schemas::subject::DEVICE_TOPIC_ROOT;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
@@ -51,6 +52,9 @@ pub(crate) struct Outgoing {
     pub qos: u8,
     /// Sent with the retain flag: a retained message, on subscribe.
     pub retain: bool,
+    /// The stream and sequence it was read from (not for retained
+    /// messages): how a persistent session tracks what it was sent.
+    pub origin: Option<(Arc<str>, u64)>,
 }
 
 /// A session's queue of messages to send.
@@ -109,6 +113,9 @@ pub(crate) struct Broker {
     node_id: String,
     tree: RwLock<FilterTree<u64, Sub>>,
     feeds: tokio::sync::Mutex<HashSet<Feed>>,
+    /// Per stream read by a feed: the sequence of the last message it
+    /// handed to the sessions.
+    positions: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     metrics: BrokerMetrics,
@@ -122,6 +129,7 @@ impl Broker {
             node_id,
             tree: RwLock::new(FilterTree::default()),
             feeds: tokio::sync::Mutex::new(HashSet::new()),
+            positions: std::sync::Mutex::new(std::collections::HashMap::new()),
             stop,
             tasks,
             metrics: BrokerMetrics {
@@ -191,7 +199,7 @@ impl Broker {
             }
             let qos = stored_qos(stored.headers.as_ref());
             let message = Arc::new(Message { topic, payload: stored.payload.clone(), qos });
-            found.push(Outgoing { message, qos: granted.min(qos), retain: true });
+            found.push(Outgoing { message, qos: granted.min(qos), retain: true, origin: None });
             Ok(())
         })
         .await;
@@ -202,6 +210,45 @@ impl Broker {
             tracing::warn!(%filter, over, limit, "more retained messages match than a session queue holds; the rest were not sent");
         }
         Ok(found)
+    }
+
+    /// The streams a subscription to `filter` can receive from, by name.
+    pub fn streams_for(&self, filter: &str) -> Vec<String> {
+        self.feeds_for(filter).into_iter().map(|f| self.stream_of(f).to_owned()).collect()
+    }
+
+    /// The sequence of the last message of `stream` this node's feed has
+    /// handed to its sessions, if it reads that stream.
+    pub fn position(&self, stream: &str) -> Option<u64> {
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        positions.get(stream).map(|p| p.load(Ordering::Acquire))
+    }
+
+    /// The sequence of the last message stored in `stream`.
+    pub async fn last_seq(&self, stream: &str) -> Result<u64, FeedError> {
+        let err = |e: async_nats::Error| FeedError::Stream { stream: stream.to_owned(), source: e };
+        let mut s = self.mesh.js().get_stream(stream).await.map_err(|e| err(e.into()))?;
+        Ok(s.info().await.map_err(|e| err(e.into()))?.state.last_sequence)
+    }
+
+    /// A reader of `stream` from sequence `from` on, for one session's
+    /// replay (named after it).
+    pub async fn replay_reader(&self, stream: &str, from: u64, session: u64) -> Result<ShardReader, FeedError> {
+        let consumer = format!("replay-{}-{session}", self.node_id);
+        ShardReader::open(self.mesh.js(), stream, String::new(), consumer, from, FEED_BATCH)
+            .await
+            .map_err(|source| FeedError::Reader { stream: stream.to_owned(), source })
+    }
+
+    /// The MQTT message a message read from `stream` carries.
+    pub fn decode_from(
+        &self,
+        stream: &str,
+        stored: &async_nats::jetstream::Message,
+        scratch: &mut frame::AlignedVec,
+    ) -> Option<Message> {
+        let telemetry = stream != self.mesh.layout().message_stream;
+        self.decode(telemetry, stored, scratch)
     }
 
     /// The streams a subscription to `filter` can receive from.
@@ -233,6 +280,11 @@ impl Broker {
             }
             let reader = self.open(feed).await?;
             running.insert(feed);
+            let start = reader.next_seq().saturating_sub(1);
+            self.positions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(self.stream_of(feed).to_owned(), Arc::new(AtomicU64::new(start)));
             tracing::info!(stream = %self.stream_of(feed), "reading the stream for this node's MQTT subscribers");
             self.tasks.spawn(self.clone().run(feed, reader));
         }
@@ -263,16 +315,28 @@ impl Broker {
     /// sessions it matches.
     async fn run(self: Arc<Self>, feed: Feed, mut reader: ShardReader) {
         let mut scratch = frame::AlignedVec::new();
+        let stream: Arc<str> = self.stream_of(feed).into();
+        let position = {
+            let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+            positions.get(&*stream).cloned().unwrap_or_default()
+        };
         loop {
             let next = tokio::select! {
                 _ = self.stop.cancelled() => break,
                 next = reader.next() => next,
             };
             match next {
-                Ok(message) => {
+                Ok(stored) => {
                     self.metrics.read.increment(1);
-                    if let Some(message) = self.decode(feed, &message, &mut scratch) {
-                        self.dispatch(message);
+                    let seq = stored.info().map(|i| i.stream_sequence).ok();
+                    let telemetry = matches!(feed, Feed::Telemetry(_));
+                    if let Some(message) = self.decode(telemetry, &stored, &mut scratch) {
+                        self.dispatch(message, seq.map(|s| (stream.clone(), s)));
+                    }
+                    // After the dispatch: a session that sees this position
+                    // and an empty queue has been sent all it matched.
+                    if let Some(seq) = seq {
+                        position.store(seq, Ordering::Release);
                     }
                 }
                 Err(e) => {
@@ -294,7 +358,7 @@ impl Broker {
     /// not one this node can read.
     fn decode(
         &self,
-        feed: Feed,
+        telemetry: bool,
         stored: &async_nats::jetstream::Message,
         scratch: &mut frame::AlignedVec,
     ) -> Option<Message> {
@@ -305,22 +369,23 @@ impl Broker {
         };
         let Ok(topic) = self.mesh.subjects().mqtt_topic(&stored.subject) else { return bad("subject") };
         let qos = stored_qos(stored.headers.as_ref());
-        let payload = match feed {
-            Feed::Messages => stored.payload.clone(),
-            Feed::Telemetry(_) => match frame::access(&stored.payload, scratch) {
+        let payload = if telemetry {
+            match frame::access(&stored.payload, scratch) {
                 Ok(f) => match &f.body {
                     ArchivedBody::Telemetry { payload } => Bytes::copy_from_slice(payload.as_slice()),
                     _ => return bad("not_telemetry"),
                 },
                 Err(_) => return bad("frame"),
-            },
+            }
+        } else {
+            stored.payload.clone()
         };
         Some(Message { topic, payload, qos })
     }
 
     /// Queues `message` once for every session with a matching
     /// subscription, at the highest QoS among them.
-    fn dispatch(&self, message: Message) {
+    fn dispatch(&self, message: Message, origin: Option<(Arc<str>, u64)>) {
         let message = Arc::new(message);
         let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
         let mut targets: Vec<(u64, u8, &Outbox)> = Vec::new();
@@ -330,7 +395,12 @@ impl Broker {
         targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         targets.dedup_by_key(|t| t.0);
         for (_, granted, outbox) in targets {
-            let out = Outgoing { message: message.clone(), qos: granted.min(message.qos), retain: false };
+            let out = Outgoing {
+                message: message.clone(),
+                qos: granted.min(message.qos),
+                retain: false,
+                origin: origin.clone(),
+            };
             match outbox.try_send(out) {
                 Ok(()) => self.metrics.queued.increment(1),
                 Err(TrySendError::Full(_)) => self.metrics.dropped.increment(1),

@@ -79,6 +79,11 @@ pub struct OutCommand {
 
 static SERIALS: AtomicU64 = AtomicU64::new(1);
 
+/// How far the streams may move past a persistent session's cursor, with
+/// nothing for it, before the cursor is stored again (what a resume has to
+/// read through).
+const IDLE_SAVE_GAP: u64 = 10_000;
+
 /// Commands waiting to be written to one connection, at most; the sender
 /// waits when it is full.
 const COMMAND_QUEUE: usize = 64;
@@ -156,6 +161,7 @@ enum End {
     NotStored(IngestError),
     Denied(Denied),
     WillNotKept(super::wills::WillError),
+    Session(super::sessions::SessionError),
 }
 
 impl End {
@@ -172,6 +178,7 @@ impl End {
             End::Stopped => "node_stopping",
             End::NotStored(_) => "not_stored",
             End::WillNotKept(_) => "will_not_kept",
+            End::Session(_) => "session_unavailable",
         }
     }
 }
@@ -182,6 +189,8 @@ struct OutFlight {
     qos: QoS,
     /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
     released: bool,
+    /// Where it was read from, for a persistent session's cursors.
+    origin: Option<(Arc<str>, u64)>,
 }
 
 struct Conn<S> {
@@ -215,9 +224,16 @@ struct Conn<S> {
     out_inflight: std::collections::HashMap<u16, OutFlight>,
     /// The will given at CONNECT and its record's stream sequence.
     will: Option<(super::wills::Will, u64)>,
-    /// Retained messages found for new subscriptions, sent after the
-    /// SUBACK (at most `mqtt.session_queue`).
-    retained: VecDeque<Outgoing>,
+    /// Messages to send before the outbox's: retained messages for new
+    /// subscriptions (after the SUBACK, at most `mqtt.session_queue`) and
+    /// what a resumed session's replay read.
+    ready: VecDeque<Outgoing>,
+    /// A persistent session's stored state and progress (clean session 0).
+    persist: Option<super::sessions::Persist>,
+    /// A resumed session's replay, one stream at a time.
+    replay: VecDeque<super::sessions::Replay>,
+    /// Live messages at or below these sequences came by the replay.
+    replay_floor: std::collections::HashMap<Arc<str>, u64>,
     /// Commands for this device, from the node's command service.
     commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
     cmd_ready: Arc<std::sync::atomic::AtomicBool>,
@@ -268,7 +284,10 @@ where
         outbox: None,
         subscriptions: Default::default(),
         out_inflight: Default::default(),
-        retained: VecDeque::new(),
+        ready: VecDeque::new(),
+        persist: None,
+        replay: VecDeque::new(),
+        replay_floor: Default::default(),
         will: None,
         commands: None,
         cmd_ready: Arc::default(),
@@ -295,6 +314,8 @@ where
     let end = conn.run(&session).await;
     conn.closed(&end);
     conn.leave_broker();
+    conn.save_session(true).await;
+    conn.close_replay().await;
     conn.end_will(&end).await;
     let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
@@ -343,6 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Some(will) = connect.last_will {
             self.will = Some(self.accept_will(will).await?);
         }
+        self.open_session().await?;
 
         let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
         self.commands = Some(commands_rx);
@@ -369,9 +391,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             previous.end.cancel();
         }
         self.shared.sessions_bus.announce(&self.client_id, session.connected_us).await;
-        self.write(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+        let present = self.persist.as_ref().is_some_and(|p| p.present);
+        self.write(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, present)));
         self.flush().await?;
-        tracing::debug!(client = %self.client_id, peer = %self.peer, "MQTT connected");
+        tracing::debug!(client = %self.client_id, peer = %self.peer, present, "MQTT connected");
+        if present {
+            self.resume().await;
+        }
         Ok(session)
     }
 
@@ -391,6 +417,228 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         self.refuse(code).await;
         Err(End::Denied(denied))
+    }
+
+    /// Clean session: forgets any stored session of the client id.
+    /// Persistent: loads it (CONNACK's session present tells whether there
+    /// was one). Unreadable: CONNACK "server unavailable".
+    async fn open_session(&mut self) -> Result<(), End> {
+        use super::sessions::{Persist, SessionError, SessionRecord};
+        let store = &self.shared.session_store;
+        let loaded = match store.load(&self.client_id).await {
+            Ok(loaded) => loaded,
+            Err(SessionError::Corrupt { client, source }) => {
+                metrics::counter!("fluxmesh_mqtt_sessions_corrupt_total").increment(1);
+                tracing::warn!(%client, error = %source, "stored session unreadable; starting a new one");
+                None
+            }
+            Err(e) => {
+                self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                return Err(End::Session(e));
+            }
+        };
+        if self.clean {
+            if loaded.is_some() {
+                if let Err(e) = store.discard(&self.client_id).await {
+                    self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                    return Err(End::Session(e));
+                }
+            }
+            return Ok(());
+        }
+        self.persist = Some(match loaded {
+            Some((record, seq)) => Persist::new(record, Some(seq)),
+            None => {
+                // Stored now, so that the next CONNECT finds the session
+                // even if this one subscribes to nothing.
+                let mut record = SessionRecord::default();
+                match store.save(&self.client_id, &mut record, None).await {
+                    Ok(seq) => Persist { present: false, ..Persist::new(record, Some(seq)) },
+                    Err(e) => {
+                        self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                        return Err(End::Session(e));
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A persistent session comes back: its subscriptions go into the
+    /// broker again (live messages flow from now on), and each stream is
+    /// replayed from the session's cursor up to where the stream ends now.
+    /// Live messages wait in the outbox until the replay is done; those the
+    /// replay covered are skipped.
+    async fn resume(&mut self) {
+        let Some(persist) = &self.persist else { return };
+        let subs = persist.record.subs.clone();
+        let cursors = persist.record.cursors.clone();
+        metrics::counter!("fluxmesh_mqtt_sessions_resumed_total").increment(1);
+        let mut streams = std::collections::BTreeSet::new();
+        for (filter, qos) in subs {
+            let qos = qos_of(qos);
+            // Rights can change while a session is away.
+            let denied = self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(&filter, d));
+            if denied || !self.grant.may_subscribe(&filter) {
+                tracing::info!(client = %self.client_id, %filter, "a stored subscription is no longer allowed; dropped");
+                if let Some(p) = &mut self.persist {
+                    p.record.subs.remove(&filter);
+                    p.subs_changed = true;
+                }
+                continue;
+            }
+            if self.activate(&filter, qos).await.is_none() {
+                continue;
+            }
+            streams.extend(self.shared.broker.streams_for(&filter));
+        }
+        for stream in streams {
+            let Some(&cursor) = cursors.get(&stream) else { continue };
+            let end = match self.shared.broker.last_seq(&stream).await {
+                Ok(end) => end,
+                Err(e) => {
+                    metrics::counter!("fluxmesh_mqtt_replay_failed_total").increment(1);
+                    tracing::warn!(client = %self.client_id, %stream, error = %fluxmesh_mesh::error_chain(&e),
+                        "cannot replay a stream for a resumed session; its missed messages are not sent");
+                    continue;
+                }
+            };
+            tracing::debug!(client = %self.client_id, %stream, cursor, end, "resuming a persistent session");
+            if cursor < end {
+                let stream: Arc<str> = stream.into();
+                self.replay_floor.insert(stream.clone(), end);
+                self.replay.push_back(super::sessions::Replay { stream, reader: None, next: cursor + 1, end });
+            }
+        }
+    }
+
+    /// Takes one message the replay read: queued if a subscription of the
+    /// session matches it, at the highest QoS granted among them.
+    async fn replayed(&mut self, read: Result<Option<async_nats::jetstream::Message>, super::broker::FeedError>) {
+        let stored = match read {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return,
+            Err(e) => {
+                metrics::counter!("fluxmesh_mqtt_replay_failed_total").increment(1);
+                tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e),
+                    "a resumed session's replay failed; the rest of that stream's missed messages are not sent");
+                if let Some(replay) = self.replay.pop_front() {
+                    self.replay_floor.remove(&replay.stream);
+                    if let Some(reader) = replay.reader {
+                        reader.close().await;
+                    }
+                }
+                return;
+            }
+        };
+        let Some(replay) = self.replay.front() else { return };
+        let stream = replay.stream.clone();
+        let end = replay.end;
+        let seq = stored.info().map(|i| i.stream_sequence).unwrap_or(end);
+        if seq <= end {
+            let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+            let message = self.shared.broker.decode_from(&stream, &stored, &mut scratch);
+            let granted = message.as_ref().and_then(|m| {
+                self.subscriptions
+                    .iter()
+                    .filter(|(filter, _)| super::topics::matches(&m.topic, filter))
+                    .map(|(_, qos)| *qos as u8)
+                    .max()
+            });
+            match (message, granted) {
+                (Some(message), Some(granted)) => {
+                    metrics::counter!("fluxmesh_mqtt_replayed_total").increment(1);
+                    let qos = granted.min(message.qos);
+                    let origin = Some((stream.clone(), seq));
+                    self.ready.push_back(Outgoing { message: Arc::new(message), qos, retain: false, origin });
+                }
+                _ => {
+                    if let Some(p) = &mut self.persist {
+                        p.scanned.insert(stream.clone(), seq);
+                    }
+                }
+            }
+        }
+        if seq >= end {
+            if let Some(done) = self.replay.pop_front() {
+                if let Some(reader) = done.reader {
+                    reader.close().await;
+                }
+            }
+        }
+    }
+
+    /// Deletes the replay's readers (best effort; they expire anyway).
+    async fn close_replay(&mut self) {
+        while let Some(replay) = self.replay.pop_front() {
+            if let Some(reader) = replay.reader {
+                reader.close().await;
+            }
+        }
+    }
+
+    /// Stores a persistent session's subscriptions and cursors if they
+    /// changed. `last`: the connection is ending, and a newer session with
+    /// the same client id may have written since (then this one's write is
+    /// refused, as it should be). While connected, a refused write means
+    /// another node wrote after this session loaded (an older session
+    /// ending): this one reloads the position and writes again.
+    async fn save_session(&mut self, last: bool) {
+        let Some(persist) = &self.persist else { return };
+        let pending = self
+            .out_inflight
+            .values()
+            .filter(|o| !o.released)
+            .filter_map(|o| o.origin.as_ref())
+            .chain(self.ready.iter().filter_map(|o| o.origin.as_ref()));
+        // Positions first, then the queue: what a position covers was
+        // queued before it was published.
+        let positions: std::collections::HashMap<String, u64> = persist
+            .record
+            .cursors
+            .keys()
+            .filter_map(|s| self.shared.broker.position(s).map(|p| (s.clone(), p)))
+            .collect();
+        let pending: Vec<_> = pending.collect();
+        let idle = self.replay.is_empty() && self.outbox.as_ref().is_some_and(|o| o.is_empty());
+        let delivered = persist.cursors(pending.iter().copied(), |_| None);
+        let cursors = persist.cursors(pending.into_iter(), |s| if idle { positions.get(s).copied() } else { None });
+        // Messages the session never matched move its cursors only now and
+        // then (and at the end): a session that receives nothing costs no
+        // writes, however busy the streams.
+        let far =
+            cursors.iter().any(|(s, c)| *c >= persist.record.cursors.get(s).copied().unwrap_or(0) + IDLE_SAVE_GAP);
+        let changed = delivered != persist.record.cursors || far || (last && cursors != persist.record.cursors);
+        if !changed && !persist.subs_changed && persist.seq.is_some() {
+            return;
+        }
+        let store = self.shared.session_store.clone();
+        let client = self.client_id.clone();
+        let Some(persist) = &mut self.persist else { return };
+        persist.record.cursors = cursors;
+        let mut result = store.save(&client, &mut persist.record, persist.seq).await;
+        if result.is_err() && !last {
+            if let Ok(current) = store.load(&client).await {
+                let expected = current.map(|(_, seq)| seq);
+                result = store.save(&client, &mut persist.record, expected).await;
+            }
+        }
+        match result {
+            Ok(seq) => {
+                persist.seq = Some(seq);
+                persist.subs_changed = false;
+                metrics::counter!("fluxmesh_mqtt_session_saves_total").increment(1);
+            }
+            Err(e) => {
+                metrics::counter!("fluxmesh_mqtt_session_save_failed_total").increment(1);
+                let level_debug = last;
+                if level_debug {
+                    tracing::debug!(%client, error = %fluxmesh_mesh::error_chain(&e), "final session save refused (a newer session took over?)");
+                } else {
+                    tracing::warn!(%client, error = %fluxmesh_mesh::error_chain(&e), "cannot store the session; retrying");
+                }
+            }
+        }
     }
 
     /// Checks a CONNECT's will like a publish (topic, plain topics, ACL,
@@ -476,6 +724,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn run(&mut self, session: &Session) -> End {
         let mut draining: Option<(Instant, End)> = None;
         let mut keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
+        let save_every = Duration::from_millis(self.shared.config.session_save_interval_ms);
+        let mut save_at = Instant::now() + save_every;
         loop {
             if let Err(end) = self.parse_and_handle(draining.is_some()).await {
                 return end;
@@ -484,7 +734,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 return end;
             }
             while draining.is_none() && self.out_room() {
-                let Some(out) = self.retained.pop_front() else { break };
+                let Some(out) = self.ready.pop_front() else { break };
                 self.write_delivery(out);
             }
             if let Err(end) = self.flush().await {
@@ -546,13 +796,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
                     Err(e) => return End::Io(e),
                 },
-                Some(out) = next_outgoing(&mut self.outbox), if draining.is_none() && self.out_room() => {
-                    self.write_delivery(out);
+                Some(out) = next_outgoing(&mut self.outbox), if draining.is_none() && self.replay.is_empty() && self.out_room() => {
+                    self.write_live(out);
                     // Take what else is queued, so it goes out in one write.
                     while self.out_room() {
                         let Some(Some(out)) = next_outgoing(&mut self.outbox).now_or_never() else { break };
-                        self.write_delivery(out);
+                        self.write_live(out);
                     }
+                }
+                read = next_replayed(&mut self.replay, &self.shared.broker, self.session_id), if draining.is_none() && !self.replay.is_empty() && self.ready.len() < usize::from(self.shared.config.max_inflight_out) => {
+                    self.replayed(read).await;
+                }
+                _ = tokio::time::sleep_until(save_at), if self.persist.is_some() && draining.is_none() => {
+                    self.save_session(false).await;
+                    save_at = Instant::now() + save_every;
                 }
                 Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT && self.out_room() => {
                     self.write_command(command);
@@ -691,7 +948,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     if self.subscriptions.remove(topic).is_some() {
                         self.shared.broker.unsubscribe(self.session_id, topic);
                     }
+                    if let Some(persist) = &mut self.persist {
+                        persist.subs_changed |= persist.record.subs.remove(topic).is_some();
+                    }
                 }
+                // Stored before the UNSUBACK, like a subscription.
+                self.save_session(false).await;
                 self.write(&Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
             }
             Packet::PingReq => self.write(&Packet::PingResp),
@@ -809,7 +1071,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         pkid
     }
 
-    /// Writes one message from the broker at the QoS it was given.
+    /// Writes one message from the outbox, unless a resumed session's
+    /// replay already sent it.
+    fn write_live(&mut self, out: Outgoing) {
+        if let Some((stream, seq)) = &out.origin {
+            if self.replay_floor.get(stream).is_some_and(|floor| seq <= floor) {
+                return;
+            }
+        }
+        self.write_delivery(out);
+    }
+
+    /// Writes one message at the QoS it was given.
     fn write_delivery(&mut self, out: Outgoing) {
         let qos = match out.qos {
             0 => QoS::AtMostOnce,
@@ -818,9 +1091,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         let mut publish = Publish::from_bytes(out.message.topic.as_str(), qos, out.message.payload.clone());
         publish.retain = out.retain;
+        if let (Some(persist), Some((stream, seq))) = (&mut self.persist, &out.origin) {
+            let written = persist.written.entry(stream.clone()).or_insert(0);
+            *written = (*written).max(*seq);
+        }
         if qos != QoS::AtMostOnce {
             publish.pkid = self.next_packet_id();
-            self.out_inflight.insert(publish.pkid, OutFlight { qos, released: false });
+            self.out_inflight.insert(publish.pkid, OutFlight { qos, released: false, origin: out.origin });
         }
         self.write(&Packet::Publish(publish));
         metrics::counter!("fluxmesh_mqtt_deliveries_total", "qos" => qos_label(qos)).increment(1);
@@ -835,23 +1112,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// filter (say `#`) is also a subscription in the node's broker.
     async fn subscribe(&mut self, filter: &str, requested: QoS) -> Option<QoS> {
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
-        let commands = rumqttc::mqttbytes::matches(&cmd_topic, filter);
-        let to_commands = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         if filter == cmd_topic {
+            let to_commands = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+            if self.persist.is_some() && !self.remember(filter, to_commands).await {
+                return None;
+            }
             self.commands_on(filter, to_commands);
             return Some(to_commands);
         }
-        let outbox = self.outbox_tx.clone()?;
-        let sub = Sub { qos: requested as u8, outbox };
-        if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
-            tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
-            metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+        if self.persist.is_some() && !self.remember(filter, requested).await {
             return None;
         }
-        self.subscriptions.insert(filter.to_owned(), requested);
-        let room = self.shared.config.session_queue.saturating_sub(self.retained.len());
+        self.activate(filter, requested).await?;
+        let room = self.shared.config.session_queue.saturating_sub(self.ready.len());
         match self.shared.broker.retained(filter, requested as u8, room).await {
-            Ok(found) => self.retained.extend(found),
+            Ok(found) => self.ready.extend(found),
             Err(e) => {
                 // The subscription stands; only its retained messages are
                 // missing, and the operator hears of it.
@@ -859,10 +1134,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
             }
         }
-        if commands {
+        Some(requested)
+    }
+
+    /// Puts `filter` into the node's broker for this session (and turns
+    /// commands on if it matches the command topic); `None` if refused.
+    async fn activate(&mut self, filter: &str, qos: QoS) -> Option<()> {
+        let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
+        let to_commands = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        if filter == cmd_topic {
+            self.commands_on(filter, to_commands);
+            return Some(());
+        }
+        let outbox = self.outbox_tx.clone()?;
+        let sub = Sub { qos: qos as u8, outbox };
+        if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
+            tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
+            metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+            return None;
+        }
+        self.subscriptions.insert(filter.to_owned(), qos);
+        if rumqttc::mqttbytes::matches(&cmd_topic, filter) {
             self.commands_on(filter, to_commands);
         }
-        Some(requested)
+        Some(())
+    }
+
+    /// A persistent session stores a new subscription before its SUBACK,
+    /// with a cursor at the end of each stream it can match that the
+    /// session did not read yet: what is stored from now on is owed to it.
+    async fn remember(&mut self, filter: &str, qos: QoS) -> bool {
+        let streams = self.shared.broker.streams_for(filter);
+        let mut ends = Vec::new();
+        for stream in streams {
+            if self.persist.as_ref().is_some_and(|p| p.record.cursors.contains_key(&stream)) {
+                continue;
+            }
+            match self.shared.broker.last_seq(&stream).await {
+                Ok(end) => ends.push((stream, end)),
+                Err(e) => {
+                    tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
+                    metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+                    return false;
+                }
+            }
+        }
+        if let Some(persist) = &mut self.persist {
+            persist.record.subs.insert(filter.to_owned(), qos as u8);
+            persist.record.cursors.extend(ends);
+            persist.subs_changed = true;
+        }
+        self.save_session(false).await;
+        self.persist.as_ref().is_some_and(|p| !p.subs_changed)
     }
 
     /// Removes this session's subscriptions from the node's broker.
@@ -911,6 +1234,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 metrics::counter!("fluxmesh_mqtt_protocol_errors_total", "reason" => *reason).increment(1);
                 tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
             }
+            End::Session(e) => {
+                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
+                    "MQTT connection refused: its session could not be read or stored");
+            }
             End::WillNotKept(e) => {
                 tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
                     "MQTT connection refused: its will could not be kept");
@@ -941,6 +1268,32 @@ async fn next_outgoing(outbox: &mut Option<tokio::sync::mpsc::Receiver<Outgoing>
     match outbox {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+fn qos_of(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The next message of a resumed session's replay, opening the current
+/// stream's reader first if needed. Cancel-safe: the reader is kept.
+async fn next_replayed(
+    replay: &mut VecDeque<super::sessions::Replay>,
+    broker: &super::broker::Broker,
+    session: u64,
+) -> Result<Option<async_nats::jetstream::Message>, super::broker::FeedError> {
+    let Some(current) = replay.front_mut() else { return Ok(None) };
+    if current.reader.is_none() {
+        current.reader = Some(broker.replay_reader(&current.stream, current.next, session).await?);
+    }
+    let Some(reader) = current.reader.as_mut() else { return Ok(None) };
+    match reader.next().await {
+        Ok(message) => Ok(Some(message)),
+        Err(source) => Err(super::broker::FeedError::Reader { stream: current.stream.to_string(), source }),
     }
 }
 

@@ -26,6 +26,7 @@
 
 mod broker;
 mod connection;
+mod sessions;
 mod topics;
 pub mod wills;
 
@@ -67,6 +68,8 @@ pub(crate) struct Shared {
     pub broker: Arc<broker::Broker>,
     /// Keeps and publishes the sessions' wills.
     pub wills: Arc<wills::Wills>,
+    /// Persistent sessions' stored state.
+    pub session_store: Arc<sessions::SessionStore>,
     /// Live sessions on this node by client id, for takeover.
     pub sessions: Mutex<HashMap<String, Session>>,
     /// Ends every connection (graceful: pending acks are still sent).
@@ -252,6 +255,7 @@ pub async fn start(
     let tcp = if cfg.tcp_enabled { Some(bind(cfg.listen).await?) } else { None };
 
     let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, stop.clone(), tasks.clone());
+    let session_store = Arc::new(sessions::SessionStore::new(ingress.mesh().clone(), &sessions_bus.node_id));
     let shared = Arc::new(Shared {
         ingress,
         config: cfg.clone(),
@@ -260,6 +264,7 @@ pub async fn start(
         quota: crate::limits::quota(ingest.device_rate_per_sec, ingest.device_burst),
         broker,
         wills,
+        session_store,
         sessions: Mutex::new(HashMap::new()),
         stop: stop.clone(),
         sessions_bus,

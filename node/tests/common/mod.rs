@@ -81,6 +81,8 @@ pub struct Device {
     pub received_qos: Arc<Mutex<Vec<rumqttc::QoS>>>,
     /// The retain flag of each message received, in the order of `received`.
     pub received_retain: Arc<Mutex<Vec<bool>>>,
+    /// The session-present flag of each CONNACK.
+    pub session_present: Arc<Mutex<Vec<bool>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -109,6 +111,8 @@ impl Device {
         let (acked2, connected2, received2, alive2, subacks2, received_qos2) =
             (acked.clone(), connected.clone(), received.clone(), alive.clone(), subacks.clone(), received_qos.clone());
         let received_retain2 = received_retain.clone();
+        let session_present: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let session_present2 = session_present.clone();
         let task = tokio::spawn(async move {
             // Publishes leave in the order they were queued, so the n-th
             // outgoing publish carries sequence n.
@@ -116,7 +120,8 @@ impl Device {
             let mut next_seq = 0u64;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        session_present2.lock().expect("lock").push(ack.session_present);
                         connected2.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -145,8 +150,18 @@ impl Device {
                 }
             }
         });
-        let device =
-            Device { client, acked, connected, received, alive, subacks, received_qos, received_retain, _task: task };
+        let device = Device {
+            client,
+            acked,
+            connected,
+            received,
+            alive,
+            subacks,
+            received_qos,
+            received_retain,
+            session_present,
+            _task: task,
+        };
         let connected = device.connected.clone();
         wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);
