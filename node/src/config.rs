@@ -82,6 +82,14 @@ pub struct MqttConfig {
     pub session_save_interval_ms: u64,
     /// Serve plain MQTT on `listen`. Turn off when only TLS may be used.
     pub tcp_enabled: bool,
+    /// Serve MQTT over WebSocket (subprotocol `mqtt`, any path) on
+    /// `ws_listen`.
+    pub ws_enabled: bool,
+    pub ws_listen: SocketAddr,
+    /// Serve MQTT over secure WebSocket on `wss_listen`, with the TLS
+    /// certificate and key below.
+    pub wss_enabled: bool,
+    pub wss_listen: SocketAddr,
     /// Serve MQTT over TLS on `tls_listen`, with this PEM certificate chain
     /// and key.
     pub tls_enabled: bool,
@@ -141,6 +149,10 @@ impl Default for MqttConfig {
             deny_topics: Vec::new(),
             session_save_interval_ms: 1000,
             tcp_enabled: true,
+            ws_enabled: false,
+            ws_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            wss_enabled: false,
+            wss_listen: SocketAddr::from(([0, 0, 0, 0], 8084)),
             tls_enabled: false,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert_file: String::new(),
@@ -249,8 +261,14 @@ impl Config {
         problems.extend(self.aggregation.problems());
         problems.extend(self.storage.problems());
         problems.extend(self.auth.problems());
-        if !self.mqtt.tcp_enabled && !self.mqtt.tls_enabled {
-            problems.push("mqtt: tcp_enabled and tls_enabled are both off; devices could not connect".to_owned());
+        if !self.mqtt.tcp_enabled && !self.mqtt.tls_enabled && !self.mqtt.ws_enabled && !self.mqtt.wss_enabled {
+            problems.push(
+                "mqtt: tcp_enabled, tls_enabled, ws_enabled and wss_enabled are all off; devices could not connect"
+                    .to_owned(),
+            );
+        }
+        if self.mqtt.wss_enabled && !self.mqtt.tls_enabled {
+            problems.push("mqtt.wss_enabled needs mqtt.tls_enabled (and its certificate and key)".to_owned());
         }
         if self.mqtt.tls_enabled {
             if self.mqtt.tls_cert_file.is_empty() || self.mqtt.tls_key_file.is_empty() {

@@ -381,6 +381,16 @@ impl Node {
         self.mqtt.tls_listen()
     }
 
+    /// The MQTT over WebSocket listener, if it is on.
+    pub fn mqtt_ws_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.ws_listen()
+    }
+
+    /// The MQTT over secure WebSocket listener, if it is on.
+    pub fn mqtt_wss_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.wss_listen()
+    }
+
     pub fn provisioned(&self) -> &Provisioned {
         &self.provisioned
     }

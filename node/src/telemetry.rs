@@ -80,6 +80,7 @@ fn describe() {
         "fluxmesh_mqtt_deliveries_dropped_total",
         "Messages dropped for an MQTT subscriber because its queue (mqtt.session_queue) was full."
     );
+    describe_counter!("fluxmesh_mqtt_ws_handshake_failures_total", "MQTT WebSocket upgrades that failed or timed out.");
     describe_counter!(
         "fluxmesh_mqtt_denied_topics_total",
         "Publishes and subscriptions refused by mqtt.deny_topics, by action."

@@ -205,3 +205,89 @@ async fn paho_qos2_across_two_nodes() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+const PAHO_SESSION_AND_WILL: &str = r#"
+import sys, time, json
+import paho.mqtt.client as mqtt
+
+host, port_a, port_b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+got, flags = [], []
+
+def client(cid, clean):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=clean, protocol=mqtt.MQTTv311)
+    c.on_message = lambda cl, u, m: got.append({"topic": m.topic, "payload": m.payload.decode(), "qos": m.qos})
+    c.on_connect = lambda cl, u, f, rc, p: flags.append(f.session_present)
+    return c
+
+def wait(cond, secs=30):
+    deadline = time.time() + secs
+    while not cond() and time.time() < deadline:
+        time.sleep(0.02)
+
+# A persistent subscriber on node b subscribes, then leaves.
+sub = client("paho-persist", False)
+done = []
+sub.on_subscribe = lambda *a: done.append(1)
+sub.connect(host, port_b); sub.loop_start()
+sub.subscribe("paho-sess/#", qos=1)
+wait(lambda: done)
+sub.disconnect(); sub.loop_stop()
+
+# On node a, a client with a will publishes five messages, then its
+# connection drops without DISCONNECT.
+pub = client("paho-dies", True)
+pub.will_set("paho-sess/will", "died", qos=1)
+pub.connect(host, port_a); pub.loop_start()
+for i in range(5):
+    pub.publish("paho-sess/x", str(i), qos=1).wait_for_publish(30)
+pub.loop_stop()
+pub.socket().close()
+
+# The subscriber comes back on node a: the five and the will.
+sub = client("paho-persist", False)
+sub.connect(host, port_a); sub.loop_start()
+wait(lambda: len(got) >= 6)
+time.sleep(0.5)
+sub.disconnect(); sub.loop_stop()
+print(json.dumps({"session_present": flags, "got": got}))
+"#;
+
+/// paho-mqtt (Python): a persistent session made on one node gets, on the
+/// other, what was published while it was away, and the will of a client
+/// whose connection dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_persistent_session_and_will_across_two_nodes() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let host = a.mqtt_addr().ip().to_string();
+    let (port_a, port_b) = (a.mqtt_addr().port().to_string(), b.mqtt_addr().port().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg("-c")
+            .arg(PAHO_SESSION_AND_WILL)
+            .args([host.as_str(), port_a.as_str(), port_b.as_str()])
+            .output()
+            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "paho script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    assert_eq!(
+        result["session_present"],
+        serde_json::json!([false, false, true]),
+        "the subscriber's new session, the publisher's clean one, the subscriber's found again"
+    );
+    let got: Vec<(String, String)> = result["got"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| (m["topic"].as_str().unwrap_or("").to_owned(), m["payload"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    let mut expected: Vec<(String, String)> = (0..5).map(|i| ("paho-sess/x".to_owned(), i.to_string())).collect();
+    expected.push(("paho-sess/will".to_owned(), "died".to_owned()));
+    assert_eq!(got, expected, "what it missed, in order, then the will");
+    a.shutdown().await;
+    b.shutdown().await;
+}

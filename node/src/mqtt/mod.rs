@@ -28,6 +28,7 @@ mod broker;
 mod connection;
 mod sessions;
 mod topics;
+mod websocket;
 pub mod wills;
 
 use crate::auth::Authenticator;
@@ -212,18 +213,31 @@ async fn watch_sessions(shared: Arc<Shared>) {
 pub struct MqttServer {
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
     sessions: LocalSessions,
 }
 
 impl MqttServer {
-    /// The plain listener's address, or the TLS one's if plain is off.
+    /// The plain listener's address, or else the TLS, WebSocket or secure
+    /// WebSocket one's.
     pub fn listen(&self) -> SocketAddr {
-        self.tcp.or(self.tls).expect("config validation keeps one listener on")
+        self.tcp.or(self.tls).or(self.ws).or(self.wss).expect("config validation keeps one listener on")
     }
 
     /// The TLS listener's address, if it is on.
     pub fn tls_listen(&self) -> Option<SocketAddr> {
         self.tls
+    }
+
+    /// The WebSocket listener's address, if it is on.
+    pub fn ws_listen(&self) -> Option<SocketAddr> {
+        self.ws
+    }
+
+    /// The secure WebSocket listener's address, if it is on.
+    pub fn wss_listen(&self) -> Option<SocketAddr> {
+        self.wss
     }
 
     pub fn sessions(&self) -> &LocalSessions {
@@ -253,6 +267,13 @@ pub async fn start(
         None
     };
     let tcp = if cfg.tcp_enabled { Some(bind(cfg.listen).await?) } else { None };
+    let ws = if cfg.ws_enabled { Some(bind(cfg.ws_listen).await?) } else { None };
+    let wss = if cfg.wss_enabled {
+        let config = crate::tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
+        Some((bind(cfg.wss_listen).await?, tokio_rustls::TlsAcceptor::from(config)))
+    } else {
+        None
+    };
 
     let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, stop.clone(), tasks.clone());
     let session_store = Arc::new(sessions::SessionStore::new(ingress.mesh().clone(), &sessions_bus.node_id));
@@ -283,18 +304,28 @@ pub async fn start(
     };
     tasks.spawn(watch_credentials(shared.clone(), first_revision));
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
-    let (mut tcp_addr, mut tls_addr) = (None, None);
+    let (mut tcp_addr, mut tls_addr, mut ws_addr, mut wss_addr) = (None, None, None, None);
     if let Some((listener, addr)) = tcp {
         tracing::info!(listen = %addr, "MQTT listening");
         tcp_addr = Some(addr);
-        tasks.spawn(accept(listener, None, shared.clone(), slots.clone(), tasks.clone()));
+        tasks.spawn(accept(listener, None, Transport::Tcp, shared.clone(), slots.clone(), tasks.clone()));
     }
     if let Some(((listener, addr), acceptor)) = tls {
         tracing::info!(listen = %addr, "MQTT over TLS listening");
         tls_addr = Some(addr);
-        tasks.spawn(accept(listener, Some(acceptor), shared.clone(), slots, tasks.clone()));
+        tasks.spawn(accept(listener, Some(acceptor), Transport::Tcp, shared.clone(), slots.clone(), tasks.clone()));
     }
-    Ok(MqttServer { tcp: tcp_addr, tls: tls_addr, sessions: LocalSessions { shared } })
+    if let Some((listener, addr)) = ws {
+        tracing::info!(listen = %addr, "MQTT over WebSocket listening");
+        ws_addr = Some(addr);
+        tasks.spawn(accept(listener, None, Transport::WebSocket, shared.clone(), slots.clone(), tasks.clone()));
+    }
+    if let Some(((listener, addr), acceptor)) = wss {
+        tracing::info!(listen = %addr, "MQTT over secure WebSocket listening");
+        wss_addr = Some(addr);
+        tasks.spawn(accept(listener, Some(acceptor), Transport::WebSocket, shared.clone(), slots, tasks.clone()));
+    }
+    Ok(MqttServer { tcp: tcp_addr, tls: tls_addr, ws: ws_addr, wss: wss_addr, sessions: LocalSessions { shared } })
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> {
@@ -382,9 +413,28 @@ async fn open_credentials_watch(
     Ok((watch, from))
 }
 
+/// What a listener speaks over its sockets.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+/// Serves one accepted (and, if TLS, handshaken) stream.
+async fn serve_stream<S>(stream: S, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    match transport {
+        Transport::Tcp => connection::serve(stream, peer, shared).await,
+        Transport::WebSocket => websocket::serve(stream, peer, shared).await,
+    }
+}
+
 async fn accept(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    transport: Transport,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -415,11 +465,11 @@ async fn accept(
         tasks.spawn(async move {
             metrics::gauge!("fluxmesh_mqtt_connections").increment(1.0);
             match tls {
-                None => connection::serve(socket, peer, shared).await,
+                None => serve_stream(socket, peer, transport, shared).await,
                 Some(acceptor) => {
                     let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
                     match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => connection::serve(stream, peer, shared).await,
+                        Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
                         Ok(Err(e)) => {
                             metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
                             tracing::info!(%peer, error = %e, "MQTT TLS handshake failed");
