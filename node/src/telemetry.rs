@@ -80,6 +80,12 @@ fn describe() {
         "fluxmesh_mqtt_deliveries_dropped_total",
         "Messages dropped for an MQTT subscriber because its queue (mqtt.session_queue) was full."
     );
+    describe_counter!("fluxmesh_mqtt_shared_deliveries_total", "Shared-subscription messages handed to a member.");
+    describe_counter!(
+        "fluxmesh_mqtt_shared_given_back_total",
+        "Shared-subscription messages given back because every member's queue was full."
+    );
+    describe_counter!("fluxmesh_mqtt_shared_ack_failed_total", "Acks of shared-subscription messages that failed.");
     describe_counter!("fluxmesh_mqtt_ws_handshake_failures_total", "MQTT WebSocket upgrades that failed or timed out.");
     describe_counter!(
         "fluxmesh_mqtt_denied_topics_total",

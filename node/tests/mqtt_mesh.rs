@@ -221,3 +221,59 @@ async fn retained_messages_span_the_mesh_and_clear() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `$share/{group}/{filter}`: each message goes to one member of the
+/// group, across nodes; what a member leaves unacknowledged goes to
+/// another member when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_balance_across_nodes_and_hand_over_unacked_messages() {
+    use std::collections::BTreeSet;
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let member_a = Device::connect(a.mqtt_addr(), "share-a").await;
+    // This member never acknowledges what it gets.
+    let mut opts = rumqttc::MqttOptions::new("share-b", b.mqtt_addr().ip().to_string(), b.mqtt_addr().port());
+    opts.set_manual_acks(true);
+    let member_b = Device::connect_with(opts).await;
+    member_a.client.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce).await.expect("subscribe");
+    member_b.client.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce).await.expect("subscribe");
+    assert_eq!(member_a.wait_subacks(1).await[0], vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    member_b.wait_subacks(1).await;
+
+    let publisher = Device::connect(a.mqtt_addr(), "share-pub").await;
+    for i in 0..40 {
+        publisher.publish("jobs/build", format!("{i}").into_bytes()).await;
+    }
+    publisher.wait_acked(40).await;
+    let seen = |d: &Device| -> Vec<u32> {
+        d.received_on("jobs/build").iter().filter_map(|(p, _)| String::from_utf8_lossy(p).parse().ok()).collect()
+    };
+    wait_for(Duration::from_secs(30), "all 40 handed out", || {
+        let n = seen(&member_a).len() + seen(&member_b).len();
+        async move { (n >= 40).then_some(()) }
+    })
+    .await
+    .expect("every job delivered");
+    let (got_a, got_b) = (seen(&member_a), seen(&member_b));
+    assert!(!got_a.is_empty() && !got_b.is_empty(), "both members get work: {} and {}", got_a.len(), got_b.len());
+    let set_a: BTreeSet<u32> = got_a.iter().copied().collect();
+    assert!(got_b.iter().all(|j| !set_a.contains(j)), "a job went to two members");
+    assert_eq!(got_a.len() + got_b.len(), 40, "each job once");
+
+    // The member that acknowledged nothing leaves: its jobs go to the other.
+    let unacked: BTreeSet<u32> = got_b.iter().copied().collect();
+    member_b.client.disconnect().await.expect("disconnect");
+    member_b.wait_closed().await;
+    // Given back at once: well before JetStream's 30 s ack wait would
+    // send them again by itself.
+    wait_for(Duration::from_secs(10), "the unacknowledged jobs reach the other member", || {
+        let now: BTreeSet<u32> = seen(&member_a).into_iter().collect();
+        let done = unacked.iter().all(|j| now.contains(j));
+        async move { done.then_some(()) }
+    })
+    .await
+    .expect("handed over");
+    a.shutdown().await;
+    b.shutdown().await;
+}

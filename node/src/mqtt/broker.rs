@@ -55,6 +55,8 @@ pub(crate) struct Outgoing {
     /// The stream and sequence it was read from (not for retained
     /// messages): how a persistent session tracks what it was sent.
     pub origin: Option<(Arc<str>, u64)>,
+    /// For a shared subscription's message: acknowledges it to the group.
+    pub share: Option<super::shared::ShareAck>,
 }
 
 /// A session's queue of messages to send.
@@ -199,7 +201,7 @@ impl Broker {
             }
             let qos = stored_qos(stored.headers.as_ref());
             let message = Arc::new(Message { topic, payload: stored.payload.clone(), qos });
-            found.push(Outgoing { message, qos: granted.min(qos), retain: true, origin: None });
+            found.push(Outgoing { message, qos: granted.min(qos), retain: true, origin: None, share: None });
             Ok(())
         })
         .await;
@@ -222,6 +224,11 @@ impl Broker {
     pub fn position(&self, stream: &str) -> Option<u64> {
         let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         positions.get(stream).map(|p| p.load(Ordering::Acquire))
+    }
+
+    /// The JetStream context the broker reads with.
+    pub fn js(&self) -> &async_nats::jetstream::Context {
+        self.mesh.js()
     }
 
     /// The sequence of the last message stored in `stream`.
@@ -400,6 +407,7 @@ impl Broker {
                 qos: granted.min(message.qos),
                 retain: false,
                 origin: origin.clone(),
+                share: None,
             };
             match outbox.try_send(out) {
                 Ok(()) => self.metrics.queued.increment(1),

@@ -191,6 +191,9 @@ struct OutFlight {
     released: bool,
     /// Where it was read from, for a persistent session's cursors.
     origin: Option<(Arc<str>, u64)>,
+    /// A shared subscription's message: acknowledged to its group when
+    /// the client acknowledges it, given back if the client leaves first.
+    share: Option<super::shared::ShareAck>,
 }
 
 struct Conn<S> {
@@ -220,6 +223,10 @@ struct Conn<S> {
     outbox: Option<tokio::sync::mpsc::Receiver<Outgoing>>,
     /// Filters subscribed in the broker, with the QoS granted.
     subscriptions: std::collections::HashMap<String, QoS>,
+    /// Shared subscriptions (`$share/{group}/{filter}`), with the QoS granted.
+    share_subs: std::collections::HashMap<String, QoS>,
+    /// Shared messages written at QoS 0, to acknowledge to their groups.
+    shares_done: Vec<super::shared::ShareAck>,
     /// Messages sent at QoS 1/2 and not yet acknowledged, by packet id.
     out_inflight: std::collections::HashMap<u16, OutFlight>,
     /// The will given at CONNECT and its record's stream sequence.
@@ -283,6 +290,8 @@ where
         outbox_tx: None,
         outbox: None,
         subscriptions: Default::default(),
+        share_subs: Default::default(),
+        shares_done: Vec::new(),
         out_inflight: Default::default(),
         ready: VecDeque::new(),
         persist: None,
@@ -314,6 +323,7 @@ where
     let end = conn.run(&session).await;
     conn.closed(&end);
     conn.leave_broker();
+    conn.leave_shares().await;
     conn.save_session(true).await;
     conn.close_replay().await;
     conn.end_will(&end).await;
@@ -550,7 +560,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     metrics::counter!("fluxmesh_mqtt_replayed_total").increment(1);
                     let qos = granted.min(message.qos);
                     let origin = Some((stream.clone(), seq));
-                    self.ready.push_back(Outgoing { message: Arc::new(message), qos, retain: false, origin });
+                    self.ready.push_back(Outgoing {
+                        message: Arc::new(message),
+                        qos,
+                        retain: false,
+                        origin,
+                        share: None,
+                    });
                 }
                 _ => {
                     if let Some(p) = &mut self.persist {
@@ -740,6 +756,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if let Err(end) = self.flush().await {
                 return end;
             }
+            for share in std::mem::take(&mut self.shares_done) {
+                share.done().await;
+            }
             let idle = self.backlog.is_empty() && self.submitting.is_none() && self.pending.is_empty();
             if idle && self.disconnecting {
                 return End::Disconnect;
@@ -919,9 +938,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Packet::Subscribe(sub) => {
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 for filter in &sub.filters {
-                    let denied =
-                        self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(&filter.path, d));
-                    let allowed = !denied && self.grant.may_subscribe(&filter.path);
+                    // A shared subscription is judged by its filter.
+                    let judged = super::shared::parse(&filter.path).map_or(filter.path.as_str(), |(_, f)| f);
+                    let denied = self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(judged, d));
+                    let allowed = !denied && self.grant.may_subscribe(judged);
                     if denied {
                         metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "subscribe").increment(1);
                         tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
@@ -948,6 +968,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     if self.subscriptions.remove(topic).is_some() {
                         self.shared.broker.unsubscribe(self.session_id, topic);
                     }
+                    if self.share_subs.remove(topic).is_some() {
+                        if let Some((group, filter)) = super::shared::parse(topic) {
+                            self.shared.shares.leave(self.session_id, group, filter).await;
+                        }
+                    }
                     if let Some(persist) = &mut self.persist {
                         persist.subs_changed |= persist.record.subs.remove(topic).is_some();
                     }
@@ -963,12 +988,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 if let Some(done) = self.awaiting_puback.remove(&ack.pkid) {
                     let _ = done.send(Ok(()));
                 } else if self.out_inflight.get(&ack.pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
-                    self.out_inflight.remove(&ack.pkid);
+                    if let Some(share) = self.out_inflight.remove(&ack.pkid).and_then(|o| o.share) {
+                        share.done().await;
+                    }
                 }
             }
             Packet::PubRec(rec) => {
                 if let Some(out) = self.out_inflight.get_mut(&rec.pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
                     out.released = true;
+                    if let Some(share) = out.share.take() {
+                        share.done().await;
+                    }
                 }
                 // Answered even for an id we do not know: the client may
                 // hold it from before a reconnect.
@@ -1097,7 +1127,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         if qos != QoS::AtMostOnce {
             publish.pkid = self.next_packet_id();
-            self.out_inflight.insert(publish.pkid, OutFlight { qos, released: false, origin: out.origin });
+            let flight = OutFlight { qos, released: false, origin: out.origin, share: out.share };
+            self.out_inflight.insert(publish.pkid, flight);
+        } else if let Some(share) = out.share {
+            self.shares_done.push(share);
         }
         self.write(&Packet::Publish(publish));
         metrics::counter!("fluxmesh_mqtt_deliveries_total", "qos" => qos_label(qos)).increment(1);
@@ -1124,6 +1157,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return None;
         }
         self.activate(filter, requested).await?;
+        if super::shared::parse(filter).is_some() {
+            // Shared subscriptions get no retained messages (MQTT 5 4.8.2).
+            return Some(requested);
+        }
         let room = self.shared.config.session_queue.saturating_sub(self.ready.len());
         match self.shared.broker.retained(filter, requested as u8, room).await {
             Ok(found) => self.ready.extend(found),
@@ -1147,6 +1184,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return Some(());
         }
         let outbox = self.outbox_tx.clone()?;
+        if let Some((group, inner)) = super::shared::parse(filter) {
+            if let Err(e) = self.shared.shares.join(self.session_id, group, inner, qos as u8, outbox).await {
+                tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "shared subscription refused: its group cannot be read");
+                metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+                return None;
+            }
+            self.share_subs.insert(filter.to_owned(), qos);
+            return Some(());
+        }
         let sub = Sub { qos: qos as u8, outbox };
         if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
             tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
@@ -1186,6 +1232,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         self.save_session(false).await;
         self.persist.as_ref().is_some_and(|p| !p.subs_changed)
+    }
+
+    /// Leaves this session's share groups, and gives back to them the
+    /// messages the client did not acknowledge (or was never sent), so
+    /// another member gets them now.
+    async fn leave_shares(&mut self) {
+        for (filter, _) in std::mem::take(&mut self.share_subs) {
+            if let Some((group, inner)) = super::shared::parse(&filter) {
+                self.shared.shares.leave(self.session_id, group, inner).await;
+            }
+        }
+        let unacked: Vec<_> = self.out_inflight.values_mut().filter_map(|o| o.share.take()).collect();
+        for share in unacked {
+            share.give_back().await;
+        }
+        if let Some(outbox) = &mut self.outbox {
+            outbox.close();
+            while let Ok(out) = outbox.try_recv() {
+                if let Some(share) = out.share {
+                    share.give_back().await;
+                }
+            }
+        }
     }
 
     /// Removes this session's subscriptions from the node's broker.

@@ -27,6 +27,7 @@
 mod broker;
 mod connection;
 mod sessions;
+mod shared;
 mod topics;
 mod websocket;
 pub mod wills;
@@ -71,6 +72,8 @@ pub(crate) struct Shared {
     pub wills: Arc<wills::Wills>,
     /// Persistent sessions' stored state.
     pub session_store: Arc<sessions::SessionStore>,
+    /// This node's members of shared subscriptions.
+    pub shares: Arc<shared::Shares>,
     /// Live sessions on this node by client id, for takeover.
     pub sessions: Mutex<HashMap<String, Session>>,
     /// Ends every connection (graceful: pending acks are still sent).
@@ -276,6 +279,7 @@ pub async fn start(
     };
 
     let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, stop.clone(), tasks.clone());
+    let shares = shared::Shares::new(broker.clone(), stop.clone(), tasks.clone());
     let session_store = Arc::new(sessions::SessionStore::new(ingress.mesh().clone(), &sessions_bus.node_id));
     let shared = Arc::new(Shared {
         ingress,
@@ -286,6 +290,7 @@ pub async fn start(
         broker,
         wills,
         session_store,
+        shares,
         sessions: Mutex::new(HashMap::new()),
         stop: stop.clone(),
         sessions_bus,

@@ -1,0 +1,260 @@
+//! Shared subscriptions: `$share/{group}/{filter}`. Each matching message
+//! goes to one member of the group, whichever node the members are on.
+//!
+//! A group is a durable JetStream consumer per stream the filter can match,
+//! named after the group and the filter, so every node with members pulls
+//! from the same consumer and JetStream spreads the messages over the
+//! pullers. A node hands what it pulls to its own members in turn. The
+//! consumer acknowledges a message once the member has: at PUBACK (QoS 1),
+//! PUBREC (QoS 2) or the write (QoS 0). A message a member did not
+//! acknowledge when it left (its connection ended, or its node died) is
+//! sent again by JetStream to any member after `ack_wait`; one a node could
+//! not hand to any member (every queue full) is sent back at once. Shared
+//! subscriptions cost the servers an ack per message, unlike plain ones:
+//! that is what lets a message move to another member.
+
+use super::broker::{Broker, FeedError, Outbox, Outgoing};
+use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::message::{AckKind, Acker};
+use futures::StreamExt as _;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long JetStream waits for a member's ack before sending the message
+/// again (to any member).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Messages of one group pulled and not yet acknowledged, at most.
+const MAX_ACK_PENDING: i64 = 1000;
+/// A group's consumer with no puller for this long is deleted.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Splits `$share/{group}/{filter}`; `None` if it is not one (or the
+/// group name is empty or holds a wildcard).
+pub(crate) fn parse(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (group, inner) = rest.split_once('/')?;
+    let valid = !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty();
+    valid.then_some((group, inner))
+}
+
+/// Acknowledges a shared message to its group once the member has.
+#[derive(Clone)]
+pub(crate) struct ShareAck(Arc<Acker>);
+
+impl std::fmt::Debug for ShareAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShareAck")
+    }
+}
+
+impl ShareAck {
+    /// The member has it.
+    pub async fn done(&self) {
+        if let Err(e) = self.0.ack().await {
+            metrics::counter!("fluxmesh_mqtt_shared_ack_failed_total").increment(1);
+            tracing::debug!(error = %e, "cannot acknowledge a shared message; it will be sent again");
+        }
+    }
+
+    /// The member left without it: send it to another member now.
+    pub async fn give_back(&self) {
+        let _ = self.0.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    session: u64,
+    qos: u8,
+    outbox: Outbox,
+}
+
+#[derive(Debug)]
+struct Group {
+    inner: String,
+    members: Mutex<Vec<Member>>,
+    turn: AtomicUsize,
+    stop: CancellationToken,
+}
+
+/// This node's members of shared subscriptions, by (group, filter).
+#[derive(Debug)]
+pub(crate) struct Shares {
+    broker: Arc<Broker>,
+    groups: tokio::sync::Mutex<HashMap<(String, String), Arc<Group>>>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Shares {
+    pub fn new(broker: Arc<Broker>, stop: CancellationToken, tasks: TaskTracker) -> Arc<Shares> {
+        Arc::new(Shares { broker, groups: Default::default(), stop, tasks })
+    }
+
+    /// Adds `session` to `group` on `filter`; the group's pullers start on
+    /// this node with its first member here.
+    pub async fn join(
+        self: &Arc<Self>,
+        session: u64,
+        group: &str,
+        filter: &str,
+        qos: u8,
+        outbox: Outbox,
+    ) -> Result<(), FeedError> {
+        let mut groups = self.groups.lock().await;
+        let key = (group.to_owned(), filter.to_owned());
+        if let Some(existing) = groups.get(&key) {
+            let mut members = existing.members.lock().unwrap_or_else(|e| e.into_inner());
+            members.retain(|m| m.session != session);
+            members.push(Member { session, qos, outbox });
+            return Ok(());
+        }
+        let state = Arc::new(Group {
+            inner: filter.to_owned(),
+            members: Mutex::new(vec![Member { session, qos, outbox }]),
+            turn: AtomicUsize::new(0),
+            stop: self.stop.child_token(),
+        });
+        let name = consumer_name(group, filter);
+        let mut pullers = Vec::new();
+        for stream in self.broker.streams_for(filter) {
+            pullers.push((stream.clone(), self.open(&stream, &name).await?));
+        }
+        for (stream, messages) in pullers {
+            self.tasks.spawn(self.clone().pull(state.clone(), stream, messages));
+        }
+        tracing::info!(%group, %filter, consumer = %name, "pulling a shared subscription group for members here");
+        groups.insert(key, state);
+        Ok(())
+    }
+
+    /// Removes `session` from `group` on `filter`; with its last member
+    /// here, this node stops pulling for the group.
+    pub async fn leave(&self, session: u64, group: &str, filter: &str) {
+        let mut groups = self.groups.lock().await;
+        let key = (group.to_owned(), filter.to_owned());
+        let Some(state) = groups.get(&key) else { return };
+        let empty = {
+            let mut members = state.members.lock().unwrap_or_else(|e| e.into_inner());
+            members.retain(|m| m.session != session);
+            members.is_empty()
+        };
+        if empty {
+            state.stop.cancel();
+            groups.remove(&key);
+        }
+    }
+
+    async fn open(&self, stream: &str, name: &str) -> Result<pull::Stream, FeedError> {
+        let err = |e: async_nats::Error| FeedError::Stream { stream: stream.to_owned(), source: e };
+        let js = self.broker.js();
+        let handle = js.get_stream(stream).await.map_err(|e| err(e.into()))?;
+        let config = pull::Config {
+            durable_name: Some(name.to_owned()),
+            description: Some("fluxmesh shared MQTT subscription group".to_owned()),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAX_ACK_PENDING,
+            inactive_threshold: IDLE,
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer =
+            handle.get_or_create_consumer(name, config).await.map_err(|e| err(e.into()))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(64)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| err(e.into()))
+    }
+
+    /// Pulls one stream for one group until it has no member here, handing
+    /// each matching message to the next member with room.
+    async fn pull(self: Arc<Self>, group: Arc<Group>, stream: String, mut messages: pull::Stream) {
+        let stream_name: Arc<str> = stream.as_str().into();
+        let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
+        loop {
+            let next = tokio::select! {
+                _ = group.stop.cancelled() => break,
+                next = messages.next() => next,
+            };
+            let stored = match next {
+                Some(Ok(stored)) => stored,
+                Some(Err(e)) => {
+                    // The pull stream re-issues its requests by itself.
+                    tracing::debug!(%stream, error = %e, "shared subscription pull hiccup");
+                    continue;
+                }
+                None => break,
+            };
+            let seq = stored.info().map(|i| i.stream_sequence).ok();
+            let message = self.broker.decode_from(&stream, &stored, &mut scratch);
+            let (_, acker) = stored.split();
+            let ack = ShareAck(Arc::new(acker));
+            let Some(message) = message.filter(|m| super::topics::matches(&m.topic, &group.inner)) else {
+                // Not for this group: nobody needs it.
+                ack.done().await;
+                continue;
+            };
+            let message = Arc::new(message);
+            let members = group.members.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let start = group.turn.fetch_add(1, Ordering::Relaxed);
+            let mut handed = false;
+            for i in 0..members.len() {
+                let member = &members[(start + i) % members.len()];
+                let out = Outgoing {
+                    message: message.clone(),
+                    qos: member.qos.min(message.qos),
+                    retain: false,
+                    origin: seq.map(|s| (stream_name.clone(), s)),
+                    share: Some(ack.clone()),
+                };
+                if member.outbox.try_send(out).is_ok() {
+                    handed = true;
+                    break;
+                }
+            }
+            if handed {
+                metrics::counter!("fluxmesh_mqtt_shared_deliveries_total").increment(1);
+            } else {
+                metrics::counter!("fluxmesh_mqtt_shared_given_back_total").increment(1);
+                ack.give_back().await;
+            }
+        }
+    }
+}
+
+/// The durable consumer of a group: the same on every node.
+fn consumer_name(group: &str, filter: &str) -> String {
+    let mut key = Vec::with_capacity(group.len() + filter.len() + 1);
+    key.extend_from_slice(group.as_bytes());
+    key.push(0);
+    key.extend_from_slice(filter.as_bytes());
+    let safe: String =
+        group.chars().take(32).map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("share-{safe}-{:016x}", fluxmesh_schemas::shard::fnv1a64(&key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_filters() {
+        assert_eq!(parse("$share/g1/a/+/c"), Some(("g1", "a/+/c")));
+        assert_eq!(parse("$share/g1/#"), Some(("g1", "#")));
+        assert_eq!(parse("$share//a"), None);
+        assert_eq!(parse("$share/g+/a"), None);
+        assert_eq!(parse("$share/g1"), None);
+        assert_eq!(parse("a/b"), None);
+        assert_eq!(consumer_name("g.1", "a/#"), consumer_name("g.1", "a/#"));
+        assert_ne!(consumer_name("g1", "a/#"), consumer_name("g1", "a/+"));
+        assert!(consumer_name("g.1 x", "a").starts_with("share-g_1_x-"));
+    }
+}
