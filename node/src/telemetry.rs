@@ -78,7 +78,15 @@ fn describe() {
     describe_counter!("fluxmesh_mqtt_deliveries_total", "Messages written to MQTT subscribers, by QoS.");
     describe_counter!(
         "fluxmesh_mqtt_deliveries_dropped_total",
-        "Messages dropped for an MQTT subscriber because its queue (mqtt.session_queue) was full."
+        "Messages an MQTT subscriber did not get, by reason (retained_over_queue)."
+    );
+    describe_counter!(
+        "fluxmesh_mqtt_deliveries_deferred_total",
+        "Messages that did not fit in an MQTT subscriber's queue and are read back from the stream."
+    );
+    describe_counter!(
+        "fluxmesh_mqtt_catch_ups_total",
+        "Catch-ups: subscribers reading back from a stream what did not fit in their queue."
     );
     describe_counter!("fluxmesh_mqtt_shared_deliveries_total", "Shared-subscription messages handed to a member.");
     describe_counter!(

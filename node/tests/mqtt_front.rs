@@ -186,7 +186,7 @@ async fn subscribers_that_leave_take_their_subscriptions() {
 }
 
 /// A burst of publishes, more than a subscriber's queue holds, does not
-/// end its subscription (what does not fit is dropped for it, and counted).
+/// end its subscription (what does not fit is read back from the stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_outlives_a_burst() {
     let nats = NatsServer::start().await.expect("nats-server");

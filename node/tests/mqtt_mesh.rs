@@ -277,3 +277,40 @@ async fn shared_subscriptions_balance_across_nodes_and_hand_over_unacked_message
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A subscriber slower than the publishers overflows its queue: what did
+/// not fit is read back from the stream (a catch-up), so it loses nothing
+/// and gets it in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_catches_up_from_the_stream() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let node = start_node(&[nats.url()], |c| {
+        c.mqtt.session_queue = 1;
+        c.mqtt.max_inflight_out = 1;
+    })
+    .await;
+    let watcher = Device::connect(node.mqtt_addr(), "slow-watcher").await;
+    watcher.client.subscribe("burst/#", QoS::AtLeastOnce).await.expect("subscribe");
+    watcher.wait_subacks(1).await;
+    let publishers =
+        [Device::connect(node.mqtt_addr(), "burst-a").await, Device::connect(node.mqtt_addr(), "burst-b").await];
+    for i in 0..300 {
+        for (n, p) in publishers.iter().enumerate() {
+            p.publish(&format!("burst/{n}"), format!("{i}").into_bytes()).await;
+        }
+    }
+    for (n, _) in publishers.iter().enumerate() {
+        let got = watcher.wait_received(&format!("burst/{n}"), 300).await;
+        let mut firsts: Vec<u32> = Vec::new();
+        for (p, _) in &got {
+            let i: u32 = String::from_utf8_lossy(p).parse().expect("number");
+            if !firsts.contains(&i) {
+                firsts.push(i);
+            }
+        }
+        assert_eq!(firsts, (0..300).collect::<Vec<_>>(), "burst/{n}: every message, in order");
+    }
+    let m = common::metrics(&node).await;
+    assert!(common::counter(&m, "fluxmesh_mqtt_catch_ups_total") >= 1.0, "the queue never overflowed:\n{m}");
+    node.shutdown().await;
+}

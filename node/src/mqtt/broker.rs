@@ -67,6 +67,39 @@ pub(crate) type Outbox = tokio::sync::mpsc::Sender<Outgoing>;
 pub(crate) struct Sub {
     pub qos: u8,
     pub outbox: Outbox,
+    /// Where the session hears what did not fit in its outbox.
+    pub overflow: Arc<Overflow>,
+}
+
+/// Messages that did not fit in a session's outbox: per stream, the first
+/// sequence dropped. The session reads them back from the stream instead
+/// (a catch-up), so a slow subscriber falls behind but loses nothing the
+/// streams still hold.
+#[derive(Debug, Default)]
+pub(crate) struct Overflow {
+    first: std::sync::Mutex<std::collections::HashMap<Arc<str>, u64>>,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Overflow {
+    fn record(&self, stream: &Arc<str>, seq: u64) {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        first.entry(stream.clone()).and_modify(|s| *s = (*s).min(seq)).or_insert(seq);
+        drop(first);
+        self.notify.notify_one();
+    }
+
+    /// The streams that overflowed since the last call, with the first
+    /// sequence dropped.
+    pub fn take(&self) -> std::collections::HashMap<Arc<str>, u64> {
+        std::mem::take(&mut *self.first.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The first dropped sequence per stream, not yet taken.
+    pub fn pending(&self) -> Vec<(Arc<str>, u64)> {
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        first.iter().map(|(s, q)| (s.clone(), *q)).collect()
+    }
 }
 
 /// A stream the node reads for its subscribers.
@@ -104,6 +137,7 @@ struct BrokerMetrics {
     read: metrics::Counter,
     queued: metrics::Counter,
     dropped: metrics::Counter,
+    deferred: metrics::Counter,
     subscriptions: metrics::Gauge,
 }
 
@@ -138,6 +172,7 @@ impl Broker {
                 read: metrics::counter!("fluxmesh_mqtt_feed_messages_total"),
                 queued: metrics::counter!("fluxmesh_mqtt_deliveries_queued_total"),
                 dropped: metrics::counter!("fluxmesh_mqtt_deliveries_dropped_total", "reason" => "queue_full"),
+                deferred: metrics::counter!("fluxmesh_mqtt_deliveries_deferred_total"),
                 subscriptions: metrics::gauge!("fluxmesh_mqtt_subscriptions"),
             },
         })
@@ -395,13 +430,13 @@ impl Broker {
     fn dispatch(&self, message: Message, origin: Option<(Arc<str>, u64)>) {
         let message = Arc::new(message);
         let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
-        let mut targets: Vec<(u64, u8, &Outbox)> = Vec::new();
-        tree.for_each_match(&message.topic, |session, sub| targets.push((*session, sub.qos, &sub.outbox)));
+        let mut targets: Vec<(u64, u8, &Sub)> = Vec::new();
+        tree.for_each_match(&message.topic, |session, sub| targets.push((*session, sub.qos, sub)));
         // Overlapping subscriptions of one session: one copy, at the
         // highest QoS granted (MQTT 3.1.1 section 3.3.5).
         targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         targets.dedup_by_key(|t| t.0);
-        for (_, granted, outbox) in targets {
+        for (_, granted, sub) in targets {
             let out = Outgoing {
                 message: message.clone(),
                 qos: granted.min(message.qos),
@@ -409,9 +444,16 @@ impl Broker {
                 origin: origin.clone(),
                 share: None,
             };
-            match outbox.try_send(out) {
+            match sub.outbox.try_send(out) {
                 Ok(()) => self.metrics.queued.increment(1),
-                Err(TrySendError::Full(_)) => self.metrics.dropped.increment(1),
+                Err(TrySendError::Full(out)) => match &out.origin {
+                    // The session reads it back from the stream.
+                    Some((stream, seq)) => {
+                        self.metrics.deferred.increment(1);
+                        sub.overflow.record(stream, *seq);
+                    }
+                    None => self.metrics.dropped.increment(1),
+                },
                 // The session is ending; it unsubscribes as it goes.
                 Err(TrySendError::Closed(_)) => {}
             }

@@ -241,6 +241,14 @@ struct Conn<S> {
     replay: VecDeque<super::sessions::Replay>,
     /// Live messages at or below these sequences came by the replay.
     replay_floor: std::collections::HashMap<Arc<str>, u64>,
+    /// Where the broker says what did not fit in the outbox.
+    overflow: Arc<super::broker::Overflow>,
+    /// Overflowed streams waiting for their catch-up (one replay per
+    /// stream at a time): the first sequence dropped.
+    overflowed: std::collections::HashMap<Arc<str>, u64>,
+    /// Per stream: the highest sequence written to the client (or, before
+    /// any, the feed's position when the session subscribed).
+    written_live: std::collections::HashMap<Arc<str>, u64>,
     /// Commands for this device, from the node's command service.
     commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
     cmd_ready: Arc<std::sync::atomic::AtomicBool>,
@@ -297,6 +305,9 @@ where
         persist: None,
         replay: VecDeque::new(),
         replay_floor: Default::default(),
+        overflow: Arc::default(),
+        overflowed: Default::default(),
+        written_live: Default::default(),
         will: None,
         commands: None,
         cmd_ready: Arc::default(),
@@ -538,6 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         reader.close().await;
                     }
                 }
+                self.start_catch_ups();
                 return;
             }
         };
@@ -575,12 +587,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
+        if let Some(current) = self.replay.front_mut() {
+            current.next = seq + 1;
+        }
         if seq >= end {
             if let Some(done) = self.replay.pop_front() {
                 if let Some(reader) = done.reader {
                     reader.close().await;
                 }
             }
+            self.start_catch_ups();
+        }
+    }
+
+    /// The broker could not queue some messages for this session: it
+    /// reads them back from their streams (a catch-up) instead.
+    fn overflowed_again(&mut self) {
+        for (stream, first) in self.overflow.take() {
+            let entry = self.overflowed.entry(stream).or_insert(first);
+            *entry = (*entry).min(first);
+        }
+        self.start_catch_ups();
+    }
+
+    /// Starts a replay for each overflowed stream that has none running:
+    /// from after the last message written on it to the feed's position
+    /// (every message dropped for the session is at or below it). Live
+    /// messages wait until it is done; those it covered are skipped.
+    fn start_catch_ups(&mut self) {
+        let ready: Vec<(Arc<str>, u64)> = self
+            .overflowed
+            .iter()
+            .filter(|(stream, _)| !self.replay.iter().any(|r| &r.stream == *stream))
+            .map(|(s, q)| (s.clone(), *q))
+            .collect();
+        for (stream, first) in ready {
+            self.overflowed.remove(&stream);
+            let start = self.written_live.get(&stream).map_or(first, |w| (w + 1).min(first));
+            let end = self.shared.broker.position(&stream).unwrap_or(first).max(first);
+            metrics::counter!("fluxmesh_mqtt_catch_ups_total").increment(1);
+            tracing::debug!(client = %self.client_id, %stream, start, end, "subscriber fell behind; reading back from the stream");
+            let floor = self.replay_floor.entry(stream.clone()).or_insert(end);
+            *floor = (*floor).max(end);
+            self.replay.push_back(super::sessions::Replay { stream, reader: None, next: start, end });
         }
     }
 
@@ -601,12 +650,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// ending): this one reloads the position and writes again.
     async fn save_session(&mut self, last: bool) {
         let Some(persist) = &self.persist else { return };
+        // Not yet had: unacknowledged, queued to write, still to be read
+        // back by a replay, or dropped from the outbox and not yet replayed.
+        let replaying: Vec<(Arc<str>, u64)> = self
+            .replay
+            .iter()
+            .map(|r| (r.stream.clone(), r.next))
+            .chain(self.overflowed.iter().map(|(s, q)| (s.clone(), *q)))
+            .chain(self.overflow.pending())
+            .collect();
         let pending = self
             .out_inflight
             .values()
             .filter(|o| !o.released)
             .filter_map(|o| o.origin.as_ref())
-            .chain(self.ready.iter().filter_map(|o| o.origin.as_ref()));
+            .chain(self.ready.iter().filter_map(|o| o.origin.as_ref()))
+            .chain(replaying.iter());
         // Positions first, then the queue: what a position covers was
         // queued before it was published.
         let positions: std::collections::HashMap<String, u64> = persist
@@ -815,6 +874,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
                     Err(e) => return End::Io(e),
                 },
+                _ = self.overflow.notify.notified(), if draining.is_none() => {
+                    self.overflowed_again();
+                }
                 Some(out) = next_outgoing(&mut self.outbox), if draining.is_none() && self.replay.is_empty() && self.out_room() => {
                     self.write_live(out);
                     // Take what else is queued, so it goes out in one write.
@@ -1121,9 +1183,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         let mut publish = Publish::from_bytes(out.message.topic.as_str(), qos, out.message.payload.clone());
         publish.retain = out.retain;
-        if let (Some(persist), Some((stream, seq))) = (&mut self.persist, &out.origin) {
-            let written = persist.written.entry(stream.clone()).or_insert(0);
+        if let Some((stream, seq)) = &out.origin {
+            let written = self.written_live.entry(stream.clone()).or_insert(0);
             *written = (*written).max(*seq);
+            if let Some(persist) = &mut self.persist {
+                let written = persist.written.entry(stream.clone()).or_insert(0);
+                *written = (*written).max(*seq);
+            }
         }
         if qos != QoS::AtMostOnce {
             publish.pkid = self.next_packet_id();
@@ -1193,11 +1259,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.share_subs.insert(filter.to_owned(), qos);
             return Some(());
         }
-        let sub = Sub { qos: qos as u8, outbox };
+        let sub = Sub { qos: qos as u8, outbox, overflow: self.overflow.clone() };
         if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
             tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
             metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
             return None;
+        }
+        // What the feeds handed out before now was not for this session.
+        for stream in self.shared.broker.streams_for(filter) {
+            if let Some(position) = self.shared.broker.position(&stream) {
+                self.written_live.entry(stream.into()).or_insert(position);
+            }
         }
         self.subscriptions.insert(filter.to_owned(), qos);
         if rumqttc::mqttbytes::matches(&cmd_topic, filter) {
