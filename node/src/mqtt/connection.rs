@@ -998,7 +998,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.write(&Packet::PubComp(PubComp::new(rel.pkid)));
             }
             Packet::Subscribe(sub) => {
-                let mut codes = Vec::with_capacity(sub.filters.len());
+                let mut accepted = Vec::with_capacity(sub.filters.len());
                 for filter in &sub.filters {
                     // A shared subscription is judged by its filter.
                     let judged = super::shared::parse(&filter.path).map_or(filter.path.as_str(), |(_, f)| f);
@@ -1010,7 +1010,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     } else if !allowed {
                         self.acl_denied("subscribe", &filter.path);
                     }
-                    let granted = match allowed && valid_filter(&filter.path) {
+                    accepted.push(allowed && valid_filter(&filter.path));
+                }
+                // A persistent session stores the packet's new filters in
+                // one write, before any of them is served or acknowledged.
+                if self.persist.is_some() {
+                    let new: Vec<(String, QoS)> = sub
+                        .filters
+                        .iter()
+                        .zip(&accepted)
+                        .filter(|(_, ok)| **ok)
+                        .map(|(f, _)| (f.path.clone(), f.qos))
+                        .collect();
+                    if !new.is_empty() && !self.remember(&new).await {
+                        accepted.iter_mut().for_each(|ok| *ok = false);
+                    }
+                }
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for (filter, ok) in sub.filters.iter().zip(accepted) {
+                    let granted = match ok {
                         true => self.subscribe(&filter.path, filter.qos).await,
                         false => None,
                     };
@@ -1213,14 +1231,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         if filter == cmd_topic {
             let to_commands = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-            if self.persist.is_some() && !self.remember(filter, to_commands).await {
-                return None;
-            }
             self.commands_on(filter, to_commands);
             return Some(to_commands);
-        }
-        if self.persist.is_some() && !self.remember(filter, requested).await {
-            return None;
         }
         self.activate(filter, requested).await?;
         if super::shared::parse(filter).is_some() {
@@ -1281,8 +1293,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// A persistent session stores a new subscription before its SUBACK,
     /// with a cursor at the end of each stream it can match that the
     /// session did not read yet: what is stored from now on is owed to it.
-    async fn remember(&mut self, filter: &str, qos: QoS) -> bool {
-        let streams = self.shared.broker.streams_for(filter);
+    async fn remember(&mut self, filters: &[(String, QoS)]) -> bool {
+        let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
+        let mut streams = std::collections::BTreeSet::new();
+        for (filter, _) in filters {
+            streams.extend(self.shared.broker.streams_for(filter));
+        }
         let mut ends = Vec::new();
         for stream in streams {
             if self.persist.as_ref().is_some_and(|p| p.record.cursors.contains_key(&stream)) {
@@ -1291,14 +1307,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             match self.shared.broker.last_seq(&stream).await {
                 Ok(end) => ends.push((stream, end)),
                 Err(e) => {
-                    tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
+                    tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "subscriptions refused: their streams cannot be read");
                     metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
                     return false;
                 }
             }
         }
         if let Some(persist) = &mut self.persist {
-            persist.record.subs.insert(filter.to_owned(), qos as u8);
+            for (filter, qos) in filters {
+                // The command topic is granted at most QoS 1.
+                let qos = if *filter == cmd_topic { (*qos as u8).min(1) } else { *qos as u8 };
+                persist.record.subs.insert(filter.clone(), qos);
+            }
             persist.record.cursors.extend(ends);
             persist.subs_changed = true;
         }
