@@ -8,7 +8,7 @@
 mod common;
 
 use common::start_node;
-use fluxmesh_testkit::{workspace_root, NatsServer};
+use fluxmesh_testkit::NatsServer;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -29,18 +29,12 @@ async def main():
 asyncio.run(main())
 "#;
 
-fn python() -> std::path::PathBuf {
-    std::env::var_os("FM_TEST_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| workspace_root().join(".local/venv/bin/python"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_pub_to_nats_py_json_subscriber() {
     let nats = NatsServer::start().await.expect("nats-server");
     let node = start_node(&[nats.url()], |c| c.ingest.json_mirror = vec!["tel".into()]).await;
 
-    let mut sub = Command::new(python())
+    let mut sub = Command::new(common::python())
         .arg("-c")
         .arg(SUBSCRIBER)
         .arg(nats.url())
@@ -184,18 +178,7 @@ async fn paho_qos2_across_two_nodes() {
     let b = start_node(&[nats.url()], |_| {}).await;
     let host = a.mqtt_addr().ip().to_string();
     let (sub_port, pub_port) = (b.mqtt_addr().port().to_string(), a.mqtt_addr().port().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg("-c")
-            .arg(PAHO_QOS2)
-            .args([host.as_str(), sub_port.as_str(), pub_port.as_str(), "20"])
-            .output()
-            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
-    })
-    .await
-    .expect("join");
-    assert!(out.status.success(), "paho script failed: {}", String::from_utf8_lossy(&out.stderr));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    let result = common::run_python_json(PAHO_QOS2, vec![host, sub_port, pub_port, "20".into()]).await;
     assert_eq!(result["subscribed"], serde_json::json!([[2]]), "granted QoS 2");
     let got = result["got"].as_array().expect("messages");
     let payloads: Vec<&str> = got.iter().filter_map(|m| m["payload"].as_str()).collect();
@@ -262,18 +245,7 @@ async fn paho_persistent_session_and_will_across_two_nodes() {
     let b = start_node(&[nats.url()], |_| {}).await;
     let host = a.mqtt_addr().ip().to_string();
     let (port_a, port_b) = (a.mqtt_addr().port().to_string(), b.mqtt_addr().port().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg("-c")
-            .arg(PAHO_SESSION_AND_WILL)
-            .args([host.as_str(), port_a.as_str(), port_b.as_str()])
-            .output()
-            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
-    })
-    .await
-    .expect("join");
-    assert!(out.status.success(), "paho script failed: {}", String::from_utf8_lossy(&out.stderr));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    let result = common::run_python_json(PAHO_SESSION_AND_WILL, vec![host, port_a, port_b]).await;
     assert_eq!(
         result["session_present"],
         serde_json::json!([false, false, true]),

@@ -108,16 +108,7 @@ async fn nothing_is_lost_when_the_subscribers_node_dies() {
     let nats = NatsServer::start().await.expect("nats-server");
     let doomed = NodeProc::start(&[nats.url()], |_| {}).await;
     let survivor = start_node(&[nats.url()], |_| {}).await;
-    let doomed_mqtt: std::net::SocketAddr = common::get_json(format!("http://{}/api/v1/cluster", doomed.http))
-        .await
-        .and_then(|v| {
-            let me = v["node"].as_str()?.to_owned();
-            v["nodes"].as_array()?.iter().find(|n| n["node_id"] == me.as_str())?["mqtt"].as_str().map(str::to_owned)
-        })
-        .and_then(|s| s.parse().ok())
-        .expect("the doomed node's MQTT address");
-
-    let sub = Device::connect_with(persistent(doomed_mqtt, "sess-kill")).await;
+    let sub = Device::connect_with(persistent(doomed.mqtt, "sess-kill")).await;
     sub.client.subscribe("kill/#", QoS::AtLeastOnce).await.expect("subscribe");
     sub.wait_subacks(1).await;
     let publisher = Device::connect(survivor.mqtt_addr(), "sess-kill-pub").await;

@@ -6,19 +6,12 @@ mod common;
 
 use common::start_node;
 use fluxmesh_testkit::tls::TestCerts;
-use fluxmesh_testkit::{workspace_root, NatsServer};
+use fluxmesh_testkit::NatsServer;
 use futures::{SinkExt as _, StreamExt as _};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
-
-fn python() -> std::path::PathBuf {
-    std::env::var_os("FM_TEST_PYTHON")
-        .map(Into::into)
-        .unwrap_or_else(|| workspace_root().join(".local/venv/bin/python"))
-}
 
 const PAHO_WS: &str = r#"
 import sys, time, json, ssl
@@ -88,18 +81,8 @@ async fn paho_over_websocket_and_secure_websocket() {
     let wss = node.mqtt_wss_addr().expect("wss listener");
     let tcp = node.mqtt_addr();
     let ca = certs.ca_file.display().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg("-c")
-            .arg(PAHO_WS)
-            .args(["127.0.0.1", &ws.port().to_string(), &wss.port().to_string(), &tcp.port().to_string(), &ca])
-            .output()
-            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
-    })
-    .await
-    .expect("join");
-    assert!(out.status.success(), "paho script failed: {}", String::from_utf8_lossy(&out.stderr));
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    let args = vec!["127.0.0.1".to_owned(), ws.port().to_string(), wss.port().to_string(), tcp.port().to_string(), ca];
+    let got = common::run_python_json(PAHO_WS, args).await;
     let expected = serde_json::json!([["web/from-ws", 5, 1], ["web/from-wss", 100000, 1], ["web/from-tcp", 5, 1]]);
     for kind in ["ws", "wss", "tcp"] {
         let mut seen: Vec<serde_json::Value> = got[kind].as_array().expect("messages").clone();

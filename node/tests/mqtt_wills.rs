@@ -76,14 +76,7 @@ async fn a_will_is_published_when_its_node_dies() {
     watcher.client.subscribe("wills/#", QoS::AtLeastOnce).await.expect("subscribe");
     watcher.wait_subacks(1).await;
 
-    let doomed_mqtt = common::get_json(format!("http://{}/api/v1/cluster", doomed.http))
-        .await
-        .and_then(|v| {
-            let me = v["node"].as_str()?.to_owned();
-            v["nodes"].as_array()?.iter().find(|n| n["node_id"] == me.as_str())?["mqtt"].as_str().map(str::to_owned)
-        })
-        .expect("the doomed node's MQTT address");
-    let addr: std::net::SocketAddr = doomed_mqtt.parse().expect("address");
+    let addr = doomed.mqtt;
     let victim = Device::connect_with(with_will(addr, "death-victim", "wills/victim", b"node died")).await;
     let polite = Device::connect_with(with_will(addr, "death-polite", "wills/polite", b"bye")).await;
     polite.client.disconnect().await.expect("disconnect");

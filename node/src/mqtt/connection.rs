@@ -1466,7 +1466,10 @@ fn qos_label(qos: QoS) -> &'static str {
     }
 }
 
-/// Checks and sends one publish; resolves to the future of its ack.
+/// Sends the message: a device topic as telemetry, any other topic as a
+/// plain message, and a retained one also as the topic's retained message.
+/// What it settles to once stored; a message that is refused (malformed
+/// topic, too large) is acknowledged and counted.
 async fn submit(
     ingress: crate::ingress::Ingress,
     topic: String,
@@ -1475,23 +1478,8 @@ async fn submit(
     retain: bool,
     reply: Reply,
 ) -> Submitted {
-    Submitted(submit_inner(ingress, topic, payload, qos, retain, reply).await)
-}
-
-/// Sends the message: a device topic as telemetry, any other topic as a
-/// plain message, and a retained one also as the topic's retained message.
-/// What it settles to once stored; a message that is refused (malformed
-/// topic, too large) is acknowledged and counted.
-async fn submit_inner(
-    ingress: crate::ingress::Ingress,
-    topic: String,
-    payload: Bytes,
-    qos: u8,
-    retain: bool,
-    reply: Reply,
-) -> Settle {
     let publish = MqttPublish { topic: &topic, payload, qos, retain, key: None };
-    match ingress.submit_mqtt(publish).await {
+    Submitted(match ingress.submit_mqtt(publish).await {
         Ok(sent) => Box::pin(async move {
             match ingress.stored_mqtt(sent).await {
                 Ok(_) => (reply, Outcome::Stored),
@@ -1503,5 +1491,5 @@ async fn submit_inner(
             settled(reply, Outcome::Refused)
         }
         Err(e) => settled(reply, Outcome::Failed(e)),
-    }
+    })
 }

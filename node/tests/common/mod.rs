@@ -345,6 +345,7 @@ pub fn payload_seq(frame: &fluxmesh_schemas::Frame) -> u64 {
 /// killed (runtime dropped) or paused (its one worker thread blocked).
 pub struct NodeProc {
     pub http: SocketAddr,
+    pub mqtt: SocketAddr,
     handle: tokio::runtime::Handle,
     command: Option<tokio::sync::oneshot::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -364,7 +365,7 @@ impl NodeProc {
             let handle = rt.handle().clone();
             rt.block_on(async move {
                 let node = start_node(&urls, tweak).await;
-                let _ = info_tx.send((node.http_addr(), handle));
+                let _ = info_tx.send((node.http_addr(), node.mqtt_addr(), handle));
                 // true: graceful shutdown; false or dropped: kill.
                 if let Ok(true) = cmd_rx.await {
                     node.shutdown().await;
@@ -373,8 +374,8 @@ impl NodeProc {
             // Whatever is still running dies here, mid-flight.
             rt.shutdown_background();
         });
-        let (http, handle) = info_rx.await.expect("node started");
-        NodeProc { http, handle, command: Some(cmd_tx), thread: Some(thread) }
+        let (http, mqtt, handle) = info_rx.await.expect("node started");
+        NodeProc { http, mqtt, handle, command: Some(cmd_tx), thread: Some(thread) }
     }
 
     /// Stops the node as SIGKILL would, as far as the cluster can tell.
@@ -478,4 +479,31 @@ pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(body);
     out
+}
+
+/// The project's Python (`.local/venv`, with nats-py and paho-mqtt), or
+/// `FM_TEST_PYTHON`.
+#[allow(dead_code)]
+pub fn python() -> std::path::PathBuf {
+    std::env::var_os("FM_TEST_PYTHON")
+        .map(Into::into)
+        .unwrap_or_else(|| fluxmesh_testkit::workspace_root().join(".local/venv/bin/python"))
+}
+
+/// Runs a client script with [`python`] and `args`; what it prints, as JSON.
+/// Fails the test, with the script's stderr, if it fails.
+#[allow(dead_code)]
+pub async fn run_python_json(script: &'static str, args: Vec<String>) -> Value {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .args(&args)
+            .output()
+            .expect("python with paho-mqtt (run deploy/local/test, or set FM_TEST_PYTHON)")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "client script failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON from the script")
 }
