@@ -141,49 +141,33 @@ pub async fn provision(
     ensure_stream(js, crate::checkpoint::Checkpoints::stream_config(&subjects, replicas), &subjects).await?;
     let retained_stream = subjects.retained_stream();
     let retained = stream::Config {
-        name: retained_stream.clone(),
-        description: Some("fluxmesh: the last retained MQTT message of each topic (empty: cleared)".to_owned()),
-        subjects: vec![subjects.retained_all()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_messages_per_subject: 1,
         duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        ..Default::default()
+        ..last_per_subject(
+            &retained_stream,
+            "the last retained MQTT message of each topic (empty: cleared)",
+            subjects.retained_all(),
+            replicas,
+        )
     };
     ensure_stream(js, retained, &subjects).await?;
     let will_stream = subjects.will_stream();
-    let wills = stream::Config {
-        name: will_stream.clone(),
-        description: Some(
-            "fluxmesh: the MQTT will of each live session (empty: none), published by another node if its node dies"
-                .to_owned(),
-        ),
-        subjects: vec![subjects.will_filter(None)],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_messages_per_subject: 1,
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        ..Default::default()
-    };
+    let wills = last_per_subject(
+        &will_stream,
+        "the MQTT will of each live session (empty: none), published by another node if its node dies",
+        subjects.will_filter(None),
+        replicas,
+    );
     ensure_stream(js, wills, &subjects).await?;
     let session_stream = subjects.session_stream();
     let sessions = stream::Config {
-        name: session_stream.clone(),
-        description: Some(
-            "fluxmesh: persistent MQTT sessions (subscriptions and stream positions; empty: none)".to_owned(),
-        ),
-        subjects: vec![subjects.sessions_all()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_messages_per_subject: 1,
         // A session untouched this long is gone (its client never came back).
         max_age: Duration::from_secs(cfg.sessions_max_age_secs),
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
-        ..Default::default()
+        ..last_per_subject(
+            &session_stream,
+            "persistent MQTT sessions (subscriptions and stream positions; empty: none)",
+            subjects.sessions_all(),
+            replicas,
+        )
     };
     ensure_stream(js, sessions, &subjects).await?;
 
@@ -212,6 +196,23 @@ pub async fn telemetry_streams(js: &jetstream::Context, subjects: &Subjects) -> 
     let text = value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
     let partitions: u32 = text.parse().map_err(|e: std::num::ParseIntError| bucket_err(e.into()))?;
     Ok((0..partitions).map(|p| subjects.telemetry_stream(p)).collect())
+}
+
+/// A stream that keeps the last message of each subject (a key-value map
+/// on our own subjects; an empty message is a deletion), on file, read
+/// directly from any replica.
+fn last_per_subject(name: &str, what: &str, subject: String, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        description: Some(format!("fluxmesh: {what}")),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    }
 }
 
 /// min(3, servers in the NATS cluster), counting the servers the connected

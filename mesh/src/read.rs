@@ -17,6 +17,20 @@ pub enum ReadError {
     Message(String),
 }
 
+/// The consumer config for [`read_pending`] that reads the last message of
+/// each subject matching `filters` (which must not overlap), for streams
+/// that keep one message per subject.
+pub fn last_per_subject(filters: Vec<String>) -> consumer::pull::Config {
+    consumer::pull::Config {
+        filter_subjects: filters,
+        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+        memory_storage: true,
+        num_replicas: 1,
+        inactive_threshold: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
 /// Hands `each` every message pending for a consumer made with `config`
 /// (forced ack-less; idle consumers expire after 30 s unless `config` says
 /// otherwise) at the moment it is created, in stream order; messages stored

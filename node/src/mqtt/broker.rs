@@ -211,14 +211,7 @@ impl Broker {
             .get_stream(name)
             .await
             .map_err(|e| FeedError::Stream { stream: name.clone(), source: e.into() })?;
-        let config = async_nats::jetstream::consumer::pull::Config {
-            filter_subjects: self.mesh.subjects().retained_filters(filter),
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
-            memory_storage: true,
-            num_replicas: 1,
-            inactive_threshold: Duration::from_secs(10),
-            ..Default::default()
-        };
+        let config = fluxmesh_mesh::read::last_per_subject(self.mesh.subjects().retained_filters(filter));
         let mut found = Vec::new();
         let mut over = 0u64;
         let read = fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(5), |stored| {

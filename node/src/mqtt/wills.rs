@@ -162,14 +162,7 @@ impl Wills {
         let mesh = self.ingress.mesh();
         let name = &mesh.layout().will_stream;
         let stream = mesh.js().get_stream(name).await.map_err(|e| WillError::Stream(e.into()))?;
-        let config = async_nats::jetstream::consumer::pull::Config {
-            filter_subject: subjects.will_filter(node),
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
-            memory_storage: true,
-            num_replicas: 1,
-            inactive_threshold: Duration::from_secs(10),
-            ..Default::default()
-        };
+        let config = fluxmesh_mesh::read::last_per_subject(vec![subjects.will_filter(node)]);
         let mut found: Vec<(String, u64, String, Will)> = Vec::new();
         fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(5), |stored| {
             if stored.payload.is_empty() {
