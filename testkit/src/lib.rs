@@ -301,7 +301,29 @@ impl NatsCluster {
         for server in &self.servers {
             server.wait_healthy().await?;
         }
+        self.wait_routes().await?;
         self.wait_meta_leader().await
+    }
+
+    /// Waits until every server tells a new client about all the others, so
+    /// a node that counts the gossiped URLs sees the whole cluster.
+    async fn wait_routes(&self) -> anyhow::Result<()> {
+        for server in &self.servers {
+            let url = [server.url()];
+            let size = self.servers.len();
+            wait_for(Duration::from_secs(30), &format!("nats-server {} routed to all peers", server.name), || {
+                let url = url.clone();
+                async move {
+                    let client = connect(&url).await.ok()?;
+                    let mut known = client.server_info().connect_urls;
+                    known.sort();
+                    known.dedup();
+                    (known.len() >= size).then_some(())
+                }
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Every server's client URL.
