@@ -31,6 +31,12 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const MAX_ACK_PENDING: i64 = 1000;
 /// A group's consumer with no puller for this long is deleted.
 const IDLE: Duration = Duration::from_secs(3600);
+/// Messages asked for per pull request.
+const PULL_BATCH: usize = 64;
+/// How long one pull request waits for messages: also how long a node
+/// whose last member left may still receive (and gives back) the group's
+/// messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
 /// Splits `$share/{group}/{filter}`; `None` if it is not one (or the
 /// group name is empty or holds a wildcard).
@@ -149,7 +155,7 @@ impl Shares {
         }
     }
 
-    async fn open(&self, stream: &str, name: &str) -> Result<pull::Stream, FeedError> {
+    async fn open(&self, stream: &str, name: &str) -> Result<consumer::PullConsumer, FeedError> {
         let err = |e: async_nats::Error| FeedError::Stream { stream: stream.to_owned(), source: e };
         let js = self.broker.js();
         let handle = js.get_stream(stream).await.map_err(|e| err(e.into()))?;
@@ -163,69 +169,89 @@ impl Shares {
             inactive_threshold: IDLE,
             ..Default::default()
         };
-        let consumer: consumer::PullConsumer =
-            handle.get_or_create_consumer(name, config).await.map_err(|e| err(e.into()))?;
-        consumer
-            .stream()
-            .max_messages_per_batch(64)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| err(e.into()))
+        handle.get_or_create_consumer(name, config).await.map_err(|e| err(e.into()))
     }
 
     /// Pulls one stream for one group until it has no member here, handing
-    /// each matching message to the next member with room.
-    async fn pull(self: Arc<Self>, group: Arc<Group>, stream: String, mut messages: pull::Stream) {
+    /// each matching message to the next member with room. It pulls in
+    /// short batches, so that once the last member here leaves no pull
+    /// request is left on the server after the current batch ends: what
+    /// still arrives in it is given back at once, never stranded in a
+    /// request nobody reads (the group would get it only after `ack_wait`).
+    async fn pull(self: Arc<Self>, group: Arc<Group>, stream: String, consumer: consumer::PullConsumer) {
         let stream_name: Arc<str> = stream.as_str().into();
         let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-        loop {
-            let next = tokio::select! {
-                _ = group.stop.cancelled() => break,
-                next = messages.next() => next,
+        while !group.stop.is_cancelled() {
+            let mut batch = match consumer.batch().max_messages(PULL_BATCH).expires(PULL_EXPIRES).messages().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::debug!(%stream, error = %e, "shared subscription pull failed; retrying");
+                    tokio::select! {
+                        _ = group.stop.cancelled() => break,
+                        _ = tokio::time::sleep(PULL_EXPIRES) => continue,
+                    }
+                }
             };
-            let stored = match next {
-                Some(Ok(stored)) => stored,
-                Some(Err(e)) => {
-                    // The pull stream re-issues its requests by itself.
-                    tracing::debug!(%stream, error = %e, "shared subscription pull hiccup");
+            while let Some(next) = batch.next().await {
+                let stored = match next {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::debug!(%stream, error = %e, "shared subscription pull hiccup");
+                        continue;
+                    }
+                };
+                if group.stop.is_cancelled() {
+                    let (_, acker) = stored.split();
+                    ShareAck(Arc::new(acker)).give_back().await;
                     continue;
                 }
-                None => break,
-            };
-            let seq = stored.info().map(|i| i.stream_sequence).ok();
-            let message = self.broker.decode_from(&stream, &stored, &mut scratch);
-            let (_, acker) = stored.split();
-            let ack = ShareAck(Arc::new(acker));
-            let Some(message) = message.filter(|m| super::topics::matches(&m.topic, &group.inner)) else {
-                // Not for this group: nobody needs it.
-                ack.done().await;
-                continue;
-            };
-            let message = Arc::new(message);
-            let members = group.members.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let start = group.turn.fetch_add(1, Ordering::Relaxed);
-            let mut handed = false;
-            for i in 0..members.len() {
-                let member = &members[(start + i) % members.len()];
-                let out = Outgoing {
-                    message: message.clone(),
-                    qos: member.qos.min(message.qos),
-                    retain: false,
-                    origin: seq.map(|s| (stream_name.clone(), s)),
-                    share: Some(ack.clone()),
-                };
-                if member.outbox.try_send(out).is_ok() {
-                    handed = true;
-                    break;
-                }
+                self.hand_out(&group, &stream, &stream_name, stored, &mut scratch).await;
             }
-            if handed {
-                metrics::counter!("fluxmesh_mqtt_shared_deliveries_total").increment(1);
-            } else {
-                metrics::counter!("fluxmesh_mqtt_shared_given_back_total").increment(1);
-                ack.give_back().await;
+        }
+    }
+
+    /// Gives one pulled message to the next member with room, or back to
+    /// the group if none has one.
+    async fn hand_out(
+        &self,
+        group: &Group,
+        stream: &str,
+        stream_name: &Arc<str>,
+        stored: async_nats::jetstream::Message,
+        scratch: &mut fluxmesh_schemas::frame::AlignedVec,
+    ) {
+        let seq = stored.info().map(|i| i.stream_sequence).ok();
+        let message = self.broker.decode_from(stream, &stored, scratch);
+        let (_, acker) = stored.split();
+        let ack = ShareAck(Arc::new(acker));
+        let Some(message) = message.filter(|m| super::topics::matches(&m.topic, &group.inner)) else {
+            // Not for this group: nobody needs it.
+            ack.done().await;
+            return;
+        };
+        let message = Arc::new(message);
+        let members = group.members.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let start = group.turn.fetch_add(1, Ordering::Relaxed);
+        let mut handed = false;
+        for i in 0..members.len() {
+            let member = &members[(start + i) % members.len()];
+            let out = Outgoing {
+                message: message.clone(),
+                qos: member.qos.min(message.qos),
+                retain: false,
+                origin: seq.map(|s| (stream_name.clone(), s)),
+                share: Some(ack.clone()),
+            };
+            if member.outbox.try_send(out).is_ok() {
+                handed = true;
+                break;
             }
+        }
+        if handed {
+            metrics::counter!("fluxmesh_mqtt_shared_deliveries_total").increment(1);
+        } else {
+            metrics::counter!("fluxmesh_mqtt_shared_given_back_total").increment(1);
+            ack.give_back().await;
         }
     }
 }
