@@ -56,7 +56,7 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// MQTT 3.1.1 listener.
+    /// MQTT listener (3.1.1 and 5, told apart by the CONNECT).
     pub listen: SocketAddr,
     /// Connections the broker accepts at most; more are refused.
     pub max_connections: usize,
@@ -68,8 +68,15 @@ pub struct MqttConfig {
     /// Messages one subscriber may have queued on this node; when full,
     /// more are dropped for it and counted.
     pub session_queue: usize,
-    /// QoS 1/2 messages sent to one subscriber and not yet acknowledged.
+    /// QoS 1/2 messages sent to one subscriber and not yet acknowledged
+    /// (an MQTT 5 client's receive maximum lowers it).
     pub max_inflight_out: u16,
+    /// MQTT 5 clients that ask for a longer keep-alive (or none) are told
+    /// to use this many seconds (CONNACK server keep alive); 0 takes what
+    /// they ask. MQTT 3.1.1 clients always keep their own.
+    pub server_keep_alive_secs: u16,
+    /// Topic aliases an MQTT 5 client may set per connection (0: none).
+    pub topic_alias_max: u16,
     /// Topic filters under which plain topics (outside `devices/`) may be
     /// used; empty turns plain pub/sub off.
     pub plain_topics: Vec<String>,
@@ -145,6 +152,8 @@ impl Default for MqttConfig {
             max_inflight: 100,
             session_queue: 1000,
             max_inflight_out: 32,
+            server_keep_alive_secs: 60,
+            topic_alias_max: 64,
             plain_topics: vec!["#".to_owned()],
             deny_topics: Vec::new(),
             session_save_interval_ms: 1000,

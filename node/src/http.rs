@@ -164,8 +164,15 @@ async fn ingest(
         }
     }
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let message =
-        DeviceMessage { topic, payload: body, idempotency_key, device_time_us: params.device_time_us, qos: 1 };
+    let message = DeviceMessage {
+        topic,
+        payload: body,
+        idempotency_key,
+        device_time_us: params.device_time_us,
+        qos: 1,
+        meta: None,
+        retain: false,
+    };
     match ingress.ingest(message, Source::Http).await {
         Ok(stored) => (
             StatusCode::ACCEPTED,

@@ -43,6 +43,10 @@ pub struct DeviceMessage<'a> {
     pub device_time_us: Option<i64>,
     /// The MQTT QoS it was published with (HTTP: 1).
     pub qos: u8,
+    /// What an MQTT publish adds to the stored message.
+    pub meta: Option<&'a MqttMeta>,
+    /// Published with the MQTT retain flag (`Fm-Retain`).
+    pub retain: bool,
 }
 
 /// A message on a plain MQTT topic (outside `devices/`): stored in the
@@ -56,6 +60,36 @@ pub struct PlainMessage<'a> {
     /// The id to store it under (deterministic for a will, so that a will
     /// fired twice is stored once); a new one if `None`.
     pub id: Option<FrameId>,
+    pub meta: Option<&'a MqttMeta>,
+}
+
+/// What an MQTT publish adds to the stored message, as headers: its MQTT 5
+/// properties, when it expires, and who published it (for no-local
+/// subscriptions). See `fluxmesh_schemas::headers`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MqttMeta {
+    pub props: Option<String>,
+    pub expires_ms: Option<u64>,
+    pub client: Option<String>,
+}
+
+impl MqttMeta {
+    pub fn is_empty(&self) -> bool {
+        *self == MqttMeta::default()
+    }
+
+    fn apply(&self, headers: &mut async_nats::HeaderMap) {
+        use fluxmesh_schemas::headers as h;
+        if let Some(props) = &self.props {
+            headers.insert(h::MQTT_PROPS, props.as_str());
+        }
+        if let Some(at) = self.expires_ms {
+            headers.insert(h::EXPIRES_MS, at.to_string().as_str());
+        }
+        if let Some(client) = &self.client {
+            headers.insert(h::CLIENT, fluxmesh_schemas::subject::escape_token(client).as_ref());
+        }
+    }
 }
 
 /// A PUBLISH as an MQTT client sent it (or its will), on a device topic or
@@ -68,6 +102,7 @@ pub struct MqttPublish<'a> {
     pub retain: bool,
     /// Derives the stored ids, so that sending it again stores it once.
     pub key: Option<&'a str>,
+    pub meta: Option<&'a MqttMeta>,
 }
 
 /// A sent MQTT publish: the message and, if retained, its retained copy.
@@ -194,6 +229,12 @@ impl Ingress {
         if msg.qos != 1 {
             header_map.insert(fluxmesh_schemas::headers::QOS, qos_token(msg.qos));
         }
+        if msg.retain {
+            header_map.insert(fluxmesh_schemas::headers::RETAIN, "1");
+        }
+        if let Some(meta) = msg.meta {
+            meta.apply(&mut header_map);
+        }
         let bytes = Bytes::from(frame.encode()?);
         let mirror = self.mirror_json.then(|| bytes.clone());
         let publisher = self.mesh.publisher();
@@ -219,6 +260,9 @@ impl Ingress {
         if msg.retain {
             headers.insert(fluxmesh_schemas::headers::RETAIN, "1");
         }
+        if let Some(meta) = msg.meta {
+            meta.apply(&mut headers);
+        }
         let publisher = self.mesh.publisher();
         let pending = publisher.publish(subject.clone(), headers, msg.payload).await?;
         self.metrics.in_flight.set(publisher.in_flight() as f64);
@@ -230,18 +274,25 @@ impl Ingress {
     /// retained copy (on the same connection, so retained messages are
     /// kept in publish order).
     pub async fn submit_mqtt(&self, publish: MqttPublish<'_>) -> Result<MqttInFlight, IngestError> {
-        let MqttPublish { topic, payload, qos, retain, key } = publish;
+        let MqttPublish { topic, payload, qos, retain, key, meta } = publish;
         let retained = retain.then(|| payload.clone());
         let sent = match DeviceTopic::parse(topic) {
             Ok(device_topic) => {
-                let message =
-                    DeviceMessage { topic: device_topic, payload, idempotency_key: key, device_time_us: None, qos };
+                let message = DeviceMessage {
+                    topic: device_topic,
+                    payload,
+                    idempotency_key: key,
+                    device_time_us: None,
+                    qos,
+                    meta,
+                    retain,
+                };
                 self.submit(message).await?
             }
             Err(device_err) => match PlainTopic::parse(topic) {
                 Ok(plain) => {
                     let id = key.map(|k| FrameId::from_key(k.as_bytes()));
-                    self.submit_plain(PlainMessage { topic: plain, payload, qos, retain, id }).await?
+                    self.submit_plain(PlainMessage { topic: plain, payload, qos, retain, id, meta }).await?
                 }
                 // A topic under `devices/` that is not a device topic says
                 // more than "not a plain topic".
@@ -250,7 +301,7 @@ impl Ingress {
             },
         };
         let retained = match retained {
-            Some(payload) => Some(self.send_retained(topic, qos, payload, sent.id).await?),
+            Some(payload) => Some(self.send_retained(topic, qos, payload, sent.id, meta).await?),
             None => None,
         };
         Ok(MqttInFlight { sent, retained })
@@ -276,12 +327,16 @@ impl Ingress {
         qos: u8,
         payload: Bytes,
         id: FrameId,
+        meta: Option<&MqttMeta>,
     ) -> Result<Pending, IngestError> {
         let subject = self.mesh.subjects().retained(topic);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(fluxmesh_schemas::headers::MSG_ID, format!("{id}-r").as_str());
         if qos != 1 {
             headers.insert(fluxmesh_schemas::headers::QOS, qos_token(qos));
+        }
+        if let Some(meta) = meta.filter(|_| !payload.is_empty()) {
+            meta.apply(&mut headers);
         }
         let op = if payload.is_empty() { "clear" } else { "set" };
         let pending = self.mesh.publisher().publish(subject, headers, payload).await?;

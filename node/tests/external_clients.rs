@@ -132,6 +132,53 @@ async fn mosquitto_sub_on_one_node_receives_mosquitto_pub_on_another() {
     b.shutdown().await;
 }
 
+/// The same across nodes with MQTT 5 clients: mosquitto's `-V mqttv5`
+/// (the first thing many users try) connects, and user properties, content
+/// type and message expiry reach the subscriber on the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_mqtt5_properties_across_two_nodes() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let a = start_node(&[nats.url()], |_| {}).await;
+    let b = start_node(&[nats.url()], |_| {}).await;
+    let (host, port_b) = (b.mqtt_addr().ip().to_string(), b.mqtt_addr().port().to_string());
+    let sub = Command::new("mosquitto_sub")
+        .args(["-V", "mqttv5", "-h", &host, "-p", &port_b, "-i", "ext5-watcher", "-q", "2"])
+        .args(["-t", "site5/#", "-C", "2", "-W", "60", "-F", "%t %p %q %C %P %E"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients, or run deploy/local/test)");
+    wait_subscriptions(b.http_addr(), 1.0).await;
+    let port_a = a.mqtt_addr().port().to_string();
+    let status = Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", &host, "-p", &port_a, "-i", "ext5-app", "-q", "2", "-t", "site5/a", "-m", "one"])
+        .args(["-D", "publish", "user-property", "shift", "night", "-D", "publish", "content-type", "text/plain"])
+        .args(["-D", "publish", "message-expiry-interval", "3600"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub -V mqttv5 failed: {status}");
+    let status = Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", &host, "-p", &port_a, "-i", "ext5-app", "-q", "1", "-t", "site5/b", "-m", "two"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub -V mqttv5 failed: {status}");
+    let out =
+        tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(move || sub.wait_with_output()))
+            .await
+            .expect("mosquitto_sub ends after 2 messages")
+            .expect("join")
+            .expect("output");
+    assert!(out.status.success(), "mosquitto_sub: {:?}", out.status);
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim_end().to_owned()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let first: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(first[..5], ["site5/a", "one", "2", "text/plain", "shift:night"], "{lines:?}");
+    let expiry: u32 = first[5].parse().expect("expiry left");
+    assert!((3590..=3600).contains(&expiry), "{lines:?}");
+    assert_eq!(lines[1], "site5/b two 1", "no properties on a message published without them");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 const PAHO_QOS2: &str = r#"
 import sys, time, json
 import paho.mqtt.client as mqtt

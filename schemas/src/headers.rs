@@ -30,8 +30,18 @@ pub const ORIGIN: &str = "Fm-Origin";
 /// when it is not 1 (absent: 1, as HTTP ingest gives). A subscriber gets
 /// the message at the lower of this and its granted QoS.
 pub const QOS: &str = "Fm-Qos";
-/// `1` on a plain message that was published with the retain flag.
+/// `1` on an MQTT message that was published with the retain flag.
 pub const RETAIN: &str = "Fm-Retain";
+/// An MQTT 5 message's properties for its subscribers, as one line of
+/// JSON: `pfi` payload format, `ct` content type, `rt` response topic,
+/// `cd` correlation data (base64), `up` user properties (`[[key, value]]`).
+pub const MQTT_PROPS: &str = "Fm-Mqtt-Props";
+/// When an MQTT 5 message with a message expiry expires, in ms since the
+/// Unix epoch; subscribers are not sent it after that.
+pub const EXPIRES_MS: &str = "Fm-Expires-Ms";
+/// The MQTT client that published the message, escaped like `Fm-Device`;
+/// set while the client holds a no-local subscription.
+pub const CLIENT: &str = "Fm-Client";
 
 /// The escaped header form of a channel: each level escaped, joined by `/`.
 pub fn escape_channel(channel: &str) -> String {

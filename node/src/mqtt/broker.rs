@@ -43,6 +43,45 @@ pub(crate) struct Message {
     pub payload: Bytes,
     /// The QoS it was published with.
     pub qos: u8,
+    /// Published with the retain flag (for retain-as-published).
+    pub retain: bool,
+    /// MQTT 5 properties for subscribers.
+    pub props: Option<super::props::MessageProps>,
+    /// When it expires, in ms since the Unix epoch.
+    pub expires_ms: Option<u64>,
+    /// The publishing client (escaped), when it asked for no-local.
+    pub client: Option<String>,
+}
+
+impl Message {
+    /// Reads what an MQTT publish stored with the message
+    /// (`ingress::MqttMeta` and the flags).
+    fn new(topic: String, payload: Bytes, headers: Option<&async_nats::HeaderMap>) -> Message {
+        use fluxmesh_schemas::headers as h;
+        let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        let props = get(h::MQTT_PROPS).and_then(|v| match super::props::MessageProps::from_header(v) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                metrics::counter!("fluxmesh_mqtt_feed_unreadable_total", "reason" => "properties").increment(1);
+                tracing::debug!(%topic, error = %e, "MQTT 5 properties of a stored message unreadable; sent without them");
+                None
+            }
+        });
+        Message {
+            qos: stored_qos(headers),
+            retain: get(h::RETAIN) == Some("1"),
+            props,
+            expires_ms: get(h::EXPIRES_MS).and_then(|v| v.parse().ok()),
+            client: get(h::CLIENT).map(str::to_owned),
+            topic,
+            payload,
+        }
+    }
+
+    /// Expired at `now_ms`: not sent to anyone any more.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
 }
 
 /// One message for one session, at the QoS it is to be sent with.
@@ -227,9 +266,12 @@ impl Broker {
                 over += 1;
                 return Ok(());
             }
-            let qos = stored_qos(stored.headers.as_ref());
-            let message = Arc::new(Message { topic, payload: stored.payload.clone(), qos });
-            found.push(Outgoing { message, qos: granted.min(qos), retain: true, origin: None, share: None });
+            let message = Message::new(topic, stored.payload.clone(), stored.headers.as_ref());
+            if message.expired(super::props::now_ms()) {
+                return Ok(());
+            }
+            let qos = granted.min(message.qos);
+            found.push(Outgoing { message: Arc::new(message), qos, retain: true, origin: None, share: None });
             Ok(())
         })
         .await;
@@ -403,7 +445,6 @@ impl Broker {
             None
         };
         let Ok(topic) = self.mesh.subjects().mqtt_topic(&stored.subject) else { return bad("subject") };
-        let qos = stored_qos(stored.headers.as_ref());
         let payload = if telemetry {
             match frame::access(&stored.payload, scratch) {
                 Ok(f) => match &f.body {
@@ -415,7 +456,7 @@ impl Broker {
         } else {
             stored.payload.clone()
         };
-        Some(Message { topic, payload, qos })
+        Some(Message::new(topic, payload, stored.headers.as_ref()))
     }
 
     /// Queues `message` once for every session with a matching

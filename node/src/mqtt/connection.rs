@@ -1,4 +1,5 @@
-//! One device connection: MQTT 3.1.1 over a socket, acks after JetStream.
+//! One client connection: MQTT 3.1.1 or 5 over a socket, acks after
+//! JetStream.
 //!
 //! The task owns the socket. Each loop turn it waits for whichever comes
 //! first: the next ack in order, the end of the publish being submitted,
@@ -12,6 +13,7 @@
 //! JetStream slows the device down instead of filling memory.
 
 use super::broker::{Outbox, Outgoing, Sub};
+use super::codec::{self, reason, Codec, FilterIn, Inbound, PublishIn, PublishOut, Version};
 use super::Shared;
 use crate::auth::acl::Grant;
 use crate::auth::Denied;
@@ -21,10 +23,8 @@ use bytes::{Bytes, BytesMut};
 use fluxmesh_schemas::{DeviceTopic, PlainTopic};
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use rumqttc::mqttbytes::{self, valid_filter, Protocol};
-use rumqttc::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
-};
+use rumqttc::mqttbytes::valid_filter;
+use rumqttc::QoS;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -103,38 +103,15 @@ enum Reply {
 enum Outcome {
     /// Stored in JetStream.
     Stored,
-    /// Refused for good (bad topic, too large): acknowledged so that the
-    /// device does not resend it forever, and counted.
-    Refused,
+    /// Refused for good (bad topic, too large, not allowed): acknowledged
+    /// so that the device does not resend it forever (MQTT 5: with this
+    /// reason code), and counted.
+    Refused(u8),
     /// A QoS2 resend of a message already stored in this session.
     Duplicate,
     /// Not stored after every retry: no ack, the connection closes, and the
     /// device sends it again after reconnecting.
     Failed(IngestError),
-}
-
-/// An MQTT 5 CONNACK refusing the connection with reason 0x84
-/// (unsupported protocol version): type, remaining length 3, no session
-/// present, the reason, an empty property list.
-const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
-
-/// The protocol level a CONNECT at the start of `buf` declares, once
-/// enough of it has arrived: after the fixed header (type, then a
-/// remaining length of 1-4 bytes) come the protocol name (2-byte length,
-/// then the name) and the level.
-fn connect_level(buf: &[u8]) -> Option<u8> {
-    if buf.first()? >> 4 != 1 {
-        return None;
-    }
-    let mut i = 1;
-    while *buf.get(i)? & 0x80 != 0 {
-        i += 1;
-        if i > 4 {
-            return None;
-        }
-    }
-    let name = usize::from(u16::from_be_bytes([*buf.get(i + 1)?, *buf.get(i + 2)?]));
-    buf.get(i + 3 + name).copied()
 }
 
 type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
@@ -151,6 +128,8 @@ fn settled(reply: Reply, outcome: Outcome) -> Settle {
 #[derive(Debug)]
 enum End {
     Disconnect,
+    /// An MQTT 5 DISCONNECT asking for the will to be published.
+    DisconnectWithWill,
     PeerClosed,
     Io(std::io::Error),
     Protocol(&'static str, String),
@@ -168,6 +147,7 @@ impl End {
     fn reason(&self) -> &'static str {
         match self {
             End::Disconnect => "disconnect",
+            End::DisconnectWithWill => "disconnect_with_will",
             End::PeerClosed => "peer_closed",
             End::Io(_) => "io_error",
             End::Protocol(reason, _) => reason,
@@ -179,6 +159,71 @@ impl End {
             End::NotStored(_) => "not_stored",
             End::WillNotKept(_) => "will_not_kept",
             End::Session(_) => "session_unavailable",
+        }
+    }
+
+    /// The reason an MQTT 5 client is told in the server's DISCONNECT;
+    /// `None`: the client ended it, or the socket is gone.
+    fn disconnect_code(&self) -> Option<u8> {
+        Some(match self {
+            End::Disconnect | End::DisconnectWithWill | End::PeerClosed | End::Io(_) => return None,
+            End::Protocol("oversize", _) => reason::PACKET_TOO_LARGE,
+            End::Protocol("receive_maximum", _) => reason::RECEIVE_MAXIMUM_EXCEEDED,
+            End::Protocol("topic_alias_invalid", _) => reason::TOPIC_ALIAS_INVALID,
+            End::Protocol("acl_denied", _) => reason::NOT_AUTHORIZED,
+            End::Protocol("malformed_packet", _) => reason::MALFORMED,
+            End::Protocol("write_timeout", _) => return None,
+            End::Protocol(..) => reason::PROTOCOL_ERROR,
+            End::KeepAlive => reason::KEEP_ALIVE_TIMEOUT,
+            End::TakenOver => reason::SESSION_TAKEN_OVER,
+            End::Revoked => reason::ADMINISTRATIVE_ACTION,
+            End::Stopped => reason::SERVER_SHUTTING_DOWN,
+            End::NotStored(_) => reason::UNSPECIFIED,
+            End::Denied(_) | End::WillNotKept(_) | End::Session(_) => return None,
+        })
+    }
+}
+
+/// A subscription's options: the QoS granted and, from MQTT 5, no-local,
+/// retain-as-published and its subscription identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SubOpts {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<u32>,
+}
+
+impl SubOpts {
+    /// Options beyond the QoS, which make each delivery look at the
+    /// session's filters.
+    fn has_extras(&self) -> bool {
+        self.no_local || self.retain_as_published || self.id.is_some()
+    }
+}
+
+/// What an MQTT 5 CONNECT set for the connection (3.1.1: the defaults).
+#[derive(Debug)]
+struct V5Limits {
+    /// QoS 1/2 messages the client takes unacknowledged.
+    receive_maximum: usize,
+    /// The largest packet the client takes.
+    max_packet: usize,
+    /// Topic aliases the client takes from us, and those given.
+    alias_max: u16,
+    out_aliases: std::collections::HashMap<String, u16>,
+    /// Topic aliases the client set on this connection.
+    in_aliases: std::collections::HashMap<u16, String>,
+}
+
+impl Default for V5Limits {
+    fn default() -> V5Limits {
+        V5Limits {
+            receive_maximum: usize::from(u16::MAX),
+            max_packet: usize::MAX,
+            alias_max: 0,
+            out_aliases: Default::default(),
+            in_aliases: Default::default(),
         }
     }
 }
@@ -203,16 +248,29 @@ struct Conn<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     max_packet: usize,
+    /// The protocol version the CONNECT chose (3.1.1 until then).
+    codec: Codec,
     client_id: String,
     clean: bool,
+    /// How long the session outlives the connection, in seconds: MQTT 5's
+    /// session expiry; 3.1.1 clean session 0: `u32::MAX` (never).
+    session_expiry: u32,
     keep_alive: Option<Duration>,
+    /// What an MQTT 5 client said it takes.
+    limits: V5Limits,
+    /// QoS 1/2 packet ids received and not yet PUBACKed or PUBCOMPed
+    /// (MQTT 5 receive maximum).
+    in_flows: HashSet<u16>,
     /// QoS2 packet ids stored and PUBRECed, awaiting PUBREL.
     awaiting_rel: HashSet<u16>,
     /// Parsed publishes not yet submitted, in arrival order.
-    backlog: VecDeque<Publish>,
+    backlog: VecDeque<PublishIn>,
     backlog_bytes: usize,
-    /// DISCONNECT received: finish what was read, then close.
-    disconnecting: bool,
+    /// DISCONNECT received (with its reason): finish what was read, then
+    /// close.
+    disconnecting: Option<u8>,
+    /// The will's delay (MQTT 5), in seconds.
+    will_delay: u32,
     pending: FuturesOrdered<Settle>,
     submitting: Option<Submit>,
     /// Identifies this session's subscriptions in the node's broker.
@@ -221,8 +279,11 @@ struct Conn<S> {
     /// with each subscription.
     outbox_tx: Option<Outbox>,
     outbox: Option<tokio::sync::mpsc::Receiver<Outgoing>>,
-    /// Filters subscribed in the broker, with the QoS granted.
-    subscriptions: std::collections::HashMap<String, QoS>,
+    /// Filters subscribed in the broker, with their options.
+    subscriptions: std::collections::HashMap<String, SubOpts>,
+    /// Some subscription has MQTT 5 options: each delivery looks at the
+    /// matching filters.
+    sub_extras: bool,
     /// Shared subscriptions (`$share/{group}/{filter}`), with the QoS granted.
     share_subs: std::collections::HashMap<String, QoS>,
     /// Shared messages written at QoS 0, to acknowledge to their groups.
@@ -285,19 +346,25 @@ where
         rbuf: BytesMut::with_capacity(4096),
         wbuf: BytesMut::with_capacity(1024),
         max_packet,
+        codec: Codec { version: Version::V4 },
         client_id: String::new(),
         clean: true,
+        session_expiry: 0,
         keep_alive: None,
+        limits: V5Limits::default(),
+        in_flows: HashSet::new(),
         awaiting_rel: HashSet::new(),
         backlog: VecDeque::new(),
         backlog_bytes: 0,
-        disconnecting: false,
+        disconnecting: None,
+        will_delay: 0,
         pending: FuturesOrdered::new(),
         submitting: None,
         session_id: 0,
         outbox_tx: None,
         outbox: None,
         subscriptions: Default::default(),
+        sub_extras: false,
         share_subs: Default::default(),
         shares_done: Vec::new(),
         out_inflight: Default::default(),
@@ -333,56 +400,83 @@ where
     };
     let end = conn.run(&session).await;
     conn.closed(&end);
+    conn.say_disconnect(&end).await;
     conn.leave_broker();
     conn.leave_shares().await;
-    conn.save_session(true).await;
+    conn.finish_session().await;
     conn.close_replay().await;
-    conn.end_will(&end).await;
-    let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-    if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
-        sessions.remove(&conn.client_id);
+    {
+        let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
+            sessions.remove(&conn.client_id);
+        }
     }
+    conn.end_will(&end).await;
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Reads CONNECT, checks it, registers the session, answers CONNACK.
     async fn handshake(&mut self) -> Result<Session, End> {
         let connect = loop {
-            // MQTT 5 is told apart before parsing: its CONNECT carries
-            // properties the 3.1.1 codec would misread as a malformed packet.
-            if connect_level(&self.rbuf) == Some(5) {
-                return Err(self.refuse_v5().await);
-            }
-            match Packet::read(&mut self.rbuf, self.max_packet) {
-                Ok(Packet::Connect(c)) => break c,
-                Ok(other) => return Err(End::Protocol("expected_connect", format!("first packet was {other:?}"))),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => self.read_more().await?,
-                Err(mqttbytes::Error::InvalidProtocolLevel(level)) => {
-                    self.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
-                    return Err(End::Protocol(
-                        "protocol_version",
-                        format!("MQTT protocol level {level} is not supported; use 3.1.1"),
-                    ));
+            // Read before the codec consumes the packet.
+            let declared = codec::connect_level(&self.rbuf);
+            match codec::read(None, &mut self.rbuf, self.max_packet) {
+                Ok(Some(Inbound::Connect(c))) => break c,
+                Ok(Some(other)) => {
+                    return Err(End::Protocol("expected_connect", format!("first packet was {other:?}")))
                 }
-                Err(e) => return Err(End::Protocol("malformed_packet", e.to_string())),
+                Ok(None) => self.read_more().await?,
+                Err(e @ (codec::DecodeError::Level(_) | codec::DecodeError::ProtocolName)) => {
+                    // MQTT 5 clients read only an MQTT 5 CONNACK; older
+                    // ones a 3.1.1 one.
+                    let level = declared.unwrap_or(4);
+                    self.codec = Codec { version: if level >= 5 { Version::V5 } else { Version::V4 } };
+                    self.refuse(reason::UNSUPPORTED_PROTOCOL).await;
+                    return Err(End::Protocol("protocol_version", fluxmesh_mesh::error_chain(&e)));
+                }
+                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
             }
         };
-        if connect.protocol != Protocol::V4 {
-            return Err(self.refuse_v5().await);
+        self.codec = Codec { version: connect.version };
+        let v5 = connect.version == Version::V5;
+        if connect.auth_method.is_some() {
+            self.refuse(reason::BAD_AUTHENTICATION_METHOD).await;
+            return Err(End::Protocol("auth_method", "enhanced authentication is not offered".into()));
         }
-        self.clean = connect.clean_session;
+        self.clean = connect.clean_start;
+        self.session_expiry = match connect.version {
+            Version::V5 => connect.session_expiry.unwrap_or(0),
+            Version::V4 if connect.clean_start => 0,
+            Version::V4 => u32::MAX,
+        };
+        let mut assigned = None;
         self.client_id = if connect.client_id.is_empty() {
-            if !connect.clean_session {
-                self.refuse(ConnectReturnCode::BadClientId).await;
+            if !v5 && !connect.clean_start {
+                self.refuse(reason::CLIENT_ID_INVALID).await;
                 return Err(End::Protocol("bad_client_id", "empty client id needs a clean session".into()));
             }
-            format!("auto-{}", uuid::Uuid::new_v4().simple())
+            let id = format!("auto-{}", uuid::Uuid::new_v4().simple());
+            assigned = Some(id.clone());
+            id
         } else {
             connect.client_id
         };
-        self.keep_alive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-        self.grant = self.authenticate(connect.login.as_ref()).await?;
-        if let Some(will) = connect.last_will {
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        let cap = self.shared.config.server_keep_alive_secs;
+        if v5 && cap > 0 && (keep_alive == 0 || keep_alive > cap) {
+            keep_alive = cap;
+            server_keep_alive = Some(cap);
+        }
+        self.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        if v5 {
+            self.limits.receive_maximum = usize::from(connect.receive_maximum.unwrap_or(u16::MAX).max(1));
+            self.limits.max_packet = connect.max_packet_size.map_or(usize::MAX, |m| m as usize);
+            self.limits.alias_max = connect.topic_alias_max.unwrap_or(0);
+        }
+        self.grant = self.authenticate(connect.username.as_deref(), connect.password.as_deref()).await?;
+        if let Some(will) = connect.will {
+            self.will_delay = will.delay;
             self.will = Some(self.accept_will(will).await?);
         }
         self.open_session().await?;
@@ -411,11 +505,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             tracing::info!(client = %self.client_id, peer = %self.peer, "client id connected again; ending the older session");
             previous.end.cancel();
         }
+        // The client is back: a will waiting out its delay is not sent.
+        self.shared.cancel_delayed_will(&self.client_id);
         self.shared.sessions_bus.announce(&self.client_id, session.connected_us).await;
         let present = self.persist.as_ref().is_some_and(|p| p.present);
-        self.write(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, present)));
+        let info = codec::ConnAckInfo {
+            assigned_client_id: assigned,
+            receive_maximum: u16::try_from(self.shared.config.max_inflight).unwrap_or(u16::MAX),
+            max_packet_size: u32::try_from(self.max_packet).unwrap_or(u32::MAX),
+            topic_alias_max: self.shared.config.topic_alias_max,
+            server_keep_alive,
+            session_expiry: None,
+        };
+        self.codec.connack(&mut self.wbuf, present, reason::SUCCESS, Some(&info));
         self.flush().await?;
-        tracing::debug!(client = %self.client_id, peer = %self.peer, present, "MQTT connected");
+        tracing::debug!(client = %self.client_id, peer = %self.peer, present, version = ?self.codec.version, "MQTT connected");
         if present {
             self.resume().await;
         }
@@ -424,17 +528,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Checks the CONNECT's credentials: the client id is the device id,
     /// the password its secret, the username empty or the client id.
-    async fn authenticate(&mut self, login: Option<&rumqttc::Login>) -> Result<Grant, End> {
-        let username = login.map(|l| l.username.as_str()).filter(|u| !u.is_empty());
-        let secret = login.map(|l| l.password.as_bytes()).filter(|p| !p.is_empty());
+    async fn authenticate(&mut self, username: Option<&str>, password: Option<&[u8]>) -> Result<Grant, End> {
+        let username = username.filter(|u| !u.is_empty());
+        let secret = password.filter(|p| !p.is_empty());
         let denied = match self.shared.auth.authenticate("mqtt", &self.client_id, username, secret).await {
             Ok(grant) => return Ok(grant),
             Err(denied) => denied,
         };
         let code = match denied {
-            Denied::BadCredentials | Denied::UsernameMismatch => ConnectReturnCode::BadUserNamePassword,
-            Denied::NoCredentials | Denied::Disabled => ConnectReturnCode::NotAuthorized,
-            Denied::Unavailable => ConnectReturnCode::ServiceUnavailable,
+            Denied::BadCredentials | Denied::UsernameMismatch => reason::BAD_USER_NAME_OR_PASSWORD,
+            Denied::NoCredentials | Denied::Disabled => reason::NOT_AUTHORIZED,
+            Denied::Unavailable => reason::SERVER_UNAVAILABLE,
         };
         self.refuse(code).await;
         Err(End::Denied(denied))
@@ -445,7 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// was one). Unreadable: CONNACK "server unavailable".
     async fn open_session(&mut self) -> Result<(), End> {
         use super::sessions::{Persist, SessionError, SessionRecord};
-        let store = &self.shared.session_store;
+        let store = self.shared.session_store.clone();
         let loaded = match store.load(&self.client_id).await {
             Ok(loaded) => loaded,
             Err(SessionError::Corrupt { client, source }) => {
@@ -454,35 +558,63 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 None
             }
             Err(e) => {
-                self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                self.refuse(reason::SERVER_UNAVAILABLE).await;
                 return Err(End::Session(e));
             }
         };
-        if self.clean {
-            if loaded.is_some() {
-                if let Err(e) = store.discard(&self.client_id).await {
-                    self.refuse(ConnectReturnCode::ServiceUnavailable).await;
-                    return Err(End::Session(e));
-                }
+        let now = fluxmesh_schemas::frame::now_us();
+        let (stale, live) = match loaded {
+            Some((record, _)) if self.clean || record.expired(now) => (true, None),
+            other => (false, other),
+        };
+        if stale {
+            if let Err(e) = store.discard(&self.client_id).await {
+                self.refuse(reason::SERVER_UNAVAILABLE).await;
+                return Err(End::Session(e));
             }
-            return Ok(());
         }
-        self.persist = Some(match loaded {
-            Some((record, seq)) => Persist::new(record, Some(seq)),
+        let expiry = (self.session_expiry != u32::MAX).then_some(self.session_expiry);
+        self.persist = match live {
+            // Resumed, even when it ends with this connection (MQTT 5
+            // session expiry 0).
+            Some((mut record, seq)) => {
+                record.ended_us = None;
+                record.expiry_secs = expiry;
+                Some(Persist::new(record, Some(seq)))
+            }
+            None if self.session_expiry == 0 => None,
             None => {
                 // Stored now, so that the next CONNECT finds the session
                 // even if this one subscribes to nothing.
-                let mut record = SessionRecord::default();
+                let mut record = SessionRecord { expiry_secs: expiry, ..SessionRecord::default() };
                 match store.save(&self.client_id, &mut record, None).await {
-                    Ok(seq) => Persist { present: false, ..Persist::new(record, Some(seq)) },
+                    Ok(seq) => Some(Persist { present: false, ..Persist::new(record, Some(seq)) }),
                     Err(e) => {
-                        self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                        self.refuse(reason::SERVER_UNAVAILABLE).await;
                         return Err(End::Session(e));
                     }
                 }
             }
-        });
+        };
         Ok(())
+    }
+
+    /// After the connection: a session that outlives it is stored with
+    /// the time it ended (its expiry counts from then); one that does not
+    /// is forgotten.
+    async fn finish_session(&mut self) {
+        let Some(persist) = &mut self.persist else { return };
+        if self.session_expiry == 0 {
+            if let Err(e) = self.shared.session_store.discard(&self.client_id).await {
+                metrics::counter!("fluxmesh_mqtt_session_save_failed_total").increment(1);
+                tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "cannot forget an ended session");
+            }
+            return;
+        }
+        persist.record.expiry_secs = (self.session_expiry != u32::MAX).then_some(self.session_expiry);
+        persist.record.ended_us = Some(fluxmesh_schemas::frame::now_us());
+        persist.subs_changed = true;
+        self.save_session(true).await;
     }
 
     /// A persistent session comes back: its subscriptions go into the
@@ -493,22 +625,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn resume(&mut self) {
         let Some(persist) = &self.persist else { return };
         let subs = persist.record.subs.clone();
+        let stored_opts = persist.record.opts.clone();
         let cursors = persist.record.cursors.clone();
         metrics::counter!("fluxmesh_mqtt_sessions_resumed_total").increment(1);
         let mut streams = std::collections::BTreeSet::new();
         for (filter, qos) in subs {
-            let qos = qos_of(qos);
+            let extra = stored_opts.get(&filter).copied().unwrap_or_default();
+            let opts = SubOpts { qos: qos_of(qos), no_local: extra.nl, retain_as_published: extra.rap, id: extra.id };
             // Rights can change while a session is away.
             let denied = self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(&filter, d));
             if denied || !self.grant.may_subscribe(&filter) {
                 tracing::info!(client = %self.client_id, %filter, "a stored subscription is no longer allowed; dropped");
                 if let Some(p) = &mut self.persist {
                     p.record.subs.remove(&filter);
+                    p.record.opts.remove(&filter);
                     p.subs_changed = true;
                 }
                 continue;
             }
-            if self.activate(&filter, qos).await.is_none() {
+            if self.activate(&filter, opts).await.is_none() {
                 continue;
             }
             streams.extend(self.shared.broker.streams_for(&filter));
@@ -564,7 +699,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.subscriptions
                     .iter()
                     .filter(|(filter, _)| super::topics::matches(&m.topic, filter))
-                    .map(|(_, qos)| *qos as u8)
+                    .map(|(_, opts)| opts.qos as u8)
                     .max()
             });
             match (message, granted) {
@@ -720,41 +855,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// size) and keeps it in NATS, so that it is published even if this
     /// node dies. Refused: CONNACK "not authorized"; not kept: "server
     /// unavailable".
-    async fn accept_will(&mut self, will: rumqttc::LastWill) -> Result<(super::wills::Will, u64), End> {
+    async fn accept_will(&mut self, will: codec::WillIn) -> Result<(super::wills::Will, u64), End> {
         let topic_ok = DeviceTopic::parse(&will.topic).is_ok()
             || (PlainTopic::parse(&will.topic).is_ok() && self.plain_allowed(&will.topic));
         let allowed = topic_ok
             && !self.topic_denied(&will.topic)
             && self.grant.may_publish(&will.topic)
-            && will.message.len() <= self.shared.max_payload;
+            && will.payload.len() <= self.shared.max_payload;
         if !allowed {
             if topic_ok {
                 self.acl_denied("will", &will.topic);
             }
-            self.refuse(ConnectReturnCode::NotAuthorized).await;
+            self.refuse(reason::NOT_AUTHORIZED).await;
             return Err(End::Protocol("will_refused", format!("will on `{}` is not allowed", will.topic)));
         }
         let will = super::wills::Will {
             topic: will.topic,
-            payload: will.message,
-            qos: will.qos as u8,
+            payload: will.payload,
+            qos: will.qos,
             retain: will.retain,
             id: fluxmesh_schemas::FrameId::new_v7(),
+            props: will.props.map(|p| p.to_header()),
+            expiry: will.expiry,
         };
         match self.shared.wills.keep(&self.client_id, &will).await {
             Ok(seq) => Ok((will, seq)),
             Err(e) => {
-                self.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                self.refuse(reason::SERVER_UNAVAILABLE).await;
                 Err(End::WillNotKept(e))
             }
         }
     }
 
     /// After the connection: a DISCONNECT discards the will; any other end
-    /// publishes it. Then its record is cleared.
+    /// publishes it, after its MQTT 5 delay (at most the session's
+    /// expiry) unless the client connects again meanwhile. Then its record
+    /// is cleared.
     async fn end_will(&mut self, end: &End) {
         let Some((will, seq)) = self.will.take() else { return };
-        if !matches!(end, End::Disconnect) {
+        let delay = self.will_delay.min(self.session_expiry);
+        let publish = match end {
+            End::Disconnect => false,
+            // The client is back already, and its session with it.
+            End::TakenOver => delay == 0,
+            _ => true,
+        };
+        let publish = publish
+            && (delay == 0 || matches!(end, End::Stopped) || {
+                let (shared, client) = (self.shared.clone(), self.client_id.clone());
+                wait_will_delay(shared, client, self.session_id, delay).await
+            });
+        if publish {
             let published =
                 tokio::time::timeout(DRAIN_TIMEOUT, self.shared.wills.publish(&self.client_id, &will, end.reason()))
                     .await;
@@ -783,17 +934,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         self.shared.config.plain_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
     }
 
-    /// An MQTT 5 client reads only an MQTT 5 CONNACK: reason 0x84,
-    /// "unsupported protocol version", and no properties.
-    async fn refuse_v5(&mut self) -> End {
-        self.wbuf.extend_from_slice(&CONNACK_V5_UNSUPPORTED);
+    /// Refuses the CONNECT with `code` (an MQTT 5 reason; 3.1.1 gets its
+    /// nearest return code).
+    async fn refuse(&mut self, code: u8) {
+        self.codec.connack(&mut self.wbuf, false, code, None);
         let _ = self.flush().await;
-        End::Protocol("protocol_version", "MQTT 5 is not supported yet; use 3.1.1".into())
     }
 
-    async fn refuse(&mut self, code: ConnectReturnCode) {
-        self.write(&Packet::ConnAck(ConnAck::new(code, false)));
-        let _ = self.flush().await;
+    /// Tells an MQTT 5 client why the server ends the connection.
+    async fn say_disconnect(&mut self, end: &End) {
+        let Some(code) = end.disconnect_code() else { return };
+        if self.codec.version != Version::V5 {
+            return;
+        }
+        self.codec.disconnect(&mut self.wbuf, code);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
     }
 
     async fn run(&mut self, session: &Session) -> End {
@@ -819,8 +974,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 share.done().await;
             }
             let idle = self.backlog.is_empty() && self.submitting.is_none() && self.pending.is_empty();
-            if idle && self.disconnecting {
-                return End::Disconnect;
+            if idle {
+                match self.disconnecting {
+                    Some(reason::DISCONNECT_WITH_WILL) => return End::DisconnectWithWill,
+                    Some(_) => return End::Disconnect,
+                    None => {}
+                }
             }
             if let Some((_, end)) = &draining {
                 if idle {
@@ -831,7 +990,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     };
                 }
             }
-            let can_read = draining.is_none() && !self.disconnecting && self.backlog_has_room();
+            let can_read = draining.is_none() && self.disconnecting.is_none() && self.backlog_has_room();
             if !can_read {
                 // We are holding the device back (backpressure), so its
                 // PINGREQs sit unread: keep-alive counts only while we read.
@@ -908,7 +1067,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Room for one more QoS 1/2 message to the client (commands included).
     fn out_room(&self) -> bool {
-        self.out_inflight.len() + self.awaiting_puback.len() < usize::from(self.shared.config.max_inflight_out)
+        let max = usize::from(self.shared.config.max_inflight_out).min(self.limits.receive_maximum);
+        self.out_inflight.len() + self.awaiting_puback.len() < max
     }
 
     /// Room for one more publish awaiting its JetStream ack.
@@ -967,135 +1127,211 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Handles the complete packets already read: publishes join the
     /// backlog (while it has room), everything else is answered at once.
     async fn parse_and_handle(&mut self, draining: bool) -> Result<(), End> {
-        while !draining && !self.disconnecting && self.backlog_has_room() {
-            let packet = match Packet::read(&mut self.rbuf, self.max_packet) {
-                Ok(p) => p,
-                Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
-                Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+        while !draining && self.disconnecting.is_none() && self.backlog_has_room() {
+            let packet = match codec::read(Some(self.codec.version), &mut self.rbuf, self.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(codec::DecodeError::TooLarge(size)) => {
                     telemetry::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
                     return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
                 }
-                Err(e) => return Err(End::Protocol("malformed_packet", e.to_string())),
+                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
             };
             self.handle(packet).await?;
         }
         Ok(())
     }
 
-    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+    async fn handle(&mut self, packet: Inbound) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish) => {
-                if publish.topic.contains('\0') {
-                    // MQTT 3.1.1 section 1.5.3: a string with U+0000 closes
-                    // the connection.
-                    return Err(End::Protocol("null_in_topic", "topic contains U+0000".into()));
-                }
-                self.backlog_bytes += publish.payload.len() + publish.topic.len();
-                self.backlog.push_back(publish);
+            Inbound::Publish(publish) => self.received(publish)?,
+            Inbound::PubRel(pkid) => {
+                self.awaiting_rel.remove(&pkid);
+                self.in_flows.remove(&pkid);
+                self.codec.pubcomp(&mut self.wbuf, pkid);
             }
-            Packet::PubRel(rel) => {
-                self.awaiting_rel.remove(&rel.pkid);
-                self.write(&Packet::PubComp(PubComp::new(rel.pkid)));
-            }
-            Packet::Subscribe(sub) => {
-                let mut accepted = Vec::with_capacity(sub.filters.len());
-                for filter in &sub.filters {
-                    // A shared subscription is judged by its filter.
-                    let judged = super::shared::parse(&filter.path).map_or(filter.path.as_str(), |(_, f)| f);
-                    let denied = self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(judged, d));
-                    let allowed = !denied && self.grant.may_subscribe(judged);
-                    if denied {
-                        metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "subscribe").increment(1);
-                        tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
-                    } else if !allowed {
-                        self.acl_denied("subscribe", &filter.path);
+            Inbound::Subscribe { pkid, filters, id } => self.subscribe_packet(pkid, filters, id).await,
+            Inbound::Unsubscribe { pkid, filters } => {
+                let mut existed = Vec::with_capacity(filters.len());
+                for topic in &filters {
+                    let mut found = false;
+                    if self.cmd_filters.remove(topic).is_some() {
+                        found = true;
+                        if self.cmd_filters.is_empty() {
+                            // No more commands here: the command service
+                            // queues them until the device subscribes again.
+                            self.cmd_ready.store(false, Ordering::Release);
+                        }
                     }
-                    accepted.push(allowed && valid_filter(&filter.path));
-                }
-                // A persistent session stores the packet's new filters in
-                // one write, before any of them is served or acknowledged.
-                if self.persist.is_some() {
-                    let new: Vec<(String, QoS)> = sub
-                        .filters
-                        .iter()
-                        .zip(&accepted)
-                        .filter(|(_, ok)| **ok)
-                        .map(|(f, _)| (f.path.clone(), f.qos))
-                        .collect();
-                    if !new.is_empty() && !self.remember(&new).await {
-                        accepted.iter_mut().for_each(|ok| *ok = false);
-                    }
-                }
-                let mut codes = Vec::with_capacity(sub.filters.len());
-                for (filter, ok) in sub.filters.iter().zip(accepted) {
-                    let granted = match ok {
-                        true => self.subscribe(&filter.path, filter.qos).await,
-                        false => None,
-                    };
-                    codes.push(granted.map_or(SubscribeReasonCode::Failure, SubscribeReasonCode::Success));
-                }
-                self.write(&Packet::SubAck(SubAck::new(sub.pkid, codes)));
-            }
-            Packet::Unsubscribe(unsub) => {
-                for topic in &unsub.topics {
-                    if self.cmd_filters.remove(topic).is_some() && self.cmd_filters.is_empty() {
-                        // No more commands here: the command service
-                        // queues them until the device subscribes again.
-                        self.cmd_ready.store(false, Ordering::Release);
-                    }
-                }
-                for topic in &unsub.topics {
                     if self.subscriptions.remove(topic).is_some() {
+                        found = true;
                         self.shared.broker.unsubscribe(self.session_id, topic);
                     }
                     if self.share_subs.remove(topic).is_some() {
+                        found = true;
                         if let Some((group, filter)) = super::shared::parse(topic) {
                             self.shared.shares.leave(self.session_id, group, filter).await;
                         }
                     }
                     if let Some(persist) = &mut self.persist {
+                        persist.record.opts.remove(topic);
                         persist.subs_changed |= persist.record.subs.remove(topic).is_some();
                     }
+                    existed.push(found);
                 }
+                self.sub_extras = self.subscriptions.values().any(SubOpts::has_extras);
                 // Stored before the UNSUBACK, like a subscription.
                 self.save_session(false).await;
-                self.write(&Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
+                self.codec.unsuback(&mut self.wbuf, pkid, &existed);
             }
-            Packet::PingReq => self.write(&Packet::PingResp),
+            Inbound::PingReq => self.codec.pingresp(&mut self.wbuf),
             // Publishes read before it are still stored and acknowledged.
-            Packet::Disconnect => self.disconnecting = true,
-            Packet::PubAck(ack) => {
-                if let Some(done) = self.awaiting_puback.remove(&ack.pkid) {
+            Inbound::Disconnect { reason, session_expiry } => {
+                if let Some(expiry) = session_expiry {
+                    if self.session_expiry == 0 && expiry > 0 {
+                        // MQTT 5 3.14.2.2.2: a session that was to end with
+                        // its connection cannot be kept at DISCONNECT.
+                        return Err(End::Protocol("session_expiry", "DISCONNECT set a session expiry after 0".into()));
+                    }
+                    self.session_expiry = expiry;
+                }
+                self.disconnecting = Some(reason);
+            }
+            Inbound::PubAck(pkid) => {
+                if let Some(done) = self.awaiting_puback.remove(&pkid) {
                     let _ = done.send(Ok(()));
-                } else if self.out_inflight.get(&ack.pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
-                    if let Some(share) = self.out_inflight.remove(&ack.pkid).and_then(|o| o.share) {
+                } else if self.out_inflight.get(&pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
+                    if let Some(share) = self.out_inflight.remove(&pkid).and_then(|o| o.share) {
                         share.done().await;
                     }
                 }
             }
-            Packet::PubRec(rec) => {
-                if let Some(out) = self.out_inflight.get_mut(&rec.pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
+            Inbound::PubRec { pkid, failed } => {
+                if let Some(out) = self.out_inflight.get_mut(&pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
                     out.released = true;
                     if let Some(share) = out.share.take() {
                         share.done().await;
                     }
                 }
-                // Answered even for an id we do not know: the client may
-                // hold it from before a reconnect.
-                self.write(&Packet::PubRel(rumqttc::PubRel::new(rec.pkid)));
-            }
-            Packet::PubComp(comp) => {
-                if self.out_inflight.get(&comp.pkid).is_some_and(|o| o.released) {
-                    self.out_inflight.remove(&comp.pkid);
+                if failed {
+                    // MQTT 5: the client refused it; the exchange ends here.
+                    self.out_inflight.remove(&pkid);
+                } else {
+                    // Answered even for an id we do not know: the client
+                    // may hold it from before a reconnect.
+                    self.codec.pubrel(&mut self.wbuf, pkid);
                 }
             }
-            Packet::Connect(_) => return Err(End::Protocol("second_connect", "CONNECT on a connected session".into())),
-            other => return Err(End::Protocol("unexpected_packet", format!("{other:?} from a client"))),
+            Inbound::PubComp(pkid) => {
+                if self.out_inflight.get(&pkid).is_some_and(|o| o.released) {
+                    self.out_inflight.remove(&pkid);
+                }
+            }
+            Inbound::Connect(_) => {
+                return Err(End::Protocol("second_connect", "CONNECT on a connected session".into()))
+            }
+            Inbound::Auth => {
+                return Err(End::Protocol("unexpected_packet", "AUTH, but no authentication method was set".into()))
+            }
+            Inbound::Unexpected(what) => {
+                return Err(End::Protocol("unexpected_packet", format!("{what} from a client")))
+            }
         }
         Ok(())
     }
 
-    fn publish(&mut self, publish: Publish) -> Result<(), End> {
+    /// A PUBLISH from the client: its topic alias resolved, counted against
+    /// the receive maximum, then queued for submitting.
+    fn received(&mut self, mut publish: PublishIn) -> Result<(), End> {
+        if publish.topic.contains('\0') {
+            // MQTT 3.1.1 section 1.5.3: a string with U+0000 closes the
+            // connection.
+            return Err(End::Protocol("null_in_topic", "topic contains U+0000".into()));
+        }
+        if let Some(alias) = publish.alias {
+            if alias == 0 || alias > self.shared.config.topic_alias_max {
+                return Err(End::Protocol("topic_alias_invalid", format!("topic alias {alias} is out of range")));
+            }
+            if publish.topic.is_empty() {
+                match self.limits.in_aliases.get(&alias) {
+                    Some(topic) => publish.topic.clone_from(topic),
+                    None => {
+                        return Err(End::Protocol("topic_alias_unknown", format!("topic alias {alias} was never set")))
+                    }
+                }
+            } else {
+                self.limits.in_aliases.insert(alias, publish.topic.clone());
+            }
+        } else if publish.topic.is_empty() && self.codec.version == Version::V5 {
+            return Err(End::Protocol("empty_topic", "PUBLISH without a topic or a topic alias".into()));
+        }
+        if publish.qos != QoS::AtMostOnce
+            && !self.awaiting_rel.contains(&publish.pkid)
+            && self.in_flows.insert(publish.pkid)
+            && self.codec.version == Version::V5
+            && self.in_flows.len() > self.shared.config.max_inflight
+        {
+            return Err(End::Protocol(
+                "receive_maximum",
+                format!("more than {} QoS 1/2 publishes unacknowledged", self.shared.config.max_inflight),
+            ));
+        }
+        self.backlog_bytes += publish.payload.len() + publish.topic.len();
+        self.backlog.push_back(publish);
+        Ok(())
+    }
+
+    /// A SUBSCRIBE: each filter judged, a persistent session's new filters
+    /// stored in one write, then served, then one SUBACK.
+    async fn subscribe_packet(&mut self, pkid: u16, filters: Vec<FilterIn>, id: Option<u32>) {
+        let mut verdicts: Vec<Result<(), u8>> = Vec::with_capacity(filters.len());
+        for filter in &filters {
+            // A shared subscription is judged by its filter.
+            let shared = super::shared::parse(&filter.path);
+            let judged = shared.map_or(filter.path.as_str(), |(_, f)| f);
+            let denied = self.shared.config.deny_topics.iter().any(|d| crate::auth::acl::within(judged, d));
+            let verdict = if !valid_filter(&filter.path) || (shared.is_some() && filter.no_local) {
+                Err(reason::TOPIC_FILTER_INVALID)
+            } else if denied {
+                metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "subscribe").increment(1);
+                tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
+                Err(reason::UNSPECIFIED)
+            } else if !self.grant.may_subscribe(judged) {
+                self.acl_denied("subscribe", &filter.path);
+                Err(reason::NOT_AUTHORIZED)
+            } else {
+                Ok(())
+            };
+            verdicts.push(verdict);
+        }
+        let opts_of =
+            |f: &FilterIn| SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
+        // A persistent session stores the packet's new filters in one
+        // write, before any of them is served or acknowledged.
+        if self.persist.is_some() {
+            let new: Vec<(String, SubOpts)> = filters
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, ok)| ok.is_ok())
+                .map(|(f, _)| (f.path.clone(), opts_of(f)))
+                .collect();
+            if !new.is_empty() && !self.remember(&new).await {
+                verdicts.iter_mut().for_each(|v| *v = Err(reason::UNSPECIFIED));
+            }
+        }
+        let mut results = Vec::with_capacity(filters.len());
+        for (filter, verdict) in filters.iter().zip(verdicts) {
+            let granted = match verdict {
+                Ok(()) => self.subscribe(filter, opts_of(filter)).await.ok_or(reason::UNSPECIFIED),
+                Err(code) => Err(code),
+            };
+            results.push(granted);
+        }
+        self.sub_extras = self.subscriptions.values().any(SubOpts::has_extras);
+        self.codec.suback(&mut self.wbuf, pkid, &results);
+    }
+
+    fn publish(&mut self, publish: PublishIn) -> Result<(), End> {
         let reply = match publish.qos {
             QoS::AtMostOnce => Reply::Nothing,
             QoS::AtLeastOnce => Reply::PubAck(publish.pkid),
@@ -1115,14 +1351,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if self.topic_denied(&publish.topic) {
             metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "publish").increment(1);
             tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish refused by mqtt.deny_topics");
-            self.pending.push_back(settled(reply, Outcome::Refused));
+            self.pending.push_back(settled(reply, Outcome::Refused(reason::NOT_AUTHORIZED)));
             return Ok(());
         }
         if plain && !self.plain_allowed(&publish.topic) {
             metrics::counter!("fluxmesh_ingest_rejected_total", "source" => "mqtt", "reason" => "plain_topic_off")
                 .increment(1);
             tracing::debug!(client = %self.client_id, topic = %publish.topic, "plain topic refused by mqtt.plain_topics");
-            self.pending.push_back(settled(reply, Outcome::Refused));
+            self.pending.push_back(settled(reply, Outcome::Refused(reason::TOPIC_NAME_INVALID)));
             return Ok(());
         }
         if (device || plain) && !self.grant.may_publish(&publish.topic) {
@@ -1130,25 +1366,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if self.shared.auth.cfg.disconnect_on_deny() {
                 return Err(End::Protocol("acl_denied", format!("publish to `{}` is outside its ACL", publish.topic)));
             }
-            self.pending.push_back(settled(reply, Outcome::Refused));
+            self.pending.push_back(settled(reply, Outcome::Refused(reason::NOT_AUTHORIZED)));
             return Ok(());
         }
+        if publish.props.as_ref().is_some_and(|p| p.payload_format_invalid(&publish.payload)) {
+            telemetry::rejected(Source::Mqtt, "payload_format", &"payload format 1 (UTF-8) but the payload is not");
+            self.pending.push_back(settled(reply, Outcome::Refused(reason::PAYLOAD_FORMAT_INVALID)));
+            return Ok(());
+        }
+        let meta = crate::ingress::MqttMeta {
+            props: publish.props.as_ref().map(super::props::MessageProps::to_header),
+            expires_ms: publish.expiry.map(|s| super::props::now_ms() + u64::from(s) * 1000),
+            // Stamped while the client could receive its own message on a
+            // no-local subscription.
+            client: (self.sub_extras && self.subscriptions.values().any(|o| o.no_local))
+                .then(|| self.client_id.clone()),
+        };
         let ingress = self.shared.ingress.clone();
         let qos = publish.qos as u8;
-        let Publish { topic, payload, retain, .. } = publish;
-        self.submitting = Some(Box::pin(submit(ingress, topic, payload, qos, retain, reply)));
+        let PublishIn { topic, payload, retain, .. } = publish;
+        let meta = (!meta.is_empty()).then_some(meta);
+        self.submitting = Some(Box::pin(submit(ingress, topic, payload, qos, retain, meta, reply)));
         Ok(())
     }
 
     fn settle(&mut self, reply: Reply, outcome: Outcome) -> Result<(), End> {
-        match outcome {
-            Outcome::Stored | Outcome::Refused | Outcome::Duplicate => {}
+        let code = match outcome {
+            Outcome::Stored | Outcome::Duplicate => reason::SUCCESS,
+            Outcome::Refused(code) => code,
             Outcome::Failed(e) => return Err(End::NotStored(e)),
-        }
+        };
         match reply {
             Reply::Nothing => {}
-            Reply::PubAck(pkid) => self.write(&Packet::PubAck(PubAck::new(pkid))),
-            Reply::PubRec(pkid) => self.write(&Packet::PubRec(PubRec::new(pkid))),
+            Reply::PubAck(pkid) => {
+                self.in_flows.remove(&pkid);
+                self.codec.puback(&mut self.wbuf, pkid, code);
+            }
+            Reply::PubRec(pkid) => {
+                if code >= 0x80 && self.codec.version == Version::V5 {
+                    // MQTT 5 4.3.3: a refused QoS 2 message ends at its
+                    // PUBREC; no PUBREL follows.
+                    self.awaiting_rel.remove(&pkid);
+                    self.in_flows.remove(&pkid);
+                }
+                self.codec.pubrec(&mut self.wbuf, pkid, code);
+            }
         }
         Ok(())
     }
@@ -1159,16 +1421,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     fn write_command(&mut self, command: OutCommand) {
         let topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         let qos = self.cmd_filters.values().fold(QoS::AtMostOnce, |a, b| if *b > a { *b } else { a });
+        let pkid = if qos == QoS::AtMostOnce { 0 } else { self.next_packet_id() };
+        let out = PublishOut {
+            topic: &topic,
+            payload: command.payload,
+            qos,
+            retain: false,
+            pkid,
+            alias: None,
+            props: None,
+            expiry: None,
+            subscription_ids: Vec::new(),
+        };
+        self.codec.publish(&mut self.wbuf, out);
         if qos == QoS::AtMostOnce {
-            self.write(&Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, command.payload)));
             let _ = command.done.send(Ok(()));
-            return;
+        } else {
+            self.awaiting_puback.insert(pkid, command.done);
         }
-        let pkid = self.next_packet_id();
-        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, command.payload);
-        publish.pkid = pkid;
-        self.write(&Packet::Publish(publish));
-        self.awaiting_puback.insert(pkid, command.done);
     }
 
     /// A packet id no message to the client is using.
@@ -1192,21 +1462,87 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         self.write_delivery(out);
     }
 
-    /// Writes one message at the QoS it was given.
+    /// Writes one message at the QoS it was given; for MQTT 5, with what
+    /// the matching subscriptions' options make of it. Whatever is not
+    /// written (expired, no-local, over the client's maximum packet size)
+    /// still counts as had, for a persistent session's cursors.
     fn write_delivery(&mut self, out: Outgoing) {
-        let qos = match out.qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
-        let mut publish = Publish::from_bytes(out.message.topic.as_str(), qos, out.message.payload.clone());
-        publish.retain = out.retain;
         if let Some((stream, seq)) = &out.origin {
             let written = self.written_live.entry(stream.clone()).or_insert(0);
             *written = (*written).max(*seq);
             if let Some(persist) = &mut self.persist {
                 let written = persist.written.entry(stream.clone()).or_insert(0);
                 *written = (*written).max(*seq);
+            }
+        }
+        let message = out.message.clone();
+        let now = super::props::now_ms();
+        let mut qos = qos_of(out.qos);
+        let mut retain = out.retain;
+        let mut subscription_ids = Vec::new();
+        let skip = if message.expired(now) {
+            Some("expired")
+        } else if self.sub_extras && out.share.is_none() {
+            let own =
+                message.client.as_deref() == Some(fluxmesh_schemas::subject::escape_token(&self.client_id).as_ref());
+            let mut best: Option<QoS> = None;
+            for (filter, opts) in &self.subscriptions {
+                if (own && opts.no_local) || !super::topics::matches(&message.topic, filter) {
+                    continue;
+                }
+                best = Some(best.map_or(opts.qos, |b| if opts.qos > b { opts.qos } else { b }));
+                retain |= opts.retain_as_published && message.retain;
+                subscription_ids.extend(opts.id.map(|id| id as usize));
+            }
+            match best {
+                Some(best) => {
+                    qos = qos_of(message.qos.min(best as u8));
+                    None
+                }
+                // Only matched by no-local subscriptions, or no longer.
+                None if own => Some("no_local"),
+                None => Some("unsubscribed"),
+            }
+        } else {
+            None
+        };
+        let expiry =
+            message.expires_ms.map(|at| u32::try_from(at.saturating_sub(now).div_ceil(1000)).unwrap_or(u32::MAX));
+        let mut publish = PublishOut {
+            topic: &message.topic,
+            payload: message.payload.clone(),
+            qos,
+            retain,
+            pkid: 0,
+            alias: None,
+            props: message.props.as_ref(),
+            expiry,
+            subscription_ids,
+        };
+        let skip = skip.or_else(|| {
+            (self.limits.max_packet != usize::MAX && self.codec.publish_size(&publish) > self.limits.max_packet)
+                .then_some("too_large_for_client")
+        });
+        if let Some(why) = skip {
+            metrics::counter!("fluxmesh_mqtt_deliveries_skipped_total", "reason" => why).increment(1);
+            if let Some(share) = out.share {
+                self.shares_done.push(share);
+            }
+            return;
+        }
+        // MQTT 5 topic aliases, while the client takes more.
+        if self.limits.alias_max > 0 {
+            match self.limits.out_aliases.get(&message.topic) {
+                Some(alias) => {
+                    publish.alias = Some(*alias);
+                    publish.topic = "";
+                }
+                None if self.limits.out_aliases.len() < usize::from(self.limits.alias_max) => {
+                    let alias = u16::try_from(self.limits.out_aliases.len() + 1).unwrap_or(u16::MAX);
+                    self.limits.out_aliases.insert(message.topic.clone(), alias);
+                    publish.alias = Some(alias);
+                }
+                None => {}
             }
         }
         if qos != QoS::AtMostOnce {
@@ -1216,7 +1552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         } else if let Some(share) = out.share {
             self.shares_done.push(share);
         }
-        self.write(&Packet::Publish(publish));
+        self.codec.publish(&mut self.wbuf, publish);
         metrics::counter!("fluxmesh_mqtt_deliveries_total", "qos" => qos_label(qos)).increment(1);
     }
 
@@ -1227,34 +1563,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// stream), at QoS 1 unless the filter was granted QoS 0. The command
     /// topic itself is granted up to QoS 1 and serves nothing else; a wider
     /// filter (say `#`) is also a subscription in the node's broker.
-    async fn subscribe(&mut self, filter: &str, requested: QoS) -> Option<QoS> {
+    /// Retained messages follow the SUBACK as MQTT 5's retain handling says
+    /// (3.1.1: always).
+    async fn subscribe(&mut self, filter: &FilterIn, opts: SubOpts) -> Option<QoS> {
+        let path = filter.path.as_str();
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
-        if filter == cmd_topic {
-            let to_commands = if requested == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-            self.commands_on(filter, to_commands);
+        if path == cmd_topic {
+            let to_commands = if opts.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+            self.commands_on(path, to_commands);
             return Some(to_commands);
         }
-        self.activate(filter, requested).await?;
-        if super::shared::parse(filter).is_some() {
+        let existed = self.subscriptions.contains_key(path) || self.share_subs.contains_key(path);
+        self.activate(path, opts).await?;
+        if super::shared::parse(path).is_some() {
             // Shared subscriptions get no retained messages (MQTT 5 4.8.2).
-            return Some(requested);
+            return Some(opts.qos);
+        }
+        let send_retained = match filter.retain_handling {
+            0 => true,
+            1 => !existed,
+            _ => false,
+        };
+        if !send_retained {
+            return Some(opts.qos);
         }
         let room = self.shared.config.session_queue.saturating_sub(self.ready.len());
-        match self.shared.broker.retained(filter, requested as u8, room).await {
+        match self.shared.broker.retained(path, opts.qos as u8, room).await {
             Ok(found) => self.ready.extend(found),
             Err(e) => {
                 // The subscription stands; only its retained messages are
                 // missing, and the operator hears of it.
                 metrics::counter!("fluxmesh_mqtt_retained_read_failed_total").increment(1);
-                tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
+                tracing::warn!(client = %self.client_id, filter = %path, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
             }
         }
-        Some(requested)
+        Some(opts.qos)
     }
 
     /// Puts `filter` into the node's broker for this session (and turns
     /// commands on if it matches the command topic); `None` if refused.
-    async fn activate(&mut self, filter: &str, qos: QoS) -> Option<()> {
+    async fn activate(&mut self, filter: &str, opts: SubOpts) -> Option<()> {
+        let qos = opts.qos;
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         let to_commands = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         if filter == cmd_topic {
@@ -1283,7 +1632,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.written_live.entry(stream.into()).or_insert(position);
             }
         }
-        self.subscriptions.insert(filter.to_owned(), qos);
+        self.subscriptions.insert(filter.to_owned(), opts);
+        self.sub_extras |= opts.has_extras();
         if rumqttc::mqttbytes::matches(&cmd_topic, filter) {
             self.commands_on(filter, to_commands);
         }
@@ -1293,7 +1643,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// A persistent session stores a new subscription before its SUBACK,
     /// with a cursor at the end of each stream it can match that the
     /// session did not read yet: what is stored from now on is owed to it.
-    async fn remember(&mut self, filters: &[(String, QoS)]) -> bool {
+    async fn remember(&mut self, filters: &[(String, SubOpts)]) -> bool {
         let cmd_topic = format!("devices/{}/{}", self.client_id, fluxmesh_schemas::subject::COMMAND_CHANNEL);
         let mut streams = std::collections::BTreeSet::new();
         for (filter, _) in filters {
@@ -1314,10 +1664,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
         }
         if let Some(persist) = &mut self.persist {
-            for (filter, qos) in filters {
+            for (filter, opts) in filters {
                 // The command topic is granted at most QoS 1.
-                let qos = if *filter == cmd_topic { (*qos as u8).min(1) } else { *qos as u8 };
+                let qos = if *filter == cmd_topic { (opts.qos as u8).min(1) } else { opts.qos as u8 };
                 persist.record.subs.insert(filter.clone(), qos);
+                if opts.has_extras() {
+                    let stored =
+                        super::sessions::StoredOpts { nl: opts.no_local, rap: opts.retain_as_published, id: opts.id };
+                    persist.record.opts.insert(filter.clone(), stored);
+                } else {
+                    persist.record.opts.remove(filter);
+                }
             }
             persist.record.cursors.extend(ends);
             persist.subs_changed = true;
@@ -1364,12 +1721,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
     }
 
-    fn write(&mut self, packet: &Packet) {
-        if let Err(e) = packet.write(&mut self.wbuf, usize::MAX) {
-            tracing::error!(error = %e, "cannot encode an MQTT packet");
-        }
-    }
-
     async fn flush(&mut self) -> Result<(), End> {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -1388,7 +1739,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     fn closed(&self, end: &End) {
         match end {
-            End::Disconnect | End::PeerClosed | End::Stopped | End::TakenOver | End::Revoked => {
+            End::Disconnect
+            | End::DisconnectWithWill
+            | End::PeerClosed
+            | End::Stopped
+            | End::TakenOver
+            | End::Revoked => {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
             }
             End::Protocol(reason, detail) => {
@@ -1416,6 +1772,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         metrics::counter!("fluxmesh_mqtt_disconnects_total", "reason" => end.reason()).increment(1);
     }
+}
+
+/// Waits out a will's delay; `false` if the client connected again
+/// meanwhile (on any node). The node stopping ends the wait: the will goes
+/// out now rather than never.
+async fn wait_will_delay(shared: Arc<Shared>, client: String, session: u64, secs: u32) -> bool {
+    let back = shared.delay_will(&client, session);
+    let sleep = tokio::time::sleep(Duration::from_secs(u64::from(secs)));
+    let publish = tokio::select! {
+        _ = sleep => true,
+        _ = shared.stop.cancelled() => true,
+        _ = back.cancelled() => false,
+    };
+    shared.will_delay_over(&client, session);
+    if !publish {
+        metrics::counter!("fluxmesh_mqtt_wills_cancelled_total").increment(1);
+        tracing::debug!(%client, "client connected again within its will delay; will not sent");
+    }
+    publish
 }
 
 async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutCommand>>) -> Option<OutCommand> {
@@ -1476,9 +1851,10 @@ async fn submit(
     payload: Bytes,
     qos: u8,
     retain: bool,
+    meta: Option<crate::ingress::MqttMeta>,
     reply: Reply,
 ) -> Submitted {
-    let publish = MqttPublish { topic: &topic, payload, qos, retain, key: None };
+    let publish = MqttPublish { topic: &topic, payload, qos, retain, key: None, meta: meta.as_ref() };
     Submitted(match ingress.submit_mqtt(publish).await {
         Ok(sent) => Box::pin(async move {
             match ingress.stored_mqtt(sent).await {
@@ -1486,9 +1862,13 @@ async fn submit(
                 Err(e) => (reply, Outcome::Failed(e)),
             }
         }),
-        Err(e @ (IngestError::Topic(_) | IngestError::TooLarge { .. })) => {
+        Err(e @ IngestError::Topic(_)) => {
             telemetry::rejected(Source::Mqtt, e.reason(), &e);
-            settled(reply, Outcome::Refused)
+            settled(reply, Outcome::Refused(reason::TOPIC_NAME_INVALID))
+        }
+        Err(e @ IngestError::TooLarge { .. }) => {
+            telemetry::rejected(Source::Mqtt, e.reason(), &e);
+            settled(reply, Outcome::Refused(reason::QUOTA_EXCEEDED))
         }
         Err(e) => settled(reply, Outcome::Failed(e)),
     })

@@ -25,7 +25,9 @@
 //! no stream positions a session could resume from on another node.
 
 mod broker;
+mod codec;
 mod connection;
+mod props;
 mod sessions;
 mod shared;
 mod topics;
@@ -76,6 +78,9 @@ pub(crate) struct Shared {
     pub shares: Arc<shared::Shares>,
     /// Live sessions on this node by client id, for takeover.
     pub sessions: Mutex<HashMap<String, Session>>,
+    /// Wills waiting out their MQTT 5 delay, by client id: cancelled when
+    /// the client connects again, here or on another node.
+    pub delayed_wills: Mutex<HashMap<String, (u64, CancellationToken)>>,
     /// Ends every connection (graceful: pending acks are still sent).
     pub stop: CancellationToken,
     /// Where this node announces new sessions, for cluster-wide takeover.
@@ -84,6 +89,34 @@ pub(crate) struct Shared {
     /// commands for them can be delivered now). Full: the command service's
     /// periodic pass finds them instead.
     pub cmd_ready: tokio::sync::mpsc::Sender<String>,
+}
+
+impl Shared {
+    /// Registers a will waiting out its delay; the token is cancelled if
+    /// the client connects again meanwhile.
+    pub fn delay_will(&self, client: &str, serial: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        let mut wills = self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, older)) = wills.insert(client.to_owned(), (serial, token.clone())) {
+            older.cancel();
+        }
+        token
+    }
+
+    /// The delay of the will registered by session `serial` is over.
+    pub fn will_delay_over(&self, client: &str, serial: u64) {
+        let mut wills = self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner());
+        if wills.get(client).is_some_and(|(s, _)| *s == serial) {
+            wills.remove(client);
+        }
+    }
+
+    /// `client` connected: a will of its waiting out a delay is not sent.
+    pub fn cancel_delayed_will(&self, client: &str) {
+        if let Some((_, token)) = self.delayed_wills.lock().unwrap_or_else(|e| e.into_inner()).remove(client) {
+            token.cancel();
+        }
+    }
 }
 
 /// The node's live MQTT sessions, for the command service.
@@ -199,6 +232,7 @@ async fn watch_sessions(shared: Arc<Shared>) {
         if a.node == bus.node_id {
             continue;
         }
+        shared.cancel_delayed_will(&a.client_id);
         let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(local) = sessions.get(&a.client_id) {
             let theirs = (a.connected_us, a.node.as_str());
@@ -292,6 +326,7 @@ pub async fn start(
         session_store,
         shares,
         sessions: Mutex::new(HashMap::new()),
+        delayed_wills: Mutex::new(HashMap::new()),
         stop: stop.clone(),
         sessions_bus,
         cmd_ready,

@@ -34,6 +34,39 @@ pub(crate) struct SessionRecord {
     /// The node that wrote it last.
     pub node: String,
     pub updated_us: i64,
+    /// MQTT 5 subscription options (no-local, retain-as-published,
+    /// subscription identifier) of the filters that have any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub opts: BTreeMap<String, StoredOpts>,
+    /// MQTT 5 session expiry, in seconds from `ended_us`; absent: never
+    /// (3.1.1, or the streams' `sessions_max_age_secs` ends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_secs: Option<u32>,
+    /// When the connection ended; absent while one holds the session (or
+    /// its node died holding it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_us: Option<i64>,
+}
+
+/// A stored subscription's MQTT 5 options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredOpts {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nl: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rap: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+}
+
+impl SessionRecord {
+    /// The session expired: its connection ended more than its expiry ago.
+    pub fn expired(&self, now_us: i64) -> bool {
+        match (self.expiry_secs, self.ended_us) {
+            (Some(secs), Some(ended)) => ended.saturating_add(i64::from(secs) * 1_000_000) <= now_us,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

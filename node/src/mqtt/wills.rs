@@ -28,8 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Record format version (first byte).
-const VERSION: u8 = 1;
+/// Record format version (first byte). Version 1 records (no MQTT 5
+/// properties) are still read.
+const VERSION: u8 = 2;
 
 /// A will, as kept and as published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,34 +41,63 @@ pub struct Will {
     pub retain: bool,
     /// Made at CONNECT; names what the will is stored as.
     pub id: FrameId,
+    /// MQTT 5 properties for its subscribers (JSON, as the
+    /// `Fm-Mqtt-Props` header).
+    pub props: Option<String>,
+    /// MQTT 5 message expiry, in seconds from when it is published.
+    pub expiry: Option<u32>,
+}
+
+/// The part of a record after the topic that version 1 lacked.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Extra {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    props: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expiry: Option<u32>,
 }
 
 impl Will {
-    /// `[version][qos][retain][id: 16][topic length: u16 BE][topic][payload]`.
+    /// `[version][qos][retain][id: 16][topic length: u16 BE][topic]
+    /// [extra length: u16 BE][extra: JSON][payload]`.
     fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(21 + self.topic.len() + self.payload.len());
+        let extra = Extra { props: self.props.clone(), expiry: self.expiry };
+        // Strings and numbers always serialize.
+        let extra = serde_json::to_vec(&extra).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(23 + self.topic.len() + extra.len() + self.payload.len());
         out.put_u8(VERSION);
         out.put_u8(self.qos);
         out.put_u8(u8::from(self.retain));
         out.put_slice(&self.id.0);
-        // Topics are at most MAX_TOPIC_LEN (1024) bytes, checked at CONNECT.
+        // Topics are at most MAX_TOPIC_LEN (1024) bytes, checked at CONNECT;
+        // the properties are bounded by the CONNECT's size.
         out.put_u16(u16::try_from(self.topic.len()).unwrap_or(u16::MAX));
         out.put_slice(self.topic.as_bytes());
+        out.put_u16(u16::try_from(extra.len()).unwrap_or(u16::MAX));
+        out.put_slice(&extra);
         out.put_slice(&self.payload);
         out.freeze()
     }
 
     fn decode(bytes: &Bytes) -> Option<Will> {
         let (&version, rest) = bytes.split_first()?;
-        if version != VERSION || rest.len() < 20 {
+        if !(1..=VERSION).contains(&version) || rest.len() < 20 {
             return None;
         }
         let (qos, retain) = (rest[0], rest[1] == 1);
         let id = FrameId(rest.get(2..18)?.try_into().ok()?);
         let len = usize::from(u16::from_be_bytes([rest[18], rest[19]]));
         let topic = std::str::from_utf8(rest.get(20..20 + len)?).ok()?.to_owned();
-        let start = 1 + 20 + len;
-        Some(Will { topic, payload: bytes.slice(start..), qos: qos.min(2), retain, id })
+        let mut start = 1 + 20 + len;
+        let mut extra = Extra::default();
+        if version >= 2 {
+            let at = start - 1;
+            let extra_len = usize::from(u16::from_be_bytes([*rest.get(at)?, *rest.get(at + 1)?]));
+            extra = serde_json::from_slice(rest.get(at + 2..at + 2 + extra_len)?).ok()?;
+            start += 2 + extra_len;
+        }
+        let payload = bytes.get(start..).map(|_| bytes.slice(start..))?;
+        Some(Will { topic, payload, qos: qos.min(2), retain, id, props: extra.props, expiry: extra.expiry })
     }
 
     /// The key its stored ids derive from.
@@ -140,12 +170,18 @@ impl Wills {
     /// returns, retained if it says so.
     pub async fn publish(&self, client: &str, will: &Will, why: &'static str) -> Result<(), WillError> {
         let key = will.key();
+        let meta = crate::ingress::MqttMeta {
+            props: will.props.clone(),
+            expires_ms: will.expiry.map(|s| super::props::now_ms() + u64::from(s) * 1000),
+            client: None,
+        };
         let publish = MqttPublish {
             topic: &will.topic,
             payload: will.payload.clone(),
             qos: will.qos,
             retain: will.retain,
             key: Some(&key),
+            meta: (!meta.is_empty()).then_some(&meta),
         };
         let sent = self.ingress.submit_mqtt(publish).await.map_err(WillError::Publish)?;
         self.ingress.stored_mqtt(sent).await.map_err(WillError::Publish)?;
@@ -264,11 +300,20 @@ mod tests {
             qos: 2,
             retain: true,
             id: FrameId::new_v7(),
+            props: Some(r#"{"up":[["a","2"]]}"#.into()),
+            expiry: Some(30),
         };
         assert_eq!(Will::decode(&will.encode()), Some(will.clone()));
+        // A version 1 record: no properties.
+        let mut v1 = vec![1u8, 1, 0];
+        v1.extend_from_slice(&will.id.0);
+        v1.extend_from_slice(&[0, 1, b't']);
+        v1.extend_from_slice(b"gone");
+        let old = Will::decode(&Bytes::from(v1)).expect("version 1 record");
+        assert_eq!((old.topic.as_str(), &old.payload[..], old.props, old.qos), ("t", &b"gone"[..], None, 1));
         let empty = Will { payload: Bytes::new(), retain: false, ..will };
         assert_eq!(Will::decode(&empty.encode()), Some(empty));
-        assert_eq!(Will::decode(&Bytes::from_static(b"\x02junk")), None);
+        assert_eq!(Will::decode(&Bytes::from_static(b"\x03junk")), None);
         assert_eq!(Will::decode(&Bytes::new()), None);
         assert_eq!(Will::decode(&Bytes::from_static(&[1, 0, 0, 1, 2])), None);
     }
