@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a device may leave our writes unread before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection the server ends waits for the client to close
+/// after its DISCONNECT.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long a stopping connection may take to send the acks it owes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of parsed, not yet submitted publishes one connection may hold
@@ -948,7 +951,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return;
         }
         self.codec.disconnect(&mut self.wbuf, code);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        // A lingering close: send FIN after the DISCONNECT, then read what
+        // the client still sends until it closes too. Closing with unread
+        // bytes would make the kernel send RST, and a client that gets RST
+        // may never read the DISCONNECT.
+        let linger = async {
+            self.flush().await.ok()?;
+            self.socket.shutdown().await.ok()?;
+            let mut sink = [0u8; 4096];
+            while self.socket.read(&mut sink).await.ok()? > 0 {}
+            Some(())
+        };
+        let _ = tokio::time::timeout(LINGER, linger).await;
     }
 
     async fn run(&mut self, session: &Session) -> End {
