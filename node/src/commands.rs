@@ -118,14 +118,9 @@ pub enum CommandsError {
     },
 }
 
-/// Creates the queue stream and starts the service's tasks on `tasks`.
-pub async fn start(
-    commands: Arc<Commands>,
-    cmd_ready: tokio::sync::mpsc::Receiver<String>,
-    stop: CancellationToken,
-    tasks: &TaskTracker,
-) -> Result<(), CommandsError> {
-    let prefix = commands.mesh.subjects().prefix().to_owned();
+/// Creates (or opens) the queue stream: before [`start`]; JetStream may
+/// be slow to answer while it recovers, so the node retries it.
+pub async fn open_queue(commands: &Commands) -> Result<(), CommandsError> {
     let limits = fluxmesh_mesh::stores::QueueLimits {
         per_device: commands.cfg.max_queued_per_device,
         // A backstop only: expiry is reported by `sweep` before this.
@@ -138,7 +133,18 @@ pub async fn start(
         limits,
     )
     .await
-    .map_err(CommandsError::Queue)?;
+    .map(|_| ())
+    .map_err(CommandsError::Queue)
+}
+
+/// Starts the service's tasks on `tasks` (the queue stream is open).
+pub async fn start(
+    commands: Arc<Commands>,
+    cmd_ready: tokio::sync::mpsc::Receiver<String>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), CommandsError> {
+    let prefix = commands.mesh.subjects().prefix().to_owned();
     let subscribe = |subject: String| {
         let client = commands.mesh.client().clone();
         async move { client.subscribe(subject.clone()).await.map_err(|source| CommandsError::Subscribe { subject, source }) }

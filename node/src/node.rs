@@ -348,6 +348,18 @@ impl Node {
             sessions: mqtt.sessions().clone(),
             cfg: config.commands.clone(),
         });
+        let queue = retry_until(
+            cancel,
+            "command queue stream not ready yet",
+            Duration::from_millis(200),
+            || crate::commands::open_queue(&commands),
+            |_| true,
+        )
+        .await;
+        if let Err(e) = queue {
+            cluster_stop.cancel();
+            return Err(e);
+        }
         if let Err(e) = crate::commands::start(commands, cmd_ready_rx, stop.clone(), tasks).await {
             cluster_stop.cancel();
             return Err(e.into());
