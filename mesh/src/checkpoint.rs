@@ -202,7 +202,7 @@ impl Checkpoints {
         };
         let mut loaded = Loaded::default();
         crate::read_pending(&stream, config, Duration::from_secs(10), |msg| {
-            let seq = msg.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+            let seq = msg.info()?.stream_sequence;
             loaded.last = loaded.last.max(seq);
             loaded.records += 1;
             loaded.bytes += msg.payload.len() as u64;
@@ -217,7 +217,7 @@ impl Checkpoints {
                 }
                 Err(e) => {
                     loaded.unreadable += 1;
-                    tracing::warn!(shard, seq, error = %e, "unreadable checkpoint record skipped");
+                    tracing::warn!(shard, seq, error = %crate::error_chain(&e), "unreadable checkpoint record skipped");
                 }
             }
             Ok(())

@@ -146,25 +146,25 @@ impl View {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot create or open KV bucket {bucket}: {source}")]
+    #[error("cannot create or open KV bucket {bucket}")]
     Bucket {
         bucket: String,
         #[source]
         source: async_nats::Error,
     },
-    #[error("cannot watch KV bucket {bucket}: {source}")]
+    #[error("cannot watch KV bucket {bucket}")]
     Watch {
         bucket: String,
         #[source]
         source: async_nats::Error,
     },
-    #[error("first heartbeat failed: {0}")]
+    #[error("first heartbeat failed")]
     Heartbeat(#[source] async_nats::Error),
     #[error("shard {shard}: lease changed under us (another node claimed or released it first)")]
     LeaseConflict { shard: u32 },
     #[error("shard {shard}: lease write not answered in time")]
     Timeout { shard: u32 },
-    #[error("shard {shard}: lease write failed: {source}")]
+    #[error("shard {shard}: lease write failed")]
     Lease {
         shard: u32,
         #[source]
@@ -366,7 +366,7 @@ impl ClusterHandle {
     /// others see it gone at once rather than after the liveness timeout.
     pub async fn leave(&self) {
         if let Err(e) = self.inner.members.delete(&self.inner.me.node_id).await {
-            tracing::warn!(error = %e, "could not delete membership entry; others will time it out");
+            tracing::warn!(error = %crate::error_chain(&e), "could not delete membership entry; others will time it out");
         }
     }
 }
@@ -386,7 +386,7 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
         let value = match serde_json::to_vec(&me) {
             Ok(v) => bytes::Bytes::from(v),
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode the heartbeat");
+                tracing::error!(error = %crate::error_chain(&e), "cannot encode the heartbeat");
                 continue;
             }
         };
@@ -400,7 +400,7 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             }
             Ok(Err(e)) => {
                 metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
-                tracing::warn!(error = %e, "heartbeat failed");
+                tracing::warn!(error = %crate::error_chain(&e), "heartbeat failed");
             }
             Err(_) => {
                 metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
@@ -488,7 +488,7 @@ impl Rewatch {
                         self.last_at_check = 0;
                     }
                     Err(e) => {
-                        tracing::warn!(watch = self.what, error = %e, "cannot re-create KV watch yet");
+                        tracing::warn!(watch = self.what, error = %crate::error_chain(&e), "cannot re-create KV watch yet");
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                 }
@@ -500,7 +500,7 @@ impl Rewatch {
                         self.seen = self.seen.max(entry.revision);
                         return entry;
                     }
-                    Some(Err(e)) => tracing::warn!(watch = self.what, error = %e, "KV watch failed; re-creating it"),
+                    Some(Err(e)) => tracing::warn!(watch = self.what, error = %crate::error_chain(&e), "KV watch failed; re-creating it"),
                     None => tracing::warn!(watch = self.what, "KV watch ended; re-creating it"),
                 },
                 _ = self.check.tick() => {
@@ -562,7 +562,7 @@ async fn watch_members(
                             }
                             Err(e) => {
                                 metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
-                                tracing::warn!(key = %entry.key, error = %e, "unreadable membership entry ignored");
+                                tracing::warn!(key = %entry.key, error = %crate::error_chain(&e), "unreadable membership entry ignored");
                             }
                         },
                         kv::Operation::Delete | kv::Operation::Purge => {
@@ -644,7 +644,7 @@ async fn watch_leases(
                 Err(e) => {
                     // Held by nobody valid; claimable by CAS on its revision.
                     metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
-                    tracing::warn!(shard, error = %e, "unreadable lease; treating it as held by a dead node");
+                    tracing::warn!(shard, error = %crate::error_chain(&e), "unreadable lease; treating it as held by a dead node");
                     let nobody = Lease { node_id: String::new(), incarnation: String::new(), claimed_us: 0 };
                     Some(HeldLease { lease: nobody, epoch: entry.revision })
                 }

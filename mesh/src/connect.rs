@@ -6,20 +6,20 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot connect to NATS at {urls}: {source}")]
+    #[error("cannot connect to NATS at {urls}")]
     Connect {
         urls: String,
         #[source]
         source: async_nats::ConnectError,
     },
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     File {
         what: &'static str,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("bad NATS server URL `{url}`: {source}")]
+    #[error("bad NATS server URL `{url}`")]
     BadUrl {
         url: String,
         #[source]

@@ -418,7 +418,7 @@ impl<W: ShardWorker> Coordinator<W> {
                     Err(ClusterError::LeaseConflict { .. }) => {
                         tracing::debug!(shard, "lost a claim race");
                     }
-                    Err(e) => tracing::warn!(shard, error = %e, "claim failed"),
+                    Err(e) => tracing::warn!(shard, error = %crate::error_chain(&e), "claim failed"),
                 }
             }
         }
@@ -470,7 +470,7 @@ impl<W: ShardWorker> Coordinator<W> {
                 tracing::info!(shard, epoch, "released shard");
             }
             Err(e) => {
-                tracing::warn!(shard, error = %e, "release failed; the lease will be taken over when it is judged dead")
+                tracing::warn!(shard, error = %crate::error_chain(&e), "release failed; the lease will be taken over when it is judged dead")
             }
         }
     }
@@ -485,7 +485,7 @@ impl<W: ShardWorker> Coordinator<W> {
                 let Some(shard) = self.running.iter().find(|(_, r)| r.abort.id() == id).map(|(s, _)| *s) else {
                     return;
                 };
-                tracing::error!(shard, error = %e, "shard worker panicked");
+                tracing::error!(shard, error = %crate::error_chain(&e), "shard worker panicked");
                 let epoch = self.running.get(&shard).map(|r| r.epoch).unwrap_or_default();
                 (shard, epoch, Ended::Failed { reason: "panic", error: e.to_string() })
             }
@@ -539,7 +539,7 @@ impl<W: ShardWorker> Coordinator<W> {
         let cluster = &self.cluster;
         futures::future::join_all(held.into_iter().map(|(shard, epoch)| async move {
             if let Err(e) = cluster.release(shard, epoch).await {
-                tracing::warn!(shard, error = %e, "release at shutdown failed");
+                tracing::warn!(shard, error = %crate::error_chain(&e), "release at shutdown failed");
             }
         }))
         .await;

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error("invalid subject prefix: {0}")]
+    #[error("invalid subject prefix")]
     Prefix(#[from] fluxmesh_schemas::TopicError),
-    #[error("cannot create or read stream {stream}: {source}")]
+    #[error("cannot create or read stream {stream}")]
     Stream {
         stream: String,
         #[source]
@@ -34,7 +34,7 @@ pub enum ProvisionError {
     },
     #[error("stream {stream} has no leader yet")]
     Leaderless { stream: String },
-    #[error("cannot create or read KV bucket {bucket}: {source}")]
+    #[error("cannot create or read KV bucket {bucket}")]
     Bucket {
         bucket: String,
         #[source]

@@ -23,7 +23,7 @@ use crate::NatsConfig;
 pub enum PublishError {
     #[error("publisher is closed")]
     Closed,
-    #[error("JetStream did not store the message after {attempts} attempts: {source}")]
+    #[error("JetStream did not store the message after {attempts} attempts")]
     NotStored {
         attempts: u32,
         #[source]
@@ -164,7 +164,7 @@ impl Pending {
                 }
                 Err(e) if self.attempts < self.max_attempts && retryable(e.kind()) => {
                     metrics::counter!("fluxmesh_publish_retries_total").increment(1);
-                    tracing::debug!(error = %e, attempt = self.attempts, subject = %self.message.subject, "retrying publish");
+                    tracing::debug!(error = %crate::error_chain(&e), attempt = self.attempts, subject = %self.message.subject, "retrying publish");
                     tokio::time::sleep(backoff(self.attempts)).await;
                     self.attempts += 1;
                     self.ack = match send(&self.js, &self.message).await {

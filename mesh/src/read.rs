@@ -7,14 +7,18 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("cannot create the reading consumer: {0}")]
-    Consumer(String),
-    #[error("stream read failed: {0}")]
-    Read(String),
+    #[error("cannot create the reading consumer")]
+    Consumer(#[source] async_nats::jetstream::stream::ConsumerError),
+    #[error("cannot start reading the stream")]
+    Start(#[source] async_nats::jetstream::consumer::StreamError),
+    #[error("stream read failed")]
+    Read(#[source] pull::MessagesError),
+    #[error("a read message has no JetStream metadata")]
+    Info(#[source] async_nats::Error),
     #[error("stream read stalled with {left} messages left")]
     Stalled { left: u64 },
-    #[error("{0}")]
-    Message(String),
+    #[error("a read message could not be taken")]
+    Message(#[source] async_nats::Error),
 }
 
 /// The consumer config for [`read_pending`] that reads the last message of
@@ -46,25 +50,24 @@ pub async fn read_pending(
     stream: &Stream,
     mut config: consumer::pull::Config,
     stall: Duration,
-    mut each: impl FnMut(jetstream::Message) -> Result<(), String>,
+    mut each: impl FnMut(jetstream::Message) -> Result<(), async_nats::Error>,
 ) -> Result<(), ReadError> {
     config.ack_policy = consumer::AckPolicy::None;
     if config.inactive_threshold.is_zero() {
         config.inactive_threshold = Duration::from_secs(30);
     }
-    let reader: consumer::PullConsumer =
-        stream.create_consumer(config.clone()).await.map_err(|e| ReadError::Consumer(e.to_string()))?;
+    let reader: consumer::PullConsumer = stream.create_consumer(config.clone()).await.map_err(ReadError::Consumer)?;
     let mut left = reader.cached_info().num_pending;
     if left == 0 {
         return Ok(());
     }
-    let mut messages = reader.messages().await.map_err(|e| ReadError::Read(e.to_string()))?;
+    let mut messages = reader.messages().await.map_err(ReadError::Start)?;
     let mut progress = tokio::time::Instant::now();
     let mut last_seq = None;
     while left > 0 {
         match tokio::time::timeout_at(progress + stall, messages.next()).await {
             Ok(Some(Ok(m))) => {
-                let seq = m.info().map_err(|e| ReadError::Read(e.to_string()))?.stream_sequence;
+                let seq = m.info().map_err(ReadError::Info)?.stream_sequence;
                 // A message already handed out (a restarted read) is skipped.
                 if last_seq.is_some_and(|last| seq <= last) {
                     continue;
@@ -82,7 +85,7 @@ pub async fn read_pending(
                         | pull::MessagesErrorKind::Pull
                 ) =>
             {
-                tracing::debug!(error = %e, left, "stream read hiccup; reading on with a new consumer");
+                tracing::debug!(error = %crate::error_chain(&e), left, "stream read hiccup; reading on with a new consumer");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let mut again = config.clone();
                 if let Some(last) = last_seq {
@@ -91,13 +94,13 @@ pub async fn read_pending(
                 let reader: consumer::PullConsumer = match stream.create_consumer(again).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::debug!(error = %e, "cannot create the reading consumer yet");
+                        tracing::debug!(error = %crate::error_chain(&e), "cannot create the reading consumer yet");
                         continue;
                     }
                 };
-                messages = reader.messages().await.map_err(|e| ReadError::Read(e.to_string()))?;
+                messages = reader.messages().await.map_err(ReadError::Start)?;
             }
-            Ok(Some(Err(e))) => return Err(ReadError::Read(e.to_string())),
+            Ok(Some(Err(e))) => return Err(ReadError::Read(e)),
             Ok(None) | Err(_) => return Err(ReadError::Stalled { left }),
         }
     }

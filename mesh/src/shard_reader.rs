@@ -148,10 +148,10 @@ impl ShardReader {
                     return Ok(m);
                 }
                 Some(Err(e)) if e.kind() == pull::MessagesErrorKind::Pull => {
-                    tracing::debug!(filter = %self.filter, error = %e, "pull hiccup");
+                    tracing::debug!(filter = %self.filter, error = %crate::error_chain(&e), "pull hiccup");
                 }
                 Some(Err(e)) => {
-                    tracing::info!(filter = %self.filter, error = %e, "shard consumer failed; creating a new one");
+                    tracing::info!(filter = %self.filter, error = %crate::error_chain(&e), "shard consumer failed; creating a new one");
                     self.restart("consumer failed");
                 }
                 None => self.restart("message stream ended"),
@@ -240,7 +240,7 @@ async fn create(
                 })
             }
             Err(e) => {
-                tracing::debug!(error = %e, attempt, "cannot create the shard consumer yet");
+                tracing::debug!(error = %crate::error_chain(e.as_ref()), attempt, "cannot create the shard consumer yet");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fluxmesh_node::plugins::runtime::{self, Compiled, Limits};
-use fluxmesh_node::rules::engine::INPUTS;
+use fluxmesh_node::rules::engine::{PluginCallError, INPUTS};
 use fluxmesh_node::rules::{compile, parse_seed, PluginCaller, RuleEngine, RuleSet, RulesConfig};
 use fluxmesh_node::shards::aggregate::{Aggregation, AggregationConfig, Windows};
 use fluxmesh_node::shards::pipeline::{Outputs, Pipeline};
@@ -26,8 +26,8 @@ const LIMITS: Limits = Limits { fuel: 10_000_000, max_memory_bytes: 16 << 20, ma
 struct OnePlugin(Compiled);
 
 impl PluginCaller for OnePlugin {
-    fn call(&self, _name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        self.0.call(input).map_err(|e| e.to_string())
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, PluginCallError> {
+        self.0.call(input).map_err(|source| PluginCallError::Failed { name: name.to_owned(), source })
     }
 }
 

@@ -242,13 +242,38 @@ async fn handle(
     match c.mesh.js().publish_with_headers(c.queue_subject(device), h, payload).await {
         Ok(ack) => match ack.await {
             Ok(_) => json!({"status": "queued", "id": id, "expires_us": expires_us}),
-            Err(e) if e.to_string().contains("maximum messages per subject") => {
-                json!({"status": "rejected", "reason": "queue_full", "id": id})
-            }
-            Err(e) => json!({"status": "failed", "reason": e.to_string(), "id": id}),
+            Err(e) if queue_full(&e) => json!({"status": "rejected", "reason": "queue_full", "id": id}),
+            Err(e) => json!({"status": "failed", "reason": fluxmesh_mesh::error_chain(&e), "id": id}),
         },
-        Err(e) => json!({"status": "failed", "reason": e.to_string(), "id": id}),
+        Err(e) => json!({"status": "failed", "reason": fluxmesh_mesh::error_chain(&e), "id": id}),
     }
+}
+
+/// The queue refused the command because the device's queue is full. The
+/// queue stream's only store limit is the per-device count (discard new
+/// per subject), so a "store failed" answer (JetStream error 10077) means
+/// that limit; its text ("maximum messages per subject exceeded") is not
+/// matched.
+fn queue_full(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|js| js.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED)
+}
+
+/// Why queued commands could not be delivered or settled.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    #[error("cannot open the command queue stream")]
+    Stream(#[source] async_nats::jetstream::context::GetStreamError),
+    #[error("cannot read the command queue")]
+    Read(#[source] fluxmesh_mesh::ReadError),
+    #[error("cannot encode the command report")]
+    Encode(#[source] fluxmesh_schemas::frame::FrameError),
+    #[error("cannot store the command report")]
+    Report(#[source] fluxmesh_mesh::PublishError),
+    #[error("the device did not take the command")]
+    NotDelivered(#[source] crate::mqtt::DeliverError),
 }
 
 /// Where a device's MQTT session is, as `{prefix}.sessq.{device}` answers.
@@ -299,7 +324,7 @@ async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: 
         tokio::spawn(async move {
             let answer = match c.sessions.deliver(&device, msg.payload, c.timeout()).await {
                 Ok(()) => json!({"status": "delivered", "node": c.node_id}),
-                Err(reason) => json!({"status": "not_delivered", "reason": reason, "node": c.node_id}),
+                Err(e) => json!({"status": "not_delivered", "reason": e.reason(), "node": c.node_id}),
             };
             reply(c.mesh.client(), msg.reply, answer).await;
         });
@@ -317,7 +342,7 @@ async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<St
             _ = stop.cancelled() => return,
             Some(device) = ready.recv() => {
                 if let Err(e) = drain_device(&c, &device).await {
-                    tracing::warn!(%device, error = %e, "delivering queued commands failed; retried on the next sweep");
+                    tracing::warn!(%device, error = %fluxmesh_mesh::error_chain(&e), "delivering queued commands failed; retried on the next sweep");
                 }
             }
             _ = sweep.tick() => {
@@ -325,7 +350,7 @@ async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<St
                     let _ = drain_device(&c, &device).await;
                 }
                 if let Err(e) = report_expired(&c).await {
-                    tracing::warn!(error = %e, "sweeping expired commands failed");
+                    tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "sweeping expired commands failed");
                 }
             }
         }
@@ -334,21 +359,21 @@ async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<St
 
 /// Delivers what is queued for `device`, oldest first; stops at the first
 /// failure (the rest stays queued).
-async fn drain_device(c: &Commands, device: &str) -> Result<(), String> {
+async fn drain_device(c: &Commands, device: &str) -> Result<(), QueueError> {
     for (seq, msg) in read_queue(c, c.queue_subject(device)).await? {
         let (id, expires) = meta(&msg);
         if expires <= fluxmesh_schemas::frame::now_us() {
             settle(c, device, seq, &id, "expired").await?;
             continue;
         }
-        c.sessions.deliver(device, msg.payload.clone(), c.timeout()).await?;
+        c.sessions.deliver(device, msg.payload.clone(), c.timeout()).await.map_err(QueueError::NotDelivered)?;
         settle(c, device, seq, &id, "delivered").await?;
     }
     Ok(())
 }
 
 /// Reports and removes expired commands of the shards this node owns.
-async fn report_expired(c: &Commands) -> Result<(), String> {
+async fn report_expired(c: &Commands) -> Result<(), QueueError> {
     let now = fluxmesh_schemas::frame::now_us();
     for (seq, msg) in read_queue(c, c.mesh.subjects().command_queue_filter()).await? {
         let Some(device) = device_of(&msg.subject) else { continue };
@@ -368,39 +393,39 @@ fn meta(msg: &async_nats::Message) -> (String, i64) {
 }
 
 /// The queued commands on `filter`, with their stream sequences.
-async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats::Message)>, String> {
-    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+async fn read_queue(c: &Commands, filter: String) -> Result<Vec<(u64, async_nats::Message)>, QueueError> {
+    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(QueueError::Stream)?;
     let config = consumer::pull::Config { filter_subject: filter, ..Default::default() };
     let mut out = Vec::new();
     fluxmesh_mesh::read_pending(&stream, config, Duration::from_secs(5), |m| {
-        let seq = m.info().map(|i| i.stream_sequence).map_err(|e| e.to_string())?;
+        let seq = m.info()?.stream_sequence;
         out.push((seq, m.message));
         Ok(())
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(QueueError::Read)?;
     Ok(out)
 }
 
 /// Reports what became of a queued command, then removes it. The report's
 /// id comes from the command's, so reporting twice stores it once.
-async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) -> Result<(), String> {
+async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) -> Result<(), QueueError> {
     let shard = shard_of(device, c.mesh.shards());
     let body = json!({"id": id, "status": status}).to_string().into_bytes();
     let mut frame = Frame::telemetry(device, "cmd", &c.node_id, Vec::new());
     frame.id = FrameId::from_key(format!("cmd\0{id}\0{status}").as_bytes());
     frame.producer = "commands".to_owned();
     frame.body = Body::Event { json: body };
-    let bytes = frame.encode().map_err(|e| e.to_string())?;
+    let bytes = frame.encode().map_err(QueueError::Encode)?;
     let pending = c
         .mesh
         .publisher()
         .publish(c.mesh.subjects().event(shard, device, "cmd"), fluxmesh_mesh::frame_headers(&frame), bytes.into())
         .await
-        .map_err(|e| e.to_string())?;
-    pending.ack().await.map_err(|e| e.to_string())?;
+        .map_err(QueueError::Report)?;
+    pending.ack().await.map_err(QueueError::Report)?;
     metrics::counter!("fluxmesh_commands_settled_total", "status" => status.to_owned()).increment(1);
-    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(|e| e.to_string())?;
+    let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(QueueError::Stream)?;
     // Already gone (another node settled it first) is fine.
     let _ = stream.delete_message(seq).await;
     Ok(())

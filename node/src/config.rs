@@ -194,7 +194,7 @@ impl Default for LogConfig {
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     Missing(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Parse(#[from] Box<figment::Error>),
     #[error("invalid config:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),

@@ -304,7 +304,7 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
             .into_response(),
             Err(e) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": format!("unreadable checkpoint: {e}"), "reason": "bad_checkpoint"})),
+                Json(json!({"error": format!("unreadable checkpoint: {}", fluxmesh_mesh::error_chain(&e)), "reason": "bad_checkpoint"})),
             )
                 .into_response(),
         },

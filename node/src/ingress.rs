@@ -11,13 +11,13 @@ use std::time::Instant;
 /// Why a device message was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("{0}")]
+    #[error(transparent)]
     Topic(#[from] TopicError),
     #[error("payload of {size} bytes is larger than the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
-    #[error("frame could not be encoded: {0}")]
+    #[error("frame could not be encoded")]
     Encode(#[from] frame::FrameError),
-    #[error("{0}")]
+    #[error(transparent)]
     Publish(#[from] PublishError),
 }
 
@@ -387,13 +387,13 @@ impl Ingress {
         let json = match frame::access(bytes, &mut scratch) {
             Ok(frame) => fluxmesh_schemas::json::to_vec(frame),
             Err(e) => {
-                tracing::error!(error = %e, "frame we encoded does not validate");
+                tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "frame we encoded does not validate");
                 return;
             }
         };
         if let Err(e) = self.mesh.client().publish(json_subject, json.into()).await {
             metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
-            tracing::warn!(error = %e, "JSON mirror publish failed");
+            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "JSON mirror publish failed");
         }
     }
 

@@ -39,7 +39,7 @@ const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot listen for HTTP on {addr}: {source}")]
+    #[error("cannot listen for HTTP on {addr}")]
     HttpBind {
         addr: SocketAddr,
         #[source]
@@ -142,7 +142,7 @@ impl Node {
         tasks.spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
             if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
+                tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "HTTP server failed");
             }
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
@@ -428,7 +428,7 @@ impl Node {
         }
         for client in [&self.client, &self.control] {
             if let Err(e) = client.flush().await {
-                tracing::warn!(error = %e, "NATS flush at shutdown failed");
+                tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "NATS flush at shutdown failed");
             }
         }
         tracing::info!(node = %self.node_id, "stopped");

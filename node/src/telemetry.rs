@@ -19,7 +19,7 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &buckets)
-                .map_err(|e| tracing::error!(error = %e, "bad histogram buckets"))
+                .map_err(|e| tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "bad histogram buckets"))
                 .ok()?;
             match builder.install_recorder() {
                 Ok(handle) => {
@@ -27,7 +27,7 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                     Some(handle)
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot install the metrics recorder; /metrics will be empty");
+                    tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot install the metrics recorder; /metrics will be empty");
                     None
                 }
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     Read {
         what: &'static str,
         path: String,

@@ -275,7 +275,7 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
     )
     .await
     .expect("gives up in time");
-    let err = started.expect_err("wrong password refused").to_string();
+    let err = fluxmesh_mesh::error_chain(&started.expect_err("wrong password refused"));
     assert!(err.to_lowercase().contains("authorization"), "{err}");
 
     let node = start_node(&[nats.url()], |c| secure(c, nats_password)).await;

@@ -32,9 +32,9 @@ pub const CONTENT_TYPE: &str = "application/x-fluxmesh-frame+rkyv; v=1";
 /// Why a frame could not be encoded or read.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame bytes are not a valid v1 frame: {0}")]
+    #[error("frame bytes are not a valid v1 frame")]
     Invalid(#[source] rancor::Error),
-    #[error("frame could not be encoded: {0}")]
+    #[error("frame could not be encoded")]
     Encode(#[source] rancor::Error),
     #[error("invalid frame id `{0}`: expected 32 hex digits")]
     BadId(String),

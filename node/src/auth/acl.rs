@@ -94,16 +94,25 @@ pub fn within(filter: &str, granted: &str) -> bool {
 }
 
 /// Checks an operator's grant list: at most 32 valid filters.
-pub fn check_filters(what: &str, filters: &[String]) -> Result<(), String> {
+pub fn check_filters(what: &'static str, filters: &[String]) -> Result<(), BadFilters> {
     if filters.len() > 32 {
-        return Err(format!("{what}: at most 32 filters"));
+        return Err(BadFilters::TooMany { what });
     }
     for f in filters {
         if f.is_empty() || f.len() > 512 || !rumqttc::mqttbytes::valid_filter(f) || f.starts_with('$') {
-            return Err(format!("{what}: `{f}` is not a valid MQTT topic filter"));
+            return Err(BadFilters::Invalid { what, filter: f.clone() });
         }
     }
     Ok(())
+}
+
+/// Why a grant's filters were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadFilters {
+    #[error("{what}: at most 32 filters")]
+    TooMany { what: &'static str },
+    #[error("{what}: `{filter}` is not a valid MQTT topic filter")]
+    Invalid { what: &'static str, filter: String },
 }
 
 #[cfg(test)]

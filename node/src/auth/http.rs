@@ -101,16 +101,11 @@ fn basic_credentials(value: &str) -> Option<(String, String)> {
 }
 
 fn store_error(e: AuthError) -> ApiError {
+    let error = fluxmesh_mesh::error_chain(&e);
     match e {
-        AuthError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, json!({"error": m, "reason": "invalid"})),
-        AuthError::Conflict => ApiError(StatusCode::CONFLICT, json!({"error": e.to_string(), "reason": "conflict"})),
-        AuthError::Store(m) => {
-            ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": m, "reason": "store_unavailable"}))
-        }
-        AuthError::Open(e) => ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": fluxmesh_mesh::error_chain(&e), "reason": "store_unavailable"}),
-        ),
+        AuthError::Conflict => ApiError(StatusCode::CONFLICT, json!({"error": error, "reason": "conflict"})),
+        e if e.is_invalid() => ApiError(StatusCode::BAD_REQUEST, json!({"error": error, "reason": "invalid"})),
+        _ => ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": error, "reason": "store_unavailable"})),
     }
 }
 

@@ -99,8 +99,8 @@ impl AuthConfig {
     }
 
     fn hasher(&self) -> Result<argon2::Argon2<'static>, AuthError> {
-        let params = argon2::Params::new(self.hash_memory_kib, self.hash_iterations, 1, None)
-            .map_err(|e| AuthError::Invalid(format!("hash parameters: {e}")))?;
+        let params =
+            argon2::Params::new(self.hash_memory_kib, self.hash_iterations, 1, None).map_err(AuthError::HashParams)?;
         Ok(argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params))
     }
 }
@@ -174,12 +174,47 @@ impl RecordView {
     }
 }
 
+/// What went wrong with a credentials request. `DeviceId`, `Filters`,
+/// `SecretLength` and `HashParams` are the caller's to fix (HTTP 400); the
+/// store's are 503.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("credentials store: {0}")]
-    Store(String),
+    #[error("invalid device id")]
+    DeviceId(#[source] fluxmesh_schemas::TopicError),
+    #[error(transparent)]
+    Filters(#[from] acl::BadFilters),
+    #[error("secret: between {MIN_SECRET_LEN} and {MAX_SECRET_LEN} characters")]
+    SecretLength,
+    #[error("invalid hash parameters (auth.hash_*)")]
+    HashParams(#[source] argon2::Error),
+    #[error("cannot hash the secret")]
+    Hash(#[source] argon2::password_hash::Error),
+    #[error("the hashing task failed")]
+    HashTask(#[source] tokio::task::JoinError),
+    #[error("cannot read the credentials of `{device}`")]
+    Read {
+        device: String,
+        #[source]
+        source: kv::EntryError,
+    },
+    #[error("the stored credentials of `{device}` are unreadable")]
+    Corrupt {
+        device: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write the credentials of `{device}`")]
+    Write {
+        device: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("cannot delete the credentials of `{device}`")]
+    Delete {
+        device: String,
+        #[source]
+        source: kv::DeleteError,
+    },
     #[error("credentials store")]
     Open(#[source] fluxmesh_mesh::stores::StoreError),
     #[error("the credentials of this device changed while they were updated; try again")]
@@ -237,11 +272,12 @@ pub async fn read(store: &kv::Store, device: &str) -> Result<Option<(DeviceRecor
 /// The record (None if absent or deleted) and the entry's revision (also
 /// for a deletion marker, which an update must name).
 async fn read_entry(store: &kv::Store, device: &str) -> Result<(Option<DeviceRecord>, Option<u64>), AuthError> {
-    let entry = store.entry(key(device)).await.map_err(|e| AuthError::Store(e.to_string()))?;
+    let entry =
+        store.entry(key(device)).await.map_err(|source| AuthError::Read { device: device.to_owned(), source })?;
     match entry {
         Some(e) if matches!(e.operation, kv::Operation::Put) => {
             let record = serde_json::from_slice::<DeviceRecord>(&e.value)
-                .map_err(|err| AuthError::Store(format!("unreadable entry for `{device}`: {err}")))?;
+                .map_err(|source| AuthError::Corrupt { device: device.to_owned(), source })?;
             Ok((Some(record), Some(e.revision)))
         }
         Some(e) => Ok((None, Some(e.revision))),
@@ -257,16 +293,16 @@ pub async fn set(
     device: &str,
     update: Update,
 ) -> Result<(RecordView, Option<String>), AuthError> {
-    fluxmesh_schemas::DeviceTopic::new(device, "x").map_err(|e| AuthError::Invalid(e.to_string()))?;
+    fluxmesh_schemas::DeviceTopic::new(device, "x").map_err(AuthError::DeviceId)?;
     if let Some(f) = &update.publish {
-        acl::check_filters("publish", f).map_err(AuthError::Invalid)?;
+        acl::check_filters("publish", f)?;
     }
     if let Some(f) = &update.subscribe {
-        acl::check_filters("subscribe", f).map_err(AuthError::Invalid)?;
+        acl::check_filters("subscribe", f)?;
     }
     let (secret, generated) = match &update.secret {
         Some(s) if s.expose().len() < MIN_SECRET_LEN || s.expose().len() > MAX_SECRET_LEN => {
-            return Err(AuthError::Invalid(format!("secret: between {MIN_SECRET_LEN} and {MAX_SECRET_LEN} characters")))
+            return Err(AuthError::SecretLength)
         }
         Some(s) => (s.expose().to_owned(), None),
         None => {
@@ -280,8 +316,8 @@ pub async fn set(
         hasher.hash_password(secret.as_bytes(), &salt).map(|h| h.to_string())
     })
     .await
-    .map_err(|e| AuthError::Store(format!("hashing task failed: {e}")))?
-    .map_err(|e| AuthError::Invalid(format!("cannot hash the secret: {e}")))?;
+    .map_err(AuthError::HashTask)?
+    .map_err(AuthError::Hash)?;
     let now = fluxmesh_schemas::frame::now_us();
     let new_secret = StoredSecret { id: format!("{:08x}", rand::random::<u32>()), hash, created_us: now };
     for _ in 0..5 {
@@ -305,21 +341,22 @@ pub async fn set(
             record.disabled = d;
         }
         record.updated_us = now;
-        let bytes: bytes::Bytes = serde_json::to_vec(&record).map_err(|e| AuthError::Store(e.to_string()))?.into();
+        // A record of strings, numbers and lists always serializes.
+        let bytes: bytes::Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
         let written = match revision {
             Some(rev) => store
                 .update(key(device), bytes, rev)
                 .await
-                .map_err(|e| (matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision), e.to_string())),
+                .map_err(|e| (matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision), async_nats::Error::from(e))),
             None => store
                 .create(key(device), bytes)
                 .await
-                .map_err(|e| (matches!(e.kind(), kv::CreateErrorKind::AlreadyExists), e.to_string())),
+                .map_err(|e| (matches!(e.kind(), kv::CreateErrorKind::AlreadyExists), async_nats::Error::from(e))),
         };
         match written {
             Ok(rev) => return Ok((RecordView::of(&record, rev), generated)),
             Err((true, _)) => continue,
-            Err((false, e)) => return Err(AuthError::Store(e)),
+            Err((false, source)) => return Err(AuthError::Write { device: device.to_owned(), source }),
         }
     }
     Err(AuthError::Conflict)
@@ -335,7 +372,7 @@ pub async fn remove(store: &kv::Store, device: &str) -> Result<bool, AuthError> 
     if read(store, device).await?.is_none() {
         return Ok(false);
     }
-    store.delete(key(device)).await.map_err(|e| AuthError::Store(e.to_string()))?;
+    store.delete(key(device)).await.map_err(|source| AuthError::Delete { device: device.to_owned(), source })?;
     Ok(true)
 }
 
@@ -422,7 +459,7 @@ impl Authenticator {
         let record = match read(&self.store, device).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read device credentials");
+                tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot read device credentials");
                 return Err(Denied::Unavailable);
             }
         };
@@ -483,4 +520,14 @@ impl Authenticator {
 /// The device id in a credentials key.
 pub fn device_of_key(key: &str) -> Option<String> {
     fluxmesh_schemas::kv::device_of_key(key.strip_prefix("d.")?)
+}
+
+impl AuthError {
+    /// The request itself is wrong (not the store).
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            AuthError::DeviceId(_) | AuthError::Filters(_) | AuthError::SecretLength | AuthError::HashParams(_)
+        )
+    }
 }

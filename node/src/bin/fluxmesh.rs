@@ -181,7 +181,7 @@ async fn wait_for_signal(cancel: CancellationToken) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot listen for SIGTERM");
             return;
         }
     };

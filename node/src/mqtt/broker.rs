@@ -63,7 +63,7 @@ impl Message {
             Ok(p) => Some(p),
             Err(e) => {
                 metrics::counter!("fluxmesh_mqtt_feed_unreadable_total", "reason" => "properties").increment(1);
-                tracing::debug!(%topic, error = %e, "MQTT 5 properties of a stored message unreadable; sent without them");
+                tracing::debug!(%topic, error = %fluxmesh_mesh::error_chain(&e), "MQTT 5 properties of a stored message unreadable; sent without them");
                 None
             }
         });

@@ -476,13 +476,13 @@ pub struct Codec {
 impl Codec {
     fn put_v4(buf: &mut BytesMut, packet: &rumqttc::Packet) {
         if let Err(e) = packet.write(buf, usize::MAX) {
-            tracing::error!(error = %e, "cannot encode an MQTT packet");
+            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot encode an MQTT packet");
         }
     }
 
     fn put_v5(buf: &mut BytesMut, packet: &v5p::Packet) {
         if let Err(e) = packet.write(buf, None) {
-            tracing::error!(error = %e, "cannot encode an MQTT 5 packet");
+            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot encode an MQTT 5 packet");
         }
     }
 

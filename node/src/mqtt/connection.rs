@@ -77,7 +77,7 @@ impl Session {
 #[derive(Debug)]
 pub struct OutCommand {
     pub payload: Bytes,
-    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    pub done: tokio::sync::oneshot::Sender<Result<(), super::DeliverError>>,
 }
 
 static SERIALS: AtomicU64 = AtomicU64::new(1);
@@ -321,7 +321,7 @@ struct Conn<S> {
     /// highest QoS granted.
     cmd_filters: std::collections::HashMap<String, QoS>,
     /// Commands written and awaiting the device's PUBACK, by packet id.
-    awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), String>>>,
+    awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), super::DeliverError>>>,
     next_pkid: u16,
     /// What the device may publish and subscribe to (set by CONNECT).
     grant: Grant,
@@ -1774,11 +1774,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     "MQTT connection refused: its will could not be kept");
             }
             End::NotStored(e) => {
-                tracing::error!(client = %self.client_id, peer = %self.peer, error = %e,
+                tracing::error!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e),
                     "MQTT message could not be stored; closing without PUBACK so the device resends it");
             }
             End::Io(e) => {
-                tracing::debug!(client = %self.client_id, peer = %self.peer, error = %e, "MQTT connection I/O error")
+                tracing::debug!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT connection I/O error")
             }
             End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
             // Counted and logged by the authenticator.

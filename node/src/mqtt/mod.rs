@@ -50,7 +50,7 @@ pub use connection::Session;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("cannot listen for MQTT on {addr}: {source}")]
+    #[error("cannot listen for MQTT on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -154,21 +154,46 @@ impl LocalSessions {
     }
 
     /// Writes `payload` to `device` at QoS1 and waits for its PUBACK.
-    pub async fn deliver(&self, device: &str, payload: bytes::Bytes, timeout: Duration) -> Result<(), String> {
+    pub async fn deliver(&self, device: &str, payload: bytes::Bytes, timeout: Duration) -> Result<(), DeliverError> {
         let sender = {
             let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
             match sessions.get(device) {
                 Some(s) if s.cmd_ready.load(std::sync::atomic::Ordering::Acquire) => s.commands.clone(),
-                Some(_) => return Err("not_subscribed".into()),
-                None => return Err("not_connected".into()),
+                Some(_) => return Err(DeliverError::NotSubscribed),
+                None => return Err(DeliverError::NotConnected),
             }
         };
         let (done, acked) = tokio::sync::oneshot::channel();
         let attempt = async {
-            sender.send(connection::OutCommand { payload, done }).await.map_err(|_| "disconnected".to_owned())?;
-            acked.await.map_err(|_| "disconnected".to_owned())?
+            sender.send(connection::OutCommand { payload, done }).await.map_err(|_| DeliverError::Disconnected)?;
+            acked.await.map_err(|_| DeliverError::Disconnected)?
         };
-        tokio::time::timeout(timeout, attempt).await.map_err(|_| "no_puback".to_owned())?
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| DeliverError::NoPuback)?
+    }
+}
+
+/// Why a command did not reach a device connected here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    #[error("the device is not subscribed to its command topic")]
+    NotSubscribed,
+    #[error("the device is not connected here")]
+    NotConnected,
+    #[error("the device disconnected before acknowledging")]
+    Disconnected,
+    #[error("the device did not acknowledge in time")]
+    NoPuback,
+}
+
+impl DeliverError {
+    /// The `reason` a command's answer carries.
+    pub fn reason(self) -> &'static str {
+        match self {
+            DeliverError::NotSubscribed => "not_subscribed",
+            DeliverError::NotConnected => "not_connected",
+            DeliverError::Disconnected => "disconnected",
+            DeliverError::NoPuback => "no_puback",
+        }
     }
 }
 
@@ -204,7 +229,7 @@ impl SessionBus {
         let Ok(bytes) = serde_json::to_vec(&body) else { return };
         if let Err(e) = self.client.publish(self.subject(client_id), bytes.into()).await {
             metrics::counter!("fluxmesh_mqtt_session_announce_failed_total").increment(1);
-            tracing::warn!(client = %client_id, error = %e, "could not announce the session to other nodes");
+            tracing::warn!(client = %client_id, error = %fluxmesh_mesh::error_chain(&e), "could not announce the session to other nodes");
         }
     }
 }
@@ -216,7 +241,7 @@ async fn watch_sessions(shared: Arc<Shared>) {
     let mut sub = match bus.client.subscribe(format!("{}.session.>", bus.prefix)).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot watch session announcements; takeover is node-local only");
+            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot watch session announcements; takeover is node-local only");
             return;
         }
     };
@@ -338,7 +363,7 @@ pub async fn start(
     let first_revision = match bucket_next_revision(shared.auth.store()).await {
         Ok(next) => Some(next),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the credentials bucket's position; the watch starts when it opens");
+            tracing::warn!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot read the credentials bucket's position; the watch starts when it opens");
             None
         }
     };
@@ -393,7 +418,7 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
                 watch
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch device credentials; retrying");
+                tracing::warn!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot watch device credentials; retrying");
                 tokio::select! {
                     _ = shared.stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -412,7 +437,7 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
                 Some(Ok(entry)) => entry,
                 ended => {
                     if let Some(Err(e)) = ended {
-                        tracing::warn!(error = %e, resume_at = ?next, "device credentials watch failed; re-opening it");
+                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), resume_at = ?next, "device credentials watch failed; re-opening it");
                     }
                     metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
                     break;
@@ -434,8 +459,8 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
 }
 
 /// The revision the credentials bucket's next change will get.
-async fn bucket_next_revision(store: &async_nats::jetstream::kv::Store) -> Result<u64, String> {
-    Ok(store.stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence + 1)
+async fn bucket_next_revision(store: &async_nats::jetstream::kv::Store) -> Result<u64, async_nats::Error> {
+    Ok(store.stream.get_info().await?.state.last_sequence + 1)
 }
 
 /// Opens a watch on every credentials key from revision `next`, or, when
@@ -444,12 +469,12 @@ async fn bucket_next_revision(store: &async_nats::jetstream::kv::Store) -> Resul
 async fn open_credentials_watch(
     store: &async_nats::jetstream::kv::Store,
     next: Option<u64>,
-) -> Result<(async_nats::jetstream::kv::Watch, u64), String> {
+) -> Result<(async_nats::jetstream::kv::Watch, u64), async_nats::Error> {
     let from = match next {
         Some(next) => next,
         None => bucket_next_revision(store).await?,
     };
-    let watch = store.watch_all_from_revision(from).await.map_err(|e| e.to_string())?;
+    let watch = store.watch_all_from_revision(from).await?;
     Ok((watch, from))
 }
 
@@ -488,7 +513,7 @@ async fn accept(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: keep serving.
-                tracing::warn!(error = %e, "MQTT accept failed");
+                tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "MQTT accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -512,7 +537,7 @@ async fn accept(
                         Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
                         Ok(Err(e)) => {
                             metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
-                            tracing::info!(%peer, error = %e, "MQTT TLS handshake failed");
+                            tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT TLS handshake failed");
                         }
                         Err(_) => {
                             metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);

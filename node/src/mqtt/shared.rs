@@ -62,7 +62,7 @@ impl ShareAck {
     pub async fn done(&self) {
         if let Err(e) = self.0.ack().await {
             metrics::counter!("fluxmesh_mqtt_shared_ack_failed_total").increment(1);
-            tracing::debug!(error = %e, "cannot acknowledge a shared message; it will be sent again");
+            tracing::debug!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot acknowledge a shared message; it will be sent again");
         }
     }
 
@@ -185,7 +185,7 @@ impl Shares {
             let mut batch = match consumer.batch().max_messages(PULL_BATCH).expires(PULL_EXPIRES).messages().await {
                 Ok(batch) => batch,
                 Err(e) => {
-                    tracing::debug!(%stream, error = %e, "shared subscription pull failed; retrying");
+                    tracing::debug!(%stream, error = %fluxmesh_mesh::error_chain(&e), "shared subscription pull failed; retrying");
                     tokio::select! {
                         _ = group.stop.cancelled() => break,
                         _ = tokio::time::sleep(PULL_EXPIRES) => continue,
@@ -196,7 +196,7 @@ impl Shares {
                 let stored = match next {
                     Ok(stored) => stored,
                     Err(e) => {
-                        tracing::debug!(%stream, error = %e, "shared subscription pull hiccup");
+                        tracing::debug!(%stream, error = %fluxmesh_mesh::error_chain(e.as_ref()), "shared subscription pull hiccup");
                         continue;
                     }
                 };

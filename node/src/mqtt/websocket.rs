@@ -78,7 +78,7 @@ where
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             metrics::counter!("fluxmesh_mqtt_ws_handshake_failures_total").increment(1);
-            tracing::info!(%peer, error = %e, "MQTT WebSocket handshake failed");
+            tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT WebSocket handshake failed");
             return;
         }
         Err(_) => {
@@ -120,7 +120,7 @@ where
                 }
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "MQTT WebSocket read failed");
+                    tracing::debug!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT WebSocket read failed");
                     break;
                 }
             },

@@ -30,7 +30,10 @@ pub fn routes(max_module_bytes: usize) -> Router<AppState> {
 impl From<PluginsError> for ApiError {
     fn from(e: PluginsError) -> Self {
         let status = match e {
-            PluginsError::Store(_) | PluginsError::Open(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PluginsError::Store { .. }
+            | PluginsError::Open(_)
+            | PluginsError::CompileTask(_)
+            | PluginsError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PluginsError::BadName(_) | PluginsError::Invalid(_) => {
                 metrics::counter!("fluxmesh_plugin_uploads_refused_total").increment(1);

@@ -81,18 +81,31 @@ pub enum PluginsError {
     BadName(String),
     #[error("module is {size} bytes; at most {max} are accepted")]
     TooLarge { size: usize, max: usize },
-    #[error("module refused: {0}")]
-    Invalid(String),
-    #[error("plugin store: {0}")]
-    Store(String),
+    #[error("module refused")]
+    Invalid(#[source] runtime::ModuleError),
+    #[error("cannot set up the WebAssembly engine")]
+    Engine(#[source] runtime::WasmError),
+    #[error("plugin store: cannot {op}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("the compiler task failed")]
+    CompileTask(#[source] tokio::task::JoinError),
     #[error("plugin store")]
     Open(#[source] fluxmesh_mesh::stores::StoreError),
 }
 
 impl PluginsError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, PluginsError::Store(_) | PluginsError::Open(_))
+        matches!(self, PluginsError::Store { .. } | PluginsError::Open(_))
     }
+}
+
+/// Maps an object store error to [`PluginsError::Store`], keeping it.
+fn store_err<E: std::error::Error + Send + Sync + 'static>(op: &'static str) -> impl FnOnce(E) -> PluginsError {
+    move |e| PluginsError::Store { op, source: Box::new(e) }
 }
 
 /// What `GET /api/v1/plugins` lists.
@@ -142,7 +155,7 @@ impl Plugins {
         tasks: &TaskTracker,
     ) -> Result<Arc<Plugins>, PluginsError> {
         let store = fluxmesh_mesh::stores::open_plugins(js, subjects, replicas).await.map_err(PluginsError::Open)?;
-        let engine = runtime::engine().map_err(PluginsError::Invalid)?;
+        let engine = runtime::engine().map_err(PluginsError::Engine)?;
         let plugins = Arc::new(Plugins { engine, cfg: cfg.clone(), store, loaded: RwLock::new(HashMap::new()) });
         let me = plugins.clone();
         tasks.spawn(async move { me.follow(stop).await });
@@ -156,7 +169,7 @@ impl Plugins {
             let mut watch = match self.store.watch_with_history().await {
                 Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the plugin store yet");
+                    tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "cannot watch the plugin store yet");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -169,7 +182,7 @@ impl Plugins {
                     next = watch.next() => match next {
                         Some(Ok(info)) => info,
                         Some(Err(e)) => {
-                            tracing::warn!(error = %e, "plugin watch failed; re-creating it");
+                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "plugin watch failed; re-creating it");
                             break;
                         }
                         None => break,
@@ -183,7 +196,7 @@ impl Plugins {
                     // stored module.
                 } else if let Err(e) = self.load(&info.name).await {
                     metrics::counter!("fluxmesh_plugin_load_errors_total").increment(1);
-                    tracing::warn!(plugin = %info.name, error = %e, "stored plugin not loaded");
+                    tracing::warn!(plugin = %info.name, error = %fluxmesh_mesh::error_chain(&e), "stored plugin not loaded");
                 }
                 metrics::gauge!("fluxmesh_plugins_loaded").set(self.read().len() as f64);
             }
@@ -205,10 +218,10 @@ impl Plugins {
     }
 
     async fn load(&self, name: &str) -> Result<(), PluginsError> {
-        let mut object = self.store.get(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let mut object = self.store.get(name).await.map_err(store_err("read a plugin"))?;
         let digest = object.info().digest.clone();
         let mut bytes = Vec::with_capacity(object.info().size);
-        object.read_to_end(&mut bytes).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        object.read_to_end(&mut bytes).await.map_err(store_err("read a plugin"))?;
         let compiled = self.compile(name, bytes).await?;
         tracing::info!(plugin = %name, size = compiled.size, "plugin loaded");
         self.write().insert(name.to_owned(), Loaded { digest, plugin: Arc::new(compiled) });
@@ -219,7 +232,7 @@ impl Plugins {
         let (engine, limits, name) = (self.engine.clone(), self.cfg.limits(), name.to_owned());
         tokio::task::spawn_blocking(move || Compiled::new(&engine, &name, &bytes, limits))
             .await
-            .map_err(|e| PluginsError::Invalid(format!("compiler task failed: {e}")))?
+            .map_err(PluginsError::CompileTask)?
             .map_err(PluginsError::Invalid)
     }
 
@@ -235,17 +248,16 @@ impl Plugins {
         }
         let binary = Compiled::to_binary(bytes).map_err(PluginsError::Invalid)?;
         self.compile(name, binary.clone()).await?;
-        let info =
-            self.store.put(name, &mut binary.as_slice()).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let info = self.store.put(name, &mut binary.as_slice()).await.map_err(store_err("store a plugin"))?;
         Ok(PluginInfo { name: info.name, size: info.size, digest: info.digest, loaded: false })
     }
 
     /// Every stored plugin, and whether this node has it compiled.
     pub async fn list(&self) -> Result<Vec<PluginInfo>, PluginsError> {
-        let mut list = self.store.list().await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        let mut list = self.store.list().await.map_err(store_err("list the plugins"))?;
         let mut out = Vec::new();
         while let Some(info) = list.next().await {
-            let info = info.map_err(|e| PluginsError::Store(e.to_string()))?;
+            let info = info.map_err(store_err("list the plugins"))?;
             let loaded = self.read().contains_key(&info.name);
             out.push(PluginInfo { name: info.name, size: info.size, digest: info.digest, loaded });
         }
@@ -262,25 +274,26 @@ impl Plugins {
             Ok(info) if !info.deleted => {}
             _ => return Ok(false),
         }
-        self.store.delete(name).await.map_err(|e| PluginsError::Store(e.to_string()))?;
+        self.store.delete(name).await.map_err(store_err("delete a plugin"))?;
         Ok(true)
     }
 }
 
 impl PluginCaller for Plugins {
-    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::rules::engine::PluginCallError> {
+        use crate::rules::engine::PluginCallError;
         let plugin = self
             .read()
             .get(name)
             .map(|l| l.plugin.clone())
-            .ok_or_else(|| format!("no plugin named `{name}` is loaded"))?;
+            .ok_or_else(|| PluginCallError::NotLoaded(name.to_owned()))?;
         let started = std::time::Instant::now();
         let result = plugin.call(input);
         metrics::histogram!("fluxmesh_plugin_call_seconds").record(started.elapsed().as_secs_f64());
         result.map_err(|e: CallError| {
             metrics::counter!("fluxmesh_plugin_errors_total", "plugin" => name.to_owned(), "reason" => e.reason())
                 .increment(1);
-            e.to_string()
+            PluginCallError::Failed { name: name.to_owned(), source: e }
         })
     }
 }

@@ -20,6 +20,9 @@ pub struct Limits {
     pub pool_size: usize,
 }
 
+/// A wasmtime error (an `anyhow::Error`), kept as the cause.
+pub type WasmError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a call failed; [`CallError::reason`] is the metrics label.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -27,14 +30,32 @@ pub enum CallError {
     Timeout,
     #[error("memory limit reached")]
     Memory,
-    #[error("trapped: {0}")]
-    Trap(String),
+    #[error("trapped")]
+    Trap(#[source] WasmError),
     #[error("bad output: {0}")]
-    BadOutput(String),
+    BadOutput(#[source] BadOutput),
     #[error("returned error code {0}")]
     GuestError(i64),
-    #[error("cannot instantiate: {0}")]
-    Instantiate(String),
+    #[error("cannot instantiate")]
+    Instantiate(#[source] WasmError),
+    #[error("cannot instantiate: no `{0}` export")]
+    MissingExport(&'static str),
+}
+
+/// What was wrong with a plugin's output (or with its allocation of room
+/// for the input).
+#[derive(Debug, thiserror::Error)]
+pub enum BadOutput {
+    #[error("input larger than 2 GiB")]
+    InputTooLarge,
+    #[error("fm_alloc returned {ptr}, outside memory")]
+    BadAlloc { ptr: i32 },
+    #[error("{size} bytes of output; at most {max} allowed")]
+    TooLarge { size: usize, max: usize },
+    #[error("output at {start}+{len} is outside memory")]
+    OutsideMemory { start: usize, len: usize },
+    #[error("output is not JSON")]
+    NotJson(#[source] serde_json::Error),
 }
 
 impl CallError {
@@ -45,16 +66,29 @@ impl CallError {
             CallError::Trap(_) => "trap",
             CallError::BadOutput(_) => "bad_output",
             CallError::GuestError(_) => "guest_error",
-            CallError::Instantiate(_) => "instantiate",
+            CallError::Instantiate(_) | CallError::MissingExport(_) => "instantiate",
         }
     }
 }
 
+/// Why a module was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("not WebAssembly")]
+    NotWasm(#[source] wat::Error),
+    #[error("does not compile")]
+    Compile(#[source] WasmError),
+    #[error("cannot be linked (no imports are offered)")]
+    Link(#[source] WasmError),
+    #[error("its first instance failed")]
+    Abi(#[source] CallError),
+}
+
 /// The engine every plugin of a node is compiled with: fuel metering on.
-pub fn engine() -> Result<Engine, String> {
+pub fn engine() -> Result<Engine, WasmError> {
     let mut config = wasmtime::Config::new();
     config.consume_fuel(true);
-    Engine::new(&config).map_err(|e| e.to_string())
+    Engine::new(&config).map_err(WasmError::from)
 }
 
 /// The store's data: enforces the memory limit and remembers that it did.
@@ -106,24 +140,23 @@ impl Compiled {
     /// Compiles `bytes` (binary or text format), pre-links it, and checks
     /// that a first instance has the ABI's exports. Slow (milliseconds):
     /// call it off the async threads.
-    pub fn new(engine: &Engine, name: &str, bytes: &[u8], limits: Limits) -> Result<Compiled, String> {
-        let module = Module::new(engine, bytes).map_err(|e| format!("does not compile: {e:#}"))?;
+    pub fn new(engine: &Engine, name: &str, bytes: &[u8], limits: Limits) -> Result<Compiled, ModuleError> {
+        let module = Module::new(engine, bytes).map_err(|e| ModuleError::Compile(e.into()))?;
         let linker: Linker<Host> = Linker::new(engine);
-        let pre =
-            linker.instantiate_pre(&module).map_err(|e| format!("cannot be linked (no imports are offered): {e:#}"))?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| ModuleError::Link(e.into()))?;
         let compiled = Compiled { name: name.to_owned(), size: bytes.len(), pre, limits, pool: Mutex::new(Vec::new()) };
-        let first = compiled.instantiate().map_err(|e| e.to_string())?;
+        let first = compiled.instantiate().map_err(ModuleError::Abi)?;
         compiled.pool().push(first);
         Ok(compiled)
     }
 
     /// Compiles text or binary into the binary form stored in the bucket.
-    pub fn to_binary(bytes: &[u8]) -> Result<Vec<u8>, String> {
-        wat::parse_bytes(bytes).map(|b| b.into_owned()).map_err(|e| format!("not WebAssembly: {e}"))
+    pub fn to_binary(bytes: &[u8]) -> Result<Vec<u8>, ModuleError> {
+        wat::parse_bytes(bytes).map(|b| b.into_owned()).map_err(ModuleError::NotWasm)
     }
 
     fn instantiate(&self) -> Result<Warm, CallError> {
-        let err = |e: wasmtime::Error| CallError::Instantiate(format!("{e:#}"));
+        let err = |e: wasmtime::Error| CallError::Instantiate(e.into());
         let mut store = Store::new(
             self.pre.module().engine(),
             Host { max_memory: self.limits.max_memory_bytes, memory_denied: false },
@@ -131,9 +164,8 @@ impl Compiled {
         store.limiter(|h| h as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(self.limits.fuel).map_err(err)?;
         let instance = self.pre.instantiate(&mut store).map_err(err)?;
-        let memory = instance
-            .get_memory(&mut store, plugin_abi::MEMORY)
-            .ok_or_else(|| CallError::Instantiate(format!("no `{}` export", plugin_abi::MEMORY)))?;
+        let memory =
+            instance.get_memory(&mut store, plugin_abi::MEMORY).ok_or(CallError::MissingExport(plugin_abi::MEMORY))?;
         let alloc = instance.get_typed_func::<i32, i32>(&mut store, plugin_abi::ALLOC).map_err(err)?;
         let process = instance.get_typed_func::<(i32, i32), i64>(&mut store, plugin_abi::PROCESS).map_err(err)?;
         Ok(Warm { store, memory, alloc, process })
@@ -181,7 +213,7 @@ impl From<CallError> for Failed {
 
 impl Warm {
     fn call(&mut self, input: &[u8], limits: &Limits) -> Result<Vec<u8>, CallError> {
-        self.store.set_fuel(limits.fuel).map_err(|e| CallError::Trap(format!("{e:#}")))?;
+        self.store.set_fuel(limits.fuel).map_err(|e| CallError::Trap(e.into()))?;
         self.run(input, limits).map_err(|e| match e {
             Failed::Wasm(e) if self.store.data().memory_denied => {
                 drop(e);
@@ -189,8 +221,7 @@ impl Warm {
             }
             Failed::Wasm(e) => match e.downcast_ref::<Trap>() {
                 Some(Trap::OutOfFuel) => CallError::Timeout,
-                Some(t) => CallError::Trap(t.to_string()),
-                None => CallError::Trap(format!("{e:#}")),
+                _ => CallError::Trap(e.into()),
             },
             Failed::Call(e) => e,
         })
@@ -198,29 +229,24 @@ impl Warm {
 
     fn run(&mut self, input: &[u8], limits: &Limits) -> Result<Vec<u8>, Failed> {
         let classify = Failed::Wasm;
-        let len = i32::try_from(input.len()).map_err(|_| CallError::BadOutput("input larger than 2 GiB".into()))?;
+        let len = i32::try_from(input.len()).map_err(|_| CallError::BadOutput(BadOutput::InputTooLarge))?;
         let ptr = self.alloc.call(&mut self.store, len).map_err(classify)?;
-        let at = usize::try_from(ptr).map_err(|_| CallError::BadOutput(format!("fm_alloc returned {ptr}")))?;
-        self.memory
-            .write(&mut self.store, at, input)
-            .map_err(|_| CallError::BadOutput(format!("fm_alloc returned {ptr}, outside memory")))?;
+        let bad_alloc = || CallError::BadOutput(BadOutput::BadAlloc { ptr });
+        let at = usize::try_from(ptr).map_err(|_| bad_alloc())?;
+        self.memory.write(&mut self.store, at, input).map_err(|_| bad_alloc())?;
         let packed = self.process.call(&mut self.store, (ptr, len)).map_err(classify)?;
         let (out_ptr, out_len) = plugin_abi::unpack(packed).map_err(CallError::GuestError)?;
         let (start, n) = (out_ptr as usize, out_len as usize);
         if n > limits.max_output_bytes {
-            return Err(CallError::BadOutput(format!(
-                "{n} bytes of output; at most {} allowed",
-                limits.max_output_bytes
-            ))
-            .into());
+            return Err(CallError::BadOutput(BadOutput::TooLarge { size: n, max: limits.max_output_bytes }).into());
         }
         let data = self.memory.data(&self.store);
         let output = data
             .get(start..start.saturating_add(n))
-            .ok_or_else(|| CallError::BadOutput(format!("output at {start}+{n} is outside memory")))?
+            .ok_or(CallError::BadOutput(BadOutput::OutsideMemory { start, len: n }))?
             .to_vec();
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&output) {
-            return Err(CallError::BadOutput(format!("output is not JSON: {e}")).into());
+            return Err(CallError::BadOutput(BadOutput::NotJson(e)).into());
         }
         Ok(output)
     }
@@ -283,11 +309,11 @@ mod tests {
             )
         };
         let not_json = Compiled::new(&engine, "not-json", module("5").as_bytes(), LIMITS).expect("compiles");
-        assert!(matches!(not_json.call(b"{}"), Err(CallError::BadOutput(m)) if m.contains("not JSON")));
+        assert!(matches!(not_json.call(b"{}"), Err(CallError::BadOutput(BadOutput::NotJson(_)))));
         assert!(not_json.pool().is_empty());
         let outside =
             Compiled::new(&engine, "outside", module("0x0000FFFF00000010").as_bytes(), LIMITS).expect("compiles");
-        assert!(matches!(outside.call(b"{}"), Err(CallError::BadOutput(m)) if m.contains("outside memory")));
+        assert!(matches!(outside.call(b"{}"), Err(CallError::BadOutput(BadOutput::OutsideMemory { .. }))));
         let negative = Compiled::new(&engine, "negative", module("-2").as_bytes(), LIMITS).expect("compiles");
         assert!(matches!(negative.call(b"{}"), Err(CallError::GuestError(-2))));
     }
@@ -296,8 +322,8 @@ mod tests {
     fn modules_without_the_abi_are_refused() {
         let engine = engine().expect("engine");
         let err = Compiled::new(&engine, "empty", b"(module)", LIMITS).expect_err("no exports");
-        assert!(err.contains("memory"), "{err}");
+        assert!(matches!(err, ModuleError::Abi(CallError::MissingExport("memory"))), "{err:?}");
         let err = Compiled::new(&engine, "bad", b"not wasm", LIMITS).expect_err("not wasm");
-        assert!(err.contains("does not compile"), "{err}");
+        assert!(matches!(err, ModuleError::Compile(_)), "{err:?}");
     }
 }

@@ -39,7 +39,21 @@ pub enum Action {
 /// Calls WebAssembly plugins for scripts (`plugin(name, input)`).
 pub trait PluginCaller: Send + Sync {
     /// Runs plugin `name` on `input` (JSON) and returns its JSON output.
-    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, String>;
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, PluginCallError>;
+}
+
+/// Why a script's plugin call failed (the script sees it as a runtime
+/// error, with its causes).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginCallError {
+    #[error("no plugin named `{0}` is loaded")]
+    NotLoaded(String),
+    #[error("plugin `{name}` failed")]
+    Failed {
+        name: String,
+        #[source]
+        source: crate::plugins::runtime::CallError,
+    },
 }
 
 impl std::fmt::Debug for dyn PluginCaller {
@@ -49,17 +63,20 @@ impl std::fmt::Debug for dyn PluginCaller {
 }
 
 /// Why a rule run failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The operation budget ran out (a runaway loop).
     #[error("operation budget of {0} exhausted")]
     Budget(u64),
-    /// A string, array or map grew past its limit, or calls nested too deep.
-    #[error("{0}")]
-    Limit(String),
-    /// Any other runtime error, with where it happened.
-    #[error("{0}")]
-    Runtime(String),
+    /// A string, array or map grew past its limit, or calls nested too deep
+    /// (`what` is Rhai's name for it).
+    #[error("{what} too large ({at})")]
+    TooLarge { what: String, at: Position },
+    #[error("calls nested too deep ({at})")]
+    TooDeep { at: Position },
+    /// Any other runtime error (it says where it happened).
+    #[error("script failed")]
+    Runtime(#[source] Box<EvalAltResult>),
 }
 
 impl RunError {
@@ -67,7 +84,7 @@ impl RunError {
     pub fn reason(&self) -> &'static str {
         match self {
             RunError::Budget(_) => "budget",
-            RunError::Limit(_) => "limit",
+            RunError::TooLarge { .. } | RunError::TooDeep { .. } => "limit",
             RunError::Runtime(_) => "runtime",
         }
     }
@@ -190,7 +207,7 @@ impl RuleEngine {
             let Some(plugins) = plugins else {
                 return Err(format!("plugin `{name}`: plugins are not available").into());
             };
-            let output = plugins.call(name, &input).map_err(|e| format!("plugin `{name}`: {e}"))?;
+            let output = plugins.call(name, &input).map_err(|e| fluxmesh_mesh::error_chain(&e))?;
             let value: Value =
                 serde_json::from_slice(&output).map_err(|e| format!("plugin `{name}` returned invalid JSON: {e}"))?;
             Ok(to_dynamic(&value))
@@ -243,12 +260,11 @@ impl RuleEngine {
     }
 
     fn classify(&self, e: EvalAltResult) -> RunError {
-        let at = |pos: Position| if pos.is_none() { String::new() } else { format!(" ({pos})") };
         match e.unwrap_inner() {
             EvalAltResult::ErrorTooManyOperations(_) => RunError::Budget(self.max_operations),
-            EvalAltResult::ErrorDataTooLarge(what, pos) => RunError::Limit(format!("{what} too large{}", at(*pos))),
-            EvalAltResult::ErrorStackOverflow(pos) => RunError::Limit(format!("calls nested too deep{}", at(*pos))),
-            _ => RunError::Runtime(e.to_string()),
+            EvalAltResult::ErrorDataTooLarge(what, at) => RunError::TooLarge { what: what.clone(), at: *at },
+            EvalAltResult::ErrorStackOverflow(at) => RunError::TooDeep { at: *at },
+            _ => RunError::Runtime(Box::new(e)),
         }
     }
 }
@@ -307,7 +323,7 @@ mod tests {
     #[test]
     fn a_runaway_loop_is_stopped_by_the_budget() {
         let e = engine();
-        assert_eq!(run(&e, "loop {}", Value::Null), Err(RunError::Budget(10_000)));
+        assert!(matches!(run(&e, "loop {}", Value::Null), Err(RunError::Budget(10_000))));
         // The engine keeps working after it.
         assert_eq!(run(&e, "emit(1);", Value::Null).expect("runs"), [Action::Emit(serde_json::json!(1))]);
     }
@@ -316,14 +332,14 @@ mod tests {
     fn unbounded_growth_hits_a_size_limit() {
         let e = RuleEngine::new(&RulesConfig { max_string_bytes: 1000, ..Default::default() });
         let got = run(&e, r#"let s = "x"; loop { s += s; }"#, Value::Null);
-        assert!(matches!(got, Err(RunError::Limit(_))), "{got:?}");
+        assert!(matches!(got, Err(RunError::TooLarge { .. } | RunError::TooDeep { .. })), "{got:?}");
     }
 
     #[test]
     fn a_failed_run_discards_what_it_recorded() {
         let e = engine();
         let got = run(&e, r#"emit(1); alert("loud", "x");"#, Value::Null);
-        assert!(matches!(&got, Err(RunError::Runtime(m)) if m.contains("unknown severity")), "{got:?}");
+        assert!(matches!(&got, Err(RunError::Runtime(m)) if m.to_string().contains("unknown severity")), "{got:?}");
         assert_eq!(run(&e, "", Value::Null).expect("runs"), []);
     }
 
@@ -351,6 +367,6 @@ mod tests {
     fn actions_per_run_are_bounded() {
         let e = RuleEngine::new(&RulesConfig { max_actions_per_run: 3, ..Default::default() });
         let got = run(&e, "for i in 0..10 { emit(i); }", Value::Null);
-        assert!(matches!(&got, Err(RunError::Runtime(m)) if m.contains("at most 3")), "{got:?}");
+        assert!(matches!(&got, Err(RunError::Runtime(m)) if m.to_string().contains("at most 3")), "{got:?}");
     }
 }

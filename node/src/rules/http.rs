@@ -46,9 +46,7 @@ fn refused(e: RulesError) -> ApiError {
             metrics::counter!("fluxmesh_rule_uploads_refused_total").increment(1);
             ApiError::new(StatusCode::BAD_REQUEST, e)
         }
-        e @ (RulesError::Store(_) | RulesError::Open(_) | RulesError::Seed(_)) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, fluxmesh_mesh::error_chain(&e))
-        }
+        e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, fluxmesh_mesh::error_chain(&e)),
     }
 }
 

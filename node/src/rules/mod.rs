@@ -197,19 +197,45 @@ pub fn compile(engine: &RuleEngine, cfg: &RulesConfig, spec: RuleSpec) -> Result
 pub enum RulesError {
     #[error(transparent)]
     Invalid(#[from] RuleError),
-    #[error("rules bucket: {0}")]
-    Store(String),
+    #[error("rules bucket: cannot {op}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("rules bucket: rule `{id}` is unreadable")]
+    Corrupt {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("rules bucket")]
     Open(#[source] fluxmesh_mesh::stores::StoreError),
+    #[error("rules bucket: cannot watch it")]
+    Watch(#[source] fluxmesh_mesh::cluster::ClusterError),
     /// A seed file is unreadable or does not compile: the node's own config.
-    #[error("rules seed: {0}")]
-    Seed(String),
+    #[error("rules seed: cannot read {path}")]
+    SeedRead {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rules seed {path}")]
+    SeedRule {
+        path: std::path::PathBuf,
+        #[source]
+        source: RuleError,
+    },
 }
 
 impl RulesError {
     /// Whether trying again may help (NATS not answering yet).
     pub fn is_transient(&self) -> bool {
-        matches!(self, RulesError::Store(_) | RulesError::Open(_))
+        matches!(self, RulesError::Store { .. } | RulesError::Open(_) | RulesError::Watch(_))
+    }
+
+    fn store(op: &'static str) -> impl FnOnce(async_nats::Error) -> RulesError {
+        move |source| RulesError::Store { op, source }
     }
 }
 
@@ -238,7 +264,7 @@ impl Rules {
         if !cfg.seed_dir.is_empty() {
             seed(&store, &engine, cfg, Path::new(&cfg.seed_dir)).await?;
         }
-        let watch = Rewatch::open(store.clone(), "rules").await.map_err(|e| RulesError::Store(e.to_string()))?;
+        let watch = Rewatch::open(store.clone(), "rules").await.map_err(RulesError::Watch)?;
         let mut entries = watch.spawn(stop.clone(), tasks);
         let (tx, rx) = watch::channel(Arc::new(RuleSet::default()));
         let (engine2, cfg2) = (engine.clone(), cfg.clone());
@@ -291,8 +317,9 @@ impl Rules {
     /// Checks `spec` compiles, then stores it; returns the bucket revision.
     pub async fn put(&self, spec: RuleSpec) -> Result<u64, RulesError> {
         let rule = compile(&self.engine, &self.cfg, spec)?;
-        let value = serde_json::to_vec(&rule.spec).map_err(|e| RulesError::Store(e.to_string()))?;
-        self.store.put(&rule.spec.id, value.into()).await.map_err(|e| RulesError::Store(e.to_string()))
+        // A spec of strings and numbers always serializes.
+        let value = serde_json::to_vec(&rule.spec).unwrap_or_default();
+        self.store.put(&rule.spec.id, value.into()).await.map_err(|e| RulesError::store("store a rule")(e.into()))
     }
 
     /// The stored rule `id`, if any.
@@ -300,9 +327,9 @@ impl Rules {
         if !valid_id(id) {
             return Err(RuleError::BadId(id.to_owned()).into());
         }
-        let value = self.store.get(id).await.map_err(|e| RulesError::Store(e.to_string()))?;
+        let value = self.store.get(id).await.map_err(|e| RulesError::store("read a rule")(e.into()))?;
         value
-            .map(|v| serde_json::from_slice(&v).map_err(|e| RulesError::Store(format!("rule {id} is unreadable: {e}"))))
+            .map(|v| serde_json::from_slice(&v).map_err(|source| RulesError::Corrupt { id: id.to_owned(), source }))
             .transpose()
     }
 
@@ -310,8 +337,8 @@ impl Rules {
     pub async fn list(&self) -> Result<Vec<RuleSpec>, RulesError> {
         use futures::TryStreamExt as _;
         let keys: Vec<String> = match self.store.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(|e| RulesError::Store(e.to_string()))?,
-            Err(e) => return Err(RulesError::Store(e.to_string())),
+            Ok(keys) => keys.try_collect().await.map_err(|e| RulesError::store("list the rules")(e.into()))?,
+            Err(e) => return Err(RulesError::store("list the rules")(e.into())),
         };
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -328,7 +355,7 @@ impl Rules {
         if self.get(id).await?.is_none() {
             return Ok(false);
         }
-        self.store.delete(id).await.map_err(|e| RulesError::Store(e.to_string()))?;
+        self.store.delete(id).await.map_err(|e| RulesError::store("delete a rule")(e.into()))?;
         Ok(true)
     }
 }
@@ -348,7 +375,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
         }
         Err(e) => {
             metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
-            tracing::warn!(key = %entry.key, error = %e, "unreadable rule in the bucket; ignored");
+            tracing::warn!(key = %entry.key, error = %fluxmesh_mesh::error_chain(&e), "unreadable rule in the bucket; ignored");
             return None;
         }
     };
@@ -359,7 +386,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
     compile(engine, cfg, spec)
         .map_err(|e| {
             metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
-            tracing::warn!(rule = %id, error = %e, "stored rule refused; not running it");
+            tracing::warn!(rule = %id, error = %fluxmesh_mesh::error_chain(&e), "stored rule refused; not running it");
         })
         .ok()
 }
@@ -391,8 +418,7 @@ pub fn parse_seed(id: &str, text: &str) -> RuleSpec {
 }
 
 async fn seed(store: &kv::Store, engine: &RuleEngine, cfg: &RulesConfig, dir: &Path) -> Result<(), RulesError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| RulesError::Seed(format!("rules.seed_dir {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(|source| RulesError::SeedRead { path: dir.to_owned(), source })?;
     let mut files: Vec<_> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -402,15 +428,16 @@ async fn seed(store: &kv::Store, engine: &RuleEngine, cfg: &RulesConfig, dir: &P
     for path in files {
         let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else { continue };
         let text =
-            std::fs::read_to_string(&path).map_err(|e| RulesError::Seed(format!("reading {}: {e}", path.display())))?;
+            std::fs::read_to_string(&path).map_err(|source| RulesError::SeedRead { path: path.clone(), source })?;
         let spec = parse_seed(&id, &text);
         // A seed that does not compile stops the node: it is our own config.
-        let rule = compile(engine, cfg, spec).map_err(|e| RulesError::Seed(format!("{}: {e}", path.display())))?;
-        let value = serde_json::to_vec(&rule.spec).map_err(|e| RulesError::Store(e.to_string()))?;
+        let rule = compile(engine, cfg, spec).map_err(|source| RulesError::SeedRule { path: path.clone(), source })?;
+        // A spec of strings and numbers always serializes.
+        let value = serde_json::to_vec(&rule.spec).unwrap_or_default();
         match store.create(&id, value.into()).await {
             Ok(_) => tracing::info!(rule = %id, "rule seeded"),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(RulesError::Store(format!("seeding rule {id}: {e}"))),
+            Err(e) => return Err(RulesError::store("seed a rule")(e.into())),
         }
     }
     Ok(())

@@ -158,14 +158,20 @@ impl Pipeline {
             Err(e) => {
                 metrics::counter!("fluxmesh_rule_errors_total", "rule" => rule.spec.id.clone(), "reason" => e.reason())
                     .increment(1);
-                tracing::debug!(rule = %rule.spec.id, input = %input_id, error = %e, "rule failed");
+                tracing::debug!(rule = %rule.spec.id, input = %input_id, error = %fluxmesh_mesh::error_chain(&e), "rule failed");
                 let seq = st.next_seq(Kind::Error);
                 out.frames.push(self.derived(
                     input,
                     &rule.producer,
                     u32::MAX,
                     seq,
-                    Body::Error { message: format!("rule {} failed on frame {input_id}: {e}", rule.spec.id) },
+                    Body::Error {
+                        message: format!(
+                            "rule {} failed on frame {input_id}: {}",
+                            rule.spec.id,
+                            fluxmesh_mesh::error_chain(&e)
+                        ),
+                    },
                 ));
                 return false;
             }

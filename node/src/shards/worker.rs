@@ -46,10 +46,16 @@ pub enum WorkerError {
     Reader(#[source] ReaderError),
     #[error("checkpoint")]
     Checkpoint(#[source] CheckpointError),
-    #[error("publishing derived frames: {0}")]
-    Output(String),
-    #[error("history: {0}")]
-    Storage(String),
+    #[error("encoding a derived frame")]
+    Encode(#[source] fluxmesh_schemas::frame::FrameError),
+    #[error("publishing derived frames")]
+    Output(#[source] fluxmesh_mesh::PublishError),
+    #[error("history: cannot write the rows")]
+    Storage(#[source] crate::storage::writer::WriteError),
+    #[error("history: rows not committed within {0:?}")]
+    CommitTimeout(Duration),
+    #[error("history: stopping before the rows were committed")]
+    CommitStopped,
 }
 
 impl WorkerFailure for WorkerError {
@@ -62,8 +68,8 @@ impl WorkerFailure for WorkerError {
             WorkerError::Fenced => "fenced",
             WorkerError::Reader(_) => "consumer",
             WorkerError::Checkpoint(_) => "checkpoint",
-            WorkerError::Output(_) => "output",
-            WorkerError::Storage(_) => "storage",
+            WorkerError::Encode(_) | WorkerError::Output(_) => "output",
+            WorkerError::Storage(_) | WorkerError::CommitTimeout(_) | WorkerError::CommitStopped => "storage",
         }
     }
 }
@@ -104,7 +110,7 @@ pub async fn run(ctx: &ShardContext, mut owned: OwnedShard, stop: &CancellationT
             // Start that device afresh; its next checkpoint replaces the
             // unreadable one.
             metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "bad_checkpoint").increment(1);
-            tracing::warn!(shard, device = %device, error = %e, "unreadable device checkpoint; starting it afresh");
+            tracing::warn!(shard, device = %device, error = %fluxmesh_mesh::error_chain(&e), "unreadable device checkpoint; starting it afresh");
             DeviceState::new(&device)
         });
         states.insert(device, state);
@@ -225,9 +231,9 @@ async fn wait_commits(
         tokio::time::sleep(Duration::from_secs(5)).await;
     };
     let result = tokio::select! {
-        r = all => r.map(|_| ()).map_err(|e| WorkerError::Storage(e.to_string())),
-        _ = tokio::time::sleep(limit) => Err(WorkerError::Storage(format!("rows not committed within {limit:?}"))),
-        _ = stopping => Err(WorkerError::Storage("stopping before the rows were committed".to_owned())),
+        r = all => r.map(|_| ()).map_err(WorkerError::Storage),
+        _ = tokio::time::sleep(limit) => Err(WorkerError::CommitTimeout(limit)),
+        _ = stopping => Err(WorkerError::CommitStopped),
     };
     metrics::histogram!("fluxmesh_shard_commit_wait_seconds").record(took.elapsed().as_secs_f64());
     result
@@ -255,7 +261,7 @@ async fn process(
             Err(e) => {
                 // Counted and passed: a corrupt frame must not block its shard.
                 metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "corrupt_frame").increment(1);
-                tracing::warn!(shard, stream_seq, subject = %m.subject, error = %e, "corrupt frame skipped");
+                tracing::warn!(shard, stream_seq, subject = %m.subject, error = %fluxmesh_mesh::error_chain(&e), "corrupt frame skipped");
                 continue;
             }
         };
@@ -283,13 +289,13 @@ async fn process(
     let frames = &outputs.frames;
     let mut pending = Vec::with_capacity(frames.len());
     for frame in frames {
-        let bytes = frame.encode().map_err(|e| WorkerError::Output(e.to_string()))?;
+        let bytes = frame.encode().map_err(WorkerError::Encode)?;
         let subject = ctx.mesh.subjects().event(shard, &frame.device, frame.kind().as_str());
         let sent = ctx.mesh.publisher().publish(subject, fluxmesh_mesh::frame_headers(frame), bytes.into()).await;
-        pending.push(sent.map_err(|e| WorkerError::Output(e.to_string()))?);
+        pending.push(sent.map_err(WorkerError::Output)?);
     }
     for p in futures::future::join_all(pending.into_iter().map(|p| p.ack())).await {
-        p.map_err(|e| WorkerError::Output(e.to_string()))?;
+        p.map_err(WorkerError::Output)?;
     }
     for frame in frames {
         metrics::counter!("fluxmesh_derived_frames_total", "kind" => frame.kind().as_str()).increment(1);
@@ -307,7 +313,7 @@ async fn process(
             rows.derived(frame);
         }
         if !rows.is_empty() {
-            let commit = storage.writer.submit(rows).await.map_err(|e| WorkerError::Storage(e.to_string()))?;
+            let commit = storage.writer.submit(rows).await.map_err(WorkerError::Storage)?;
             p.commits.push(commit);
         }
     }
@@ -336,7 +342,7 @@ async fn send_command(ctx: &ShardContext, command: RuleCommand) {
                 .and_then(|v| v["status"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| "unreadable".to_owned()),
             Err(e) => {
-                tracing::warn!(device = %command.device, id = %command.id, error = %e, "command from a rule got no answer");
+                tracing::warn!(device = %command.device, id = %command.id, error = %fluxmesh_mesh::error_chain(&e), "command from a rule got no answer");
                 "no_answer".to_owned()
             }
         };

@@ -201,11 +201,11 @@ async fn run(
     }
     params.push(&page.limit);
     storage.reads.query(sql, &params).await.map_err(|e| {
-        tracing::warn!(error = %e, "history read failed");
+        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "history read failed");
         metrics::counter!("fluxmesh_history_read_errors_total").increment(1);
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": format!("history is not readable now: {e}"), "reason": "storage_unavailable"}),
+            json!({"error": format!("history is not readable now: {}", fluxmesh_mesh::error_chain(&e)), "reason": "storage_unavailable"}),
         )
     })
 }

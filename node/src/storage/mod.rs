@@ -170,22 +170,28 @@ impl StorageConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("storage.{what}: {source}")]
+    #[error("storage.{what}")]
     Config {
         what: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("pool for {server}: {message}")]
-    Pool { server: String, message: String },
-    #[error("Postgres {server}: {source}")]
+    #[error("pool for {server}")]
+    Pool {
+        server: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Postgres {server}")]
     Postgres {
         server: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("migrations: {0}")]
-    Migrate(String),
+    #[error("migrations")]
+    Migrate(#[source] refinery::Error),
+    #[error("day {day} is out of range for a partition")]
+    PartitionDay { day: i64 },
     #[error("Postgres {server} did not answer within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
 }
@@ -194,7 +200,7 @@ impl StorageError {
     /// Worth retrying: the server was unreachable or went away.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::Config { .. } | StorageError::Migrate(_) => false,
+            StorageError::Config { .. } | StorageError::Migrate(_) | StorageError::PartitionDay { .. } => false,
             StorageError::Pool { .. } | StorageError::Timeout { .. } => true,
             StorageError::Postgres { source, .. } => writer::is_transient(source),
         }

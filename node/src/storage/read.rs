@@ -72,7 +72,7 @@ impl Server {
             .create_timeout(Some(cfg.connect_timeout()))
             .recycle_timeout(Some(cfg.connect_timeout()))
             .build()
-            .map_err(|e| StorageError::Pool { server: name.clone(), message: e.to_string() })?;
+            .map_err(|e| StorageError::Pool { server: name.clone(), source: Box::new(e) })?;
         Ok(Server { name, config, pool })
     }
 
@@ -83,7 +83,7 @@ impl Server {
             Ok(Err(deadpool_postgres::PoolError::Backend(source))) => {
                 Err(StorageError::Postgres { server: self.name.clone(), source })
             }
-            Ok(Err(e)) => Err(StorageError::Pool { server: self.name.clone(), message: e.to_string() }),
+            Ok(Err(e)) => Err(StorageError::Pool { server: self.name.clone(), source: Box::new(e) }),
             Err(_) => Err(StorageError::Timeout { server: self.name.clone(), timeout }),
         }
     }
@@ -188,7 +188,7 @@ impl Reads {
                     // Until its next check passes.
                     replica.usable.store(false, Ordering::Release);
                     metrics::counter!("fluxmesh_pg_read_fallbacks_total", "reason" => "replica_failed").increment(1);
-                    tracing::warn!(replica = %replica.server.name, error = %e, "replica read failed; reading from the primary");
+                    tracing::warn!(replica = %replica.server.name, error = %fluxmesh_mesh::error_chain(&e), "replica read failed; reading from the primary");
                 }
                 Err(e) => return Err(e),
             }
@@ -253,7 +253,7 @@ impl Reads {
             Ok(rows) => rows.first().and_then(|r| r.try_get::<_, f64>(0).ok()),
             Err(e) => {
                 if replica.usable.load(Ordering::Acquire) {
-                    tracing::warn!(replica = %replica.server.name, error = %e, "replica check failed; reading from others");
+                    tracing::warn!(replica = %replica.server.name, error = %fluxmesh_mesh::error_chain(&e), "replica check failed; reading from others");
                 }
                 None
             }

@@ -35,14 +35,14 @@ pub async fn migrate(config: &tokio_postgres::Config, server: &str, timeout: Dur
         .map_err(err)?;
     let connection = tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "migration connection ended");
+            tracing::debug!(error = %fluxmesh_mesh::error_chain(&e), "migration connection ended");
         }
     });
     let result = async {
         client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(err)?;
         let mut runner = embedded::migrations::runner();
         runner.set_migration_table_name(HISTORY_TABLE);
-        let report = runner.run_async(&mut client).await.map_err(|e| StorageError::Migrate(e.to_string()))?;
+        let report = runner.run_async(&mut client).await.map_err(StorageError::Migrate)?;
         for m in report.applied_migrations() {
             tracing::info!(%server, migration = %m, "migration applied");
         }
@@ -157,7 +157,7 @@ impl Maintenance {
         }
         let err = |source| StorageError::Postgres { server: server.to_owned(), source };
         let (Some(name), Some(from), Some(to)) = (partition_name(table, day), date_of(day), date_of(day + 1)) else {
-            return Err(StorageError::Migrate(format!("day {day} is out of range for a partition")));
+            return Err(StorageError::PartitionDay { day });
         };
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')",
@@ -230,7 +230,7 @@ pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration
         .await;
         if let Err(e) = result {
             metrics::counter!("fluxmesh_pg_maintenance_errors_total").increment(1);
-            tracing::warn!(error = %e, "partition maintenance failed; next try in {every:?}");
+            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "partition maintenance failed; next try in {every:?}");
         }
     }
 }

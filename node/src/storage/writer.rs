@@ -372,16 +372,16 @@ impl Task {
                             continue;
                         }
                         "data" if !isolate => {
-                            tracing::warn!(error = %e, rows = rows.len(), "Postgres refused a value; finding the row and storing its JSON as bytes");
+                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), rows = rows.len(), "Postgres refused a value; finding the row and storing its JSON as bytes");
                             isolate = true;
                             continue;
                         }
                         "no_partition" => self.maintenance.forget(),
                         "transient" => {
-                            tracing::warn!(error = %e, retry_in = ?backoff, "history write failed; retrying")
+                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), retry_in = ?backoff, "history write failed; retrying")
                         }
                         _ => {
-                            tracing::error!(error = %e, retry_in = ?backoff, "history write failed; retrying (shards wait, nothing is acked)")
+                            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), retry_in = ?backoff, "history write failed; retrying (shards wait, nothing is acked)")
                         }
                     }
                 }
@@ -403,7 +403,7 @@ impl Task {
             match self.write(&rows, false, true).await {
                 Err(e) if classify(&e) == "data" => {
                     if rows.len() <= 1 {
-                        tracing::warn!(error = %e, "a row's JSON was refused; stored as bytes");
+                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "a row's JSON was refused; stored as bytes");
                         metrics::counter!("fluxmesh_pg_rows_raw_fallback_total").increment(1);
                         return self.write(&rows, true, true).await;
                     }

@@ -304,7 +304,7 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<fluxm
     let s = js.get_stream(stream).await.expect("stream");
     let mut frames = Vec::new();
     fluxmesh_mesh::read_pending(&s, Default::default(), Duration::from_secs(10), |m| {
-        frames.push(fluxmesh_schemas::Frame::decode(&m.payload).map_err(|e| e.to_string())?);
+        frames.push(fluxmesh_schemas::Frame::decode(&m.payload)?);
         Ok(())
     })
     .await
