@@ -192,8 +192,8 @@ impl Default for LogConfig {
 /// Everything wrong with a config, one problem per line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {0} does not exist")]
-    Missing(String),
+    #[error("config file {} does not exist", path.display())]
+    Missing { path: std::path::PathBuf },
     #[error(transparent)]
     Parse(#[from] Box<figment::Error>),
     #[error("invalid config:\n  {}", .0.join("\n  "))]
@@ -230,7 +230,7 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(ConfigError::Missing(file.display().to_string()));
+                return Err(ConfigError::Missing { path: file.to_owned() });
             }
             figment = figment.merge(Toml::file_exact(file));
         }
@@ -402,7 +402,7 @@ mod tests {
     fn missing_file_is_an_error() {
         let err =
             Config::load_with_env(Some(Path::new("/nonexistent/fluxmesh.toml")), env_with(&[])).expect_err("missing");
-        assert!(matches!(err, ConfigError::Missing(_)));
+        assert!(matches!(err, ConfigError::Missing { .. }));
     }
 
     #[test]

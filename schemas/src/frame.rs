@@ -36,8 +36,8 @@ pub enum FrameError {
     Invalid(#[source] rancor::Error),
     #[error("frame could not be encoded")]
     Encode(#[source] rancor::Error),
-    #[error("invalid frame id `{0}`: expected 32 hex digits")]
-    BadId(String),
+    #[error("invalid frame id `{id}`: expected 32 hex digits")]
+    BadId { id: String },
 }
 
 /// A frame's unique id, also its JetStream dedupe key (`Nats-Msg-Id`).
@@ -65,7 +65,7 @@ impl FrameId {
 
     /// Parses the 32-digit lower- or upper-case hex form.
     pub fn parse_hex(s: &str) -> Result<Self, FrameError> {
-        let bad = || FrameError::BadId(s.to_owned());
+        let bad = || FrameError::BadId { id: s.to_owned() };
         if s.len() != 32 {
             return Err(bad());
         }

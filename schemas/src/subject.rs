@@ -66,12 +66,12 @@ pub enum TopicError {
     Wildcard,
     #[error("channel `cmd` is reserved for commands to the device")]
     ReservedChannel,
-    #[error("invalid subject token `{0}`: {1}")]
-    BadToken(String, &'static str),
-    #[error("invalid subject prefix `{0}`: use 1-32 characters from A-Z a-z 0-9 _ -")]
-    BadPrefix(String),
-    #[error("subject `{0}` is not a fluxmesh subject: {1}")]
-    BadSubject(String, &'static str),
+    #[error("invalid subject token `{token}`: {why}")]
+    BadToken { token: String, why: &'static str },
+    #[error("invalid subject prefix `{prefix}`: use 1-32 characters from A-Z a-z 0-9 _ -")]
+    BadPrefix { prefix: String },
+    #[error("subject `{subject}` is not a fluxmesh subject: {why}")]
+    BadSubject { subject: String, why: &'static str },
     #[error("topic is empty")]
     EmptyTopic,
     #[error("topics starting with `$` are reserved for the broker")]
@@ -92,9 +92,9 @@ impl TopicError {
             TopicError::TooManyLevels => "too_many_levels",
             TopicError::Wildcard => "wildcard",
             TopicError::ReservedChannel => "reserved_channel",
-            TopicError::BadToken(..) => "bad_token",
-            TopicError::BadPrefix(_) => "bad_prefix",
-            TopicError::BadSubject(..) => "bad_subject",
+            TopicError::BadToken { .. } => "bad_token",
+            TopicError::BadPrefix { .. } => "bad_prefix",
+            TopicError::BadSubject { .. } => "bad_subject",
             TopicError::EmptyTopic => "empty_topic",
             TopicError::Reserved => "reserved_topic",
             TopicError::NullCharacter => "null_character",
@@ -140,7 +140,7 @@ pub fn push_escaped(out: &mut String, raw: &str) {
 
 /// Reverses [`escape_token`]. Accepts only canonical tokens.
 pub fn unescape_token(token: &str) -> Result<Cow<'_, str>, TopicError> {
-    let bad = |why| TopicError::BadToken(token.to_owned(), why);
+    let bad = |why| TopicError::BadToken { token: token.to_owned(), why };
     if token == "%" {
         return Ok(Cow::Borrowed(""));
     }
@@ -328,7 +328,7 @@ impl Subjects {
             && prefix.len() <= 32
             && prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid {
-            return Err(TopicError::BadPrefix(prefix.to_owned()));
+            return Err(TopicError::BadPrefix { prefix: prefix.to_owned() });
         }
         Ok(Subjects { prefix: prefix.to_owned() })
     }
@@ -414,7 +414,7 @@ impl Subjects {
 
     /// (node, incarnation, client id) of a will subject.
     pub fn parse_will(&self, subject: &str) -> Result<(String, String, String), TopicError> {
-        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let bad = |why| TopicError::BadSubject { subject: subject.to_owned(), why };
         let mut tokens = subject.split('.');
         if tokens.next() != Some(self.prefix.as_str()) || tokens.next() != Some("will") {
             return Err(bad("not a will subject"));
@@ -477,7 +477,7 @@ impl Subjects {
     /// The MQTT topic of a `tel` or `msg` subject: `fm.tel.3.d1.env.temp`
     /// → `devices/d1/env/temp`, `fm.msg.a.%.b` → `a//b`.
     pub fn mqtt_topic(&self, subject: &str) -> Result<String, TopicError> {
-        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let bad = |why| TopicError::BadSubject { subject: subject.to_owned(), why };
         let rest = subject
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_prefix('.'))
@@ -571,7 +571,7 @@ impl Subjects {
 
     /// Takes a `tel` or `evt` subject apart, unescaping device and channel.
     pub fn parse(&self, subject: &str) -> Result<ParsedSubject, TopicError> {
-        let bad = |why| TopicError::BadSubject(subject.to_owned(), why);
+        let bad = |why| TopicError::BadSubject { subject: subject.to_owned(), why };
         let mut tokens = subject.split('.');
         if tokens.next() != Some(self.prefix.as_str()) {
             return Err(bad("wrong prefix"));

@@ -35,7 +35,7 @@ impl From<PluginsError> for ApiError {
             | PluginsError::CompileTask(_)
             | PluginsError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            PluginsError::BadName(_) | PluginsError::Invalid(_) => {
+            PluginsError::BadName { .. } | PluginsError::Invalid(_) => {
                 metrics::counter!("fluxmesh_plugin_uploads_refused_total").increment(1);
                 StatusCode::BAD_REQUEST
             }

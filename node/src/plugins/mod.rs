@@ -77,8 +77,8 @@ impl PluginsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginsError {
-    #[error("invalid plugin name `{0}`: use 1-64 letters, digits, `-` or `_`")]
-    BadName(String),
+    #[error("invalid plugin name `{name}`: use 1-64 letters, digits, `-` or `_`")]
+    BadName { name: String },
     #[error("module is {size} bytes; at most {max} are accepted")]
     TooLarge { size: usize, max: usize },
     #[error("module refused")]
@@ -241,7 +241,7 @@ impl Plugins {
     /// watch.
     pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<PluginInfo, PluginsError> {
         if !valid_name(name) {
-            return Err(PluginsError::BadName(name.to_owned()));
+            return Err(PluginsError::BadName { name: name.to_owned() });
         }
         if bytes.len() > self.cfg.max_module_bytes {
             return Err(PluginsError::TooLarge { size: bytes.len(), max: self.cfg.max_module_bytes });
@@ -268,7 +268,7 @@ impl Plugins {
     /// Deletes plugin `name`; `Ok(false)` if there was none.
     pub async fn delete(&self, name: &str) -> Result<bool, PluginsError> {
         if !valid_name(name) {
-            return Err(PluginsError::BadName(name.to_owned()));
+            return Err(PluginsError::BadName { name: name.to_owned() });
         }
         match self.store.info(name).await {
             Ok(info) if !info.deleted => {}

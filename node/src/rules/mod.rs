@@ -107,8 +107,8 @@ fn yes() -> bool {
 /// Why a rule was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RuleError {
-    #[error("invalid rule id `{0}`: use 1-64 letters, digits, `-` or `_`")]
-    BadId(String),
+    #[error("invalid rule id `{id}`: use 1-64 letters, digits, `-` or `_`")]
+    BadId { id: String },
     #[error("invalid {field} glob `{glob}`: {message}")]
     BadGlob { field: &'static str, glob: String, message: String },
     #[error("script is {size} bytes; at most {max} are accepted")]
@@ -178,7 +178,7 @@ impl RuleSet {
 /// Compiles `spec` with `engine`, checking id, globs and size first.
 pub fn compile(engine: &RuleEngine, cfg: &RulesConfig, spec: RuleSpec) -> Result<Rule, RuleError> {
     if !valid_id(&spec.id) {
-        return Err(RuleError::BadId(spec.id));
+        return Err(RuleError::BadId { id: spec.id });
     }
     if spec.script.len() > cfg.max_script_bytes {
         return Err(RuleError::TooLarge { size: spec.script.len(), max: cfg.max_script_bytes });
@@ -325,7 +325,7 @@ impl Rules {
     /// The stored rule `id`, if any.
     pub async fn get(&self, id: &str) -> Result<Option<RuleSpec>, RulesError> {
         if !valid_id(id) {
-            return Err(RuleError::BadId(id.to_owned()).into());
+            return Err(RuleError::BadId { id: id.to_owned() }.into());
         }
         let value = self.store.get(id).await.map_err(|e| RulesError::store("read a rule")(e.into()))?;
         value
@@ -488,7 +488,7 @@ mod tests {
         let cfg = RulesConfig::default();
         let base = parse_seed("ok", "");
         let e = compile(&engine, &cfg, RuleSpec { id: "a.b".into(), ..base.clone() }).expect_err("bad id");
-        assert!(matches!(e, RuleError::BadId(_)));
+        assert!(matches!(e, RuleError::BadId { .. }));
         let e = compile(&engine, &cfg, RuleSpec { device: "[".into(), ..base.clone() }).expect_err("bad glob");
         assert!(matches!(e, RuleError::BadGlob { field: "device", .. }));
         let e = compile(&engine, &cfg, RuleSpec { script: "if {".into(), ..base }).expect_err("bad script");
