@@ -331,7 +331,7 @@ impl ClusterHandle {
             }),
         };
         let epoch = result?;
-        metrics::counter!("fluxmesh_lease_claims_total").increment(1);
+        metrics::counter!(crate::metric_names::LEASE_CLAIMS_TOTAL).increment(1);
         Ok(HeldLease { lease: value_for_result, epoch })
     }
 
@@ -399,11 +399,11 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
                 *last = (*last).max(sent);
             }
             Ok(Err(e)) => {
-                metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
+                metrics::counter!(crate::metric_names::HEARTBEAT_FAILURES_TOTAL).increment(1);
                 tracing::warn!(error = %crate::error_chain(&e), "heartbeat failed");
             }
             Err(_) => {
-                metrics::counter!("fluxmesh_heartbeat_failures_total").increment(1);
+                metrics::counter!(crate::metric_names::HEARTBEAT_FAILURES_TOTAL).increment(1);
                 tracing::warn!("heartbeat timed out");
             }
         }
@@ -516,7 +516,7 @@ impl Rewatch {
                     tracing::warn!(watch = self.what, seen = self.seen, bucket = last, "KV watch fell silent; re-creating it");
                 }
             }
-            metrics::counter!("fluxmesh_cluster_watch_restarts_total", "watch" => self.what).increment(1);
+            metrics::counter!(crate::metric_names::CLUSTER_WATCH_RESTARTS_TOTAL, "watch" => self.what).increment(1);
             self.watch = None;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -561,7 +561,7 @@ async fn watch_members(
                                 seen.insert(entry.key.clone(), (member, arrived));
                             }
                             Err(e) => {
-                                metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+                                metrics::counter!(crate::metric_names::CLUSTER_BAD_ENTRIES_TOTAL).increment(1);
                                 tracing::warn!(key = %entry.key, error = %crate::error_chain(&e), "unreadable membership entry ignored");
                             }
                         },
@@ -634,7 +634,7 @@ async fn watch_leases(
             },
         };
         let Ok(shard) = entry.key.parse::<u32>() else {
-            metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+            metrics::counter!(crate::metric_names::CLUSTER_BAD_ENTRIES_TOTAL).increment(1);
             tracing::warn!(key = %entry.key, "lease key is not a shard number; ignored");
             continue;
         };
@@ -643,7 +643,7 @@ async fn watch_leases(
                 Ok(lease) => Some(HeldLease { lease, epoch: entry.revision }),
                 Err(e) => {
                     // Held by nobody valid; claimable by CAS on its revision.
-                    metrics::counter!("fluxmesh_cluster_bad_entries_total").increment(1);
+                    metrics::counter!(crate::metric_names::CLUSTER_BAD_ENTRIES_TOTAL).increment(1);
                     tracing::warn!(shard, error = %crate::error_chain(&e), "unreadable lease; treating it as held by a dead node");
                     let nobody = Lease { node_id: String::new(), incarnation: String::new(), claimed_us: 0 };
                     Some(HeldLease { lease: nobody, epoch: entry.revision })

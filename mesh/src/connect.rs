@@ -61,11 +61,11 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, ConnectErro
         .event_callback(|event| async move {
             match event {
                 Event::Connected => {
-                    metrics::gauge!("fluxmesh_nats_connected").set(1.0);
+                    metrics::gauge!(crate::metric_names::NATS_CONNECTED).set(1.0);
                     tracing::info!("connected to NATS");
                 }
                 Event::Disconnected => {
-                    metrics::gauge!("fluxmesh_nats_connected").set(0.0);
+                    metrics::gauge!(crate::metric_names::NATS_CONNECTED).set(0.0);
                     tracing::warn!("disconnected from NATS; reconnecting");
                 }
                 other => tracing::warn!(event = %other, "NATS connection event"),
@@ -74,7 +74,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, ConnectErro
         .connect(urls)
         .await
         .map_err(|source| ConnectError::Connect { urls: cfg.urls.join(","), source })?;
-    metrics::gauge!("fluxmesh_nats_connected").set(1.0);
+    metrics::gauge!(crate::metric_names::NATS_CONNECTED).set(1.0);
     Ok(client)
 }
 

@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod connect;
 pub mod handle;
+pub mod metric_names;
 pub mod ownership;
 pub mod placement;
 pub mod provision;

@@ -150,7 +150,7 @@ impl OwnedShard {
         )
         .await
         .map_err(|source| OpenError::Reader { shard, source })?;
-        metrics::histogram!("fluxmesh_shard_start_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metric_names::SHARD_START_SECONDS).record(started.elapsed().as_secs_f64());
         tracing::debug!(shard, devices = loaded.states.len(), covered, took = ?started.elapsed(), "shard opened");
         Ok(OwnedShard {
             shard,
@@ -337,7 +337,7 @@ impl<W: ShardWorker> Coordinator<W> {
         if Instant::now() >= cluster.valid_until() {
             if !self.held.is_empty() {
                 tracing::warn!(shards = self.held.len(), "heartbeats not confirmed in time; giving up every shard");
-                metrics::counter!("fluxmesh_shards_fenced_total").increment(self.held.len() as u64);
+                metrics::counter!(crate::metric_names::SHARDS_FENCED_TOTAL).increment(self.held.len() as u64);
             }
             for (_, r) in self.running.drain() {
                 r.abort.abort();
@@ -370,7 +370,7 @@ impl<W: ShardWorker> Coordinator<W> {
                         now = ?current.map(|c| (c.lease.node_id.as_str(), c.epoch)),
                         "lease taken over; stopping the worker"
                     );
-                    metrics::counter!("fluxmesh_shards_fenced_total").increment(1);
+                    metrics::counter!(crate::metric_names::SHARDS_FENCED_TOTAL).increment(1);
                     if let Some(r) = self.running.remove(&shard) {
                         r.abort.abort();
                     }
@@ -466,7 +466,7 @@ impl<W: ShardWorker> Coordinator<W> {
             .unwrap_or(Err(ClusterError::Timeout { shard }));
         match released {
             Ok(()) => {
-                metrics::counter!("fluxmesh_lease_releases_total").increment(1);
+                metrics::counter!(crate::metric_names::LEASE_RELEASES_TOTAL).increment(1);
                 tracing::info!(shard, epoch, "released shard");
             }
             Err(e) => {
@@ -500,11 +500,11 @@ impl<W: ShardWorker> Coordinator<W> {
             Ended::Done => {}
             Ended::Fenced => {
                 tracing::warn!(shard, "lease lost; worker stopped");
-                metrics::counter!("fluxmesh_shards_fenced_total").increment(1);
+                metrics::counter!(crate::metric_names::SHARDS_FENCED_TOTAL).increment(1);
                 self.held.remove(&shard);
             }
             Ended::Failed { reason, error } => {
-                metrics::counter!("fluxmesh_shard_worker_failures_total", "reason" => reason).increment(1);
+                metrics::counter!(crate::metric_names::SHARD_WORKER_FAILURES_TOTAL, "reason" => reason).increment(1);
                 tracing::warn!(shard, error, "shard worker failed; restarting it");
                 self.retry_at.insert(shard, Instant::now() + self.settings.restart_backoff);
                 if r.handing_over {
@@ -549,8 +549,8 @@ impl<W: ShardWorker> Coordinator<W> {
 
     fn publish_gauge(&self) {
         let lag = self.cluster.retain_lags(|shard| self.running.contains_key(&shard));
-        metrics::gauge!("fluxmesh_shard_lag_messages").set(lag as f64);
-        metrics::gauge!("fluxmesh_shards_owned").set(self.held.len() as f64);
-        metrics::gauge!("fluxmesh_shards_running").set(self.running.len() as f64);
+        metrics::gauge!(crate::metric_names::SHARD_LAG_MESSAGES).set(lag as f64);
+        metrics::gauge!(crate::metric_names::SHARDS_OWNED).set(self.held.len() as f64);
+        metrics::gauge!(crate::metric_names::SHARDS_RUNNING).set(self.running.len() as f64);
     }
 }

@@ -93,7 +93,7 @@ impl Publisher {
             capacity: cfg.publish_window,
             attempts: cfg.publish_attempts,
             closed: Arc::new(AtomicBool::new(false)),
-            ack_seconds: metrics::histogram!("fluxmesh_publish_ack_seconds"),
+            ack_seconds: metrics::histogram!(crate::metric_names::PUBLISH_ACK_SECONDS),
         }
     }
 
@@ -163,7 +163,7 @@ impl Pending {
                     return Ok(ack);
                 }
                 Err(e) if self.attempts < self.max_attempts && retryable(e.kind()) => {
-                    metrics::counter!("fluxmesh_publish_retries_total").increment(1);
+                    metrics::counter!(crate::metric_names::PUBLISH_RETRIES_TOTAL).increment(1);
                     tracing::debug!(error = %crate::error_chain(&e), attempt = self.attempts, subject = %self.message.subject, "retrying publish");
                     tokio::time::sleep(backoff(self.attempts)).await;
                     self.attempts += 1;

@@ -138,7 +138,7 @@ impl ShardReader {
                         continue;
                     };
                     if info.consumer_sequence != self.next_delivery {
-                        metrics::counter!("fluxmesh_shard_delivery_gaps_total").increment(1);
+                        metrics::counter!(crate::metric_names::SHARD_DELIVERY_GAPS_TOTAL).increment(1);
                         self.restart("delivery gap");
                         continue;
                     }
@@ -176,7 +176,7 @@ impl ShardReader {
 
     fn restart(&mut self, why: &'static str) {
         tracing::debug!(filter = %self.filter, why, from = self.next_seq, "re-creating the shard consumer");
-        metrics::counter!("fluxmesh_shard_consumer_recreated_total").increment(1);
+        metrics::counter!(crate::metric_names::SHARD_CONSUMER_RECREATED_TOTAL).increment(1);
         self.messages = None;
     }
 

@@ -184,7 +184,7 @@ async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop:
             m = sub.next() => match m { Some(m) => m, None => return },
         };
         let Some(device) = device_of(&msg.subject) else {
-            metrics::counter!("fluxmesh_commands_total", "status" => "bad_subject").increment(1);
+            metrics::counter!(crate::internal_events::names::COMMANDS_TOTAL, "status" => "bad_subject").increment(1);
             reply(c.mesh.client(), msg.reply, json!({"status": "rejected", "reason": "bad_subject"})).await;
             continue;
         };
@@ -196,7 +196,7 @@ async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop:
         tokio::spawn(async move {
             let answer = handle(&c, &device, msg.payload.clone(), msg.headers.as_ref()).await;
             let status = answer["status"].as_str().unwrap_or("?").to_owned();
-            metrics::counter!("fluxmesh_commands_total", "status" => status).increment(1);
+            metrics::counter!(crate::internal_events::names::COMMANDS_TOTAL, "status" => status).increment(1);
             reply(c.mesh.client(), msg.reply, answer).await;
             drop(slot);
         });
@@ -424,7 +424,8 @@ async fn settle(c: &Commands, device: &str, seq: u64, id: &str, status: &str) ->
         .await
         .map_err(QueueError::Report)?;
     pending.ack().await.map_err(QueueError::Report)?;
-    metrics::counter!("fluxmesh_commands_settled_total", "status" => status.to_owned()).increment(1);
+    metrics::counter!(crate::internal_events::names::COMMANDS_SETTLED_TOTAL, "status" => status.to_owned())
+        .increment(1);
     let stream = c.mesh.js().get_stream(c.queue_stream()).await.map_err(QueueError::Stream)?;
     // Already gone (another node settled it first) is fine.
     let _ = stream.delete_message(seq).await;

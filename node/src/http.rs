@@ -19,8 +19,8 @@
 //! <auth.admin_token>`.
 
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
+use crate::internal_events;
 use crate::shards::ShardContext;
-use crate::telemetry;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -105,7 +105,7 @@ struct IngestParams {
 /// An error answer: `{"error": "...", "reason": "..."}`.
 /// An error and its causes, outermost first: "a: b: c".
 fn refuse(status: StatusCode, reason: &'static str, message: impl std::fmt::Display) -> Response {
-    telemetry::rejected(Source::Http, reason, &message);
+    internal_events::rejected(Source::Http, reason, &message);
     (status, Json(json!({"error": message.to_string(), "reason": reason}))).into_response()
 }
 

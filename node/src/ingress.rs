@@ -151,13 +151,14 @@ struct IngressMetrics {
 
 impl IngressMetrics {
     fn new() -> Self {
-        let stored = |s: Source| metrics::counter!("fluxmesh_ingest_messages_total", "source" => s.as_str());
+        let stored =
+            |s: Source| metrics::counter!(crate::internal_events::names::INGEST_MESSAGES_TOTAL, "source" => s.as_str());
         IngressMetrics {
             stored_mqtt: stored(Source::Mqtt),
             stored_http: stored(Source::Http),
-            ingest_seconds: metrics::histogram!("fluxmesh_ingest_seconds"),
-            duplicates: metrics::counter!("fluxmesh_publish_duplicates_total"),
-            in_flight: metrics::gauge!("fluxmesh_publish_in_flight"),
+            ingest_seconds: metrics::histogram!(crate::internal_events::names::INGEST_SECONDS),
+            duplicates: metrics::counter!(crate::internal_events::names::PUBLISH_DUPLICATES_TOTAL),
+            in_flight: metrics::gauge!(crate::internal_events::names::PUBLISH_IN_FLIGHT),
         }
     }
 
@@ -340,7 +341,7 @@ impl Ingress {
         }
         let op = if payload.is_empty() { "clear" } else { "set" };
         let pending = self.mesh.publisher().publish(subject, headers, payload).await?;
-        metrics::counter!("fluxmesh_mqtt_retained_total", "op" => op).increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_RETAINED_TOTAL, "op" => op).increment(1);
         Ok(pending)
     }
 
@@ -353,7 +354,7 @@ impl Ingress {
         let ack = match result {
             Ok(ack) => ack,
             Err(e) => {
-                metrics::counter!("fluxmesh_ingest_failed_total", "source" => source.as_str(), "reason" => e.reason())
+                metrics::counter!(crate::internal_events::names::INGEST_FAILED_TOTAL, "source" => source.as_str(), "reason" => e.reason())
                     .increment(1);
                 return Err(e.into());
             }
@@ -392,7 +393,7 @@ impl Ingress {
             }
         };
         if let Err(e) = self.mesh.client().publish(json_subject, json.into()).await {
-            metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::JSON_MIRROR_FAILED_TOTAL).increment(1);
             tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "JSON mirror publish failed");
         }
     }

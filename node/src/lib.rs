@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod ingress;
+pub mod internal_events;
 pub mod limits;
 pub mod mqtt;
 pub mod node;
@@ -15,7 +16,6 @@ pub mod plugins;
 pub mod rules;
 pub mod shards;
 pub mod storage;
-pub mod telemetry;
 pub mod tls;
 
 pub use config::{Config, ConfigError};

@@ -92,7 +92,7 @@ impl Node {
         let node_id = config.node_id.clone();
         // Before anything opens TLS (NATS, MQTT): rustls needs one provider.
         crate::tls::install_provider();
-        let prometheus = crate::telemetry::prometheus();
+        let prometheus = crate::internal_events::prometheus();
         let ready = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();

@@ -23,7 +23,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 fn unauthorized(reason: &'static str, message: &str) -> Response {
-    metrics::counter!("fluxmesh_http_unauthorized_total", "reason" => reason).increment(1);
+    metrics::counter!(crate::internal_events::names::HTTP_UNAUTHORIZED_TOTAL, "reason" => reason).increment(1);
     let mut response = (StatusCode::UNAUTHORIZED, Json(json!({"error": message, "reason": reason}))).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     response
@@ -68,7 +68,7 @@ pub async fn ingest_grant(state: &AppState, headers: &HeaderMap, device: &str) -
         None => None,
         Some(Ok(Some(pair))) => Some(pair),
         Some(_) => {
-            metrics::counter!("fluxmesh_auth_attempts_total", "source" => "http", "result" => "malformed").increment(1);
+            metrics::counter!(crate::internal_events::names::AUTH_ATTEMPTS_TOTAL, "source" => "http", "result" => "malformed").increment(1);
             return Err(unauthorized("malformed_authorization", "Authorization: use Basic (device:secret) or Bearer"));
         }
     };

@@ -445,7 +445,8 @@ impl Authenticator {
             Ok(_) => "ok",
             Err(d) => d.reason(),
         };
-        metrics::counter!("fluxmesh_auth_attempts_total", "source" => source, "result" => outcome).increment(1);
+        metrics::counter!(crate::internal_events::names::AUTH_ATTEMPTS_TOTAL, "source" => source, "result" => outcome)
+            .increment(1);
         if let Err(denied) = &result {
             tracing::warn!(source, device, reason = denied.reason(), "device authentication failed");
             if *denied != Denied::Unavailable {

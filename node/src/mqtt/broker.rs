@@ -62,7 +62,7 @@ impl Message {
         let props = get(h::MQTT_PROPS).and_then(|v| match super::props::MessageProps::from_header(v) {
             Ok(p) => Some(p),
             Err(e) => {
-                metrics::counter!("fluxmesh_mqtt_feed_unreadable_total", "reason" => "properties").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_FEED_UNREADABLE_TOTAL, "reason" => "properties").increment(1);
                 tracing::debug!(%topic, error = %fluxmesh_mesh::error_chain(&e), "MQTT 5 properties of a stored message unreadable; sent without them");
                 None
             }
@@ -208,11 +208,11 @@ impl Broker {
             stop,
             tasks,
             metrics: BrokerMetrics {
-                read: metrics::counter!("fluxmesh_mqtt_feed_messages_total"),
-                queued: metrics::counter!("fluxmesh_mqtt_deliveries_queued_total"),
-                dropped: metrics::counter!("fluxmesh_mqtt_deliveries_dropped_total", "reason" => "queue_full"),
-                deferred: metrics::counter!("fluxmesh_mqtt_deliveries_deferred_total"),
-                subscriptions: metrics::gauge!("fluxmesh_mqtt_subscriptions"),
+                read: metrics::counter!(crate::internal_events::names::MQTT_FEED_MESSAGES_TOTAL),
+                queued: metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_QUEUED_TOTAL),
+                dropped: metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_DROPPED_TOTAL, "reason" => "queue_full"),
+                deferred: metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_DEFERRED_TOTAL),
+                subscriptions: metrics::gauge!(crate::internal_events::names::MQTT_SUBSCRIPTIONS),
             },
         })
     }
@@ -259,7 +259,7 @@ impl Broker {
                 return Ok(());
             }
             let Ok(topic) = self.mesh.subjects().mqtt_topic(&stored.subject) else {
-                metrics::counter!("fluxmesh_mqtt_feed_unreadable_total", "reason" => "retained_subject").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_FEED_UNREADABLE_TOTAL, "reason" => "retained_subject").increment(1);
                 return Ok(());
             };
             if found.len() >= limit {
@@ -277,7 +277,7 @@ impl Broker {
         .await;
         read.map_err(|source| FeedError::Retained { stream: name.clone(), source })?;
         if over > 0 {
-            metrics::counter!("fluxmesh_mqtt_deliveries_dropped_total", "reason" => "retained_over_queue")
+            metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_DROPPED_TOTAL, "reason" => "retained_over_queue")
                 .increment(over);
             tracing::warn!(%filter, over, limit, "more retained messages match than a session queue holds; the rest were not sent");
         }
@@ -418,7 +418,7 @@ impl Broker {
                 }
                 Err(e) => {
                     // The reader keeps its position and tries again.
-                    metrics::counter!("fluxmesh_mqtt_feed_failures_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_FEED_FAILURES_TOTAL).increment(1);
                     tracing::warn!(stream = %self.stream_of(feed), error = %fluxmesh_mesh::error_chain(&e),
                         "subscriber feed cannot read its stream; retrying");
                     tokio::select! {
@@ -440,7 +440,7 @@ impl Broker {
         scratch: &mut frame::AlignedVec,
     ) -> Option<Message> {
         let bad = |what: &'static str| {
-            metrics::counter!("fluxmesh_mqtt_feed_unreadable_total", "reason" => what).increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_FEED_UNREADABLE_TOTAL, "reason" => what).increment(1);
             tracing::debug!(subject = %stored.subject, what, "stored message not delivered to subscribers");
             None
         };

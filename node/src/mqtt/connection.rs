@@ -18,7 +18,7 @@ use super::Shared;
 use crate::auth::acl::Grant;
 use crate::auth::Denied;
 use crate::ingress::{IngestError, MqttPublish, Source};
-use crate::telemetry;
+use crate::internal_events;
 use bytes::{Bytes, BytesMut};
 use fluxmesh_schemas::{DeviceTopic, PlainTopic};
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -556,7 +556,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let loaded = match store.load(&self.client_id).await {
             Ok(loaded) => loaded,
             Err(SessionError::Corrupt { client, source }) => {
-                metrics::counter!("fluxmesh_mqtt_sessions_corrupt_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_CORRUPT_TOTAL).increment(1);
                 tracing::warn!(%client, error = %source, "stored session unreadable; starting a new one");
                 None
             }
@@ -609,7 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let Some(persist) = &mut self.persist else { return };
         if self.session_expiry == 0 {
             if let Err(e) = self.shared.session_store.discard(&self.client_id).await {
-                metrics::counter!("fluxmesh_mqtt_session_save_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVE_FAILED_TOTAL).increment(1);
                 tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "cannot forget an ended session");
             }
             return;
@@ -630,7 +630,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let subs = persist.record.subs.clone();
         let stored_opts = persist.record.opts.clone();
         let cursors = persist.record.cursors.clone();
-        metrics::counter!("fluxmesh_mqtt_sessions_resumed_total").increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_RESUMED_TOTAL).increment(1);
         let mut streams = std::collections::BTreeSet::new();
         for (filter, qos) in subs {
             let extra = stored_opts.get(&filter).copied().unwrap_or_default();
@@ -656,7 +656,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let end = match self.shared.broker.last_seq(&stream).await {
                 Ok(end) => end,
                 Err(e) => {
-                    metrics::counter!("fluxmesh_mqtt_replay_failed_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_REPLAY_FAILED_TOTAL).increment(1);
                     tracing::warn!(client = %self.client_id, %stream, error = %fluxmesh_mesh::error_chain(&e),
                         "cannot replay a stream for a resumed session; its missed messages are not sent");
                     continue;
@@ -678,7 +678,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Ok(Some(stored)) => stored,
             Ok(None) => return,
             Err(e) => {
-                metrics::counter!("fluxmesh_mqtt_replay_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_REPLAY_FAILED_TOTAL).increment(1);
                 tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e),
                     "a resumed session's replay failed; the rest of that stream's missed messages are not sent");
                 if let Some(replay) = self.replay.pop_front() {
@@ -707,7 +707,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             });
             match (message, granted) {
                 (Some(message), Some(granted)) => {
-                    metrics::counter!("fluxmesh_mqtt_replayed_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_REPLAYED_TOTAL).increment(1);
                     let qos = granted.min(message.qos);
                     let origin = Some((stream.clone(), seq));
                     self.ready.push_back(Outgoing {
@@ -763,7 +763,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.overflowed.remove(&stream);
             let start = self.written_live.get(&stream).map_or(first, |w| (w + 1).min(first));
             let end = self.shared.broker.position(&stream).unwrap_or(first).max(first);
-            metrics::counter!("fluxmesh_mqtt_catch_ups_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_CATCH_UPS_TOTAL).increment(1);
             tracing::debug!(client = %self.client_id, %stream, start, end, "subscriber fell behind; reading back from the stream");
             let floor = self.replay_floor.entry(stream.clone()).or_insert(end);
             *floor = (*floor).max(end);
@@ -840,10 +840,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Ok(seq) => {
                 persist.seq = Some(seq);
                 persist.subs_changed = false;
-                metrics::counter!("fluxmesh_mqtt_session_saves_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVES_TOTAL).increment(1);
             }
             Err(e) => {
-                metrics::counter!("fluxmesh_mqtt_session_save_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVE_FAILED_TOTAL).increment(1);
                 let level_debug = last;
                 if level_debug {
                     tracing::debug!(%client, error = %fluxmesh_mesh::error_chain(&e), "final session save refused (a newer session took over?)");
@@ -919,7 +919,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             };
             if let Some(error) = failed {
                 // The record stays: if this node dies, another publishes it.
-                metrics::counter!("fluxmesh_mqtt_will_publish_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_WILL_PUBLISH_FAILED_TOTAL).increment(1);
                 tracing::error!(client = %self.client_id, topic = %will.topic, %error, "cannot publish a will");
                 return;
             }
@@ -1106,7 +1106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             if let Some(limiter) = &self.limiter {
                 if let Err(wait) = limiter.check() {
-                    metrics::counter!("fluxmesh_ingest_throttled_total", "source" => "mqtt").increment(1);
+                    metrics::counter!(crate::internal_events::names::INGEST_THROTTLED_TOTAL, "source" => "mqtt")
+                        .increment(1);
                     self.throttled_until = Some(Instant::now() + wait);
                     return Ok(());
                 }
@@ -1121,7 +1122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Counts and logs an ACL refusal (the first on a connection at warn,
     /// the rest at debug, so a misbehaving device cannot flood the log).
     fn acl_denied(&mut self, action: &'static str, topic: &str) {
-        metrics::counter!("fluxmesh_acl_denied_total", "action" => action).increment(1);
+        metrics::counter!(crate::internal_events::names::ACL_DENIED_TOTAL, "action" => action).increment(1);
         self.denied += 1;
         if self.denied == 1 {
             tracing::warn!(client = %self.client_id, peer = %self.peer, action, topic, "refused by the device's ACL");
@@ -1146,7 +1147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
                 Err(codec::DecodeError::TooLarge(size)) => {
-                    telemetry::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
+                    internal_events::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
                     return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
                 }
                 Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
@@ -1307,7 +1308,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let verdict = if !valid_filter(&filter.path) || (shared.is_some() && filter.no_local) {
                 Err(reason::TOPIC_FILTER_INVALID)
             } else if denied {
-                metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "subscribe").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_DENIED_TOPICS_TOTAL, "action" => "subscribe")
+                    .increment(1);
                 tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
                 Err(reason::UNSPECIFIED)
             } else if !self.grant.may_subscribe(judged) {
@@ -1363,13 +1365,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let device = DeviceTopic::parse(&publish.topic).is_ok();
         let plain = !device && PlainTopic::parse(&publish.topic).is_ok();
         if self.topic_denied(&publish.topic) {
-            metrics::counter!("fluxmesh_mqtt_denied_topics_total", "action" => "publish").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_DENIED_TOPICS_TOTAL, "action" => "publish")
+                .increment(1);
             tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish refused by mqtt.deny_topics");
             self.pending.push_back(settled(reply, Outcome::Refused(reason::NOT_AUTHORIZED)));
             return Ok(());
         }
         if plain && !self.plain_allowed(&publish.topic) {
-            metrics::counter!("fluxmesh_ingest_rejected_total", "source" => "mqtt", "reason" => "plain_topic_off")
+            metrics::counter!(crate::internal_events::names::INGEST_REJECTED_TOTAL, "source" => "mqtt", "reason" => "plain_topic_off")
                 .increment(1);
             tracing::debug!(client = %self.client_id, topic = %publish.topic, "plain topic refused by mqtt.plain_topics");
             self.pending.push_back(settled(reply, Outcome::Refused(reason::TOPIC_NAME_INVALID)));
@@ -1384,7 +1387,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return Ok(());
         }
         if publish.props.as_ref().is_some_and(|p| p.payload_format_invalid(&publish.payload)) {
-            telemetry::rejected(Source::Mqtt, "payload_format", &"payload format 1 (UTF-8) but the payload is not");
+            internal_events::rejected(
+                Source::Mqtt,
+                "payload_format",
+                &"payload format 1 (UTF-8) but the payload is not",
+            );
             self.pending.push_back(settled(reply, Outcome::Refused(reason::PAYLOAD_FORMAT_INVALID)));
             return Ok(());
         }
@@ -1538,7 +1545,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 .then_some("too_large_for_client")
         });
         if let Some(why) = skip {
-            metrics::counter!("fluxmesh_mqtt_deliveries_skipped_total", "reason" => why).increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_SKIPPED_TOTAL, "reason" => why)
+                .increment(1);
             if let Some(share) = out.share {
                 self.shares_done.push(share);
             }
@@ -1567,7 +1575,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.shares_done.push(share);
         }
         self.codec.publish(&mut self.wbuf, publish);
-        metrics::counter!("fluxmesh_mqtt_deliveries_total", "qos" => qos_label(qos)).increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_TOTAL, "qos" => qos_label(qos)).increment(1);
     }
 
     /// Subscribes to `filter`; the QoS granted, or `None` if refused.
@@ -1607,7 +1615,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Err(e) => {
                 // The subscription stands; only its retained messages are
                 // missing, and the operator hears of it.
-                metrics::counter!("fluxmesh_mqtt_retained_read_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_RETAINED_READ_FAILED_TOTAL).increment(1);
                 tracing::warn!(client = %self.client_id, filter = %path, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
             }
         }
@@ -1628,7 +1636,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Some((group, inner)) = super::shared::parse(filter) {
             if let Err(e) = self.shared.shares.join(self.session_id, group, inner, qos as u8, outbox).await {
                 tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "shared subscription refused: its group cannot be read");
-                metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
                 return None;
             }
             self.share_subs.insert(filter.to_owned(), qos);
@@ -1637,7 +1645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let sub = Sub { qos: qos as u8, outbox, overflow: self.overflow.clone() };
         if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
             tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
-            metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
             return None;
         }
         // What the feeds handed out before now was not for this session.
@@ -1672,7 +1680,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Ok(end) => ends.push((stream, end)),
                 Err(e) => {
                     tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "subscriptions refused: their streams cannot be read");
-                    metrics::counter!("fluxmesh_mqtt_subscribe_failed_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
                     return false;
                 }
             }
@@ -1762,7 +1770,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
             }
             End::Protocol(reason, detail) => {
-                metrics::counter!("fluxmesh_mqtt_protocol_errors_total", "reason" => *reason).increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => *reason)
+                    .increment(1);
                 tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
             }
             End::Session(e) => {
@@ -1784,7 +1793,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             // Counted and logged by the authenticator.
             End::Denied(_) => {}
         }
-        metrics::counter!("fluxmesh_mqtt_disconnects_total", "reason" => end.reason()).increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_DISCONNECTS_TOTAL, "reason" => end.reason()).increment(1);
     }
 }
 
@@ -1801,7 +1810,7 @@ async fn wait_will_delay(shared: Arc<Shared>, client: String, session: u64, secs
     };
     shared.will_delay_over(&client, session);
     if !publish {
-        metrics::counter!("fluxmesh_mqtt_wills_cancelled_total").increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_WILLS_CANCELLED_TOTAL).increment(1);
         tracing::debug!(%client, "client connected again within its will delay; will not sent");
     }
     publish
@@ -1877,11 +1886,11 @@ async fn submit(
             }
         }),
         Err(e @ IngestError::Topic(_)) => {
-            telemetry::rejected(Source::Mqtt, e.reason(), &e);
+            internal_events::rejected(Source::Mqtt, e.reason(), &e);
             settled(reply, Outcome::Refused(reason::TOPIC_NAME_INVALID))
         }
         Err(e @ IngestError::TooLarge { .. }) => {
-            telemetry::rejected(Source::Mqtt, e.reason(), &e);
+            internal_events::rejected(Source::Mqtt, e.reason(), &e);
             settled(reply, Outcome::Refused(reason::QUOTA_EXCEEDED))
         }
         Err(e) => settled(reply, Outcome::Failed(e)),

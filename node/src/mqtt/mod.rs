@@ -228,7 +228,7 @@ impl SessionBus {
         let body = Announced { node: self.node_id.clone(), client_id: client_id.to_owned(), connected_us };
         let Ok(bytes) = serde_json::to_vec(&body) else { return };
         if let Err(e) = self.client.publish(self.subject(client_id), bytes.into()).await {
-            metrics::counter!("fluxmesh_mqtt_session_announce_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SESSION_ANNOUNCE_FAILED_TOTAL).increment(1);
             tracing::warn!(client = %client_id, error = %fluxmesh_mesh::error_chain(&e), "could not announce the session to other nodes");
         }
     }
@@ -251,7 +251,7 @@ async fn watch_sessions(shared: Arc<Shared>) {
             msg = sub.next() => match msg { Some(m) => m, None => return },
         };
         let Ok(a) = serde_json::from_slice::<Announced>(&msg.payload) else {
-            metrics::counter!("fluxmesh_mqtt_session_announce_bad_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SESSION_ANNOUNCE_BAD_TOTAL).increment(1);
             continue;
         };
         if a.node == bus.node_id {
@@ -439,7 +439,8 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
                     if let Some(Err(e)) = ended {
                         tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), resume_at = ?next, "device credentials watch failed; re-opening it");
                     }
-                    metrics::counter!("fluxmesh_mqtt_credentials_watch_restarts_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_CREDENTIALS_WATCH_RESTARTS_TOTAL)
+                        .increment(1);
                     break;
                 }
             };
@@ -451,7 +452,7 @@ async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
             // watch can deliver it after the device connected) ends nothing.
             if let Some(session) = sessions.get(&device).filter(|s| entry.revision > s.auth_revision) {
                 tracing::info!(%device, "device credentials changed; ending its session");
-                metrics::counter!("fluxmesh_mqtt_sessions_revoked_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_REVOKED_TOTAL).increment(1);
                 session.end_revoked();
             }
         }
@@ -519,7 +520,8 @@ async fn accept(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("fluxmesh_mqtt_refused_total", "reason" => "max_connections").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_REFUSED_TOTAL, "reason" => "max_connections")
+                .increment(1);
             tracing::warn!(%peer, max = shared.config.max_connections, "MQTT connection refused: too many connections");
             drop(socket);
             continue;
@@ -528,7 +530,7 @@ async fn accept(
         let shared = shared.clone();
         let tls = tls.clone();
         tasks.spawn(async move {
-            metrics::gauge!("fluxmesh_mqtt_connections").increment(1.0);
+            metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).increment(1.0);
             match tls {
                 None => serve_stream(socket, peer, transport, shared).await,
                 Some(acceptor) => {
@@ -536,17 +538,19 @@ async fn accept(
                     match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
                         Ok(Err(e)) => {
-                            metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
+                            metrics::counter!(crate::internal_events::names::MQTT_TLS_HANDSHAKE_FAILURES_TOTAL)
+                                .increment(1);
                             tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT TLS handshake failed");
                         }
                         Err(_) => {
-                            metrics::counter!("fluxmesh_mqtt_tls_handshake_failures_total").increment(1);
+                            metrics::counter!(crate::internal_events::names::MQTT_TLS_HANDSHAKE_FAILURES_TOTAL)
+                                .increment(1);
                             tracing::info!(%peer, "MQTT TLS handshake timed out");
                         }
                     }
                 }
             }
-            metrics::gauge!("fluxmesh_mqtt_connections").decrement(1.0);
+            metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).decrement(1.0);
             drop(slot);
         });
     }

@@ -61,7 +61,7 @@ impl ShareAck {
     /// The member has it.
     pub async fn done(&self) {
         if let Err(e) = self.0.ack().await {
-            metrics::counter!("fluxmesh_mqtt_shared_ack_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SHARED_ACK_FAILED_TOTAL).increment(1);
             tracing::debug!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot acknowledge a shared message; it will be sent again");
         }
     }
@@ -248,9 +248,9 @@ impl Shares {
             }
         }
         if handed {
-            metrics::counter!("fluxmesh_mqtt_shared_deliveries_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SHARED_DELIVERIES_TOTAL).increment(1);
         } else {
-            metrics::counter!("fluxmesh_mqtt_shared_given_back_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_SHARED_GIVEN_BACK_TOTAL).increment(1);
             ack.give_back().await;
         }
     }

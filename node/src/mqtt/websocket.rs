@@ -77,12 +77,12 @@ where
     let ws = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            metrics::counter!("fluxmesh_mqtt_ws_handshake_failures_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_WS_HANDSHAKE_FAILURES_TOTAL).increment(1);
             tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT WebSocket handshake failed");
             return;
         }
         Err(_) => {
-            metrics::counter!("fluxmesh_mqtt_ws_handshake_failures_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_WS_HANDSHAKE_FAILURES_TOTAL).increment(1);
             tracing::info!(%peer, "MQTT WebSocket handshake timed out");
             return;
         }
@@ -108,7 +108,7 @@ where
                     }
                 }
                 Some(Ok(Message::Text(_))) => {
-                    metrics::counter!("fluxmesh_mqtt_protocol_errors_total", "reason" => "ws_text_frame").increment(1);
+                    metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => "ws_text_frame").increment(1);
                     tracing::warn!(%peer, "MQTT WebSocket client sent a text message; closing");
                     break;
                 }

@@ -149,7 +149,7 @@ impl Wills {
     /// id if it was published already.
     pub async fn clear(&self, client: &str, seq: u64) {
         if let Err(e) = self.put(self.subject(client), Bytes::new(), Some(seq)).await {
-            metrics::counter!("fluxmesh_mqtt_will_clear_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_WILL_CLEAR_FAILED_TOTAL).increment(1);
             tracing::debug!(%client, error = %fluxmesh_mesh::error_chain(&e),
                 "will record not cleared (replaced by a newer session, or NATS unreachable)");
         }
@@ -185,7 +185,7 @@ impl Wills {
         };
         let sent = self.ingress.submit_mqtt(publish).await.map_err(WillError::Publish)?;
         self.ingress.stored_mqtt(sent).await.map_err(WillError::Publish)?;
-        metrics::counter!("fluxmesh_mqtt_wills_published_total", "why" => why).increment(1);
+        metrics::counter!(crate::internal_events::names::MQTT_WILLS_PUBLISHED_TOTAL, "why" => why).increment(1);
         tracing::debug!(%client, topic = %will.topic, why, "will published");
         Ok(())
     }
@@ -205,7 +205,7 @@ impl Wills {
                 return Ok(());
             }
             let Ok((node, incarnation, client)) = subjects.parse_will(&stored.subject) else {
-                metrics::counter!("fluxmesh_mqtt_will_records_bad_total").increment(1);
+                metrics::counter!(crate::internal_events::names::MQTT_WILL_RECORDS_BAD_TOTAL).increment(1);
                 return Ok(());
             };
             if view.live.get(&node).is_some_and(|m| m.incarnation == incarnation) {
@@ -214,7 +214,7 @@ impl Wills {
             let seq = stored.info().map_err(|e| e.to_string())?.stream_sequence;
             match Will::decode(&stored.payload) {
                 Some(will) => found.push((stored.subject.to_string(), seq, client, will)),
-                None => metrics::counter!("fluxmesh_mqtt_will_records_bad_total").increment(1),
+                None => metrics::counter!(crate::internal_events::names::MQTT_WILL_RECORDS_BAD_TOTAL).increment(1),
             }
             Ok(())
         })
@@ -281,7 +281,7 @@ async fn sweep_logged(wills: &Wills, view: &View, node: Option<&str>) {
         Ok(0) => {}
         Ok(n) => tracing::info!(node = node.unwrap_or("any"), published = n, "published the wills of a node that left"),
         Err(e) => {
-            metrics::counter!("fluxmesh_mqtt_will_sweep_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::MQTT_WILL_SWEEP_FAILED_TOTAL).increment(1);
             tracing::warn!(node = node.unwrap_or("any"), error = %fluxmesh_mesh::error_chain(&e),
                 "cannot publish the wills of a node that left; the next node to start will");
         }

@@ -36,7 +36,7 @@ impl From<PluginsError> for ApiError {
             | PluginsError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             PluginsError::BadName { .. } | PluginsError::Invalid(_) => {
-                metrics::counter!("fluxmesh_plugin_uploads_refused_total").increment(1);
+                metrics::counter!(crate::internal_events::names::PLUGIN_UPLOADS_REFUSED_TOTAL).increment(1);
                 StatusCode::BAD_REQUEST
             }
         };

@@ -195,10 +195,10 @@ impl Plugins {
                     // Compiled already: a re-created watch replays every
                     // stored module.
                 } else if let Err(e) = self.load(&info.name).await {
-                    metrics::counter!("fluxmesh_plugin_load_errors_total").increment(1);
+                    metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
                     tracing::warn!(plugin = %info.name, error = %fluxmesh_mesh::error_chain(&e), "stored plugin not loaded");
                 }
-                metrics::gauge!("fluxmesh_plugins_loaded").set(self.read().len() as f64);
+                metrics::gauge!(crate::internal_events::names::PLUGINS_LOADED).set(self.read().len() as f64);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -289,9 +289,9 @@ impl PluginCaller for Plugins {
             .ok_or_else(|| PluginCallError::NotLoaded(name.to_owned()))?;
         let started = std::time::Instant::now();
         let result = plugin.call(input);
-        metrics::histogram!("fluxmesh_plugin_call_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::internal_events::names::PLUGIN_CALL_SECONDS).record(started.elapsed().as_secs_f64());
         result.map_err(|e: CallError| {
-            metrics::counter!("fluxmesh_plugin_errors_total", "plugin" => name.to_owned(), "reason" => e.reason())
+            metrics::counter!(crate::internal_events::names::PLUGIN_ERRORS_TOTAL, "plugin" => name.to_owned(), "reason" => e.reason())
                 .increment(1);
             PluginCallError::Failed { name: name.to_owned(), source: e }
         })

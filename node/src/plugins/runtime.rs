@@ -182,11 +182,12 @@ impl Compiled {
         let pooled = self.pool().pop();
         let mut warm = match pooled {
             Some(w) => {
-                metrics::counter!("fluxmesh_plugin_pool_hits_total", "plugin" => self.name.clone()).increment(1);
+                metrics::counter!(crate::internal_events::names::PLUGIN_POOL_HITS_TOTAL, "plugin" => self.name.clone())
+                    .increment(1);
                 w
             }
             None => {
-                metrics::counter!("fluxmesh_plugin_pool_misses_total", "plugin" => self.name.clone()).increment(1);
+                metrics::counter!(crate::internal_events::names::PLUGIN_POOL_MISSES_TOTAL, "plugin" => self.name.clone()).increment(1);
                 self.instantiate()?
             }
         };

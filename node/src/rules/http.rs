@@ -36,14 +36,14 @@ fn rules(state: &AppState) -> Result<Arc<Rules>, ApiError> {
 fn refused(e: RulesError) -> ApiError {
     match e {
         RulesError::Invalid(RuleError::Compile(c)) => {
-            metrics::counter!("fluxmesh_rule_uploads_refused_total").increment(1);
+            metrics::counter!(crate::internal_events::names::RULE_UPLOADS_REFUSED_TOTAL).increment(1);
             ApiError(
                 StatusCode::BAD_REQUEST,
                 json!({"error": format!("script does not compile: {}", c.message), "line": c.line, "column": c.column}),
             )
         }
         RulesError::Invalid(e) => {
-            metrics::counter!("fluxmesh_rule_uploads_refused_total").increment(1);
+            metrics::counter!(crate::internal_events::names::RULE_UPLOADS_REFUSED_TOTAL).increment(1);
             ApiError::new(StatusCode::BAD_REQUEST, e)
         }
         e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, fluxmesh_mesh::error_chain(&e)),

@@ -300,7 +300,7 @@ impl Rules {
                     revision: compiled.values().map(|(revision, _)| *revision).max().unwrap_or(0),
                 };
                 tracing::info!(rules = set.rules.len(), revision = set.revision, "rules loaded");
-                metrics::gauge!("fluxmesh_rules_active").set(set.rules.len() as f64);
+                metrics::gauge!(crate::internal_events::names::RULES_ACTIVE).set(set.rules.len() as f64);
                 if tx.send(Arc::new(set)).is_err() {
                     return;
                 }
@@ -374,7 +374,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
             return None;
         }
         Err(e) => {
-            metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
+            metrics::counter!(crate::internal_events::names::RULE_LOAD_ERRORS_TOTAL).increment(1);
             tracing::warn!(key = %entry.key, error = %fluxmesh_mesh::error_chain(&e), "unreadable rule in the bucket; ignored");
             return None;
         }
@@ -385,7 +385,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
     let id = spec.id.clone();
     compile(engine, cfg, spec)
         .map_err(|e| {
-            metrics::counter!("fluxmesh_rule_load_errors_total").increment(1);
+            metrics::counter!(crate::internal_events::names::RULE_LOAD_ERRORS_TOTAL).increment(1);
             tracing::warn!(rule = %id, error = %fluxmesh_mesh::error_chain(&e), "stored rule refused; not running it");
         })
         .ok()

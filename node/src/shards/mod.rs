@@ -93,7 +93,7 @@ impl ShardContext {
         let Some(mirror) = subjects.json_mirror(&subject) else { return };
         let json = fluxmesh_schemas::json::to_vec(view.get());
         if self.mesh.client().publish(mirror, json.into()).await.is_err() {
-            metrics::counter!("fluxmesh_json_mirror_failed_total").increment(1);
+            metrics::counter!(crate::internal_events::names::JSON_MIRROR_FAILED_TOTAL).increment(1);
         }
     }
 }

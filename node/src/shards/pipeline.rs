@@ -98,7 +98,7 @@ impl Pipeline {
                     break;
                 }
             }
-            metrics::histogram!("fluxmesh_rules_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::internal_events::names::RULES_SECONDS).record(started.elapsed().as_secs_f64());
             if dropped {
                 st.last_stream_seq = stream_seq;
                 st.dropped += 1;
@@ -117,12 +117,12 @@ impl Pipeline {
                 if !fields.is_empty() {
                     let t = frame.device_time_us().unwrap_or(frame.received_time_us.to_native());
                     let update = st.windows.update(&self.aggregation, channel, &fields, t);
-                    metrics::counter!("fluxmesh_agg_updates_total").increment(update.added);
+                    metrics::counter!(crate::internal_events::names::AGG_UPDATES_TOTAL).increment(update.added);
                     if update.late > 0 {
-                        metrics::counter!("fluxmesh_agg_late_total").increment(update.late);
+                        metrics::counter!(crate::internal_events::names::AGG_LATE_TOTAL).increment(update.late);
                     }
                     if update.overflow > 0 {
-                        metrics::counter!("fluxmesh_agg_overflow_total").increment(update.overflow);
+                        metrics::counter!(crate::internal_events::names::AGG_OVERFLOW_TOTAL).increment(update.overflow);
                     }
                     for w in update.closed {
                         let seq = st.next_seq(Kind::Aggregate);
@@ -156,7 +156,7 @@ impl Pipeline {
         let actions = match result {
             Ok(actions) => actions,
             Err(e) => {
-                metrics::counter!("fluxmesh_rule_errors_total", "rule" => rule.spec.id.clone(), "reason" => e.reason())
+                metrics::counter!(crate::internal_events::names::RULE_ERRORS_TOTAL, "rule" => rule.spec.id.clone(), "reason" => e.reason())
                     .increment(1);
                 tracing::debug!(rule = %rule.spec.id, input = %input_id, error = %fluxmesh_mesh::error_chain(&e), "rule failed");
                 let seq = st.next_seq(Kind::Error);

@@ -101,7 +101,7 @@ pub async fn run(ctx: &ShardContext, mut owned: OwnedShard, stop: &CancellationT
     let shard = owned.shard();
     let loaded = owned.take_loaded();
     if loaded.unreadable > 0 {
-        metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "bad_checkpoint")
+        metrics::counter!(crate::internal_events::names::SHARD_BAD_MESSAGES_TOTAL, "reason" => "bad_checkpoint")
             .increment(loaded.unreadable);
     }
     let mut states = HashMap::with_capacity(loaded.states.len());
@@ -109,7 +109,7 @@ pub async fn run(ctx: &ShardContext, mut owned: OwnedShard, stop: &CancellationT
         let state = serde_json::from_value::<DeviceState>(value).unwrap_or_else(|e| {
             // Start that device afresh; its next checkpoint replaces the
             // unreadable one.
-            metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "bad_checkpoint").increment(1);
+            metrics::counter!(crate::internal_events::names::SHARD_BAD_MESSAGES_TOTAL, "reason" => "bad_checkpoint").increment(1);
             tracing::warn!(shard, device = %device, error = %fluxmesh_mesh::error_chain(&e), "unreadable device checkpoint; starting it afresh");
             DeviceState::new(&device)
         });
@@ -163,8 +163,8 @@ async fn consume(
         }
         let took = Instant::now();
         process(ctx, owned.shard(), &batch, p, &mut scratch).await?;
-        metrics::counter!("fluxmesh_shard_messages_total").increment(batch.len() as u64);
-        metrics::histogram!("fluxmesh_shard_batch_seconds").record(took.elapsed().as_secs_f64());
+        metrics::counter!(crate::internal_events::names::SHARD_MESSAGES_TOTAL).increment(batch.len() as u64);
+        metrics::histogram!(crate::internal_events::names::SHARD_BATCH_SECONDS).record(took.elapsed().as_secs_f64());
         owned.report_lag();
         if Instant::now() >= checkpoint_at {
             checkpoint(ctx, owned, p, stop).await?;
@@ -193,20 +193,20 @@ async fn checkpoint(
     // Fenced here if the lease is no longer ours.
     let changed = p.dirty.iter().filter_map(|d| p.states.get(d).map(|s| (d.as_str(), s)));
     owned.checkpoint(p.applied, changed).await?;
-    metrics::counter!("fluxmesh_shard_checkpoint_writes_total").increment(1);
-    metrics::counter!("fluxmesh_shard_checkpoint_devices_total").increment(p.dirty.len() as u64);
+    metrics::counter!(crate::internal_events::names::SHARD_CHECKPOINT_WRITES_TOTAL).increment(1);
+    metrics::counter!(crate::internal_events::names::SHARD_CHECKPOINT_DEVICES_TOTAL).increment(p.dirty.len() as u64);
     p.dirty.clear();
     if owned.wants_snapshot() {
         snapshot(owned, p).await?;
     }
-    metrics::histogram!("fluxmesh_shard_checkpoint_seconds").record(took.elapsed().as_secs_f64());
+    metrics::histogram!(crate::internal_events::names::SHARD_CHECKPOINT_SECONDS).record(took.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// Writes every device's state again and drops the log before it.
 async fn snapshot(owned: &mut OwnedShard, p: &Progress) -> Result<(), WorkerError> {
     owned.snapshot(p.states.iter().map(|(d, s)| (d.as_str(), s))).await?;
-    metrics::counter!("fluxmesh_shard_checkpoint_snapshots_total").increment(1);
+    metrics::counter!(crate::internal_events::names::SHARD_CHECKPOINT_SNAPSHOTS_TOTAL).increment(1);
     Ok(())
 }
 
@@ -235,7 +235,7 @@ async fn wait_commits(
         _ = tokio::time::sleep(limit) => Err(WorkerError::CommitTimeout(limit)),
         _ = stopping => Err(WorkerError::CommitStopped),
     };
-    metrics::histogram!("fluxmesh_shard_commit_wait_seconds").record(took.elapsed().as_secs_f64());
+    metrics::histogram!(crate::internal_events::names::SHARD_COMMIT_WAIT_SECONDS).record(took.elapsed().as_secs_f64());
     result
 }
 
@@ -260,7 +260,8 @@ async fn process(
             Ok(f) => f,
             Err(e) => {
                 // Counted and passed: a corrupt frame must not block its shard.
-                metrics::counter!("fluxmesh_shard_bad_messages_total", "reason" => "corrupt_frame").increment(1);
+                metrics::counter!(crate::internal_events::names::SHARD_BAD_MESSAGES_TOTAL, "reason" => "corrupt_frame")
+                    .increment(1);
                 tracing::warn!(shard, stream_seq, subject = %m.subject, error = %fluxmesh_mesh::error_chain(&e), "corrupt frame skipped");
                 continue;
             }
@@ -271,7 +272,9 @@ async fn process(
         }
         let Some(state) = p.states.get_mut(device) else { continue };
         match ctx.pipeline.process(&rules, state, frame, stream_seq, &mut outputs) {
-            Processed::Skipped => metrics::counter!("fluxmesh_shard_redeliveries_skipped_total").increment(1),
+            Processed::Skipped => {
+                metrics::counter!(crate::internal_events::names::SHARD_REDELIVERIES_SKIPPED_TOTAL).increment(1)
+            }
             Processed::Applied => {
                 p.dirty.insert(device.to_owned());
                 if ctx.storage.is_some() {
@@ -279,7 +282,7 @@ async fn process(
                 }
             }
             Processed::Dropped => {
-                metrics::counter!("fluxmesh_rule_dropped_total").increment(1);
+                metrics::counter!(crate::internal_events::names::RULE_DROPPED_TOTAL).increment(1);
                 p.dirty.insert(device.to_owned());
             }
         }
@@ -298,7 +301,8 @@ async fn process(
         p.map_err(WorkerError::Output)?;
     }
     for frame in frames {
-        metrics::counter!("fluxmesh_derived_frames_total", "kind" => frame.kind().as_str()).increment(1);
+        metrics::counter!(crate::internal_events::names::DERIVED_FRAMES_TOTAL, "kind" => frame.kind().as_str())
+            .increment(1);
     }
     if ctx.mirror_events {
         for frame in frames {
@@ -346,7 +350,7 @@ async fn send_command(ctx: &ShardContext, command: RuleCommand) {
                 "no_answer".to_owned()
             }
         };
-        metrics::counter!("fluxmesh_rule_commands_total", "status" => status).increment(1);
+        metrics::counter!(crate::internal_events::names::RULE_COMMANDS_TOTAL, "status" => status).increment(1);
         drop(slot);
     });
 }

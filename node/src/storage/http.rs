@@ -65,7 +65,8 @@ struct Page {
 }
 
 fn bad(param: &str, message: impl std::fmt::Display) -> ApiError {
-    metrics::counter!("fluxmesh_history_bad_requests_total", "param" => param.to_owned()).increment(1);
+    metrics::counter!(crate::internal_events::names::HISTORY_BAD_REQUESTS_TOTAL, "param" => param.to_owned())
+        .increment(1);
     ApiError(
         StatusCode::BAD_REQUEST,
         json!({"error": format!("{param}: {message}"), "reason": "bad_query", "param": param}),
@@ -202,7 +203,7 @@ async fn run(
     params.push(&page.limit);
     storage.reads.query(sql, &params).await.map_err(|e| {
         tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "history read failed");
-        metrics::counter!("fluxmesh_history_read_errors_total").increment(1);
+        metrics::counter!(crate::internal_events::names::HISTORY_READ_ERRORS_TOTAL).increment(1);
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": format!("history is not readable now: {}", fluxmesh_mesh::error_chain(&e)), "reason": "storage_unavailable"}),

@@ -112,7 +112,7 @@ impl Server {
     fn record_pool(&self, role: &'static str) {
         let status = self.pool.status();
         for (state, value) in [("size", status.size), ("available", status.available), ("waiting", status.waiting)] {
-            metrics::gauge!("fluxmesh_pg_pool_connections", "server" => self.name.clone(), "role" => role, "state" => state)
+            metrics::gauge!(crate::internal_events::names::PG_POOL_CONNECTIONS, "server" => self.name.clone(), "role" => role, "state" => state)
                 .set(value as f64);
         }
     }
@@ -181,22 +181,24 @@ impl Reads {
         if let Some(replica) = self.pick() {
             match replica.server.query(sql, params, self.timeout).await {
                 Ok(rows) => {
-                    metrics::counter!("fluxmesh_pg_reads_total", "target" => "replica").increment(1);
+                    metrics::counter!(crate::internal_events::names::PG_READS_TOTAL, "target" => "replica")
+                        .increment(1);
                     return Ok((rows, Source::Replica(replica.server.name.clone())));
                 }
                 Err(e) if e.is_transient() => {
                     // Until its next check passes.
                     replica.usable.store(false, Ordering::Release);
-                    metrics::counter!("fluxmesh_pg_read_fallbacks_total", "reason" => "replica_failed").increment(1);
+                    metrics::counter!(crate::internal_events::names::PG_READ_FALLBACKS_TOTAL, "reason" => "replica_failed").increment(1);
                     tracing::warn!(replica = %replica.server.name, error = %fluxmesh_mesh::error_chain(&e), "replica read failed; reading from the primary");
                 }
                 Err(e) => return Err(e),
             }
         } else if !self.replicas.is_empty() {
-            metrics::counter!("fluxmesh_pg_read_fallbacks_total", "reason" => "no_usable_replica").increment(1);
+            metrics::counter!(crate::internal_events::names::PG_READ_FALLBACKS_TOTAL, "reason" => "no_usable_replica")
+                .increment(1);
         }
         let rows = self.primary.query(sql, params, self.timeout).await?;
-        metrics::counter!("fluxmesh_pg_reads_total", "target" => "primary").increment(1);
+        metrics::counter!(crate::internal_events::names::PG_READS_TOTAL, "target" => "primary").increment(1);
         Ok((rows, Source::Primary))
     }
 
@@ -264,9 +266,13 @@ impl Reads {
         replica.lag_us.store(lag_us, Ordering::Relaxed);
         let name = replica.server.name.clone();
         if let Some(s) = lag {
-            metrics::gauge!("fluxmesh_pg_replica_lag_seconds", "server" => name.clone()).set(s);
+            metrics::gauge!(crate::internal_events::names::PG_REPLICA_LAG_SECONDS, "server" => name.clone()).set(s);
         }
-        metrics::gauge!("fluxmesh_pg_replica_usable", "server" => name.clone()).set(if usable { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::internal_events::names::PG_REPLICA_USABLE, "server" => name.clone()).set(if usable {
+            1.0
+        } else {
+            0.0
+        });
         if was != usable {
             match lag {
                 Some(s) if usable => tracing::info!(replica = %name, lag_s = s, "replica usable for reads"),

@@ -205,7 +205,8 @@ impl Maintenance {
                 if let Ok(mut known) = self.known.lock() {
                     known.remove(&(table, day));
                 }
-                metrics::counter!("fluxmesh_pg_partitions_dropped_total", "table" => table.name()).increment(1);
+                metrics::counter!(crate::internal_events::names::PG_PARTITIONS_DROPPED_TOTAL, "table" => table.name())
+                    .increment(1);
                 tracing::info!(partition = %name, "partition past retention dropped");
             }
         }
@@ -229,7 +230,7 @@ pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration
         }
         .await;
         if let Err(e) = result {
-            metrics::counter!("fluxmesh_pg_maintenance_errors_total").increment(1);
+            metrics::counter!(crate::internal_events::names::PG_MAINTENANCE_ERRORS_TOTAL).increment(1);
             tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "partition maintenance failed; next try in {every:?}");
         }
     }

@@ -252,7 +252,8 @@ impl Writer {
     pub async fn submit(&self, rows: Rows) -> Result<Commit, WriteError> {
         let (done, commit) = oneshot::channel();
         self.tx.send(Request { rows, done, queued: Instant::now() }).await.map_err(|_| WriteError::Stopped)?;
-        metrics::gauge!("fluxmesh_pg_writer_queue").set((self.tx.max_capacity() - self.tx.capacity()) as f64);
+        metrics::gauge!(crate::internal_events::names::PG_WRITER_QUEUE)
+            .set((self.tx.max_capacity() - self.tx.capacity()) as f64);
         Ok(Commit(commit))
     }
 }
@@ -313,7 +314,7 @@ impl Task {
                     rows += r.rows.len();
                     group.push(r);
                 }
-                metrics::gauge!("fluxmesh_pg_writer_queue").set(rx.len() as f64);
+                metrics::gauge!(crate::internal_events::names::PG_WRITER_QUEUE).set(rx.len() as f64);
             }
             // A worker that gave up resends its rows after its restart.
             group.retain(|r| !r.done.is_closed());
@@ -335,7 +336,8 @@ impl Task {
                 );
                 break;
             }
-            metrics::histogram!("fluxmesh_pg_write_lag_seconds").record(oldest.elapsed().as_secs_f64());
+            metrics::histogram!(crate::internal_events::names::PG_WRITE_LAG_SECONDS)
+                .record(oldest.elapsed().as_secs_f64());
             for done in senders {
                 let _ = done.send(());
             }
@@ -359,13 +361,15 @@ impl Task {
             };
             match result {
                 Ok(()) => {
-                    metrics::histogram!("fluxmesh_pg_batch_seconds").record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("fluxmesh_pg_batch_rows").record(rows.len() as f64);
+                    metrics::histogram!(crate::internal_events::names::PG_BATCH_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(crate::internal_events::names::PG_BATCH_ROWS).record(rows.len() as f64);
                     return true;
                 }
                 Err(e) => {
                     let kind = classify(&e);
-                    metrics::counter!("fluxmesh_pg_write_errors_total", "kind" => kind).increment(1);
+                    metrics::counter!(crate::internal_events::names::PG_WRITE_ERRORS_TOTAL, "kind" => kind)
+                        .increment(1);
                     match kind {
                         "duplicate" if !on_conflict => {
                             on_conflict = true;
@@ -404,7 +408,7 @@ impl Task {
                 Err(e) if classify(&e) == "data" => {
                     if rows.len() <= 1 {
                         tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "a row's JSON was refused; stored as bytes");
-                        metrics::counter!("fluxmesh_pg_rows_raw_fallback_total").increment(1);
+                        metrics::counter!(crate::internal_events::names::PG_ROWS_RAW_FALLBACK_TOTAL).increment(1);
                         return self.write(&rows, true, true).await;
                     }
                     let (a, b) = rows.halves();
@@ -532,10 +536,11 @@ impl Task {
         let sent = [rows.telemetry.len(), rows.events.len(), rows.aggregates.len()];
         for (i, table) in Table::ALL.iter().enumerate() {
             if sent[i] > 0 {
-                metrics::counter!("fluxmesh_pg_rows_written_total", "table" => table.name()).increment(inserted[i]);
+                metrics::counter!(crate::internal_events::names::PG_ROWS_WRITTEN_TOTAL, "table" => table.name())
+                    .increment(inserted[i]);
                 let duplicates = (sent[i] as u64).saturating_sub(inserted[i]);
                 if duplicates > 0 {
-                    metrics::counter!("fluxmesh_pg_rows_duplicate_total", "table" => table.name())
+                    metrics::counter!(crate::internal_events::names::PG_ROWS_DUPLICATE_TOTAL, "table" => table.name())
                         .increment(duplicates);
                 }
             }
@@ -563,7 +568,7 @@ impl Task {
             expired += before - rows.aggregates.len();
         }
         if expired > 0 {
-            metrics::counter!("fluxmesh_pg_rows_expired_total").increment(expired as u64);
+            metrics::counter!(crate::internal_events::names::PG_ROWS_EXPIRED_TOTAL).increment(expired as u64);
             tracing::debug!(expired, "rows past retention not stored");
         }
     }

@@ -1,0 +1,171 @@
+//! The node's own metrics and logs. Metric names are part of fluxmesh's
+//! interface: they live in [`names`] (and the mesh layer's in
+//! `fluxmesh_mesh::metric_names`), and README.md lists them.
+
+pub mod names;
+
+use crate::ingress::Source;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use names::Kind;
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its
+/// handle. Several nodes in one process (tests) share it. `None` if another
+/// recorder was installed first.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &buckets)
+                .map_err(|e| tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "bad histogram buckets"))
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "cannot install the metrics recorder; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Describes every metric the node and its mesh layer emit.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    for m in fluxmesh_mesh::metric_names::ALL.iter().chain(names::ALL) {
+        match m.kind {
+            Kind::Counter => describe_counter!(m.name, m.help),
+            Kind::Gauge => describe_gauge!(m.name, m.help),
+            Kind::Histogram if m.name.ends_with("_seconds") => describe_histogram!(m.name, Unit::Seconds, m.help),
+            Kind::Histogram => describe_histogram!(m.name, Unit::Count, m.help),
+        }
+    }
+}
+
+/// Counts and logs a refused device message.
+pub fn rejected(source: Source, reason: &'static str, detail: &dyn std::fmt::Display) {
+    let source = source.as_str();
+    metrics::counter!(names::INGEST_REJECTED_TOTAL, "source" => source, "reason" => reason).increment(1);
+    tracing::debug!(source, reason, %detail, "rejected device message");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names::{Kind, Metric};
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+
+    fn all() -> Vec<&'static Metric> {
+        fluxmesh_mesh::metric_names::ALL.iter().chain(super::names::ALL).collect()
+    }
+
+    /// The metric names in README.md's tables (rows that start with one).
+    fn documented() -> BTreeSet<String> {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README");
+        let mut out = BTreeSet::new();
+        for row in readme.lines().filter(|l| l.starts_with("| `fluxmesh_")) {
+            let first = row.trim_start_matches('|').split('|').next().unwrap_or_default();
+            for part in first.split('`').skip(1).step_by(2) {
+                let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                out.insert(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_is_named_once_described_and_well_formed() {
+        let mut seen = BTreeSet::new();
+        for m in all() {
+            assert!(seen.insert(m.name), "{} is registered twice", m.name);
+            assert!(m.name.starts_with("fluxmesh_"), "{}", m.name);
+            assert!(m.help.len() > 10, "{} has no real description", m.name);
+            match m.kind {
+                Kind::Counter => assert!(m.name.ends_with("_total"), "counter {} must end in _total", m.name),
+                Kind::Histogram => assert!(
+                    m.name.ends_with("_seconds") || m.name.ends_with("_rows"),
+                    "histogram {} must end in its unit (_seconds, _rows)",
+                    m.name
+                ),
+                Kind::Gauge => assert!(!m.name.ends_with("_total"), "gauge {} must not end in _total", m.name),
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_lists_every_metric_and_no_other() {
+        let registered: BTreeSet<String> = all().iter().map(|m| m.name.to_owned()).collect();
+        let documented = documented();
+        let missing: Vec<_> = registered.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&registered).collect();
+        assert!(missing.is_empty(), "emitted but not in README.md's metrics tables: {missing:?}");
+        assert!(stale.is_empty(), "in README.md's metrics tables but never emitted: {stale:?}");
+    }
+
+    /// The string literals on `line` that look like a metric name:
+    /// `"fluxmesh_` then lower-case letters, digits and `_`, then `"`.
+    fn name_literals(line: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in line.match_indices("\"fluxmesh_") {
+            let rest = &line[i + 1..];
+            let len =
+                rest.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
+            if len > "fluxmesh_".len() && rest[len..].starts_with('"') {
+                out.push(rest[..len].to_owned());
+            }
+        }
+        out
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("source dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Every metric is emitted through a registered name: a literal
+    /// `"fluxmesh_…"` anywhere else in the node or mesh sources would be a
+    /// metric nobody described or documented.
+    #[test]
+    fn metrics_are_emitted_only_through_registered_names() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        rust_files(&root.join("src"), &mut files);
+        rust_files(&root.join("../mesh/src"), &mut files);
+        let registries = ["internal_events/names.rs", "metric_names.rs"];
+        // Not a metric: the table Postgres migrations are recorded in.
+        let allowed = ["fluxmesh_schema_history"];
+        let mut literals = Vec::new();
+        for file in files {
+            let path = file.to_string_lossy().replace('\\', "/");
+            if registries.iter().any(|r| path.ends_with(r)) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).expect("source file");
+            for (n, line) in text.lines().enumerate() {
+                for name in name_literals(line) {
+                    if !allowed.contains(&name.as_str()) {
+                        literals.push(format!("{path}:{}: {name}", n + 1));
+                    }
+                }
+            }
+        }
+        assert!(literals.is_empty(), "metric names outside the registries:\n{}", literals.join("\n"));
+    }
+}
