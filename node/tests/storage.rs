@@ -1,4 +1,4 @@
-//! Postgres history (DESIGN §6) against a real primary and a real hot
+//! Postgres history against a real primary and a real hot
 //! standby (`pg_basebackup -R`), started by the testkit: rows are written on
 //! the primary and read from the standby; with the standby's replay paused
 //! reads fall back to the primary; a primary crash during load loses and

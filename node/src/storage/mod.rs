@@ -1,4 +1,4 @@
-//! History in PostgreSQL (DESIGN §6): writes on the primary, reads on
+//! History in PostgreSQL: writes on the primary, reads on
 //! replicas.
 //!
 //! - [`schema`]: embedded migrations, run once per cluster under an advisory
