@@ -152,9 +152,9 @@ pub async fn start(
     let requests = subscribe(format!("{prefix}.cmd.>")).await?;
     let locate = subscribe(format!("{prefix}.sessq.>")).await?;
     let deliver = subscribe(format!("{prefix}.node.{}.deliver", escape(&commands.node_id))).await?;
-    tasks.spawn(serve_requests(commands.clone(), requests, stop.clone()));
+    tasks.spawn(serve_requests(commands.clone(), requests, stop.clone(), tasks.clone()));
     tasks.spawn(serve_locate(commands.clone(), locate, stop.clone()));
-    tasks.spawn(serve_deliver(commands.clone(), deliver, stop.clone()));
+    tasks.spawn(serve_deliver(commands.clone(), deliver, stop.clone(), tasks.clone()));
     tasks.spawn(drain_ready(commands, cmd_ready, stop));
     Ok(())
 }
@@ -175,7 +175,12 @@ async fn reply(client: &async_nats::Client, to: Option<async_nats::Subject>, bod
 }
 
 /// Handles `{prefix}.cmd.{device}` requests for the shards this node owns.
-async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+async fn serve_requests(
+    c: Arc<Commands>,
+    mut sub: async_nats::Subscriber,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
     // Bounded: at most this many commands in progress on this node.
     let slots = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
@@ -193,7 +198,9 @@ async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop:
         }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let c = c.clone();
-        tokio::spawn(async move {
+        // Tracked: the node's shutdown waits for it (bounded by the
+        // delivery timeout).
+        tasks.spawn(async move {
             let answer = handle(&c, &device, msg.payload.clone(), msg.headers.as_ref()).await;
             let status = answer["status"].as_str().unwrap_or("?").to_owned();
             metrics::counter!(crate::internal_events::names::COMMANDS_TOTAL, "status" => status).increment(1);
@@ -311,7 +318,9 @@ async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: C
 }
 
 /// Writes forwarded commands to local sessions.
-async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken, tasks: TaskTracker) {
+    // Bounded like requests: at most this many deliveries in progress.
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return,
@@ -320,13 +329,15 @@ async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: 
         let device =
             msg.headers.as_ref().and_then(|h| h.get("Fm-Device")).and_then(|d| unescape_token(d.as_str()).ok());
         let Some(device) = device.map(|d| d.into_owned()) else { continue };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let c = c.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let answer = match c.sessions.deliver(&device, msg.payload, c.timeout()).await {
                 Ok(()) => json!({"status": "delivered", "node": c.node_id}),
                 Err(e) => json!({"status": "not_delivered", "reason": e.reason(), "node": c.node_id}),
             };
             reply(c.mesh.client(), msg.reply, answer).await;
+            drop(slot);
         });
     }
 }

@@ -340,6 +340,7 @@ impl Node {
             plugins,
             storage,
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
+            tasks: tasks.clone(),
         });
         let commands = Arc::new(crate::commands::Commands {
             mesh: mesh.clone(),

@@ -81,6 +81,9 @@ pub struct ShardContext {
     /// Commands rules send that are still in flight (bounded: a worker
     /// waits for a slot).
     pub command_slots: Arc<tokio::sync::Semaphore>,
+    /// The node's task tracker: commands in flight are its tasks, so the
+    /// node's shutdown waits for them (each ends within its 15 s timeout).
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl ShardContext {
