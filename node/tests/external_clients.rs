@@ -7,6 +7,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::start_node;
 use fluxmesh_testkit::NatsServer;
 use std::io::{BufRead, BufReader};
@@ -80,7 +82,7 @@ async fn mosquitto_pub_to_nats_py_json_subscriber() {
 async fn wait_subscriptions(http: std::net::SocketAddr, n: f64) {
     fluxmesh_testkit::wait_for(Duration::from_secs(30), "the subscriptions are in place", || async move {
         let m = common::metrics_at(http).await;
-        (common::counter(&m, "fluxmesh_mqtt_subscriptions") >= n).then_some(())
+        (common::counter(&m, names::MQTT_SUBSCRIPTIONS) >= n).then_some(())
     })
     .await
     .expect("subscribed");

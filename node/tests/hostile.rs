@@ -6,6 +6,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{
     connect_packet, counter, get_json, metrics, packet, payload_seq, publish_packet, read_telemetry, start_node, Device,
 };
@@ -143,11 +145,13 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     for reason in
         ["wildcard", "empty_device", "missing_channel", "reserved_channel", "not_device_topic", "reserved_topic"]
     {
-        let line = format!("fluxmesh_ingest_rejected_total{{source=\"mqtt\",reason=\"{reason}\"}}");
+        let line = common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", reason)]);
         assert!(counter(&text, &line) >= 1.0, "no {reason} counter in\n{text}");
     }
-    assert!(counter(&text, "fluxmesh_mqtt_protocol_errors_total{reason=\"malformed_packet\"}") >= 2.0);
-    assert!(counter(&text, "fluxmesh_mqtt_protocol_errors_total{reason=\"null_in_topic\"}") >= 1.0);
+    assert!(
+        counter(&text, &common::series(names::MQTT_PROTOCOL_ERRORS_TOTAL, &[("reason", "malformed_packet")])) >= 2.0
+    );
+    assert!(counter(&text, &common::series(names::MQTT_PROTOCOL_ERRORS_TOTAL, &[("reason", "null_in_topic")])) >= 1.0);
 
     // Corrupt frames injected on the bus, on the good device's shard, are
     // counted and skipped; the shard goes on to the next message.
@@ -173,7 +177,7 @@ async fn hostile_input_is_refused_counted_and_acknowledged_messages_survive() {
     .await
     .expect("the shard worker processed the message after the corrupt frames");
     let text = metrics(&node).await;
-    assert_eq!(counter(&text, "fluxmesh_shard_bad_messages_total{reason=\"corrupt_frame\"}"), 3.0);
+    assert_eq!(counter(&text, &common::series(names::SHARD_BAD_MESSAGES_TOTAL, &[("reason", "corrupt_frame")])), 3.0);
     let health = get_json(format!("http://{}/healthz", node.http_addr())).await.expect("healthz");
     assert_eq!(health["status"], "ok");
     node.shutdown().await;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{counter, metrics, start_node, telemetry_messages};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use serde_json::Value;
@@ -41,12 +43,13 @@ async fn idempotency_key_dedupes_through_jetstream() {
     assert_eq!(frames[0].channel, "power/kw");
     assert_eq!(frames[0].id.to_string(), first["id"].as_str().expect("id"));
     // Quiet again: nothing is awaiting its ack, and the gauge says so.
-    wait_for(Duration::from_secs(10), "fluxmesh_publish_in_flight back to 0", || {
-        let node = &node;
+    // The gauge's line: its name and a space (no labels).
+    let in_flight = format!("{} ", names::PUBLISH_IN_FLIGHT);
+    wait_for(Duration::from_secs(10), "the publishes in flight back to 0", || {
+        let (node, in_flight) = (&node, &in_flight);
         async move {
             let text = metrics(node).await;
-            (text.contains("fluxmesh_publish_in_flight ") && counter(&text, "fluxmesh_publish_in_flight ") == 0.0)
-                .then_some(())
+            (text.contains(in_flight.as_str()) && counter(&text, in_flight) == 0.0).then_some(())
         }
     })
     .await
@@ -74,7 +77,7 @@ async fn bad_input_gets_a_reason_and_a_counter() {
     }
     let text = metrics(&node).await;
     for reason in ["bad_json", "oversize", "wildcard", "reserved_channel", "bad_query"] {
-        let line = format!("fluxmesh_ingest_rejected_total{{source=\"http\",reason=\"{reason}\"}}");
+        let line = common::series(names::INGEST_REJECTED_TOTAL, &[("source", "http"), ("reason", reason)]);
         assert!(counter(&text, &line) >= 1.0, "no counter for {reason}");
     }
     // The node still serves, and nothing bad was stored.
@@ -102,7 +105,10 @@ async fn answers_2xx_only_for_stored_messages() {
     assert_eq!(s, 503, "must not acknowledge while JetStream is down: {down}");
     assert_eq!(down["reason"], "not_stored");
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_ingest_failed_total{source=\"http\",reason=\"not_stored\"}") >= 1.0);
+    assert!(
+        counter(&text, &common::series(names::INGEST_FAILED_TOTAL, &[("source", "http"), ("reason", "not_stored")]))
+            >= 1.0
+    );
 
     nats.restart().await.expect("restart nats");
     let accepted = wait_for(Duration::from_secs(30), "ingest to recover", || {

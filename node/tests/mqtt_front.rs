@@ -4,6 +4,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{counter, metrics, start_node, telemetry_messages, Device};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use std::sync::atomic::Ordering;
@@ -29,7 +31,7 @@ async fn no_puback_until_jetstream_stored_it() {
     device.wait_closed().await;
     assert_eq!(device.acked(), vec![0], "a message JetStream did not store was PUBACKed");
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_ingest_failed_total{source=\"mqtt\"") >= 1.0, "{text}");
+    assert!(counter(&text, &format!("{}{{source=\"mqtt\"", names::INGEST_FAILED_TOTAL)) >= 1.0, "{text}");
 
     // Back up: a reconnecting device is served again.
     nats.restart().await.expect("restart");
@@ -107,7 +109,10 @@ async fn a_client_id_is_connected_to_one_node_at_a_time() {
     on_b.publish("devices/roamer/v", b"{}".to_vec()).await;
     on_b.wait_acked(1).await;
     let m = common::metrics(&a).await;
-    assert!(common::counter(&m, "fluxmesh_mqtt_disconnects_total{reason=\"taken_over\"}") >= 1.0, "{m}");
+    assert!(
+        common::counter(&m, &common::series(names::MQTT_DISCONNECTS_TOTAL, &[("reason", "taken_over")])) >= 1.0,
+        "{m}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -178,7 +183,7 @@ async fn subscribers_that_leave_take_their_subscriptions() {
     let addr = node.http_addr();
     wait_for(Duration::from_secs(10), "no subscriptions left", || async move {
         let m = common::metrics_at(addr).await;
-        (common::counter(&m, "fluxmesh_mqtt_subscriptions") == 0.0).then_some(())
+        (common::counter(&m, names::MQTT_SUBSCRIPTIONS) == 0.0).then_some(())
     })
     .await
     .expect("every subscription removed");
@@ -288,7 +293,7 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
     assert_eq!(telemetry_messages(&client).await, 1, "only the good message is stored");
     let text = metrics(&node).await;
     for reason in ["malformed_packet", "protocol_version", "oversize"] {
-        let line = format!("fluxmesh_mqtt_protocol_errors_total{{reason=\"{reason}\"}}");
+        let line = common::series(names::MQTT_PROTOCOL_ERRORS_TOTAL, &[("reason", reason)]);
         assert!(counter(&text, &line) >= 1.0, "no {reason} counter in\n{text}");
     }
     node.shutdown().await;

@@ -4,6 +4,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{start_node, Device};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rumqttc::{QoS, SubscribeReasonCode};
@@ -156,12 +158,23 @@ async fn plain_topics_follow_config() {
     .expect("only the allowed topic is stored");
     let m = common::metrics(&node).await;
     assert_eq!(
-        common::counter(&m, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"plain_topic_off\"}"),
+        common::counter(
+            &m,
+            &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", "plain_topic_off")])
+        ),
         1.0,
         "{m}"
     );
-    assert_eq!(common::counter(&m, "fluxmesh_mqtt_denied_topics_total{action=\"publish\"}"), 1.0, "{m}");
-    assert_eq!(common::counter(&m, "fluxmesh_mqtt_denied_topics_total{action=\"subscribe\"}"), 1.0, "{m}");
+    assert_eq!(
+        common::counter(&m, &common::series(names::MQTT_DENIED_TOPICS_TOTAL, &[("action", "publish")])),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        common::counter(&m, &common::series(names::MQTT_DENIED_TOPICS_TOTAL, &[("action", "subscribe")])),
+        1.0,
+        "{m}"
+    );
     node.shutdown().await;
 }
 
@@ -326,6 +339,6 @@ async fn a_subscriber_that_falls_behind_catches_up_from_the_stream() {
         assert_eq!(firsts, (0..300).collect::<Vec<_>>(), "burst/{n}: every message, in order");
     }
     let m = common::metrics(&node).await;
-    assert!(common::counter(&m, "fluxmesh_mqtt_catch_ups_total") >= 1.0, "the queue never overflowed:\n{m}");
+    assert!(common::counter(&m, names::MQTT_CATCH_UPS_TOTAL) >= 1.0, "the queue never overflowed:\n{m}");
     node.shutdown().await;
 }

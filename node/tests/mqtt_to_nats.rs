@@ -3,6 +3,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{counter, metrics, start_node, Device};
 use fluxmesh_schemas::{headers, shard_of, Frame, Kind};
 use fluxmesh_testkit::NatsServer;
@@ -67,8 +69,10 @@ async fn plain_topics_are_stored_apart_and_bad_device_topics_are_counted() {
     let node = start_node(&[nats.url()], |_| {}).await;
     let client = nats.client().await.expect("connect");
     let device = Device::connect(node.mqtt_addr(), "dev-client-2").await;
-    let before =
-        counter(&metrics(&node).await, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"not_device_topic\"}");
+    let before = counter(
+        &metrics(&node).await,
+        &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", "not_device_topic")]),
+    );
     device.publish("weather/today", b"sunny".to_vec()).await;
     device.publish("devices", b"{}".to_vec()).await;
     device.publish("devices/only-id", b"{}".to_vec()).await;
@@ -81,9 +85,24 @@ async fn plain_topics_are_stored_apart_and_bad_device_topics_are_counted() {
     .await
     .expect("one message stored");
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"not_device_topic\"}") > before);
-    assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"missing_channel\"}") >= 1.0);
-    assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"mqtt\",reason=\"reserved_channel\"}") >= 1.0);
+    assert!(
+        counter(
+            &text,
+            &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", "not_device_topic")])
+        ) > before
+    );
+    assert!(
+        counter(
+            &text,
+            &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", "missing_channel")])
+        ) >= 1.0
+    );
+    assert!(
+        counter(
+            &text,
+            &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "mqtt"), ("reason", "reserved_channel")])
+        ) >= 1.0
+    );
     assert_eq!(common::telemetry_messages(&client).await, 1);
     let js = async_nats::jetstream::new(client.clone());
     let mut plain = js.get_stream("FM_MSG").await.expect("FM_MSG");

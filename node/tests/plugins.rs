@@ -5,6 +5,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{next_frame_where, start_node};
 use fluxmesh_schemas::{Body, Frame, Kind};
 use fluxmesh_testkit::{wait_for, NatsServer};
@@ -94,10 +96,10 @@ async fn plugins_are_uploaded_called_from_rules_and_contained() {
     next_frame_where(&mut events, Duration::from_secs(20), "echo again", |f| f.kind() == Kind::Event).await;
     let text = common::metrics(&node).await;
     for (plugin, reason) in [("spin", "timeout"), ("hog", "memory"), ("crash", "trap")] {
-        let name = format!("fluxmesh_plugin_errors_total{{plugin=\"{plugin}\",reason=\"{reason}\"}}");
+        let name = common::series(names::PLUGIN_ERRORS_TOTAL, &[("plugin", plugin), ("reason", reason)]);
         assert!(common::counter(&text, &name) >= 1.0, "{name} not counted");
     }
-    assert!(common::counter(&text, "fluxmesh_plugin_pool_hits_total{plugin=\"echo\"}") >= 1.0);
+    assert!(common::counter(&text, &common::series(names::PLUGIN_POOL_HITS_TOTAL, &[("plugin", "echo")])) >= 1.0);
 
     let resp = http.delete(format!("{base}/api/v1/plugins/crash")).send().await.expect("DELETE");
     assert_eq!(resp.status().as_u16(), 204);

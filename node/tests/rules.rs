@@ -5,6 +5,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{next_frame_where, start_node};
 use fluxmesh_schemas::{Body, Frame, Kind};
 use fluxmesh_testkit::{wait_for, NatsServer};
@@ -119,7 +121,10 @@ async fn rules_are_managed_over_http_and_run_on_every_node() {
     )
     .await;
     let budget_errors: f64 = futures::future::join_all([&a, &b].map(|n| async move {
-        common::counter(&common::metrics(n).await, "fluxmesh_rule_errors_total{rule=\"spin\",reason=\"budget\"}")
+        common::counter(
+            &common::metrics(n).await,
+            &common::series(names::RULE_ERRORS_TOTAL, &[("rule", "spin"), ("reason", "budget")]),
+        )
     }))
     .await
     .into_iter()
@@ -161,7 +166,7 @@ async fn windows_close_by_event_time_and_late_values_are_counted() {
     assert_eq!((a.count, a.sum, a.min, a.max, a.mean), (3, 9.0, 1.0, 5.0, 3.0));
     assert!((a.variance - 8.0 / 3.0).abs() < 1e-9, "{}", a.variance);
     let late = wait_for(Duration::from_secs(10), "the late value counted", || async {
-        common::counter(&common::metrics(&node).await, "fluxmesh_agg_late_total").ge(&1.0).then_some(())
+        common::counter(&common::metrics(&node).await, names::AGG_LATE_TOTAL).ge(&1.0).then_some(())
     })
     .await;
     assert!(late.is_ok(), "late value not counted");

@@ -3,6 +3,8 @@
 
 mod common;
 
+use fluxmesh_node::internal_events::names;
+
 use common::{counter, metrics, read_telemetry, start_node, telemetry_messages, test_config, Device, ADMIN_TOKEN};
 use fluxmesh_testkit::tls::TestCerts;
 use fluxmesh_testkit::{wait_for, NatsServer};
@@ -153,11 +155,26 @@ async fn devices_need_credentials_and_stay_within_their_acl() {
         [("child", 1), ("dev-a", 3), ("dev-z", 1), ("gw", 1)].into_iter().map(|(d, n)| (d.to_owned(), n)).collect();
     assert_eq!(stored_per_device(&client).await, expected, "nothing outside an ACL entered the mesh");
     let text = metrics(&node).await;
-    assert_eq!(counter(&text, "fluxmesh_acl_denied_total{action=\"publish\"}"), 2.0);
-    assert_eq!(counter(&text, "fluxmesh_acl_denied_total{action=\"subscribe\"}"), 2.0);
-    assert!(counter(&text, "fluxmesh_auth_attempts_total{source=\"mqtt\",result=\"no_credentials\"}") >= 1.0);
-    assert!(counter(&text, "fluxmesh_auth_attempts_total{source=\"mqtt\",result=\"bad_credentials\"}") >= 2.0);
-    assert!(counter(&text, "fluxmesh_auth_attempts_total{source=\"http\",result=\"bad_credentials\"}") >= 1.0);
+    assert_eq!(counter(&text, &common::series(names::ACL_DENIED_TOTAL, &[("action", "publish")])), 2.0);
+    assert_eq!(counter(&text, &common::series(names::ACL_DENIED_TOTAL, &[("action", "subscribe")])), 2.0);
+    assert!(
+        counter(
+            &text,
+            &common::series(names::AUTH_ATTEMPTS_TOTAL, &[("source", "mqtt"), ("result", "no_credentials")])
+        ) >= 1.0
+    );
+    assert!(
+        counter(
+            &text,
+            &common::series(names::AUTH_ATTEMPTS_TOTAL, &[("source", "mqtt"), ("result", "bad_credentials")])
+        ) >= 2.0
+    );
+    assert!(
+        counter(
+            &text,
+            &common::series(names::AUTH_ATTEMPTS_TOTAL, &[("source", "http"), ("result", "bad_credentials")])
+        ) >= 1.0
+    );
 
     // Removing the credentials ends the live session, and the device is
     // refused from then on.
@@ -169,7 +186,7 @@ async fn devices_need_credentials_and_stay_within_their_acl() {
     assert_eq!(status, 404);
     let (status, body) = api(&node, reqwest::Method::GET, "/api/v1/devices/gw/credentials", None).await;
     assert_eq!((status, &body["publish"]), (200, &json!(["devices/child/#"])), "{body}");
-    assert!(counter(&metrics(&node).await, "fluxmesh_mqtt_sessions_revoked_total") >= 1.0);
+    assert!(counter(&metrics(&node).await, names::MQTT_SESSIONS_REVOKED_TOTAL) >= 1.0);
     assert!(gw.alive.load(std::sync::atomic::Ordering::SeqCst), "other sessions are untouched");
     node.shutdown().await;
 }
@@ -200,7 +217,7 @@ async fn a_change_made_while_nats_restarts_still_ends_the_session() {
         .expect("credentials bucket");
     assert!(fluxmesh_node::auth::remove(&store, "dev-r").await.expect("remove"), "dev-r had credentials");
     device.wait_closed().await;
-    assert!(counter(&metrics(&node).await, "fluxmesh_mqtt_sessions_revoked_total") >= 1.0);
+    assert!(counter(&metrics(&node).await, names::MQTT_SESSIONS_REVOKED_TOTAL) >= 1.0);
     node.shutdown().await;
 }
 
@@ -223,8 +240,11 @@ async fn the_admin_api_needs_the_token() {
     let resp = plain.get(format!("{base}/api/v1/cluster")).bearer_auth(ADMIN_TOKEN).send().await.expect("GET");
     assert_eq!(resp.status(), 200);
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_http_unauthorized_total{reason=\"no_token\"}") >= 4.0, "{text}");
-    assert!(counter(&text, "fluxmesh_http_unauthorized_total{reason=\"bad_token\"}") >= 4.0);
+    assert!(
+        counter(&text, &common::series(names::HTTP_UNAUTHORIZED_TOTAL, &[("reason", "no_token")])) >= 4.0,
+        "{text}"
+    );
+    assert!(counter(&text, &common::series(names::HTTP_UNAUTHORIZED_TOTAL, &[("reason", "bad_token")])) >= 4.0);
     node.shutdown().await;
 
     // No token configured: the admin API is closed to everyone.
@@ -309,7 +329,7 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
         .expect("test client over TLS");
     assert_eq!(telemetry_messages(&client).await, 20);
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_mqtt_tls_handshake_failures_total") >= 1.0, "{text}");
+    assert!(counter(&text, names::MQTT_TLS_HANDSHAKE_FAILURES_TOTAL) >= 1.0, "{text}");
     node.shutdown().await;
 }
 
@@ -351,8 +371,13 @@ async fn a_device_over_its_rate_is_slowed_and_loses_nothing() {
     let refused = refused.expect("a 429 within 20 quick requests at 20/s with a burst of 2");
     assert!(refused.headers().get("retry-after").is_some());
     let text = metrics(&node).await;
-    assert!(counter(&text, "fluxmesh_ingest_throttled_total{source=\"mqtt\"}") >= 1.0, "{text}");
-    assert!(counter(&text, "fluxmesh_ingest_rejected_total{source=\"http\",reason=\"rate_limited\"}") >= 1.0);
+    assert!(counter(&text, &common::series(names::INGEST_THROTTLED_TOTAL, &[("source", "mqtt")])) >= 1.0, "{text}");
+    assert!(
+        counter(
+            &text,
+            &common::series(names::INGEST_REJECTED_TOTAL, &[("source", "http"), ("reason", "rate_limited")])
+        ) >= 1.0
+    );
     node.shutdown().await;
 }
 
@@ -368,7 +393,7 @@ async fn connections_past_the_limit_are_refused_and_counted() {
     let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf)).await.expect("closed in time");
     assert_eq!(n.unwrap_or(0), 0, "closed at once");
     let text = metrics(&node).await;
-    assert_eq!(counter(&text, "fluxmesh_mqtt_refused_total{reason=\"max_connections\"}"), 1.0);
+    assert_eq!(counter(&text, &common::series(names::MQTT_REFUSED_TOTAL, &[("reason", "max_connections")])), 1.0);
     node.shutdown().await;
 }
 

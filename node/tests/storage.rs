@@ -7,6 +7,9 @@
 
 mod common;
 
+use fluxmesh_mesh::metric_names as mesh_names;
+use fluxmesh_node::internal_events::names;
+
 use common::{counter, metrics, start_node, Device};
 use fluxmesh_node::storage::read::Server;
 use fluxmesh_node::storage::schema::{self, Maintenance, Table};
@@ -168,9 +171,12 @@ async fn history_is_written_to_the_primary_and_read_from_the_standby() {
         assert_eq!((status, body["param"].as_str()), (400, Some(param)), "{query}: {body}");
     }
     let m = metrics(&node).await;
-    assert!(counter(&m, "fluxmesh_history_bad_requests_total") >= 10.0);
-    assert!(counter(&m, "fluxmesh_pg_rows_raw_fallback_total") >= 1.0, "{m}");
-    assert!(counter(&m, "fluxmesh_pg_rows_written_total{table=\"telemetry\"}") >= expected as f64, "{m}");
+    assert!(counter(&m, names::HISTORY_BAD_REQUESTS_TOTAL) >= 10.0);
+    assert!(counter(&m, names::PG_ROWS_RAW_FALLBACK_TOTAL) >= 1.0, "{m}");
+    assert!(
+        counter(&m, &common::series(names::PG_ROWS_WRITTEN_TOTAL, &[("table", "telemetry")])) >= expected as f64,
+        "{m}"
+    );
     node.shutdown().await;
 }
 
@@ -211,8 +217,9 @@ async fn reads_fall_back_to_the_primary_while_replay_is_paused() {
     assert_eq!(source, "primary");
     assert_eq!(count(&standby, "SELECT count(*) FROM telemetry WHERE device = 'd2'").await, 10);
     let m = metrics(&node).await;
-    assert!(counter(&m, "fluxmesh_pg_read_fallbacks_total") >= 1.0, "{m}");
-    let usable = format!("fluxmesh_pg_replica_usable{{server=\"127.0.0.1:{}/postgres\"}}", standby.port);
+    assert!(counter(&m, names::PG_READ_FALLBACKS_TOTAL) >= 1.0, "{m}");
+    let usable =
+        common::series(names::PG_REPLICA_USABLE, &[("server", &format!("127.0.0.1:{}/postgres", standby.port))]);
     assert!(m.lines().any(|l| l.starts_with(&usable) && l.ends_with(" 0")), "{usable} 0 in {m}");
 
     standby_client.execute("SELECT pg_wal_replay_resume()", &[]).await.expect("resume replay");
@@ -267,7 +274,8 @@ async fn a_primary_crash_during_load_loses_and_duplicates_nothing() {
     // and restart from their checkpoints.
     wait_for(Duration::from_secs(30), "a worker giving up on its commit", || async {
         let m = metrics(&node).await;
-        (counter(&m, "fluxmesh_shard_worker_failures_total{reason=\"storage\"}") >= 1.0).then_some(())
+        (counter(&m, &common::series(mesh_names::SHARD_WORKER_FAILURES_TOTAL, &[("reason", "storage")])) >= 1.0)
+            .then_some(())
     })
     .await
     .expect("workers waited for Postgres");
@@ -303,7 +311,7 @@ async fn a_primary_crash_during_load_loses_and_duplicates_nothing() {
         .get(0);
     assert_eq!(duplicated_events, 0, "derived rows once each");
     let m = metrics(&node).await;
-    assert!(counter(&m, "fluxmesh_pg_write_errors_total") >= 1.0, "the crash reached the writer: {m}");
+    assert!(counter(&m, names::PG_WRITE_ERRORS_TOTAL) >= 1.0, "the crash reached the writer: {m}");
     node.shutdown().await;
 }
 

@@ -288,6 +288,18 @@ pub async fn metrics_at(addr: SocketAddr) -> String {
 }
 
 /// The value of one counter line of /metrics (0 if absent).
+/// The Prometheus series `name{k="v",…}` (just `name` without labels), as
+/// the exporter writes it, for [`counter`]. Names come from
+/// `fluxmesh_node::internal_events::names` and
+/// `fluxmesh_mesh::metric_names`.
+pub fn series(name: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return name.to_owned();
+    }
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
 pub fn counter(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
         .lines()
