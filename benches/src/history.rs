@@ -121,7 +121,8 @@ async fn main() -> anyhow::Result<()> {
     let cfg = StorageConfig { primary: pg.url(), writer_connections: args.connections, ..Default::default() };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let storage = Storage::start(&cfg, "bench", stop.clone(), &tracker).await?.context("storage is on")?;
+    let storage =
+        Storage::start(&cfg, "bench", stop.clone(), stop.clone(), &tracker).await?.context("storage is on")?;
     let all = Arc::new(rows(&args));
     println!(
         "history writer: {} rows, {} devices, batches of {}, {} submitters, {} writer connections, {} readers at 20/s; PostgreSQL with fsync on",

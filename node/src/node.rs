@@ -79,7 +79,10 @@ pub struct Node {
     provisioned: Provisioned,
     cluster: ClusterHandle,
     ready: Arc<AtomicBool>,
-    stop: CancellationToken,
+    stops: Stops,
+    /// The shard coordinator's task: shutdown waits for it before it stops
+    /// the history writer.
+    coordinator: tokio::task::JoinHandle<()>,
     tasks: TaskTracker,
 }
 
@@ -94,7 +97,8 @@ impl Node {
         crate::tls::install_provider();
         let prometheus = crate::internal_events::prometheus();
         let ready = Arc::new(AtomicBool::new(false));
-        let stop = CancellationToken::new();
+        let stops = Stops::default();
+        let stop = stops.all.clone();
         let tasks = TaskTracker::new();
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -147,11 +151,11 @@ impl Node {
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &stop, &tasks).await;
-        let Started { client, control, provisioned, ingress, mqtt, shards } = match started {
+        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &stops, &tasks).await;
+        let Started { client, control, provisioned, ingress, mqtt, shards, coordinator } = match started {
             Ok(parts) => parts,
             Err(e) => {
-                stop.cancel();
+                stops.cancel();
                 tasks.close();
                 tasks.wait().await;
                 return Err(e);
@@ -165,7 +169,20 @@ impl Node {
         ready.store(true, Ordering::Release);
         tracing::info!(node = %node_id, mqtt = %mqtt.listen(), %http_addr, shards = provisioned.shards,
             replicas = provisioned.replicas, "node ready");
-        Ok(Node { node_id, http_addr, mqtt, ingress, client, control, provisioned, cluster, ready, stop, tasks })
+        Ok(Node {
+            node_id,
+            http_addr,
+            mqtt,
+            ingress,
+            client,
+            control,
+            provisioned,
+            cluster,
+            ready,
+            stops,
+            coordinator,
+            tasks,
+        })
     }
 
     async fn start_mesh(
@@ -174,9 +191,10 @@ impl Node {
         http_addr: SocketAddr,
         auth_slot: &std::sync::OnceLock<Arc<crate::auth::Authenticator>>,
         cancel: &CancellationToken,
-        stop: &CancellationToken,
+        stops: &Stops,
         tasks: &TaskTracker,
     ) -> Result<Started, NodeError> {
+        let (stop, history_stop) = (&stops.all, &stops.history);
         let client = retry_until(
             cancel,
             "NATS not reachable yet",
@@ -292,7 +310,7 @@ impl Node {
             cancel,
             "Postgres not ready yet",
             Duration::from_millis(200),
-            || crate::storage::Storage::start(&config.storage, node_id, stop.clone(), tasks),
+            || crate::storage::Storage::start(&config.storage, node_id, stop.clone(), history_stop.clone(), tasks),
             crate::storage::StorageError::is_transient,
         )
         .await?;
@@ -365,7 +383,7 @@ impl Node {
             cluster_stop.cancel();
             return Err(e.into());
         }
-        tasks.spawn(fluxmesh_mesh::ownership::coordinate(
+        let coordinator = tasks.spawn(fluxmesh_mesh::ownership::coordinate(
             mesh,
             shards.cluster.clone(),
             shards.clone(),
@@ -373,7 +391,7 @@ impl Node {
             stop.clone(),
             cluster_stop,
         ));
-        Ok(Started { client, control, provisioned, ingress, mqtt, shards })
+        Ok(Started { client, control, provisioned, ingress, mqtt, shards, coordinator })
     }
 
     pub fn node_id(&self) -> &str {
@@ -414,10 +432,24 @@ impl Node {
     }
 
     /// Drains and stops the node; see the module docs for the order.
+    /// Stops the node, in this order:
+    /// 1. front ends (MQTT, HTTP), watchers and the shard coordinator get
+    ///    the stop: connections stop reading and send the acks they owe;
+    ///    shard workers write their last checkpoints, which wait for their
+    ///    rows in Postgres, and the coordinator releases the leases;
+    /// 2. once the coordinator is done (at most `SHUTDOWN_STEP`), the
+    ///    history writer writes what is queued and stops;
+    /// 3. every other task ends (at most `2 × SHUTDOWN_STEP`);
+    /// 4. publishes still awaiting their ack drain (`SHUTDOWN_STEP`), and
+    ///    both NATS connections flush.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.node_id, "shutting down");
         self.ready.store(false, Ordering::Release);
-        self.stop.cancel();
+        self.stops.all.cancel();
+        if tokio::time::timeout(SHUTDOWN_STEP, self.coordinator).await.is_err() {
+            tracing::warn!("the shard coordinator did not stop within the deadline");
+        }
+        self.stops.history.cancel();
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_STEP * 2, self.tasks.wait()).await.is_err() {
             tracing::warn!("tasks did not stop within the deadline");
@@ -444,6 +476,24 @@ struct Started {
     ingress: Ingress,
     mqtt: MqttServer,
     shards: Arc<ShardContext>,
+    coordinator: tokio::task::JoinHandle<()>,
+}
+
+/// The node's stop signals, in the order [`Node::shutdown`] gives them.
+#[derive(Debug, Clone, Default)]
+struct Stops {
+    /// Front ends, watchers, the shard coordinator and every other task.
+    all: CancellationToken,
+    /// The history writer: only once the shard workers are done, since
+    /// their last checkpoints wait for their rows.
+    history: CancellationToken,
+}
+
+impl Stops {
+    fn cancel(&self) {
+        self.all.cancel();
+        self.history.cancel();
+    }
 }
 
 /// Runs `attempt` until it succeeds, fails for good (`transient` says no),

@@ -387,7 +387,7 @@ async fn the_writer_groups_requests_that_arrive_within_its_linger() {
                 ..Default::default()
             };
             let (stop, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
-            let storage = fluxmesh_node::storage::Storage::start(&cfg, "test", stop.clone(), &tasks)
+            let storage = fluxmesh_node::storage::Storage::start(&cfg, "test", stop.clone(), stop.clone(), &tasks)
                 .await
                 .expect("storage starts")
                 .expect("storage is on");

@@ -219,10 +219,16 @@ impl Storage {
     /// Connects, migrates (once per cluster) and starts the writer, the
     /// replica checks and the partition maintenance. Returns `None` when
     /// storage is off.
+    /// Starts the history writer, replica checks and maintenance. `stop`
+    /// ends the checks and maintenance; `writer_stop` makes the writer
+    /// write what is queued and stop. The node cancels `writer_stop` only
+    /// once its shard workers are done, since their last checkpoints wait
+    /// for their rows.
     pub async fn start(
         cfg: &StorageConfig,
         node_id: &str,
         stop: CancellationToken,
+        writer_stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Option<Arc<Storage>>, StorageError> {
         if !cfg.enabled() {
@@ -238,7 +244,7 @@ impl Storage {
         }
         let reads = Arc::new(read::Reads::new(cfg, node_id, primary.clone())?);
         reads.clone().spawn_checks(cfg, stop.clone(), tasks);
-        let writer = Writer::spawn(cfg, primary.clone(), maintenance.clone(), stop.clone(), tasks);
+        let writer = Writer::spawn(cfg, primary.clone(), maintenance.clone(), writer_stop, tasks);
         tasks.spawn(schema::maintain(maintenance, primary, Duration::from_secs(cfg.maintenance_interval_s), stop));
         tracing::info!(replicas = cfg.replicas.len(), "storage on");
         Ok(Some(Arc::new(Storage { writer, reads, cfg: cfg.clone() })))

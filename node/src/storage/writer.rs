@@ -258,10 +258,8 @@ impl Writer {
     }
 }
 
-/// After `stop`, the writer keeps serving until no request came for this
-/// long (the shard workers' last checkpoints wait for it), at most
-/// `STOP_DEADLINE` in all.
-const STOP_QUIET: Duration = Duration::from_secs(1);
+/// After `stop`, the writer writes what is queued (no more comes: the node
+/// stops it after its shard workers), taking at most this long in all.
 const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
 struct Task {
@@ -294,7 +292,8 @@ impl Task {
                             continue;
                         }
                     },
-                    Some(_) => tokio::time::timeout(STOP_QUIET, rx.recv()).await.ok().flatten(),
+                    // Stopping: what is queued, then done.
+                    Some(_) => rx.try_recv().ok(),
                 };
                 let Some(first) = first else { break };
                 let mut rows = first.rows.len();
