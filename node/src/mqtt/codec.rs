@@ -426,14 +426,8 @@ fn will_v5(w: v5p::LastWill) -> Result<WillIn, DecodeError> {
     let topic = String::from_utf8(w.topic.to_vec()).map_err(|_| DecodeError::V5(v5b::Error::TopicNotUtf8))?;
     let (delay, expiry, props) = match w.properties {
         Some(p) => {
-            let props = MessageProps {
-                payload_format: p.payload_format_indicator,
-                content_type: p.content_type,
-                response_topic: p.response_topic,
-                correlation_data: p.correlation_data.map(|b| b.to_vec()),
-                user: p.user_properties,
-            };
-            (p.delay_interval.unwrap_or(0), p.message_expiry_interval, Some(props).filter(|p| !p.is_empty()))
+            let (delay, expiry) = (p.delay_interval.unwrap_or(0), p.message_expiry_interval);
+            (delay, expiry, MessageProps::from_will(p))
         }
         None => (0, None, None),
     };

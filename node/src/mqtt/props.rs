@@ -7,7 +7,7 @@
 //! (`Fm-Expires-Ms`); a subscriber is sent what is left of it.
 
 use base64::Engine as _;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::v5::{LastWillProperties, PublishProperties};
 use serde::{Deserialize, Serialize};
 
 /// Now, in ms since the Unix epoch (message expiry is kept as a time).
@@ -54,14 +54,30 @@ impl MessageProps {
     /// The properties of an incoming PUBLISH that go on with the message
     /// (not its topic alias, expiry or subscription identifiers).
     pub fn from_v5(p: PublishProperties) -> Option<MessageProps> {
-        let props = MessageProps {
+        MessageProps {
             payload_format: p.payload_format_indicator,
             content_type: p.content_type,
             response_topic: p.response_topic,
             correlation_data: p.correlation_data.map(|b| b.to_vec()),
             user: p.user_properties,
-        };
-        (!props.is_empty()).then_some(props)
+        }
+        .non_empty()
+    }
+
+    /// The same for a will (its delay and expiry are read apart).
+    pub fn from_will(p: LastWillProperties) -> Option<MessageProps> {
+        MessageProps {
+            payload_format: p.payload_format_indicator,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data.map(|b| b.to_vec()),
+            user: p.user_properties,
+        }
+        .non_empty()
+    }
+
+    fn non_empty(self) -> Option<MessageProps> {
+        (!self.is_empty()).then_some(self)
     }
 
     pub fn to_v5(&self) -> PublishProperties {
