@@ -8,7 +8,7 @@
 //! 1 and 2). An offline session costs that message, nothing else: no
 //! subscription in any node's broker, no consumer on any server. When the
 //! client comes back, on any node, the node subscribes again and replays
-//! each stream from the cursor (see `connection.rs`).
+//! each stream from the cursor (see `connection/session.rs`).
 //!
 //! The connection writes the record when its subscriptions change (before
 //! the SUBACK), every `mqtt.session_save_interval_ms` while its cursors

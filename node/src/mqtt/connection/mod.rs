@@ -1,0 +1,966 @@
+//! One client connection: MQTT 3.1.1 or 5 over a socket, acks after
+//! JetStream.
+//!
+//! The task owns the socket. Each loop turn it waits for whichever comes
+//! first: the next ack in order, the end of the publish being submitted,
+//! more bytes from the device, a message the router forwards, the keep-alive
+//! deadline, or a stop.
+//!
+//! Publishes pass through two bounded stages: a backlog of parsed publishes
+//! (so that PINGREQs behind them are still answered while JetStream is
+//! slow) and up to `mqtt.max_inflight` publishes awaiting their JetStream
+//! ack. When both are full the task stops reading the socket, so a slow
+//! JetStream slows the device down instead of filling memory.
+//!
+//! This file holds the connection's state, the handshake and the loop;
+//! `publish` the publish path, `subscribe` the subscriptions, `deliver`
+//! what is written to the client, `session` a persistent session, and
+//! `will` the will.
+
+mod deliver;
+mod publish;
+mod session;
+mod subscribe;
+mod will;
+
+use super::broker::{Outbox, Outgoing, Sub};
+use super::codec::{self, reason, Codec, FilterIn, Inbound, PublishIn, PublishOut, Version};
+use super::Shared;
+use crate::auth::acl::Grant;
+use crate::auth::Denied;
+use crate::ingress::{IngestError, MqttPublish, Source};
+use crate::internal_events;
+use bytes::{Bytes, BytesMut};
+use fluxmesh_schemas::{DeviceTopic, PlainTopic};
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use rumqttc::mqttbytes::valid_filter;
+use rumqttc::QoS;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a device may leave our writes unread before it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection the server ends waits for the client to close
+/// after its DISCONNECT.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long a stopping connection may take to send the acks it owes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of parsed, not yet submitted publishes one connection may hold
+/// (at least one packet is always allowed).
+const BACKLOG_BYTES: usize = 1024 * 1024;
+
+/// A live session on this node, so a second CONNECT with the same client id
+/// can end the first (one session per client id).
+#[derive(Debug, Clone)]
+pub struct Session {
+    serial: u64,
+    pub(super) connected_us: i64,
+    pub(super) end: CancellationToken,
+    /// Commands to write to this device (QoS1 on `devices/{id}/cmd`).
+    pub(super) commands: tokio::sync::mpsc::Sender<OutCommand>,
+    /// The device subscribed to its command topic.
+    pub(super) cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the session is ended because its credentials changed.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+    /// The credentials entry revision the device authenticated against.
+    pub(super) auth_revision: u64,
+}
+
+impl Session {
+    /// Ends the session because the device's credentials changed.
+    pub(super) fn end_revoked(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.end.cancel();
+    }
+}
+
+/// A command for the device on this connection; `done` learns whether the
+/// device PUBACKed it.
+#[derive(Debug)]
+pub struct OutCommand {
+    pub payload: Bytes,
+    pub done: tokio::sync::oneshot::Sender<Result<(), super::DeliverError>>,
+}
+
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// How far the streams may move past a persistent session's cursor, with
+/// nothing for it, before the cursor is stored again (what a resume has to
+/// read through).
+const IDLE_SAVE_GAP: u64 = 10_000;
+
+/// Commands waiting to be written to one connection, at most; the sender
+/// waits when it is full.
+const COMMAND_QUEUE: usize = 64;
+/// Commands written and not yet PUBACKed on one connection, at most.
+const COMMANDS_IN_FLIGHT: usize = 32;
+
+/// What to answer once a publish is settled.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Nothing,
+    PubAck(u16),
+    PubRec(u16),
+}
+
+/// How a publish was settled.
+#[derive(Debug)]
+enum Outcome {
+    /// Stored in JetStream.
+    Stored,
+    /// Refused for good (bad topic, too large, not allowed): acknowledged
+    /// so that the device does not resend it forever (MQTT 5: with this
+    /// reason code), and counted.
+    Refused(u8),
+    /// A QoS2 resend of a message already stored in this session.
+    Duplicate,
+    /// Not stored after every retry: no ack, the connection closes, and the
+    /// device sends it again after reconnecting.
+    Failed(IngestError),
+}
+
+type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
+/// A publish that has been sent (or refused) and whose ack is still to
+/// come: what submitting resolves to.
+struct Submitted(Settle);
+type Submit = Pin<Box<dyn Future<Output = Submitted> + Send>>;
+
+fn settled(reply: Reply, outcome: Outcome) -> Settle {
+    Box::pin(std::future::ready((reply, outcome)))
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    Disconnect,
+    /// An MQTT 5 DISCONNECT asking for the will to be published.
+    DisconnectWithWill,
+    PeerClosed,
+    Io(std::io::Error),
+    Protocol(&'static str, String),
+    KeepAlive,
+    TakenOver,
+    Revoked,
+    Stopped,
+    NotStored(IngestError),
+    Denied(Denied),
+    WillNotKept(super::wills::WillError),
+    Session(super::sessions::SessionError),
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Disconnect => "disconnect",
+            End::DisconnectWithWill => "disconnect_with_will",
+            End::PeerClosed => "peer_closed",
+            End::Io(_) => "io_error",
+            End::Protocol(reason, _) => reason,
+            End::KeepAlive => "keep_alive",
+            End::TakenOver => "taken_over",
+            End::Revoked => "credentials_changed",
+            End::Denied(d) => d.reason(),
+            End::Stopped => "node_stopping",
+            End::NotStored(_) => "not_stored",
+            End::WillNotKept(_) => "will_not_kept",
+            End::Session(_) => "session_unavailable",
+        }
+    }
+
+    /// The reason an MQTT 5 client is told in the server's DISCONNECT;
+    /// `None`: the client ended it, or the socket is gone.
+    fn disconnect_code(&self) -> Option<u8> {
+        Some(match self {
+            End::Disconnect | End::DisconnectWithWill | End::PeerClosed | End::Io(_) => return None,
+            End::Protocol("oversize", _) => reason::PACKET_TOO_LARGE,
+            End::Protocol("receive_maximum", _) => reason::RECEIVE_MAXIMUM_EXCEEDED,
+            End::Protocol("topic_alias_invalid", _) => reason::TOPIC_ALIAS_INVALID,
+            End::Protocol("acl_denied", _) => reason::NOT_AUTHORIZED,
+            End::Protocol("malformed_packet", _) => reason::MALFORMED,
+            End::Protocol("write_timeout", _) => return None,
+            End::Protocol(..) => reason::PROTOCOL_ERROR,
+            End::KeepAlive => reason::KEEP_ALIVE_TIMEOUT,
+            End::TakenOver => reason::SESSION_TAKEN_OVER,
+            End::Revoked => reason::ADMINISTRATIVE_ACTION,
+            End::Stopped => reason::SERVER_SHUTTING_DOWN,
+            End::NotStored(_) => reason::UNSPECIFIED,
+            End::Denied(_) | End::WillNotKept(_) | End::Session(_) => return None,
+        })
+    }
+}
+
+/// A subscription's options: the QoS granted and, from MQTT 5, no-local,
+/// retain-as-published and its subscription identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SubOpts {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<u32>,
+}
+
+impl SubOpts {
+    /// Options beyond the QoS, which make each delivery look at the
+    /// session's filters.
+    fn has_extras(&self) -> bool {
+        self.no_local || self.retain_as_published || self.id.is_some()
+    }
+}
+
+/// What an MQTT 5 CONNECT set for the connection (3.1.1: the defaults).
+#[derive(Debug)]
+struct V5Limits {
+    /// QoS 1/2 messages the client takes unacknowledged.
+    receive_maximum: usize,
+    /// The largest packet the client takes.
+    max_packet: usize,
+    /// Topic aliases the client takes from us, and those given.
+    alias_max: u16,
+    out_aliases: std::collections::HashMap<String, u16>,
+    /// Topic aliases the client set on this connection.
+    in_aliases: std::collections::HashMap<u16, String>,
+}
+
+impl Default for V5Limits {
+    fn default() -> V5Limits {
+        V5Limits {
+            receive_maximum: usize::from(u16::MAX),
+            max_packet: usize::MAX,
+            alias_max: 0,
+            out_aliases: Default::default(),
+            in_aliases: Default::default(),
+        }
+    }
+}
+
+/// A QoS 1 or 2 message sent to the client and not yet acknowledged.
+#[derive(Debug)]
+struct OutFlight {
+    qos: QoS,
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    released: bool,
+    /// Where it was read from, for a persistent session's cursors.
+    origin: Option<(Arc<str>, u64)>,
+    /// A shared subscription's message: acknowledged to its group when
+    /// the client acknowledges it, given back if the client leaves first.
+    share: Option<super::shared::ShareAck>,
+}
+
+struct Conn<S> {
+    socket: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_packet: usize,
+    /// The protocol version the CONNECT chose (3.1.1 until then).
+    codec: Codec,
+    client_id: String,
+    clean: bool,
+    /// How long the session outlives the connection, in seconds: MQTT 5's
+    /// session expiry; 3.1.1 clean session 0: `u32::MAX` (never).
+    session_expiry: u32,
+    keep_alive: Option<Duration>,
+    /// What an MQTT 5 client said it takes.
+    limits: V5Limits,
+    /// QoS 1/2 packet ids received and not yet PUBACKed or PUBCOMPed
+    /// (MQTT 5 receive maximum).
+    in_flows: HashSet<u16>,
+    /// QoS2 packet ids stored and PUBRECed, awaiting PUBREL.
+    awaiting_rel: HashSet<u16>,
+    /// Parsed publishes not yet submitted, in arrival order.
+    backlog: VecDeque<PublishIn>,
+    backlog_bytes: usize,
+    /// DISCONNECT received (with its reason): finish what was read, then
+    /// close.
+    disconnecting: Option<u8>,
+    /// The will's delay (MQTT 5), in seconds.
+    will_delay: u32,
+    pending: FuturesOrdered<Settle>,
+    submitting: Option<Submit>,
+    /// Identifies this session's subscriptions in the node's broker.
+    session_id: u64,
+    /// Messages for this session from the broker: the sender end is given
+    /// with each subscription.
+    outbox_tx: Option<Outbox>,
+    outbox: Option<tokio::sync::mpsc::Receiver<Outgoing>>,
+    /// Filters subscribed in the broker, with their options.
+    subscriptions: std::collections::HashMap<String, SubOpts>,
+    /// Some subscription has MQTT 5 options: each delivery looks at the
+    /// matching filters.
+    sub_extras: bool,
+    /// Shared subscriptions (`$share/{group}/{filter}`), with the QoS granted.
+    share_subs: std::collections::HashMap<String, QoS>,
+    /// Shared messages written at QoS 0, to acknowledge to their groups.
+    shares_done: Vec<super::shared::ShareAck>,
+    /// Messages sent at QoS 1/2 and not yet acknowledged, by packet id.
+    out_inflight: std::collections::HashMap<u16, OutFlight>,
+    /// The will given at CONNECT and its record's stream sequence.
+    will: Option<(super::wills::Will, u64)>,
+    /// Messages to send before the outbox's: retained messages for new
+    /// subscriptions (after the SUBACK, at most `mqtt.session_queue`) and
+    /// what a resumed session's replay read.
+    ready: VecDeque<Outgoing>,
+    /// A persistent session's stored state and progress (clean session 0).
+    persist: Option<super::sessions::Persist>,
+    /// A resumed session's replay, one stream at a time.
+    replay: VecDeque<super::sessions::Replay>,
+    /// Live messages at or below these sequences came by the replay.
+    replay_floor: std::collections::HashMap<Arc<str>, u64>,
+    /// Where the broker says what did not fit in the outbox.
+    overflow: Arc<super::broker::Overflow>,
+    /// Overflowed streams waiting for their catch-up (one replay per
+    /// stream at a time): the first sequence dropped.
+    overflowed: std::collections::HashMap<Arc<str>, u64>,
+    /// Per stream: the highest sequence written to the client (or, before
+    /// any, the feed's position when the session subscribed).
+    written_live: std::collections::HashMap<Arc<str>, u64>,
+    /// Commands for this device, from the node's command service.
+    commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
+    cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The device's subscriptions that match its own command topic, with
+    /// the QoS each was granted. Commands flow while there is one, at the
+    /// highest QoS granted.
+    cmd_filters: std::collections::HashMap<String, QoS>,
+    /// Commands written and awaiting the device's PUBACK, by packet id.
+    awaiting_puback: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), super::DeliverError>>>,
+    next_pkid: u16,
+    /// What the device may publish and subscribe to (set by CONNECT).
+    grant: Grant,
+    /// ACL refusals on this connection (the first is logged at warn).
+    denied: u64,
+    limiter: Option<crate::limits::ConnectionLimiter>,
+    /// No publish is submitted before this (out of rate tokens).
+    throttled_until: Option<Instant>,
+}
+
+/// Serves one connection until the device leaves, breaks the protocol, is
+/// taken over, or the node stops.
+pub(super) async fn serve<S>(socket: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // The largest packet: the payload limit plus room for the topic and
+    // headers of a PUBLISH.
+    let max_packet = shared.max_payload + fluxmesh_schemas::subject::MAX_TOPIC_LEN + 16;
+    let shared_quota = shared.quota;
+    let mut conn = Conn {
+        socket,
+        peer,
+        shared,
+        rbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::with_capacity(1024),
+        max_packet,
+        codec: Codec { version: Version::V4 },
+        client_id: String::new(),
+        clean: true,
+        session_expiry: 0,
+        keep_alive: None,
+        limits: V5Limits::default(),
+        in_flows: HashSet::new(),
+        awaiting_rel: HashSet::new(),
+        backlog: VecDeque::new(),
+        backlog_bytes: 0,
+        disconnecting: None,
+        will_delay: 0,
+        pending: FuturesOrdered::new(),
+        submitting: None,
+        session_id: 0,
+        outbox_tx: None,
+        outbox: None,
+        subscriptions: Default::default(),
+        sub_extras: false,
+        share_subs: Default::default(),
+        shares_done: Vec::new(),
+        out_inflight: Default::default(),
+        ready: VecDeque::new(),
+        persist: None,
+        replay: VecDeque::new(),
+        replay_floor: Default::default(),
+        overflow: Arc::default(),
+        overflowed: Default::default(),
+        written_live: Default::default(),
+        will: None,
+        commands: None,
+        cmd_ready: Arc::default(),
+        cmd_filters: Default::default(),
+        awaiting_puback: Default::default(),
+        next_pkid: 1,
+        grant: Grant::own("", crate::auth::acl::Method::Anonymous),
+        denied: 0,
+        limiter: shared_quota.map(crate::limits::ConnectionLimiter::new),
+        throttled_until: None,
+    };
+    let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
+    let session = match tokio::time::timeout(timeout, conn.handshake()).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(end)) => {
+            conn.closed(&end);
+            return;
+        }
+        Err(_) => {
+            conn.closed(&End::Protocol("connect_timeout", format!("no CONNECT within {timeout:?}")));
+            return;
+        }
+    };
+    let end = conn.run(&session).await;
+    conn.closed(&end);
+    conn.say_disconnect(&end).await;
+    conn.leave_broker();
+    conn.leave_shares().await;
+    conn.finish_session().await;
+    conn.close_replay().await;
+    {
+        let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
+            sessions.remove(&conn.client_id);
+        }
+    }
+    conn.end_will(&end).await;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+    /// Reads CONNECT, checks it, registers the session, answers CONNACK.
+    async fn handshake(&mut self) -> Result<Session, End> {
+        let connect = loop {
+            // Read before the codec consumes the packet.
+            let declared = codec::connect_level(&self.rbuf);
+            match codec::read(None, &mut self.rbuf, self.max_packet) {
+                Ok(Some(Inbound::Connect(c))) => break c,
+                Ok(Some(other)) => {
+                    return Err(End::Protocol("expected_connect", format!("first packet was {other:?}")))
+                }
+                Ok(None) => self.read_more().await?,
+                Err(e @ (codec::DecodeError::Level(_) | codec::DecodeError::ProtocolName)) => {
+                    // MQTT 5 clients read only an MQTT 5 CONNACK; older
+                    // ones a 3.1.1 one.
+                    let level = declared.unwrap_or(4);
+                    self.codec = Codec { version: if level >= 5 { Version::V5 } else { Version::V4 } };
+                    self.refuse(reason::UNSUPPORTED_PROTOCOL).await;
+                    return Err(End::Protocol("protocol_version", fluxmesh_mesh::error_chain(&e)));
+                }
+                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
+            }
+        };
+        self.codec = Codec { version: connect.version };
+        let v5 = connect.version == Version::V5;
+        if connect.auth_method.is_some() {
+            self.refuse(reason::BAD_AUTHENTICATION_METHOD).await;
+            return Err(End::Protocol("auth_method", "enhanced authentication is not offered".into()));
+        }
+        self.clean = connect.clean_start;
+        self.session_expiry = match connect.version {
+            Version::V5 => connect.session_expiry.unwrap_or(0),
+            Version::V4 if connect.clean_start => 0,
+            Version::V4 => u32::MAX,
+        };
+        let mut assigned = None;
+        self.client_id = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                self.refuse(reason::CLIENT_ID_INVALID).await;
+                return Err(End::Protocol("bad_client_id", "empty client id needs a clean session".into()));
+            }
+            let id = format!("auto-{}", uuid::Uuid::new_v4().simple());
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id
+        };
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        let cap = self.shared.config.server_keep_alive_secs;
+        if v5 && cap > 0 && (keep_alive == 0 || keep_alive > cap) {
+            keep_alive = cap;
+            server_keep_alive = Some(cap);
+        }
+        self.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        if v5 {
+            self.limits.receive_maximum = usize::from(connect.receive_maximum.unwrap_or(u16::MAX).max(1));
+            self.limits.max_packet = connect.max_packet_size.map_or(usize::MAX, |m| m as usize);
+            self.limits.alias_max = connect.topic_alias_max.unwrap_or(0);
+        }
+        self.grant = self.authenticate(connect.username.as_deref(), connect.password.as_deref()).await?;
+        if let Some(will) = connect.will {
+            self.will_delay = will.delay;
+            self.will = Some(self.accept_will(will).await?);
+        }
+        self.open_session().await?;
+
+        let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        self.commands = Some(commands_rx);
+        let (outbox_tx, outbox) = tokio::sync::mpsc::channel(self.shared.config.session_queue);
+        (self.outbox_tx, self.outbox) = (Some(outbox_tx), Some(outbox));
+        let session = Session {
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            connected_us: fluxmesh_schemas::frame::now_us(),
+            end: CancellationToken::new(),
+            commands: commands_tx,
+            cmd_ready: self.cmd_ready.clone(),
+            revoked: Arc::default(),
+            auth_revision: self.grant.revision,
+        };
+        self.session_id = session.serial;
+        let previous = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.client_id.clone(), session.clone());
+        if let Some(previous) = previous {
+            tracing::info!(client = %self.client_id, peer = %self.peer, "client id connected again; ending the older session");
+            previous.end.cancel();
+        }
+        // The client is back: a will waiting out its delay is not sent.
+        self.shared.cancel_delayed_will(&self.client_id);
+        self.shared.sessions_bus.announce(&self.client_id, session.connected_us).await;
+        let present = self.persist.as_ref().is_some_and(|p| p.present);
+        let info = codec::ConnAckInfo {
+            assigned_client_id: assigned,
+            receive_maximum: u16::try_from(self.shared.config.max_inflight).unwrap_or(u16::MAX),
+            max_packet_size: u32::try_from(self.max_packet).unwrap_or(u32::MAX),
+            topic_alias_max: self.shared.config.topic_alias_max,
+            server_keep_alive,
+            session_expiry: None,
+        };
+        self.codec.connack(&mut self.wbuf, present, reason::SUCCESS, Some(&info));
+        self.flush().await?;
+        tracing::debug!(client = %self.client_id, peer = %self.peer, present, version = ?self.codec.version, "MQTT connected");
+        if present {
+            self.resume().await;
+        }
+        Ok(session)
+    }
+
+    /// Checks the CONNECT's credentials: the client id is the device id,
+    /// the password its secret, the username empty or the client id.
+    async fn authenticate(&mut self, username: Option<&str>, password: Option<&[u8]>) -> Result<Grant, End> {
+        let username = username.filter(|u| !u.is_empty());
+        let secret = password.filter(|p| !p.is_empty());
+        let denied = match self.shared.auth.authenticate("mqtt", &self.client_id, username, secret).await {
+            Ok(grant) => return Ok(grant),
+            Err(denied) => denied,
+        };
+        let code = match denied {
+            Denied::BadCredentials | Denied::UsernameMismatch => reason::BAD_USER_NAME_OR_PASSWORD,
+            Denied::NoCredentials | Denied::Disabled => reason::NOT_AUTHORIZED,
+            Denied::Unavailable => reason::SERVER_UNAVAILABLE,
+        };
+        self.refuse(code).await;
+        Err(End::Denied(denied))
+    }
+
+    /// Whether `mqtt.deny_topics` keeps every client off `topic`.
+    fn topic_denied(&self, topic: &str) -> bool {
+        self.shared.config.deny_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
+    }
+
+    /// Whether `mqtt.plain_topics` lets clients use plain topic `topic`.
+    fn plain_allowed(&self, topic: &str) -> bool {
+        self.shared.config.plain_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
+    }
+
+    /// Refuses the CONNECT with `code` (an MQTT 5 reason; 3.1.1 gets its
+    /// nearest return code).
+    async fn refuse(&mut self, code: u8) {
+        self.codec.connack(&mut self.wbuf, false, code, None);
+        let _ = self.flush().await;
+    }
+
+    /// Tells an MQTT 5 client why the server ends the connection.
+    async fn say_disconnect(&mut self, end: &End) {
+        let Some(code) = end.disconnect_code() else { return };
+        if self.codec.version != Version::V5 {
+            return;
+        }
+        self.codec.disconnect(&mut self.wbuf, code);
+        // A lingering close: send FIN after the DISCONNECT, then read what
+        // the client still sends until it closes too. Closing with unread
+        // bytes would make the kernel send RST, and a client that gets RST
+        // may never read the DISCONNECT.
+        let linger = async {
+            self.flush().await.ok()?;
+            self.socket.shutdown().await.ok()?;
+            let mut sink = [0u8; 4096];
+            while self.socket.read(&mut sink).await.ok()? > 0 {}
+            Some(())
+        };
+        let _ = tokio::time::timeout(LINGER, linger).await;
+    }
+
+    async fn run(&mut self, session: &Session) -> End {
+        let mut draining: Option<(Instant, End)> = None;
+        let mut keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
+        let save_every = Duration::from_millis(self.shared.config.session_save_interval_ms);
+        let mut save_at = Instant::now() + save_every;
+        loop {
+            if let Err(end) = self.parse_and_handle(draining.is_some()).await {
+                return end;
+            }
+            if let Err(end) = self.start_next() {
+                return end;
+            }
+            while draining.is_none() && self.out_room() {
+                let Some(out) = self.ready.pop_front() else { break };
+                self.write_delivery(out);
+            }
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            for share in std::mem::take(&mut self.shares_done) {
+                share.done().await;
+            }
+            let idle = self.backlog.is_empty() && self.submitting.is_none() && self.pending.is_empty();
+            if idle {
+                match self.disconnecting {
+                    Some(reason::DISCONNECT_WITH_WILL) => return End::DisconnectWithWill,
+                    Some(_) => return End::Disconnect,
+                    None => {}
+                }
+            }
+            if let Some((_, end)) = &draining {
+                if idle {
+                    return match end {
+                        End::TakenOver => End::TakenOver,
+                        End::Revoked => End::Revoked,
+                        _ => End::Stopped,
+                    };
+                }
+            }
+            let can_read = draining.is_none() && self.disconnecting.is_none() && self.backlog_has_room();
+            if !can_read {
+                // We are holding the device back (backpressure), so its
+                // PINGREQs sit unread: keep-alive counts only while we read.
+                keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
+            }
+            let far = Instant::now() + Duration::from_secs(86_400);
+            let ka_deadline = keep_alive_at.unwrap_or(far);
+            let throttle_deadline = self.throttled_until.unwrap_or(far);
+            let drain_deadline = draining.as_ref().map(|(at, _)| *at).unwrap_or(far);
+            tokio::select! {
+                biased;
+                _ = self.shared.stop.cancelled(), if draining.is_none() => {
+                    draining = Some((Instant::now() + DRAIN_TIMEOUT, End::Stopped));
+                }
+                _ = session.end.cancelled(), if draining.is_none() => {
+                    let end = if session.revoked.load(Ordering::Acquire) { End::Revoked } else { End::TakenOver };
+                    draining = Some((Instant::now() + DRAIN_TIMEOUT, end));
+                }
+                _ = tokio::time::sleep_until(throttle_deadline), if self.throttled_until.is_some() => {
+                    self.throttled_until = None;
+                }
+                Some((reply, outcome)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(end) = self.settle(reply, outcome) {
+                        return end;
+                    }
+                    // Take every ack that is already in, so they go out in
+                    // one write rather than one syscall each.
+                    while let Some(Some((reply, outcome))) = self.pending.next().now_or_never() {
+                        if let Err(end) = self.settle(reply, outcome) {
+                            return end;
+                        }
+                    }
+                }
+                Submitted(settle) = async { self.submitting.as_mut().expect("guarded by is_some").await }, if self.submitting.is_some() => {
+                    self.submitting = None;
+                    self.pending.push_back(settle);
+                }
+                read = self.socket.read_buf(&mut self.rbuf), if can_read => match read {
+                    Ok(0) => return End::PeerClosed,
+                    Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
+                    Err(e) => return End::Io(e),
+                },
+                _ = self.overflow.notify.notified(), if draining.is_none() => {
+                    self.overflowed_again();
+                }
+                Some(out) = next_outgoing(&mut self.outbox), if draining.is_none() && self.replay.is_empty() && self.out_room() => {
+                    self.write_live(out);
+                    // Take what else is queued, so it goes out in one write.
+                    while self.out_room() {
+                        let Some(Some(out)) = next_outgoing(&mut self.outbox).now_or_never() else { break };
+                        self.write_live(out);
+                    }
+                }
+                read = next_replayed(&mut self.replay, &self.shared.broker, self.session_id), if draining.is_none() && !self.replay.is_empty() && self.ready.len() < usize::from(self.shared.config.max_inflight_out) => {
+                    self.replayed(read).await;
+                }
+                _ = tokio::time::sleep_until(save_at), if self.persist.is_some() && draining.is_none() => {
+                    self.save_session(false).await;
+                    save_at = Instant::now() + save_every;
+                }
+                Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT && self.out_room() => {
+                    self.write_command(command);
+                }
+                _ = tokio::time::sleep_until(ka_deadline), if can_read && keep_alive_at.is_some() => {
+                    return End::KeepAlive;
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
+                    tracing::warn!(client = %self.client_id, pending = self.pending.len(), "connection drain deadline reached");
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Room for one more QoS 1/2 message to the client (commands included).
+    fn out_room(&self) -> bool {
+        let max = usize::from(self.shared.config.max_inflight_out).min(self.limits.receive_maximum);
+        self.out_inflight.len() + self.awaiting_puback.len() < max
+    }
+
+    /// Room for one more publish awaiting its JetStream ack.
+    fn has_room(&self) -> bool {
+        self.pending.len() < self.shared.config.max_inflight
+    }
+
+    /// Room for one more parsed publish.
+    fn backlog_has_room(&self) -> bool {
+        self.backlog.is_empty()
+            || (self.backlog.len() < self.shared.config.max_inflight && self.backlog_bytes < BACKLOG_BYTES)
+    }
+
+    /// Counts and logs an ACL refusal (the first on a connection at warn,
+    /// the rest at debug, so a misbehaving device cannot flood the log).
+    fn acl_denied(&mut self, action: &'static str, topic: &str) {
+        metrics::counter!(crate::internal_events::names::ACL_DENIED_TOTAL, "action" => action).increment(1);
+        self.denied += 1;
+        if self.denied == 1 {
+            tracing::warn!(client = %self.client_id, peer = %self.peer, action, topic, "refused by the device's ACL");
+        } else {
+            tracing::debug!(client = %self.client_id, action, topic, count = self.denied, "refused by the device's ACL");
+        }
+    }
+
+    async fn read_more(&mut self) -> Result<(), End> {
+        match self.socket.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(End::PeerClosed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    /// Handles the complete packets already read: publishes join the
+    /// backlog (while it has room), everything else is answered at once.
+    async fn parse_and_handle(&mut self, draining: bool) -> Result<(), End> {
+        while !draining && self.disconnecting.is_none() && self.backlog_has_room() {
+            let packet = match codec::read(Some(self.codec.version), &mut self.rbuf, self.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(codec::DecodeError::TooLarge(size)) => {
+                    internal_events::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
+                    return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
+                }
+                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
+            };
+            self.handle(packet).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, packet: Inbound) -> Result<(), End> {
+        match packet {
+            Inbound::Publish(publish) => self.received(publish)?,
+            Inbound::PubRel(pkid) => {
+                self.awaiting_rel.remove(&pkid);
+                self.in_flows.remove(&pkid);
+                self.codec.pubcomp(&mut self.wbuf, pkid);
+            }
+            Inbound::Subscribe { pkid, filters, id } => self.subscribe_packet(pkid, filters, id).await,
+            Inbound::Unsubscribe { pkid, filters } => {
+                let mut existed = Vec::with_capacity(filters.len());
+                for topic in &filters {
+                    let mut found = false;
+                    if self.cmd_filters.remove(topic).is_some() {
+                        found = true;
+                        if self.cmd_filters.is_empty() {
+                            // No more commands here: the command service
+                            // queues them until the device subscribes again.
+                            self.cmd_ready.store(false, Ordering::Release);
+                        }
+                    }
+                    if self.subscriptions.remove(topic).is_some() {
+                        found = true;
+                        self.shared.broker.unsubscribe(self.session_id, topic);
+                    }
+                    if self.share_subs.remove(topic).is_some() {
+                        found = true;
+                        if let Some((group, filter)) = super::shared::parse(topic) {
+                            self.shared.shares.leave(self.session_id, group, filter).await;
+                        }
+                    }
+                    if let Some(persist) = &mut self.persist {
+                        persist.record.opts.remove(topic);
+                        persist.subs_changed |= persist.record.subs.remove(topic).is_some();
+                    }
+                    existed.push(found);
+                }
+                self.sub_extras = self.subscriptions.values().any(SubOpts::has_extras);
+                // Stored before the UNSUBACK, like a subscription.
+                self.save_session(false).await;
+                self.codec.unsuback(&mut self.wbuf, pkid, &existed);
+            }
+            Inbound::PingReq => self.codec.pingresp(&mut self.wbuf),
+            // Publishes read before it are still stored and acknowledged.
+            Inbound::Disconnect { reason, session_expiry } => {
+                if let Some(expiry) = session_expiry {
+                    if self.session_expiry == 0 && expiry > 0 {
+                        // MQTT 5 3.14.2.2.2: a session that was to end with
+                        // its connection cannot be kept at DISCONNECT.
+                        return Err(End::Protocol("session_expiry", "DISCONNECT set a session expiry after 0".into()));
+                    }
+                    self.session_expiry = expiry;
+                }
+                self.disconnecting = Some(reason);
+            }
+            Inbound::PubAck(pkid) => {
+                if let Some(done) = self.awaiting_puback.remove(&pkid) {
+                    let _ = done.send(Ok(()));
+                } else if self.out_inflight.get(&pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
+                    if let Some(share) = self.out_inflight.remove(&pkid).and_then(|o| o.share) {
+                        share.done().await;
+                    }
+                }
+            }
+            Inbound::PubRec { pkid, failed } => {
+                if let Some(out) = self.out_inflight.get_mut(&pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
+                    out.released = true;
+                    if let Some(share) = out.share.take() {
+                        share.done().await;
+                    }
+                }
+                if failed {
+                    // MQTT 5: the client refused it; the exchange ends here.
+                    self.out_inflight.remove(&pkid);
+                } else {
+                    // Answered even for an id we do not know: the client
+                    // may hold it from before a reconnect.
+                    self.codec.pubrel(&mut self.wbuf, pkid);
+                }
+            }
+            Inbound::PubComp(pkid) => {
+                if self.out_inflight.get(&pkid).is_some_and(|o| o.released) {
+                    self.out_inflight.remove(&pkid);
+                }
+            }
+            Inbound::Connect(_) => {
+                return Err(End::Protocol("second_connect", "CONNECT on a connected session".into()))
+            }
+            Inbound::Auth => {
+                return Err(End::Protocol("unexpected_packet", "AUTH, but no authentication method was set".into()))
+            }
+            Inbound::Unexpected(what) => {
+                return Err(End::Protocol("unexpected_packet", format!("{what} from a client")))
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.write_all(&self.wbuf)).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => {
+                Err(End::Protocol("write_timeout", format!("device left our writes unread for {WRITE_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    fn closed(&self, end: &End) {
+        match end {
+            End::Disconnect
+            | End::DisconnectWithWill
+            | End::PeerClosed
+            | End::Stopped
+            | End::TakenOver
+            | End::Revoked => {
+                tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
+            }
+            End::Protocol(reason, detail) => {
+                metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => *reason)
+                    .increment(1);
+                tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
+            }
+            End::Session(e) => {
+                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
+                    "MQTT connection refused: its session could not be read or stored");
+            }
+            End::WillNotKept(e) => {
+                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
+                    "MQTT connection refused: its will could not be kept");
+            }
+            End::NotStored(e) => {
+                tracing::error!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e),
+                    "MQTT message could not be stored; closing without PUBACK so the device resends it");
+            }
+            End::Io(e) => {
+                tracing::debug!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT connection I/O error")
+            }
+            End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
+            // Counted and logged by the authenticator.
+            End::Denied(_) => {}
+        }
+        metrics::counter!(crate::internal_events::names::MQTT_DISCONNECTS_TOTAL, "reason" => end.reason()).increment(1);
+    }
+}
+
+async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutCommand>>) -> Option<OutCommand> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_outgoing(outbox: &mut Option<tokio::sync::mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match outbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn qos_of(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The next message of a resumed session's replay, opening the current
+/// stream's reader first if needed. Cancel-safe: the reader is kept.
+async fn next_replayed(
+    replay: &mut VecDeque<super::sessions::Replay>,
+    broker: &super::broker::Broker,
+    session: u64,
+) -> Result<Option<async_nats::jetstream::Message>, super::broker::FeedError> {
+    let Some(current) = replay.front_mut() else { return Ok(None) };
+    if current.reader.is_none() {
+        current.reader = Some(broker.replay_reader(&current.stream, current.next, session).await?);
+    }
+    let Some(reader) = current.reader.as_mut() else { return Ok(None) };
+    match reader.next().await {
+        Ok(message) => Ok(Some(message)),
+        Err(source) => Err(super::broker::FeedError::Reader { stream: current.stream.to_string(), source }),
+    }
+}
+
+fn qos_label(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}
