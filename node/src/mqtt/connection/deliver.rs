@@ -72,8 +72,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let skip = if message.expired(now) {
             Some("expired")
         } else if self.sub_extras && out.share.is_none() {
-            let own =
-                message.client.as_deref() == Some(fluxmesh_schemas::subject::escape_token(&self.client_id).as_ref());
+            // Escaping the client id only for a message that names a publisher.
+            let own = message
+                .client
+                .as_deref()
+                .is_some_and(|c| c == fluxmesh_schemas::subject::escape_token(&self.client_id).as_ref());
             let mut best: Option<QoS> = None;
             for (filter, opts) in &self.subscriptions {
                 if (own && opts.no_local) || !super::super::topics::matches(&message.topic, filter) {
