@@ -18,6 +18,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use fluxmesh_node::lifecycle::Lifecycle;
 use fluxmesh_node::storage::writer::{Rows, TelemetryRow};
 use fluxmesh_node::storage::{Storage, StorageConfig};
 use fluxmesh_schemas::frame::{now_us, FrameId};
@@ -27,8 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -119,10 +118,8 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("starting PostgreSQL")?;
     let cfg = StorageConfig { primary: pg.url(), writer_connections: args.connections, ..Default::default() };
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let storage =
-        Storage::start(&cfg, "bench", stop.clone(), stop.clone(), &tracker).await?.context("storage is on")?;
+    let life = Lifecycle::new();
+    let storage = Storage::start(&cfg, "bench", &life, &life).await?.context("storage is on")?;
     let all = Arc::new(rows(&args));
     println!(
         "history writer: {} rows, {} devices, batches of {}, {} submitters, {} writer connections, {} readers at 20/s; PostgreSQL with fsync on",
@@ -215,8 +212,7 @@ async fn main() -> anyhow::Result<()> {
     println!("peer:   {:>9.0} rows/s plain COPY BINARY (no key, no partitions, not idempotent)", copy_rate);
     println!("ratio writer / plain COPY: {:.2}", write_rate / copy_rate);
 
-    stop.cancel();
-    tracker.close();
-    tracker.wait().await;
+    life.stop();
+    life.close_and_wait(Duration::from_secs(30)).await;
     Ok(())
 }

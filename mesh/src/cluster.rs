@@ -23,9 +23,10 @@
 //! sees its deadline passed before anyone else could have claimed, and stops
 //! processing before it emits anything more.
 
+use crate::lifecycle::Lifecycle;
 use crate::stores::Bucket;
+use crate::watch::{KvHistory, Rewatch, Watched};
 use async_nats::jetstream::{self, kv};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// The `[cluster]` config section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,12 +152,8 @@ pub enum ClusterError {
         #[source]
         source: async_nats::Error,
     },
-    #[error("cannot watch KV bucket {bucket}")]
-    Watch {
-        bucket: String,
-        #[source]
-        source: async_nats::Error,
-    },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
     #[error("first heartbeat failed")]
     Heartbeat(#[source] async_nats::Error),
     #[error("shard {shard}: lease changed under us (another node claimed or released it first)")]
@@ -231,16 +227,16 @@ struct Inner {
 
 impl ClusterHandle {
     /// Joins: writes the first heartbeat, then starts the heartbeat and the
-    /// two watchers on `tasks`; all stop when `stop` is cancelled. Returns
+    /// two watchers on `life`; all stop on its stop signal. Returns
     /// once this node sees the current membership and leases.
     pub async fn join(
         members: kv::Store,
         leases: kv::Store,
         me: Member,
         cfg: ClusterConfig,
-        stop: CancellationToken,
-        tasks: &TaskTracker,
+        life: &Lifecycle,
     ) -> Result<ClusterHandle, ClusterError> {
+        let stop = life.token().clone();
         let value = serde_json::to_vec(&me).map_err(|e| ClusterError::Heartbeat(e.into()))?;
         let sent = Instant::now();
         members.put(&me.node_id, value.into()).await.map_err(|e| ClusterError::Heartbeat(e.into()))?;
@@ -248,8 +244,8 @@ impl ClusterHandle {
         let (view_tx, view_rx) = watch::channel(View::default());
         let view_tx = Arc::new(view_tx);
         let (members_ready, leases_ready) = (CancellationToken::new(), CancellationToken::new());
-        let member_watch = Rewatch::open(members.clone(), "membership").await?.spawn(stop.clone(), tasks);
-        let lease_watch = Rewatch::open(leases.clone(), "lease").await?.spawn(stop.clone(), tasks);
+        let member_watch = Rewatch::open(KvHistory(members.clone()), "membership", 0).await?.spawn(life);
+        let lease_watch = Rewatch::open(KvHistory(leases.clone()), "lease", 0).await?.spawn(life);
         let inner = Arc::new(Inner {
             me,
             cfg,
@@ -259,15 +255,15 @@ impl ClusterHandle {
             last_heartbeat: Mutex::new(sent),
             lags: Mutex::new(BTreeMap::new()),
         });
-        tasks.spawn(watch_members(
+        life.spawn(watch_members(
             member_watch,
             inner.cfg.liveness_timeout(),
             view_tx.clone(),
             members_ready.clone(),
             stop.clone(),
         ));
-        tasks.spawn(watch_leases(lease_watch, view_tx, leases_ready.clone(), stop.clone()));
-        tasks.spawn(heartbeat(inner.clone(), stop.clone()));
+        life.spawn(watch_leases(lease_watch, view_tx, leases_ready.clone(), stop.clone()));
+        life.spawn(heartbeat(inner.clone(), stop.clone()));
         let handle = ClusterHandle { inner };
         tokio::select! {
             _ = async { members_ready.cancelled().await; leases_ready.cancelled().await } => {}
@@ -410,123 +406,10 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
-/// What a [`Rewatch`] task hands its reader.
-#[derive(Debug)]
-pub enum Watched {
-    Entry(Box<kv::Entry>),
-    /// The watch was re-created: current values are replayed next.
-    Restarted,
-}
-
-/// A KV watch with history (every key's current value first, then changes)
-/// that starts over when the server side goes away. A NATS server restart
-/// can end an async-nats watch, or leave it silent for tens of seconds
-/// before it reports a missed heartbeat; so once a second the bucket's last
-/// revision is compared with what the watch delivered, and a watch that
-/// stays behind for a whole second is re-created.
-pub struct Rewatch {
-    store: kv::Store,
-    watch: Option<kv::Watch>,
-    what: &'static str,
-    /// Set when a new watch starts replaying current values.
-    restarted: bool,
-    /// Highest revision delivered.
-    seen: u64,
-    /// The bucket's last revision at the previous check.
-    last_at_check: u64,
-    check: tokio::time::Interval,
-}
-
-impl std::fmt::Debug for Rewatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rewatch").field("bucket", &self.store.name).field("what", &self.what).finish_non_exhaustive()
-    }
-}
-
-impl Rewatch {
-    pub async fn open(store: kv::Store, what: &'static str) -> Result<Rewatch, ClusterError> {
-        let watch = store
-            .watch_with_history(">")
-            .await
-            .map_err(|e| ClusterError::Watch { bucket: store.name.clone(), source: e.into() })?;
-        let mut check = tokio::time::interval(Duration::from_secs(1));
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Rewatch { store, watch: Some(watch), what, restarted: false, seen: 0, last_at_check: 0, check })
-    }
-
-    /// Runs the watch in a task of its own (so that nothing cancels it
-    /// halfway through a check) until `stop` or until the receiver is gone.
-    pub fn spawn(mut self, stop: CancellationToken, tasks: &TaskTracker) -> mpsc::Receiver<Watched> {
-        let (tx, rx) = mpsc::channel(256);
-        tasks.spawn(async move {
-            loop {
-                let entry = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    entry = self.next() => entry,
-                };
-                if std::mem::take(&mut self.restarted) && tx.send(Watched::Restarted).await.is_err() {
-                    return;
-                }
-                // Waits when the reader is behind (bounded; nothing dropped).
-                if tx.send(Watched::Entry(Box::new(entry))).await.is_err() {
-                    return;
-                }
-            }
-        });
-        rx
-    }
-
-    /// The next entry, re-creating the watch as often as needed.
-    async fn next(&mut self) -> kv::Entry {
-        loop {
-            let Some(watch) = self.watch.as_mut() else {
-                match self.store.watch_with_history(">").await {
-                    Ok(w) => {
-                        tracing::info!(watch = self.what, "KV watch re-created");
-                        self.watch = Some(w);
-                        self.restarted = true;
-                        self.last_at_check = 0;
-                    }
-                    Err(e) => {
-                        tracing::warn!(watch = self.what, error = %crate::error_chain(&e), "cannot re-create KV watch yet");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-                continue;
-            };
-            tokio::select! {
-                next = watch.next() => match next {
-                    Some(Ok(entry)) => {
-                        self.seen = self.seen.max(entry.revision);
-                        return entry;
-                    }
-                    Some(Err(e)) => tracing::warn!(watch = self.what, error = %crate::error_chain(&e), "KV watch failed; re-creating it"),
-                    None => tracing::warn!(watch = self.what, "KV watch ended; re-creating it"),
-                },
-                _ = self.check.tick() => {
-                    let last = match tokio::time::timeout(Duration::from_secs(1), self.store.status()).await {
-                        Ok(Ok(status)) => status.info.state.last_sequence,
-                        _ => continue,
-                    };
-                    let behind = self.last_at_check > 0 && self.seen < self.last_at_check;
-                    self.last_at_check = last;
-                    if !behind {
-                        continue;
-                    }
-                    tracing::warn!(watch = self.what, seen = self.seen, bucket = last, "KV watch fell silent; re-creating it");
-                }
-            }
-            metrics::counter!(crate::metric_names::CLUSTER_WATCH_RESTARTS_TOTAL, "watch" => self.what).increment(1);
-            self.watch = None;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// Keeps `view.live` current: adds or refreshes members on every heartbeat,
 /// drops them on delete or when their heartbeats stop.
 async fn watch_members(
-    mut watch: mpsc::Receiver<Watched>,
+    mut watch: mpsc::Receiver<Watched<kv::Entry>>,
     timeout: Duration,
     view: Arc<watch::Sender<View>>,
     ready: CancellationToken,
@@ -543,7 +426,7 @@ async fn watch_members(
             _ = stop.cancelled() => return,
             watched = watch.recv() => {
                 let entry = match watched {
-                    Some(Watched::Entry(entry)) => entry,
+                    Some(Watched::Item(entry)) => entry,
                     Some(Watched::Restarted) => {
                         // Replayed entries are as old as their server timestamps.
                         replaying = true;
@@ -611,7 +494,7 @@ fn entry_age(entry: &kv::Entry) -> Duration {
 
 /// Keeps `view.leases` current.
 async fn watch_leases(
-    mut watch: mpsc::Receiver<Watched>,
+    mut watch: mpsc::Receiver<Watched<kv::Entry>>,
     view: Arc<watch::Sender<View>>,
     ready: CancellationToken,
     stop: CancellationToken,
@@ -628,7 +511,7 @@ async fn watch_leases(
                 continue;
             }
             watched = watch.recv() => match watched {
-                Some(Watched::Entry(entry)) => entry,
+                Some(Watched::Item(entry)) => entry,
                 Some(Watched::Restarted) => continue,
                 None => return,
             },

@@ -7,6 +7,8 @@
 //! - [`connect`]: one client per node, with reconnect and connection events.
 //! - [`handle`]: [`Mesh`], the one cheap handle (connection, publisher,
 //!   layout) that a node's parts share.
+//! - [`lifecycle`]: [`Lifecycle`], the one controller that spawns and
+//!   tracks a node's tasks and tells them when to stop.
 //! - [`ownership`]: the shard coordinator (leases claimed, handed over and
 //!   fenced) and the narrow interface through which it runs the node's
 //!   worker on each shard it owns.
@@ -21,12 +23,15 @@
 //! - [`shard_reader`]: one shard's telemetry in stream order, with no acks.
 //! - [`stores`]: every other stream and bucket, each named by one function
 //!   and opened by one function.
+//! - [`watch`]: [`watch::Rewatch`], the watch on a bucket that re-creates
+//!   itself when NATS ends it or lets it fall silent.
 
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod connect;
 pub mod handle;
+pub mod lifecycle;
 pub mod metric_names;
 pub mod ownership;
 pub mod placement;
@@ -36,10 +41,12 @@ pub mod read;
 pub mod secret;
 pub mod shard_reader;
 pub mod stores;
+pub mod watch;
 
 pub use config::NatsConfig;
 pub use connect::{connect, ConnectError};
 pub use handle::Mesh;
+pub use lifecycle::Lifecycle;
 pub use provision::{provision, telemetry_streams, ProvisionError, Provisioned};
 pub use publisher::{frame_headers, Pending, PublishError, Publisher};
 pub use read::{read_pending, ReadError};

@@ -20,7 +20,7 @@ pub struct Metric {
 }
 
 pub const CLUSTER_BAD_ENTRIES_TOTAL: &str = "fluxmesh_cluster_bad_entries_total";
-pub const CLUSTER_WATCH_RESTARTS_TOTAL: &str = "fluxmesh_cluster_watch_restarts_total";
+pub const WATCH_RESTARTS_TOTAL: &str = "fluxmesh_watch_restarts_total";
 pub const HEARTBEAT_FAILURES_TOTAL: &str = "fluxmesh_heartbeat_failures_total";
 pub const LEASE_CLAIMS_TOTAL: &str = "fluxmesh_lease_claims_total";
 pub const LEASE_RELEASES_TOTAL: &str = "fluxmesh_lease_releases_total";
@@ -39,8 +39,8 @@ pub const SHARDS_RUNNING: &str = "fluxmesh_shards_running";
 /// Every metric above, with its kind and help text.
 pub const ALL: &[Metric] = &[
     Metric { name: CLUSTER_BAD_ENTRIES_TOTAL, kind: Kind::Counter, help: "Cluster KV entries (members, leases) that could not be read and were skipped." },
-    Metric { name: CLUSTER_WATCH_RESTARTS_TOTAL, kind: Kind::Counter, help: "Heartbeats not acknowledged; KV watches re-created." },
-    Metric { name: HEARTBEAT_FAILURES_TOTAL, kind: Kind::Counter, help: "Heartbeats not acknowledged; KV watches re-created." },
+    Metric { name: WATCH_RESTARTS_TOTAL, kind: Kind::Counter, help: "Watches on a bucket (membership, lease, rules, plugins, credentials) re-created after NATS ended, failed or silenced them." },
+    Metric { name: HEARTBEAT_FAILURES_TOTAL, kind: Kind::Counter, help: "Membership heartbeats not acknowledged in time." },
     Metric { name: LEASE_CLAIMS_TOTAL, kind: Kind::Counter, help: "Leases claimed, released, given up (past the fencing deadline, or found taken over)." },
     Metric { name: LEASE_RELEASES_TOTAL, kind: Kind::Counter, help: "Leases claimed, released, given up (past the fencing deadline, or found taken over)." },
     Metric { name: NATS_CONNECTED, kind: Kind::Gauge, help: "1 while the node is connected to NATS." },

@@ -101,6 +101,9 @@ pub struct Settings {
     pub batch: usize,
     /// Wait before restarting a worker that failed.
     pub restart_backoff: Duration,
+    /// At shutdown, how long the workers may take to finish their batches
+    /// before they are aborted (their leases are released either way).
+    pub stop_deadline: Duration,
 }
 
 /// A shard this node holds the lease of, with its checkpoint log claimed
@@ -519,7 +522,7 @@ impl<W: ShardWorker> Coordinator<W> {
         for r in self.running.values() {
             r.stop.cancel();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + self.settings.stop_deadline;
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, self.workers.join_next()).await {
                 Ok(Some(Ok((shard, _, Ended::Failed { error, .. })))) => {

@@ -5,22 +5,19 @@
 
 use async_nats::jetstream;
 use fluxmesh_mesh::cluster::{open_buckets, ClusterConfig, ClusterError, ClusterHandle, Member};
+use fluxmesh_mesh::Lifecycle;
 use fluxmesh_testkit::{wait_for, NatsServer};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 struct Joined {
     handle: ClusterHandle,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    life: Lifecycle,
 }
 
 impl Joined {
     async fn leave(self) {
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.life.stop();
+        self.life.close_and_wait(Duration::from_secs(30)).await;
     }
 }
 
@@ -35,9 +32,9 @@ async fn join(js: &jetstream::Context, node: &str, cfg: &ClusterConfig) -> anyho
         started_us: 0,
         lag: Default::default(),
     };
-    let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
-    let handle = ClusterHandle::join(members, leases, me, cfg.clone(), stop.clone(), &tasks).await?;
-    Ok(Joined { handle, stop, tasks })
+    let life = Lifecycle::new();
+    let handle = ClusterHandle::join(members, leases, me, cfg.clone(), &life).await?;
+    Ok(Joined { handle, life })
 }
 
 #[tokio::test]
@@ -68,7 +65,7 @@ async fn leases_are_taken_by_cas_and_taken_over_from_a_dead_holder() -> anyhow::
     // A stops heartbeating (as if killed): B sees it dead after the
     // liveness timeout, and A itself stops trusting its lease first.
     let a_handle = a.handle.clone();
-    a.stop.cancel();
+    a.life.stop();
     wait_for(Duration::from_secs(10), "A's own deadline passes", || {
         let ok = !a_handle.holds(&held.lease);
         async move { ok.then_some(()) }
@@ -97,8 +94,7 @@ async fn leases_are_taken_by_cas_and_taken_over_from_a_dead_holder() -> anyhow::
     // A release with a stale epoch is refused.
     assert!(matches!(b.handle.release(5, taken.epoch).await, Err(ClusterError::LeaseConflict { .. })));
 
-    a.tasks.close();
-    a.tasks.wait().await;
+    a.life.close_and_wait(Duration::from_secs(30)).await;
     b.leave().await;
     Ok(())
 }

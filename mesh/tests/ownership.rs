@@ -9,6 +9,7 @@ use fluxmesh_mesh::checkpoint::CheckpointError;
 use fluxmesh_mesh::cluster::{open_buckets, ClusterConfig, ClusterHandle, Member};
 use fluxmesh_mesh::ownership::{coordinate, OwnedShard, Settings, ShardWorker, WorkerFailure};
 use fluxmesh_mesh::shard_reader::ReaderError;
+use fluxmesh_mesh::Lifecycle;
 use fluxmesh_mesh::{placement, provision, Mesh, NatsConfig, Publisher};
 use fluxmesh_schemas::DeviceTopic;
 use fluxmesh_testkit::{wait_for, CpuHog, NatsServer};
@@ -16,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const SHARDS: u32 = 8;
 
@@ -115,7 +115,7 @@ struct Node {
     /// Stops the coordinator (graceful: hand over, release, leave; it then
     /// stops the heartbeats).
     stop: CancellationToken,
-    tasks: TaskTracker,
+    life: Lifecycle,
 }
 
 fn cluster_config() -> ClusterConfig {
@@ -124,7 +124,7 @@ fn cluster_config() -> ClusterConfig {
     ClusterConfig { heartbeat_ms: 250, missed_heartbeats: 8 }
 }
 
-async fn join(mesh: &Mesh, node: &str) -> anyhow::Result<(ClusterHandle, CancellationToken, TaskTracker)> {
+async fn join(mesh: &Mesh, node: &str) -> anyhow::Result<(ClusterHandle, Lifecycle)> {
     let cfg = cluster_config();
     let (members, leases) = open_buckets(mesh.js(), "fm", 1, &cfg).await?;
     let me = Member {
@@ -136,25 +136,25 @@ async fn join(mesh: &Mesh, node: &str) -> anyhow::Result<(ClusterHandle, Cancell
         started_us: 0,
         lag: Default::default(),
     };
-    let (cluster_stop, tasks) = (CancellationToken::new(), TaskTracker::new());
-    let handle = ClusterHandle::join(members, leases, me, cfg, cluster_stop.clone(), &tasks).await?;
-    Ok((handle, cluster_stop, tasks))
+    let life = Lifecycle::new();
+    let handle = ClusterHandle::join(members, leases, me, cfg, &life).await?;
+    Ok((handle, life))
 }
 
 async fn start(mesh: &Mesh, node: &str, record: &Arc<Mutex<Record>>) -> anyhow::Result<Node> {
-    let (handle, cluster_stop, tasks) = join(mesh, node).await?;
+    let (handle, life) = join(mesh, node).await?;
     let stop = CancellationToken::new();
     let worker = Arc::new(Recorder { node: node.to_owned(), record: record.clone() });
-    let settings = Settings { batch: 64, restart_backoff: Duration::from_millis(100) };
-    tasks.spawn(coordinate(mesh.clone(), handle, worker, settings, stop.clone(), cluster_stop));
-    Ok(Node { stop, tasks })
+    let settings =
+        Settings { batch: 64, restart_backoff: Duration::from_millis(100), stop_deadline: Duration::from_secs(10) };
+    life.spawn(coordinate(mesh.clone(), handle, worker, settings, stop.clone(), life.token().clone()));
+    Ok(Node { stop, life })
 }
 
 impl Node {
     async fn stop(self) {
         self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.life.close_and_wait(Duration::from_secs(60)).await;
     }
 }
 
@@ -236,7 +236,7 @@ async fn shards_run_once_move_on_leave_and_stop_when_their_lease_is_taken() -> a
 
     // A thief takes one of B's shards by compare-and-set (as a node that
     // judged B dead would): B's worker on it stops; its others go on.
-    let (thief, thief_stop, thief_tasks) = join(&mesh, "node-thief").await?;
+    let (thief, thief_life) = join(&mesh, "node-thief").await?;
     let live = ["node-b".to_owned(), "node-thief".to_owned()];
     let shard = (0..SHARDS)
         .find(|s| placement::owner(*s, &live) == Some("node-b"))
@@ -279,9 +279,8 @@ async fn shards_run_once_move_on_leave_and_stop_when_their_lease_is_taken() -> a
     assert!(handed.is_empty(), "the taken shard's messages went to {handed:?}");
 
     thief.release(shard, taken.epoch).await?;
-    thief_stop.cancel();
-    thief_tasks.close();
-    thief_tasks.wait().await;
+    thief_life.stop();
+    thief_life.close_and_wait(Duration::from_secs(30)).await;
     b.stop().await;
     let doubly_run = record.lock().expect("record").doubly_run.clone();
     assert!(doubly_run.is_empty(), "shards ran on two nodes at once: {doubly_run:?}");

@@ -22,6 +22,7 @@
 //! While a shard has no owner (a failover in progress), nobody answers and
 //! the requester's own timeout fires: send again.
 
+use crate::lifecycle::Lifecycle;
 use crate::mqtt::LocalSessions;
 use async_nats::jetstream::consumer;
 use bytes::Bytes;
@@ -34,8 +35,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// The `[commands]` config section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,12 +136,11 @@ pub async fn open_queue(commands: &Commands) -> Result<(), CommandsError> {
     .map_err(CommandsError::Queue)
 }
 
-/// Starts the service's tasks on `tasks` (the queue stream is open).
+/// Starts the service's tasks on `life` (the queue stream is open).
 pub async fn start(
     commands: Arc<Commands>,
     cmd_ready: tokio::sync::mpsc::Receiver<String>,
-    stop: CancellationToken,
-    tasks: &TaskTracker,
+    life: &Lifecycle,
 ) -> Result<(), CommandsError> {
     let prefix = commands.mesh.subjects().prefix().to_owned();
     let subscribe = |subject: String| {
@@ -152,10 +150,10 @@ pub async fn start(
     let requests = subscribe(format!("{prefix}.cmd.>")).await?;
     let locate = subscribe(format!("{prefix}.sessq.>")).await?;
     let deliver = subscribe(format!("{prefix}.node.{}.deliver", escape(&commands.node_id))).await?;
-    tasks.spawn(serve_requests(commands.clone(), requests, stop.clone(), tasks.clone()));
-    tasks.spawn(serve_locate(commands.clone(), locate, stop.clone()));
-    tasks.spawn(serve_deliver(commands.clone(), deliver, stop.clone(), tasks.clone()));
-    tasks.spawn(drain_ready(commands, cmd_ready, stop));
+    life.spawn(serve_requests(commands.clone(), requests, life.clone()));
+    life.spawn(serve_locate(commands.clone(), locate, life.clone()));
+    life.spawn(serve_deliver(commands.clone(), deliver, life.clone()));
+    life.spawn(drain_ready(commands, cmd_ready, life.clone()));
     Ok(())
 }
 
@@ -175,17 +173,12 @@ async fn reply(client: &async_nats::Client, to: Option<async_nats::Subject>, bod
 }
 
 /// Handles `{prefix}.cmd.{device}` requests for the shards this node owns.
-async fn serve_requests(
-    c: Arc<Commands>,
-    mut sub: async_nats::Subscriber,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
+async fn serve_requests(c: Arc<Commands>, mut sub: async_nats::Subscriber, life: Lifecycle) {
     // Bounded: at most this many commands in progress on this node.
     let slots = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
         let msg = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
         let Some(device) = device_of(&msg.subject) else {
@@ -200,7 +193,7 @@ async fn serve_requests(
         let c = c.clone();
         // Tracked: the node's shutdown waits for it (bounded by the
         // delivery timeout).
-        tasks.spawn(async move {
+        life.spawn(async move {
             let answer = handle(&c, &device, msg.payload.clone(), msg.headers.as_ref()).await;
             let status = answer["status"].as_str().unwrap_or("?").to_owned();
             metrics::counter!(crate::internal_events::names::COMMANDS_TOTAL, "status" => status).increment(1);
@@ -300,10 +293,10 @@ pub async fn locate(client: &async_nats::Client, subjects: &Subjects, device: &s
 }
 
 /// Answers "who holds this device's session?" when this node does.
-async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, life: Lifecycle) {
     loop {
         let msg = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
         if let (Some(device), Some(to)) = (device_of(&msg.subject), msg.reply) {
@@ -318,12 +311,12 @@ async fn serve_locate(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: C
 }
 
 /// Writes forwarded commands to local sessions.
-async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: CancellationToken, tasks: TaskTracker) {
+async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, life: Lifecycle) {
     // Bounded like requests: at most this many deliveries in progress.
     let slots = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
         let msg = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             m = sub.next() => match m { Some(m) => m, None => return },
         };
         let device =
@@ -331,7 +324,7 @@ async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: 
         let Some(device) = device.map(|d| d.into_owned()) else { continue };
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let c = c.clone();
-        tasks.spawn(async move {
+        life.spawn(async move {
             let answer = match c.sessions.deliver(&device, msg.payload, c.timeout()).await {
                 Ok(()) => json!({"status": "delivered", "node": c.node_id}),
                 Err(e) => json!({"status": "not_delivered", "reason": e.reason(), "node": c.node_id}),
@@ -346,11 +339,11 @@ async fn serve_deliver(c: Arc<Commands>, mut sub: async_nats::Subscriber, stop: 
 /// topic here; every few seconds also to every such device (a notice that
 /// did not fit in the channel is not lost), and reports expired commands
 /// of the shards this node owns.
-async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<String>, stop: CancellationToken) {
+async fn drain_ready(c: Arc<Commands>, mut ready: tokio::sync::mpsc::Receiver<String>, life: Lifecycle) {
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             Some(device) = ready.recv() => {
                 if let Err(e) = drain_device(&c, &device).await {
                     tracing::warn!(%device, error = %fluxmesh_mesh::error_chain(&e), "delivering queued commands failed; retried on the next sweep");

@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod ingress;
 pub mod internal_events;
+pub mod lifecycle;
 pub mod limits;
 pub mod mqtt;
 pub mod node;

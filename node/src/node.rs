@@ -6,22 +6,13 @@
 //! delay them) → streams and buckets → MQTT front end → join the membership
 //! → shard coordinator → ready.
 //!
-//! Shutdown (SIGTERM), in this order so that nothing acknowledged is lost:
-//! 1. not ready; stop accepting MQTT and HTTP connections;
-//! 2. every MQTT connection stops reading, waits for the JetStream acks of
-//!    what it already read, sends those PUBACKs and closes; HTTP requests in
-//!    progress finish; at the same time every shard worker finishes its
-//!    batch (outputs stored, checkpoint written, acked) and its lease is
-//!    released, then the node deletes its membership entry, so the others
-//!    take the shards over at once;
-//! 3. wait for every JetStream ack still outstanding;
-//! 4. flush the NATS connections.
-//!
-//! Each step has a deadline (`shutdown_deadline`), logged when it is hit.
+//! Shutdown (SIGTERM) drains in the order [`crate::lifecycle`] declares,
+//! with its deadlines, so that nothing acknowledged is lost.
 
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingress::Ingress;
+use crate::lifecycle::{deadline, Phases};
 use crate::mqtt::{self, MqttServer};
 use crate::shards::{self, ShardContext};
 use fluxmesh_mesh::cluster::{self, ClusterHandle, Member};
@@ -32,10 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// How long each shutdown step may take.
-const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -79,11 +66,10 @@ pub struct Node {
     provisioned: Provisioned,
     cluster: ClusterHandle,
     ready: Arc<AtomicBool>,
-    stops: Stops,
+    phases: Phases,
     /// The shard coordinator's task: shutdown waits for it before it stops
     /// the history writer.
     coordinator: tokio::task::JoinHandle<()>,
-    tasks: TaskTracker,
 }
 
 impl Node {
@@ -97,9 +83,8 @@ impl Node {
         crate::tls::install_provider();
         let prometheus = crate::internal_events::prometheus();
         let ready = Arc::new(AtomicBool::new(false));
-        let stops = Stops::default();
-        let stop = stops.all.clone();
-        let tasks = TaskTracker::new();
+        let phases = Phases::default();
+        let life = phases.front.clone();
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -112,12 +97,12 @@ impl Node {
         let limiter = crate::limits::quota(config.ingest.device_rate_per_sec, config.ingest.device_burst)
             .map(|q| Arc::new(crate::limits::DeviceLimiter::new(q)));
         if let Some(limiter) = limiter.clone() {
-            let prune_stop = stop.clone();
-            tasks.spawn(async move {
+            let prune_life = life.clone();
+            life.spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
-                        _ = prune_stop.cancelled() => return,
+                        _ = prune_life.stopped() => return,
                         _ = every.tick() => limiter.prune(),
                     }
                 }
@@ -142,22 +127,21 @@ impl Node {
             limiter,
         };
         let app = http::router(state, config.ingest.max_payload_bytes, config.plugins.max_module_bytes);
-        let http_stop = stop.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
+        let http_stopped = life.stopped_owned();
+        life.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(http_stopped);
             if let Err(e) = serve.await {
                 tracing::error!(error = %fluxmesh_mesh::error_chain(&e), "HTTP server failed");
             }
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &stops, &tasks).await;
+        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &phases).await;
         let Started { client, control, provisioned, ingress, mqtt, shards, coordinator } = match started {
             Ok(parts) => parts,
             Err(e) => {
-                stops.cancel();
-                tasks.close();
-                tasks.wait().await;
+                phases.stop_all();
+                phases.front.close_and_wait(deadline::TASKS).await;
                 return Err(e);
             }
         };
@@ -179,9 +163,8 @@ impl Node {
             provisioned,
             cluster,
             ready,
-            stops,
+            phases,
             coordinator,
-            tasks,
         })
     }
 
@@ -191,10 +174,9 @@ impl Node {
         http_addr: SocketAddr,
         auth_slot: &std::sync::OnceLock<Arc<crate::auth::Authenticator>>,
         cancel: &CancellationToken,
-        stops: &Stops,
-        tasks: &TaskTracker,
+        phases: &Phases,
     ) -> Result<Started, NodeError> {
-        let (stop, history_stop) = (&stops.all, &stops.history);
+        let life = &phases.front;
         let client = retry_until(
             cancel,
             "NATS not reachable yet",
@@ -244,8 +226,7 @@ impl Node {
             wills.clone(),
             sessions_bus,
             cmd_ready_tx,
-            stop.clone(),
-            tasks,
+            life,
         )
         .await?;
 
@@ -274,16 +255,7 @@ impl Node {
             cancel,
             "rules bucket not ready yet",
             Duration::from_millis(200),
-            || {
-                crate::rules::Rules::start(
-                    mesh.js(),
-                    mesh.subjects(),
-                    provisioned.replicas,
-                    &config.rules,
-                    stop.clone(),
-                    tasks,
-                )
-            },
+            || crate::rules::Rules::start(mesh.js(), mesh.subjects(), provisioned.replicas, &config.rules, life),
             crate::rules::RulesError::is_transient,
         )
         .await?;
@@ -291,16 +263,7 @@ impl Node {
             cancel,
             "plugin store not ready yet",
             Duration::from_millis(200),
-            || {
-                crate::plugins::Plugins::start(
-                    mesh.js(),
-                    mesh.subjects(),
-                    provisioned.replicas,
-                    &config.plugins,
-                    stop.clone(),
-                    tasks,
-                )
-            },
+            || crate::plugins::Plugins::start(mesh.js(), mesh.subjects(), provisioned.replicas, &config.plugins, life),
             crate::plugins::PluginsError::is_transient,
         )
         .await?;
@@ -310,7 +273,7 @@ impl Node {
             cancel,
             "Postgres not ready yet",
             Duration::from_millis(200),
-            || crate::storage::Storage::start(&config.storage, node_id, stop.clone(), history_stop.clone(), tasks),
+            || crate::storage::Storage::start(&config.storage, node_id, life, &phases.history),
             crate::storage::StorageError::is_transient,
         )
         .await?;
@@ -323,22 +286,14 @@ impl Node {
             started_us: fluxmesh_schemas::frame::now_us(),
             lag: Default::default(),
         };
-        // Heartbeats and watches outlive `stop`: the coordinator ends them
-        // after it has released its leases.
-        let cluster_stop = CancellationToken::new();
-        let cluster =
-            match ClusterHandle::join(members, leases, me, config.cluster.clone(), cluster_stop.clone(), tasks).await {
-                Ok(c) => c,
-                Err(e) => {
-                    cluster_stop.cancel();
-                    return Err(e.into());
-                }
-            };
-        tasks.spawn(mqtt::wills::watch_departures(
+        // Heartbeats and watches outlive the front: the coordinator ends
+        // them after it has released its leases.
+        let cluster = ClusterHandle::join(members, leases, me, config.cluster.clone(), &phases.cluster).await?;
+        life.spawn(mqtt::wills::watch_departures(
             wills,
             cluster.subscribe(),
             config.cluster.liveness_timeout(),
-            stop.clone(),
+            life.clone(),
         ));
         let shards = Arc::new(ShardContext {
             mesh: mesh.clone(),
@@ -358,7 +313,7 @@ impl Node {
             plugins,
             storage,
             command_slots: Arc::new(tokio::sync::Semaphore::new(256)),
-            tasks: tasks.clone(),
+            life: life.clone(),
         });
         let commands = Arc::new(crate::commands::Commands {
             mesh: mesh.clone(),
@@ -367,29 +322,22 @@ impl Node {
             sessions: mqtt.sessions().clone(),
             cfg: config.commands.clone(),
         });
-        let queue = retry_until(
+        retry_until(
             cancel,
             "command queue stream not ready yet",
             Duration::from_millis(200),
             || crate::commands::open_queue(&commands),
             |_| true,
         )
-        .await;
-        if let Err(e) = queue {
-            cluster_stop.cancel();
-            return Err(e);
-        }
-        if let Err(e) = crate::commands::start(commands, cmd_ready_rx, stop.clone(), tasks).await {
-            cluster_stop.cancel();
-            return Err(e.into());
-        }
-        let coordinator = tasks.spawn(fluxmesh_mesh::ownership::coordinate(
+        .await?;
+        crate::commands::start(commands, cmd_ready_rx, life).await?;
+        let coordinator = life.spawn(fluxmesh_mesh::ownership::coordinate(
             mesh,
             shards.cluster.clone(),
             shards.clone(),
             config.shards.ownership(),
-            stop.clone(),
-            cluster_stop,
+            life.token().clone(),
+            phases.cluster.token().clone(),
         ));
         Ok(Started { client, control, provisioned, ingress, mqtt, shards, coordinator })
     }
@@ -431,31 +379,23 @@ impl Node {
         &self.cluster
     }
 
-    /// Drains and stops the node; see the module docs for the order.
-    /// Stops the node, in this order:
-    /// 1. front ends (MQTT, HTTP), watchers and the shard coordinator get
-    ///    the stop: connections stop reading and send the acks they owe;
-    ///    shard workers write their last checkpoints, which wait for their
-    ///    rows in Postgres, and the coordinator releases the leases;
-    /// 2. once the coordinator is done (at most `SHUTDOWN_STEP`), the
-    ///    history writer writes what is queued and stops;
-    /// 3. every other task ends (at most `2 × SHUTDOWN_STEP`);
-    /// 4. publishes still awaiting their ack drain (`SHUTDOWN_STEP`), and
-    ///    both NATS connections flush.
+    /// Drains and stops the node, in the order and with the deadlines
+    /// that [`crate::lifecycle`] declares.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.node_id, "shutting down");
         self.ready.store(false, Ordering::Release);
-        self.stops.all.cancel();
-        if tokio::time::timeout(SHUTDOWN_STEP, self.coordinator).await.is_err() {
-            tracing::warn!("the shard coordinator did not stop within the deadline");
+        self.phases.front.stop();
+        if tokio::time::timeout(deadline::COORDINATOR, self.coordinator).await.is_err() {
+            tracing::warn!(deadline = ?deadline::COORDINATOR, "the shard coordinator did not stop within the deadline");
+            self.phases.cluster.stop();
         }
-        self.stops.history.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_STEP * 2, self.tasks.wait()).await.is_err() {
-            tracing::warn!("tasks did not stop within the deadline");
+        self.phases.history.stop();
+        let left = self.phases.front.close_and_wait(deadline::TASKS).await;
+        if left > 0 {
+            tracing::warn!(left, deadline = ?deadline::TASKS, "tasks did not stop within the deadline");
         }
         self.ingress.close();
-        let left = self.ingress.mesh().publisher().drain(SHUTDOWN_STEP).await;
+        let left = self.ingress.mesh().publisher().drain(deadline::PUBLISH_ACKS).await;
         if left > 0 {
             tracing::error!(left, "publishes still unacknowledged at shutdown");
         }
@@ -477,23 +417,6 @@ struct Started {
     mqtt: MqttServer,
     shards: Arc<ShardContext>,
     coordinator: tokio::task::JoinHandle<()>,
-}
-
-/// The node's stop signals, in the order [`Node::shutdown`] gives them.
-#[derive(Debug, Clone, Default)]
-struct Stops {
-    /// Front ends, watchers, the shard coordinator and every other task.
-    all: CancellationToken,
-    /// The history writer: only once the shard workers are done, since
-    /// their last checkpoints wait for their rows.
-    history: CancellationToken,
-}
-
-impl Stops {
-    fn cancel(&self) {
-        self.all.cancel();
-        self.history.cancel();
-    }
 }
 
 /// Runs `attempt` until it succeeds, fails for good (`transient` says no),

@@ -386,8 +386,8 @@ async fn the_writer_groups_requests_that_arrive_within_its_linger() {
                 writer_linger_ms: linger_ms,
                 ..Default::default()
             };
-            let (stop, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
-            let storage = fluxmesh_node::storage::Storage::start(&cfg, "test", stop.clone(), stop.clone(), &tasks)
+            let life = fluxmesh_node::lifecycle::Lifecycle::new();
+            let storage = fluxmesh_node::storage::Storage::start(&cfg, "test", &life, &life)
                 .await
                 .expect("storage starts")
                 .expect("storage is on");
@@ -407,9 +407,8 @@ async fn the_writer_groups_requests_that_arrive_within_its_linger() {
                     .expect("committed within 10 s")
                     .expect("committed");
             }
-            stop.cancel();
-            tasks.close();
-            tasks.wait().await;
+            life.stop();
+            assert_eq!(life.close_and_wait(Duration::from_secs(30)).await, 0, "the storage tasks stop");
             let sql = format!("SELECT count(DISTINCT xmin::text) FROM telemetry WHERE device = '{device}'");
             count(primary, &sql).await
         }

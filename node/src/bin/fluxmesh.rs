@@ -168,12 +168,22 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = builder.enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let cancel = CancellationToken::new();
-        let signals = tokio::spawn(wait_for_signal(cancel.clone()));
-        let node = Node::start(config, cancel.clone()).await?;
-        cancel.cancelled().await;
-        node.shutdown().await;
-        signals.abort();
-        Ok(())
+        // Signals are watched beside the node's life, not in a task: the
+        // first one stops a start still waiting for NATS, or the node.
+        let signals = async {
+            wait_for_signal(cancel.clone()).await;
+            std::future::pending::<()>().await
+        };
+        let life = async {
+            let node = Node::start(config, cancel.clone()).await?;
+            cancel.cancelled().await;
+            node.shutdown().await;
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            result = life => result,
+            () = signals => Ok(()),
+        }
     })
 }
 

@@ -24,7 +24,6 @@ pub const INGEST_THROTTLED_TOTAL: &str = "fluxmesh_ingest_throttled_total";
 pub const JSON_MIRROR_FAILED_TOTAL: &str = "fluxmesh_json_mirror_failed_total";
 pub const MQTT_CATCH_UPS_TOTAL: &str = "fluxmesh_mqtt_catch_ups_total";
 pub const MQTT_CONNECTIONS: &str = "fluxmesh_mqtt_connections";
-pub const MQTT_CREDENTIALS_WATCH_RESTARTS_TOTAL: &str = "fluxmesh_mqtt_credentials_watch_restarts_total";
 pub const MQTT_DELIVERIES_DEFERRED_TOTAL: &str = "fluxmesh_mqtt_deliveries_deferred_total";
 pub const MQTT_DELIVERIES_DROPPED_TOTAL: &str = "fluxmesh_mqtt_deliveries_dropped_total";
 pub const MQTT_DELIVERIES_QUEUED_TOTAL: &str = "fluxmesh_mqtt_deliveries_queued_total";
@@ -124,7 +123,6 @@ pub const ALL: &[Metric] = &[
     Metric { name: JSON_MIRROR_FAILED_TOTAL, kind: Kind::Counter, help: "JSON mirror publishes that failed." },
     Metric { name: MQTT_CATCH_UPS_TOTAL, kind: Kind::Counter, help: "Catch-ups: subscribers reading back from a stream what did not fit in their queue." },
     Metric { name: MQTT_CONNECTIONS, kind: Kind::Gauge, help: "Open MQTT connections." },
-    Metric { name: MQTT_CREDENTIALS_WATCH_RESTARTS_TOTAL, kind: Kind::Counter, help: "Times the watch on device credentials failed and was re-opened (from the next revision it had not seen)." },
     Metric { name: MQTT_DELIVERIES_DEFERRED_TOTAL, kind: Kind::Counter, help: "Messages that did not fit in an MQTT subscriber's queue and are read back from the stream." },
     Metric { name: MQTT_DELIVERIES_DROPPED_TOTAL, kind: Kind::Counter, help: "Messages an MQTT subscriber did not get, by reason (retained_over_queue)." },
     Metric { name: MQTT_DELIVERIES_QUEUED_TOTAL, kind: Kind::Counter, help: "Messages queued for an MQTT subscriber." },

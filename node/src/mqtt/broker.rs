@@ -20,6 +20,7 @@
 //! and the feed never waits for a slow subscriber.
 
 use super::topics::FilterTree;
+use crate::lifecycle::Lifecycle;
 use bytes::Bytes;
 use fluxmesh_mesh::shard_reader::ShardReader;
 use fluxmesh_mesh::Mesh;
@@ -30,8 +31,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Messages pulled from a stream per request.
 const FEED_BATCH: usize = 256;
@@ -191,13 +190,12 @@ pub(crate) struct Broker {
     /// Per stream read by a feed: the sequence of the last message it
     /// handed to the sessions.
     positions: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    life: Lifecycle,
     metrics: BrokerMetrics,
 }
 
 impl Broker {
-    pub fn new(mesh: Mesh, node_id: &str, stop: CancellationToken, tasks: TaskTracker) -> Arc<Broker> {
+    pub fn new(mesh: Mesh, node_id: &str, life: Lifecycle) -> Arc<Broker> {
         let node_id = node_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         Arc::new(Broker {
             mesh,
@@ -205,8 +203,7 @@ impl Broker {
             tree: RwLock::new(FilterTree::default()),
             feeds: tokio::sync::Mutex::new(HashSet::new()),
             positions: std::sync::Mutex::new(std::collections::HashMap::new()),
-            stop,
-            tasks,
+            life,
             metrics: BrokerMetrics {
                 read: metrics::counter!(crate::internal_events::names::MQTT_FEED_MESSAGES_TOTAL),
                 queued: metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_QUEUED_TOTAL),
@@ -363,7 +360,7 @@ impl Broker {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(self.stream_of(feed).to_owned(), Arc::new(AtomicU64::new(start)));
             tracing::info!(stream = %self.stream_of(feed), "reading the stream for this node's MQTT subscribers");
-            self.tasks.spawn(self.clone().run(feed, reader));
+            self.life.spawn(self.clone().run(feed, reader));
         }
         Ok(())
     }
@@ -399,7 +396,7 @@ impl Broker {
         };
         loop {
             let next = tokio::select! {
-                _ = self.stop.cancelled() => break,
+                _ = self.life.stopped() => break,
                 next = reader.next() => next,
             };
             match next {
@@ -422,7 +419,7 @@ impl Broker {
                     tracing::warn!(stream = %self.stream_of(feed), error = %fluxmesh_mesh::error_chain(&e),
                         "subscriber feed cannot read its stream; retrying");
                     tokio::select! {
-                        _ = self.stop.cancelled() => break,
+                        _ = self.life.stopped() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }

@@ -37,14 +37,17 @@ pub mod wills;
 use crate::auth::Authenticator;
 use crate::config::{IngestConfig, MqttConfig};
 use crate::ingress::Ingress;
+use crate::lifecycle::Lifecycle;
+use async_nats::jetstream::kv;
+use fluxmesh_mesh::watch::{KvChanges, Rewatch, Watched};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use connection::Session;
 
@@ -81,8 +84,9 @@ pub(crate) struct Shared {
     /// Wills waiting out their MQTT 5 delay, by client id: cancelled when
     /// the client connects again, here or on another node.
     pub delayed_wills: Mutex<HashMap<String, (u64, CancellationToken)>>,
-    /// Ends every connection (graceful: pending acks are still sent).
-    pub stop: CancellationToken,
+    /// Ends every connection (graceful: pending acks are still sent) and
+    /// spawns the connections' tasks.
+    pub life: Lifecycle,
     /// Where this node announces new sessions, for cluster-wide takeover.
     pub sessions_bus: SessionBus,
     /// Client ids that just subscribed to their command topic (queued
@@ -247,7 +251,7 @@ async fn watch_sessions(shared: Arc<Shared>) {
     };
     loop {
         let msg = tokio::select! {
-            _ = shared.stop.cancelled() => return,
+            _ = shared.life.stopped() => return,
             msg = sub.next() => match msg { Some(m) => m, None => return },
         };
         let Ok(a) = serde_json::from_slice::<Announced>(&msg.payload) else {
@@ -307,9 +311,9 @@ impl MqttServer {
     }
 }
 
-/// Binds the listeners and starts the accept loops. Every
-/// task goes into `tasks` and ends when `stop` fires; connections finish
-/// sending the acks they owe first.
+/// Binds the listeners and starts the accept loops. Every task is spawned
+/// on `life` and ends on its stop signal; connections finish sending the
+/// acks they owe first.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     cfg: &MqttConfig,
@@ -319,8 +323,7 @@ pub async fn start(
     wills: Arc<wills::Wills>,
     sessions_bus: SessionBus,
     cmd_ready: tokio::sync::mpsc::Sender<String>,
-    stop: CancellationToken,
-    tasks: &TaskTracker,
+    life: &Lifecycle,
 ) -> Result<MqttServer, MqttError> {
     let tls = if cfg.tls_enabled {
         let config = crate::tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
@@ -337,8 +340,8 @@ pub async fn start(
         None
     };
 
-    let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, stop.clone(), tasks.clone());
-    let shares = shared::Shares::new(broker.clone(), stop.clone(), tasks.clone());
+    let broker = broker::Broker::new(ingress.mesh().clone(), &sessions_bus.node_id, life.clone());
+    let shares = shared::Shares::new(broker.clone(), life.clone());
     let session_store = Arc::new(sessions::SessionStore::new(ingress.mesh().clone(), &sessions_bus.node_id));
     let shared = Arc::new(Shared {
         ingress,
@@ -352,43 +355,44 @@ pub async fn start(
         shares,
         sessions: Mutex::new(HashMap::new()),
         delayed_wills: Mutex::new(HashMap::new()),
-        stop: stop.clone(),
+        life: life.clone(),
         sessions_bus,
         cmd_ready,
     });
-    tasks.spawn(watch_sessions(shared.clone()));
-    // Where the credentials watch starts: before any device can connect, so
-    // no change after a device's check can be missed. If the bucket cannot
-    // be asked now, the watch asks when it first opens.
-    let first_revision = match bucket_next_revision(shared.auth.store()).await {
-        Ok(next) => Some(next),
+    life.spawn(watch_sessions(shared.clone()));
+    // The credentials watch opens before any device can connect, so no
+    // change after a device's check can be missed. If it cannot open now,
+    // it opens (from the bucket's position then) in its task.
+    let source = KvChanges(shared.auth.store().clone());
+    let credentials = match Rewatch::open(source.clone(), "credentials", 0).await {
+        Ok(watch) => watch,
         Err(e) => {
-            tracing::warn!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot read the credentials bucket's position; the watch starts when it opens");
-            None
+            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "cannot watch device credentials yet; retrying");
+            Rewatch::lazy(source, "credentials", 0)
         }
     };
-    tasks.spawn(watch_credentials(shared.clone(), first_revision));
+    life.spawn(watch_credentials(shared.clone(), credentials.spawn(life)));
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let (mut tcp_addr, mut tls_addr, mut ws_addr, mut wss_addr) = (None, None, None, None);
     if let Some((listener, addr)) = tcp {
         tracing::info!(listen = %addr, "MQTT listening");
         tcp_addr = Some(addr);
-        tasks.spawn(accept(listener, None, Transport::Tcp, shared.clone(), slots.clone(), tasks.clone()));
+        life.spawn(accept(listener, None, Transport::Tcp, shared.clone(), slots.clone()));
     }
     if let Some(((listener, addr), acceptor)) = tls {
         tracing::info!(listen = %addr, "MQTT over TLS listening");
         tls_addr = Some(addr);
-        tasks.spawn(accept(listener, Some(acceptor), Transport::Tcp, shared.clone(), slots.clone(), tasks.clone()));
+        life.spawn(accept(listener, Some(acceptor), Transport::Tcp, shared.clone(), slots.clone()));
     }
     if let Some((listener, addr)) = ws {
         tracing::info!(listen = %addr, "MQTT over WebSocket listening");
         ws_addr = Some(addr);
-        tasks.spawn(accept(listener, None, Transport::WebSocket, shared.clone(), slots.clone(), tasks.clone()));
+        life.spawn(accept(listener, None, Transport::WebSocket, shared.clone(), slots.clone()));
     }
     if let Some(((listener, addr), acceptor)) = wss {
         tracing::info!(listen = %addr, "MQTT over secure WebSocket listening");
         wss_addr = Some(addr);
-        tasks.spawn(accept(listener, Some(acceptor), Transport::WebSocket, shared.clone(), slots, tasks.clone()));
+        life.spawn(accept(listener, Some(acceptor), Transport::WebSocket, shared.clone(), slots));
     }
     Ok(MqttServer { tcp: tcp_addr, tls: tls_addr, ws: ws_addr, wss: wss_addr, sessions: LocalSessions { shared } })
 }
@@ -404,79 +408,28 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> 
 /// not at all), and forgets what was verified for it. The watch resumes
 /// from the revision after the last one it saw, so a change made while it
 /// is being re-established (NATS restarting, say) still ends the session.
-async fn watch_credentials(shared: Arc<Shared>, mut next: Option<u64>) {
-    use futures::StreamExt as _;
-    let mut backoff = Duration::from_millis(200);
+async fn watch_credentials(shared: Arc<Shared>, mut changes: mpsc::Receiver<Watched<kv::Entry>>) {
     loop {
-        let opened = tokio::select! {
-            _ = shared.stop.cancelled() => return,
-            w = open_credentials_watch(shared.auth.store(), next) => w,
+        let entry = tokio::select! {
+            _ = shared.life.stopped() => return,
+            entry = changes.recv() => match entry {
+                Some(Watched::Item(entry)) => entry,
+                // Resumed where it was: nothing is replayed.
+                Some(Watched::Restarted) => continue,
+                None => return,
+            },
         };
-        let mut watch = match opened {
-            Ok((watch, from)) => {
-                next = Some(from);
-                watch
-            }
-            Err(e) => {
-                tracing::warn!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot watch device credentials; retrying");
-                tokio::select! {
-                    _ = shared.stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(200);
-        loop {
-            let entry = tokio::select! {
-                _ = shared.stop.cancelled() => return,
-                entry = watch.next() => entry,
-            };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
-                ended => {
-                    if let Some(Err(e)) = ended {
-                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), resume_at = ?next, "device credentials watch failed; re-opening it");
-                    }
-                    metrics::counter!(crate::internal_events::names::MQTT_CREDENTIALS_WATCH_RESTARTS_TOTAL)
-                        .increment(1);
-                    break;
-                }
-            };
-            next = Some(entry.revision + 1);
-            let Some(device) = crate::auth::device_of_key(&entry.key) else { continue };
-            shared.auth.forget(&device);
-            let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            // A change the session already authenticated against (the
-            // watch can deliver it after the device connected) ends nothing.
-            if let Some(session) = sessions.get(&device).filter(|s| entry.revision > s.auth_revision) {
-                tracing::info!(%device, "device credentials changed; ending its session");
-                metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_REVOKED_TOTAL).increment(1);
-                session.end_revoked();
-            }
+        let Some(device) = crate::auth::device_of_key(&entry.key) else { continue };
+        shared.auth.forget(&device);
+        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        // A change the session already authenticated against (the watch can
+        // deliver it after the device connected) ends nothing.
+        if let Some(session) = sessions.get(&device).filter(|s| entry.revision > s.auth_revision) {
+            tracing::info!(%device, "device credentials changed; ending its session");
+            metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_REVOKED_TOTAL).increment(1);
+            session.end_revoked();
         }
     }
-}
-
-/// The revision the credentials bucket's next change will get.
-async fn bucket_next_revision(store: &async_nats::jetstream::kv::Store) -> Result<u64, async_nats::Error> {
-    Ok(store.stream.get_info().await?.state.last_sequence + 1)
-}
-
-/// Opens a watch on every credentials key from revision `next`, or, when
-/// no position is known yet, from the revision after the bucket's last.
-/// Returns the watch and the revision it starts at.
-async fn open_credentials_watch(
-    store: &async_nats::jetstream::kv::Store,
-    next: Option<u64>,
-) -> Result<(async_nats::jetstream::kv::Watch, u64), async_nats::Error> {
-    let from = match next {
-        Some(next) => next,
-        None => bucket_next_revision(store).await?,
-    };
-    let watch = store.watch_all_from_revision(from).await?;
-    Ok((watch, from))
 }
 
 /// What a listener speaks over its sockets.
@@ -503,11 +456,10 @@ async fn accept(
     transport: Transport,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
-    tasks: TaskTracker,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = shared.life.stopped() => break,
             accepted = listener.accept() => accepted,
         };
         let (socket, peer) = match accepted {
@@ -529,7 +481,7 @@ async fn accept(
         let _ = socket.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
-        tasks.spawn(async move {
+        shared.life.clone().spawn(async move {
             metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).increment(1.0);
             match tls {
                 None => serve_stream(socket, peer, transport, shared).await,

@@ -14,6 +14,7 @@
 //! that is what lets a message move to another member.
 
 use super::broker::{Broker, FeedError, Outbox, Outgoing};
+use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::message::{AckKind, Acker};
 use futures::StreamExt as _;
@@ -21,8 +22,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// How long JetStream waits for a member's ack before sending the message
 /// again (to any member).
@@ -84,7 +83,8 @@ struct Group {
     inner: String,
     members: Mutex<Vec<Member>>,
     turn: AtomicUsize,
-    stop: CancellationToken,
+    /// Stops this group's pullers on this node.
+    life: Lifecycle,
 }
 
 /// This node's members of shared subscriptions, by (group, filter).
@@ -92,13 +92,12 @@ struct Group {
 pub(crate) struct Shares {
     broker: Arc<Broker>,
     groups: tokio::sync::Mutex<HashMap<(String, String), Arc<Group>>>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    life: Lifecycle,
 }
 
 impl Shares {
-    pub fn new(broker: Arc<Broker>, stop: CancellationToken, tasks: TaskTracker) -> Arc<Shares> {
-        Arc::new(Shares { broker, groups: Default::default(), stop, tasks })
+    pub fn new(broker: Arc<Broker>, life: Lifecycle) -> Arc<Shares> {
+        Arc::new(Shares { broker, groups: Default::default(), life })
     }
 
     /// Adds `session` to `group` on `filter`; the group's pullers start on
@@ -123,7 +122,7 @@ impl Shares {
             inner: filter.to_owned(),
             members: Mutex::new(vec![Member { session, qos, outbox }]),
             turn: AtomicUsize::new(0),
-            stop: self.stop.child_token(),
+            life: self.life.child(),
         });
         let name = consumer_name(group, filter);
         let mut pullers = Vec::new();
@@ -131,7 +130,7 @@ impl Shares {
             pullers.push((stream.clone(), self.open(&stream, &name).await?));
         }
         for (stream, messages) in pullers {
-            self.tasks.spawn(self.clone().pull(state.clone(), stream, messages));
+            state.life.spawn(self.clone().pull(state.clone(), stream, messages));
         }
         tracing::info!(%group, %filter, consumer = %name, "pulling a shared subscription group for members here");
         groups.insert(key, state);
@@ -150,7 +149,7 @@ impl Shares {
             members.is_empty()
         };
         if empty {
-            state.stop.cancel();
+            state.life.stop();
             groups.remove(&key);
         }
     }
@@ -181,13 +180,13 @@ impl Shares {
     async fn pull(self: Arc<Self>, group: Arc<Group>, stream: String, consumer: consumer::PullConsumer) {
         let stream_name: Arc<str> = stream.as_str().into();
         let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-        while !group.stop.is_cancelled() {
+        while !group.life.is_stopping() {
             let mut batch = match consumer.batch().max_messages(PULL_BATCH).expires(PULL_EXPIRES).messages().await {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::debug!(%stream, error = %fluxmesh_mesh::error_chain(&e), "shared subscription pull failed; retrying");
                     tokio::select! {
-                        _ = group.stop.cancelled() => break,
+                        _ = group.life.stopped() => break,
                         _ = tokio::time::sleep(PULL_EXPIRES) => continue,
                     }
                 }
@@ -200,7 +199,7 @@ impl Shares {
                         continue;
                     }
                 };
-                if group.stop.is_cancelled() {
+                if group.life.is_stopping() {
                     let (_, acker) = stored.split();
                     ShareAck(Arc::new(acker)).give_back().await;
                     continue;

@@ -20,13 +20,13 @@
 //! publishing and clearing) JetStream stores it once.
 
 use crate::ingress::{IngestError, Ingress, MqttPublish};
+use crate::lifecycle::Lifecycle;
 use bytes::{BufMut, Bytes, BytesMut};
 use fluxmesh_mesh::cluster::View;
 use fluxmesh_schemas::FrameId;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Record format version (first byte). Version 1 records (no MQTT 5
 /// properties) are still read.
@@ -238,17 +238,18 @@ impl Wills {
     }
 }
 
-/// Publishes the wills of node runs that leave the live set, until `stop`.
+/// Publishes the wills of node runs that leave the live set, until the
+/// stop signal.
 /// First, once the view has had a liveness timeout to fill, sweeps every
 /// run that is not live.
 pub async fn watch_departures(
     wills: Arc<Wills>,
     mut views: tokio::sync::watch::Receiver<View>,
     settle: Duration,
-    stop: CancellationToken,
+    life: Lifecycle,
 ) {
     tokio::select! {
-        _ = stop.cancelled() => return,
+        _ = life.stopped() => return,
         _ = tokio::time::sleep(settle) => {}
     }
     let runs = |view: &View| -> BTreeMap<String, String> {
@@ -259,7 +260,7 @@ pub async fn watch_departures(
     sweep_logged(&wills, &view, None).await;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             changed = views.changed() => if changed.is_err() { return },
         }
         let view = views.borrow_and_update().clone();

@@ -32,6 +32,7 @@ impl From<PluginsError> for ApiError {
         let status = match e {
             PluginsError::Store { .. }
             | PluginsError::Open(_)
+            | PluginsError::Watch(_)
             | PluginsError::CompileTask(_)
             | PluginsError::Engine(_) => StatusCode::SERVICE_UNAVAILABLE,
             PluginsError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -12,17 +12,21 @@
 pub mod http;
 pub mod runtime;
 
+use crate::lifecycle::Lifecycle;
 use crate::rules::PluginCaller;
 use async_nats::jetstream::{self, object_store};
+use fluxmesh_mesh::watch::{ObjectMetas, Rewatch, WatchError, Watched};
 use futures::StreamExt as _;
 use runtime::{CallError, Compiled, Limits};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use tokio::io::AsyncReadExt as _;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::mpsc;
+
+/// One entry of the plugin store's watch: an object's metadata, or why it
+/// could not be read.
+type ObjectMeta = Result<object_store::ObjectInfo, serde_json::Error>;
 
 /// The `[plugins]` config section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,11 +99,13 @@ pub enum PluginsError {
     CompileTask(#[source] tokio::task::JoinError),
     #[error("plugin store")]
     Open(#[source] fluxmesh_mesh::stores::StoreError),
+    #[error("plugin store: cannot watch it")]
+    Watch(#[source] WatchError),
 }
 
 impl PluginsError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, PluginsError::Store { .. } | PluginsError::Open(_))
+        matches!(self, PluginsError::Store { .. } | PluginsError::Open(_) | PluginsError::Watch(_))
     }
 }
 
@@ -145,62 +151,53 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Plugins {
     /// Opens the object store and keeps this node's compiled plugins in
-    /// step with it until `stop`.
+    /// step with it until `life`'s stop signal.
     pub async fn start(
         js: &jetstream::Context,
         subjects: &fluxmesh_schemas::Subjects,
         replicas: usize,
         cfg: &PluginsConfig,
-        stop: CancellationToken,
-        tasks: &TaskTracker,
+        life: &Lifecycle,
     ) -> Result<Arc<Plugins>, PluginsError> {
         let store = fluxmesh_mesh::stores::open_plugins(js, subjects, replicas).await.map_err(PluginsError::Open)?;
+        let bucket = fluxmesh_mesh::stores::Bucket::Plugins.name(subjects.prefix());
+        let source = ObjectMetas::open(js, &bucket)
+            .await
+            .map_err(|source| PluginsError::Watch(WatchError { bucket: bucket.clone(), source }))?;
+        let changes = Rewatch::open(source, "plugins", 0).await.map_err(PluginsError::Watch)?.spawn(life);
         let engine = runtime::engine().map_err(PluginsError::Engine)?;
         let plugins = Arc::new(Plugins { engine, cfg: cfg.clone(), store, loaded: RwLock::new(HashMap::new()) });
-        let me = plugins.clone();
-        tasks.spawn(async move { me.follow(stop).await });
+        life.spawn(plugins.clone().follow(changes, life.clone()));
         Ok(plugins)
     }
 
-    /// Loads every stored plugin, then every change, re-creating the watch
-    /// whenever it ends or fails.
-    async fn follow(self: Arc<Self>, stop: CancellationToken) {
+    /// Loads every stored plugin, then every change. A re-created watch
+    /// replays every stored module; those compiled already are skipped.
+    async fn follow(self: Arc<Self>, mut changes: mpsc::Receiver<Watched<ObjectMeta>>, life: Lifecycle) {
         loop {
-            let mut watch = match self.store.watch_with_history().await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "cannot watch the plugin store yet");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            let info = tokio::select! {
+                _ = life.stopped() => return,
+                next = changes.recv() => match next {
+                    Some(Watched::Item(Ok(info))) => info,
+                    Some(Watched::Item(Err(e))) => {
+                        metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
+                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "unreadable plugin metadata in the store; skipped");
+                        continue;
                     }
-                }
+                    Some(Watched::Restarted) => continue,
+                    None => return,
+                },
             };
-            loop {
-                let info = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    next = watch.next() => match next {
-                        Some(Ok(info)) => info,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "plugin watch failed; re-creating it");
-                            break;
-                        }
-                        None => break,
-                    },
-                };
-                if info.deleted {
-                    self.write().remove(&info.name);
-                    tracing::info!(plugin = %info.name, "plugin removed");
-                } else if self.is_current(&info) {
-                    // Compiled already: a re-created watch replays every
-                    // stored module.
-                } else if let Err(e) = self.load(&info.name).await {
-                    metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
-                    tracing::warn!(plugin = %info.name, error = %fluxmesh_mesh::error_chain(&e), "stored plugin not loaded");
-                }
-                metrics::gauge!(crate::internal_events::names::PLUGINS_LOADED).set(self.read().len() as f64);
+            if info.deleted {
+                self.write().remove(&info.name);
+                tracing::info!(plugin = %info.name, "plugin removed");
+            } else if self.is_current(&info) {
+                // Compiled already.
+            } else if let Err(e) = self.load(&info.name).await {
+                metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
+                tracing::warn!(plugin = %info.name, error = %fluxmesh_mesh::error_chain(&e), "stored plugin not loaded");
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            metrics::gauge!(crate::internal_events::names::PLUGINS_LOADED).set(self.read().len() as f64);
         }
     }
 

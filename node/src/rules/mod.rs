@@ -18,16 +18,15 @@ pub mod http;
 
 pub use engine::{Action, CompileError, PluginCaller, RuleEngine, RunError};
 
+use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::{self, kv};
-use fluxmesh_mesh::cluster::{Rewatch, Watched};
+use fluxmesh_mesh::watch::{KvHistory, Rewatch, Watched};
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// The `[rules]` config section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,7 +211,7 @@ pub enum RulesError {
     #[error("rules bucket")]
     Open(#[source] fluxmesh_mesh::stores::StoreError),
     #[error("rules bucket: cannot watch it")]
-    Watch(#[source] fluxmesh_mesh::cluster::ClusterError),
+    Watch(#[source] fluxmesh_mesh::watch::WatchError),
     /// A seed file is unreadable or does not compile: the node's own config.
     #[error("rules seed: cannot read {path}")]
     SeedRead {
@@ -250,25 +249,25 @@ pub struct Rules {
 
 impl Rules {
     /// Opens the bucket, seeds it, loads it, and keeps the compiled set
-    /// current through a watch until `stop`.
+    /// current through a watch until `life`'s stop signal.
     pub async fn start(
         js: &jetstream::Context,
         subjects: &fluxmesh_schemas::Subjects,
         replicas: usize,
         cfg: &RulesConfig,
-        stop: CancellationToken,
-        tasks: &TaskTracker,
+        life: &Lifecycle,
     ) -> Result<Arc<Rules>, RulesError> {
         let store = fluxmesh_mesh::stores::open_rules(js, subjects, replicas).await.map_err(RulesError::Open)?;
         let engine = Arc::new(RuleEngine::new(cfg));
         if !cfg.seed_dir.is_empty() {
             seed(&store, &engine, cfg, Path::new(&cfg.seed_dir)).await?;
         }
-        let watch = Rewatch::open(store.clone(), "rules").await.map_err(RulesError::Watch)?;
-        let mut entries = watch.spawn(stop.clone(), tasks);
+        let watch = Rewatch::open(KvHistory(store.clone()), "rules", 0).await.map_err(RulesError::Watch)?;
+        let mut entries = watch.spawn(life);
         let (tx, rx) = watch::channel(Arc::new(RuleSet::default()));
         let (engine2, cfg2) = (engine.clone(), cfg.clone());
-        tasks.spawn(async move {
+        let task_life = life.clone();
+        life.spawn(async move {
             // Per key: the revision last seen and what it compiled to (None:
             // deleted, disabled, unreadable or refused). A rule is compiled
             // when its entry changes, not again when another rule does or
@@ -277,9 +276,9 @@ impl Rules {
             let mut changed = false;
             loop {
                 let entry = tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = task_life.stopped() => return,
                     e = entries.recv() => match e {
-                        Some(Watched::Entry(entry)) => entry,
+                        Some(Watched::Item(entry)) => entry,
                         // Current values are replayed next; they replace ours.
                         Some(Watched::Restarted) => continue,
                         None => return,

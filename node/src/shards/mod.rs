@@ -83,7 +83,7 @@ pub struct ShardContext {
     pub command_slots: Arc<tokio::sync::Semaphore>,
     /// The node's task tracker: commands in flight are its tasks, so the
     /// node's shutdown waits for them (each ends within its 15 s timeout).
-    pub tasks: tokio_util::task::TaskTracker,
+    pub life: crate::lifecycle::Lifecycle,
 }
 
 impl ShardContext {
@@ -115,6 +115,7 @@ impl ShardsConfig {
         fluxmesh_mesh::ownership::Settings {
             batch: self.batch,
             restart_backoff: Duration::from_millis(self.restart_backoff_ms),
+            stop_deadline: crate::lifecycle::deadline::SHARD_WORKERS,
         }
     }
 }

@@ -339,7 +339,7 @@ async fn send_command(ctx: &ShardContext, command: RuleCommand) {
         .payload(command.payload.into())
         .timeout(Some(Duration::from_secs(15)));
     let client = ctx.mesh.client().clone();
-    ctx.tasks.spawn(async move {
+    ctx.life.spawn(async move {
         let status = match client.send_request(subject, request).await {
             Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer.payload)
                 .ok()

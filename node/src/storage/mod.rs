@@ -18,11 +18,10 @@ pub mod read;
 pub mod schema;
 pub mod writer;
 
+use crate::lifecycle::Lifecycle;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use writer::{Rows, WriteError, Writer};
 
@@ -219,17 +218,16 @@ impl Storage {
     /// Connects, migrates (once per cluster) and starts the writer, the
     /// replica checks and the partition maintenance. Returns `None` when
     /// storage is off.
-    /// Starts the history writer, replica checks and maintenance. `stop`
-    /// ends the checks and maintenance; `writer_stop` makes the writer
-    /// write what is queued and stop. The node cancels `writer_stop` only
-    /// once its shard workers are done, since their last checkpoints wait
-    /// for their rows.
+    /// Starts the history writer, replica checks and maintenance. `life`'s
+    /// stop signal ends the checks and maintenance; `history`'s makes the
+    /// writer write what is queued and stop. The node gives `history`'s
+    /// only once its shard workers are done, since their last checkpoints
+    /// wait for their rows.
     pub async fn start(
         cfg: &StorageConfig,
         node_id: &str,
-        stop: CancellationToken,
-        writer_stop: CancellationToken,
-        tasks: &TaskTracker,
+        life: &Lifecycle,
+        history: &Lifecycle,
     ) -> Result<Option<Arc<Storage>>, StorageError> {
         if !cfg.enabled() {
             tracing::info!("storage is off (storage.primary is empty)");
@@ -243,9 +241,14 @@ impl Storage {
             maintenance.maintain(&mut client, &primary.name).await?;
         }
         let reads = Arc::new(read::Reads::new(cfg, node_id, primary.clone())?);
-        reads.clone().spawn_checks(cfg, stop.clone(), tasks);
-        let writer = Writer::spawn(cfg, primary.clone(), maintenance.clone(), writer_stop, tasks);
-        tasks.spawn(schema::maintain(maintenance, primary, Duration::from_secs(cfg.maintenance_interval_s), stop));
+        reads.clone().spawn_checks(cfg, life);
+        let writer = Writer::spawn(cfg, primary.clone(), maintenance.clone(), history);
+        life.spawn(schema::maintain(
+            maintenance,
+            primary,
+            Duration::from_secs(cfg.maintenance_interval_s),
+            life.clone(),
+        ));
         tracing::info!(replicas = cfg.replicas.len(), "storage on");
         Ok(Some(Arc::new(Storage { writer, reads, cfg: cfg.clone() })))
     }

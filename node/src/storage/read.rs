@@ -12,14 +12,13 @@
 //! which is not lag).
 
 use super::{describe, StorageConfig, StorageError};
+use crate::lifecycle::Lifecycle;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// One Postgres server and its pool.
 #[derive(Clone)]
@@ -213,28 +212,29 @@ impl Reads {
     }
 
     /// Starts one check loop per replica, and the pool gauges.
-    pub fn spawn_checks(self: Arc<Self>, cfg: &StorageConfig, stop: CancellationToken, tasks: &TaskTracker) {
+    pub fn spawn_checks(self: Arc<Self>, cfg: &StorageConfig, life: &Lifecycle) {
         let interval = Duration::from_millis(cfg.replica_check_interval_ms);
         for i in 0..self.replicas.len() {
             let reads = self.clone();
-            let stop = stop.clone();
-            tasks.spawn(async move {
+            let task_life = life.clone();
+            life.spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = task_life.stopped() => return,
                         _ = tick.tick() => reads.check(i).await,
                     }
                 }
             });
         }
         let reads = self;
-        tasks.spawn(async move {
+        let task_life = life.clone();
+        life.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = task_life.stopped() => return,
                     _ = tick.tick() => {
                         reads.primary.record_pool("primary");
                         for r in &reads.replicas {

@@ -9,11 +9,11 @@
 
 use super::read::Server;
 use super::{StorageConfig, StorageError};
+use crate::lifecycle::Lifecycle;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_postgres::NoTls;
-use tokio_util::sync::CancellationToken;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -33,26 +33,30 @@ pub async fn migrate(config: &tokio_postgres::Config, server: &str, timeout: Dur
         .await
         .map_err(|_| StorageError::Timeout { server: server.to_owned(), timeout })?
         .map_err(err)?;
-    let connection = tokio::spawn(async move {
+    // The connection is driven beside the work below, not spawned: it ends
+    // once the work drops the client.
+    let connection = async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %fluxmesh_mesh::error_chain(&e), "migration connection ended");
         }
-    });
-    let result = async {
-        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(err)?;
-        let mut runner = embedded::migrations::runner();
-        runner.set_migration_table_name(HISTORY_TABLE);
-        let report = runner.run_async(&mut client).await.map_err(StorageError::Migrate)?;
-        for m in report.applied_migrations() {
-            tracing::info!(%server, migration = %m, "migration applied");
+    };
+    let work = async move {
+        let result = async {
+            client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(err)?;
+            let mut runner = embedded::migrations::runner();
+            runner.set_migration_table_name(HISTORY_TABLE);
+            let report = runner.run_async(&mut client).await.map_err(StorageError::Migrate)?;
+            for m in report.applied_migrations() {
+                tracing::info!(%server, migration = %m, "migration applied");
+            }
+            Ok(())
         }
-        Ok(())
-    }
-    .await;
-    // The lock goes with the session anyway; unlocking is a courtesy.
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
-    drop(client);
-    let _ = connection.await;
+        .await;
+        // The lock goes with the session anyway; unlocking is a courtesy.
+        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+        result
+    };
+    let (result, ()) = tokio::join!(work, connection);
     result
 }
 
@@ -215,13 +219,13 @@ impl Maintenance {
 }
 
 /// Runs partition maintenance every `every` until `stop`.
-pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration, stop: CancellationToken) {
+pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration, life: Lifecycle) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // start-up already ran it
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = life.stopped() => return,
             _ = tick.tick() => {}
         }
         let result = async {

@@ -24,13 +24,12 @@
 use super::read::Server;
 use super::schema::{day_of, Maintenance, Table};
 use super::{StorageConfig, StorageError};
+use crate::lifecycle::Lifecycle;
 use fluxmesh_schemas::frame::{ArchivedBody, ArchivedFrame, Body, Frame, Severity};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// One telemetry message.
@@ -229,13 +228,7 @@ impl Commit {
 }
 
 impl Writer {
-    pub fn spawn(
-        cfg: &StorageConfig,
-        primary: Server,
-        maintenance: Maintenance,
-        stop: CancellationToken,
-        tasks: &TaskTracker,
-    ) -> Writer {
+    pub fn spawn(cfg: &StorageConfig, primary: Server, maintenance: Maintenance, life: &Lifecycle) -> Writer {
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
         let task = Task {
             primary,
@@ -244,7 +237,7 @@ impl Writer {
             linger: Duration::from_millis(cfg.writer_linger_ms),
             timeout: cfg.query_timeout(),
         };
-        tasks.spawn(task.run(rx, cfg.writer_connections, stop));
+        life.spawn(task.run(rx, cfg.writer_connections, life.clone()));
         Writer { tx }
     }
 
@@ -258,9 +251,9 @@ impl Writer {
     }
 }
 
-/// After `stop`, the writer writes what is queued (no more comes: the node
-/// stops it after its shard workers), taking at most this long in all.
-const STOP_DEADLINE: Duration = Duration::from_secs(15);
+/// After the stop signal, the writer writes what is queued (no more comes:
+/// the node stops it after its shard workers), taking at most this long.
+const STOP_DEADLINE: Duration = crate::lifecycle::deadline::HISTORY_WRITER;
 
 struct Task {
     primary: Server,
@@ -272,13 +265,13 @@ struct Task {
 
 impl Task {
     /// `lanes` loops share the queue, each with one transaction in flight.
-    async fn run(self, rx: mpsc::Receiver<Request>, lanes: usize, stop: CancellationToken) {
+    async fn run(self, rx: mpsc::Receiver<Request>, lanes: usize, life: Lifecycle) {
         let rx = tokio::sync::Mutex::new(rx);
-        futures::future::join_all((0..lanes).map(|_| self.lane(&rx, &stop))).await;
+        futures::future::join_all((0..lanes).map(|_| self.lane(&rx, &life))).await;
         tracing::debug!("history writer stopped");
     }
 
-    async fn lane(&self, rx: &tokio::sync::Mutex<mpsc::Receiver<Request>>, stop: &CancellationToken) {
+    async fn lane(&self, rx: &tokio::sync::Mutex<mpsc::Receiver<Request>>, life: &Lifecycle) {
         let mut deadline: Option<Instant> = None;
         loop {
             let mut group = Vec::new();
@@ -287,7 +280,7 @@ impl Task {
                 let first = match deadline {
                     None => tokio::select! {
                         r = rx.recv() => r,
-                        _ = stop.cancelled() => {
+                        _ = life.stopped() => {
                             deadline = Some(Instant::now() + STOP_DEADLINE);
                             continue;
                         }
@@ -304,7 +297,7 @@ impl Task {
                 while rows < self.batch_rows {
                     let next = match rx.try_recv() {
                         Ok(r) => Some(r),
-                        Err(_) if deadline.is_none() && !stop.is_cancelled() && !self.linger.is_zero() => {
+                        Err(_) if deadline.is_none() && !life.is_stopping() && !self.linger.is_zero() => {
                             tokio::time::timeout_at(linger_until, rx.recv()).await.ok().flatten()
                         }
                         Err(_) => None,
@@ -328,7 +321,7 @@ impl Task {
                 senders.push(r.done);
             }
             self.expire(&mut all);
-            if !self.write_until_committed(&all, stop, deadline).await {
+            if !self.write_until_committed(&all, life, deadline).await {
                 tracing::error!(
                     rows = all.len(),
                     "history writer stopped before these rows committed; their messages stay unacked"
@@ -344,7 +337,7 @@ impl Task {
     }
 
     /// Retries until the rows commit; false if the stop deadline passed.
-    async fn write_until_committed(&self, rows: &Rows, stop: &CancellationToken, deadline: Option<Instant>) -> bool {
+    async fn write_until_committed(&self, rows: &Rows, life: &Lifecycle, deadline: Option<Instant>) -> bool {
         let mut backoff = Duration::from_millis(100);
         let mut isolate = false;
         // Plain inserts first: `ON CONFLICT DO NOTHING` costs about 1.6x
@@ -389,7 +382,7 @@ impl Task {
                     }
                 }
             }
-            let past_deadline = deadline.or_else(|| stop.is_cancelled().then(|| Instant::now() + STOP_DEADLINE));
+            let past_deadline = deadline.or_else(|| life.is_stopping().then(|| Instant::now() + STOP_DEADLINE));
             if past_deadline.is_some_and(|d| Instant::now() + backoff > d) {
                 return false;
             }

@@ -647,7 +647,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let drain_deadline = draining.as_ref().map(|(at, _)| *at).unwrap_or(far);
             tokio::select! {
                 biased;
-                _ = self.shared.stop.cancelled(), if draining.is_none() => {
+                _ = self.shared.life.stopped(), if draining.is_none() => {
                     draining = Some((Instant::now() + DRAIN_TIMEOUT, End::Stopped));
                 }
                 _ = session.end.cancelled(), if draining.is_none() => {

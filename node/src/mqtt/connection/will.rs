@@ -86,7 +86,7 @@ async fn wait_will_delay(shared: Arc<Shared>, client: String, session: u64, secs
     let sleep = tokio::time::sleep(Duration::from_secs(u64::from(secs)));
     let publish = tokio::select! {
         _ = sleep => true,
-        _ = shared.stop.cancelled() => true,
+        _ = shared.life.stopped() => true,
         _ = back.cancelled() => false,
     };
     shared.will_delay_over(&client, session);
