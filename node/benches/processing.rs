@@ -7,11 +7,11 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fluxmesh_node::plugins::runtime::{self, Compiled, Limits};
+use fluxmesh_node::processing::aggregate::{Aggregation, AggregationConfig, Windows};
+use fluxmesh_node::processing::pipeline::{Outputs, Pipeline};
+use fluxmesh_node::processing::state::DeviceState;
 use fluxmesh_node::rules::engine::{PluginCallError, INPUTS};
 use fluxmesh_node::rules::{compile, parse_seed, PluginCaller, RuleEngine, RuleSet, RulesConfig};
-use fluxmesh_node::shards::aggregate::{Aggregation, AggregationConfig, Windows};
-use fluxmesh_node::shards::pipeline::{Outputs, Pipeline};
-use fluxmesh_node::shards::state::DeviceState;
 use fluxmesh_schemas::frame::{access, AlignedVec, Frame};
 use std::hint::black_box;
 use std::sync::Arc;

@@ -18,9 +18,12 @@
 //! are allowed. Every other route needs `Authorization: Bearer
 //! <auth.admin_token>`.
 
+use crate::api::{ApiError, Slot};
+use crate::auth::http::AuthApi;
 use crate::ingress::{DeviceMessage, IngestError, Ingress, Source};
 use crate::internal_events;
 use crate::shards::ShardContext;
+use crate::storage::http::StorageSlot;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,54 +31,98 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use fluxmesh_schemas::DeviceTopic;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// What handlers share.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    /// Empty until the node is connected to NATS.
-    pub ingress: Arc<std::sync::OnceLock<Ingress>>,
-    /// Empty until the node has joined the cluster.
-    pub shards: Arc<std::sync::OnceLock<Arc<ShardContext>>>,
-    pub ready: Arc<AtomicBool>,
-    pub node_id: Arc<str>,
-    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    pub admin_token: fluxmesh_mesh::Secret,
-    /// Empty until the node is connected to NATS.
-    pub auth: Arc<std::sync::OnceLock<Arc<crate::auth::Authenticator>>>,
-    /// Per-device message rate on HTTP ingest (`ingest.device_rate_per_sec`).
-    pub limiter: Option<Arc<crate::limits::DeviceLimiter>>,
+/// The HTTP API (ingest, health, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
 }
 
-pub fn router(state: AppState, max_payload: usize, max_module: usize) -> Router {
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: SocketAddr::from(([0, 0, 0, 0], 8080)) }
+    }
+}
+
+/// The parts of the node HTTP serves, each filled once it is up.
+#[derive(Debug, Clone, Default)]
+pub struct Slots {
+    pub ingress: Slot<Ingress>,
+    pub shards: Slot<Arc<ShardContext>>,
+    pub auth: Slot<Arc<crate::auth::Authenticator>>,
+    pub rules: Slot<Arc<crate::rules::Rules>>,
+    pub plugins: Slot<Arc<crate::plugins::Plugins>>,
+    pub storage: StorageSlot,
+}
+
+/// What the router is built from.
+#[derive(Debug)]
+pub struct Settings {
+    pub node_id: Arc<str>,
+    pub ready: Arc<AtomicBool>,
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub admin_token: fluxmesh_mesh::Secret,
+    /// Per-device message rate on HTTP ingest (`ingest.device_rate_per_sec`).
+    pub limiter: Option<Arc<crate::limits::DeviceLimiter>>,
+    pub max_payload: usize,
+    pub max_module: usize,
+}
+
+/// What the routes of this module share.
+#[derive(Debug, Clone)]
+struct NodeApi {
+    ingress: Slot<Ingress>,
+    shards: Slot<Arc<ShardContext>>,
+    ready: Arc<AtomicBool>,
+    node_id: Arc<str>,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    auth: AuthApi,
+    limiter: Option<Arc<crate::limits::DeviceLimiter>>,
+}
+
+pub fn router(slots: &Slots, settings: Settings) -> Router {
+    let auth = AuthApi { admin_token: settings.admin_token, auth: slots.auth.clone() };
+    let state = NodeApi {
+        ingress: slots.ingress.clone(),
+        shards: slots.shards.clone(),
+        ready: settings.ready,
+        node_id: settings.node_id,
+        prometheus: settings.prometheus,
+        auth: auth.clone(),
+        limiter: settings.limiter,
+    };
     let admin = Router::new()
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/cluster", get(cluster))
-        .merge(crate::rules::http::routes())
-        .merge(crate::plugins::http::routes(max_module))
-        .merge(crate::storage::http::routes())
-        .merge(crate::auth::http::routes())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::http::require_admin));
+        .with_state(state.clone())
+        .merge(crate::rules::http::routes(slots.rules.clone()))
+        .merge(crate::plugins::http::routes(slots.plugins.clone(), settings.max_module))
+        .merge(crate::storage::http::routes(slots.storage.clone()))
+        .merge(crate::auth::http::routes(auth.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(auth, crate::auth::http::require_admin));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/devices/{id}/telemetry", post(ingest))
+        .with_state(state)
         .merge(admin)
         // Leave room above the payload limit so that an oversize body is
         // answered by our own 413 with a reason, not a bare one.
-        .layer(DefaultBodyLimit::max(max_payload.saturating_add(1)))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(settings.max_payload.saturating_add(1)))
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+async fn healthz(State(state): State<NodeApi>) -> Response {
     Json(json!({"status": "ok", "node": &*state.node_id})).into_response()
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<NodeApi>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready", "node": &*state.node_id})).into_response()
     } else {
@@ -83,7 +130,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<AppState>) -> Response {
+async fn metrics_text(State(state): State<NodeApi>) -> Response {
     match &state.prometheus {
         Some(handle) => {
             handle.run_upkeep();
@@ -110,14 +157,14 @@ fn refuse(status: StatusCode, reason: &'static str, message: impl std::fmt::Disp
 }
 
 async fn ingest(
-    State(state): State<AppState>,
+    State(state): State<NodeApi>,
     Path(device): Path<String>,
     params: Result<Query<IngestParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let Some(ingress) = state.ingress.get() else { return not_ready() };
-    let grant = match crate::auth::http::ingest_grant(&state, &headers, &device).await {
+    let Ok(ingress) = state.ingress.get() else { return not_ready() };
+    let grant = match crate::auth::http::ingest_grant(&state.auth, &headers, &device).await {
         Ok(g) => g,
         Err(response) => return response,
     };
@@ -203,40 +250,17 @@ fn not_ready() -> Response {
     ApiError::not_ready().into_response()
 }
 
-/// An error answer of the API handlers that return `Result`: a status and
-/// a JSON body with at least `error`.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub serde_json::Value);
-
-impl ApiError {
-    /// `{"error": message}` with `status`.
-    pub fn new(status: StatusCode, message: impl std::fmt::Display) -> Self {
-        ApiError(status, json!({"error": message.to_string()}))
-    }
-
-    /// 503: the node is not connected or has not joined the cluster yet.
-    pub fn not_ready() -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "node is not ready", "reason": "not_ready"}))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
-    }
-}
-
 /// Live nodes and, per shard, who should own it, who holds its lease (and
 /// at which epoch) and how far its consumer is behind.
 async fn cluster(
-    State(state): State<AppState>,
+    State(state): State<NodeApi>,
     params: Result<Query<ClusterParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
     };
-    let Some(ctx) = state.shards.get() else { return not_ready() };
+    let Ok(ctx) = state.shards.get() else { return not_ready() };
     let view = ctx.cluster.view();
     let live = view.live_ids();
     let with_lag = params.lag.unwrap_or(true);
@@ -276,8 +300,8 @@ struct ClusterParams {
 
 /// A device's shard, the node that owns the shard and its last
 /// checkpointed state (404 if the mesh has never processed a message of it).
-async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Response {
-    let Some(ctx) = state.shards.get() else { return not_ready() };
+async fn device(State(state): State<NodeApi>, Path(device): Path<String>) -> Response {
+    let Ok(ctx) = state.shards.get() else { return not_ready() };
     if let Err(e) = DeviceTopic::new(&device, "x") {
         return refuse(StatusCode::BAD_REQUEST, e.reason(), e);
     }
@@ -292,7 +316,7 @@ async fn device(State(state): State<AppState>, Path(device): Path<String>) -> Re
     let commands = located.as_ref().is_some_and(|l| l.commands);
     let loaded = ctx.checkpoints.load(shard).await.map(|mut l| l.states.remove(&device));
     match loaded {
-        Ok(Some(value)) => match serde_json::from_value::<crate::shards::state::DeviceState>(value) {
+        Ok(Some(value)) => match serde_json::from_value::<crate::processing::state::DeviceState>(value) {
             Ok(st) => Json(json!({
                 "device": device,
                 "shard": shard,

@@ -2,11 +2,37 @@
 //! in over (MQTT, HTTP): check it, frame it, publish it to its shard's
 //! telemetry subject, and mirror it as JSON once stored.
 
+pub use crate::internal_events::Source;
 use bytes::Bytes;
 use fluxmesh_mesh::{Mesh, Pending, PublishError};
 use fluxmesh_schemas::frame::{self, Frame, FrameId};
 use fluxmesh_schemas::{shard_of, DeviceTopic, PlainTopic, Subjects, TopicError};
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
+
+/// Rules shared by MQTT and HTTP ingest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest device payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Subject families to mirror as JSON on `{prefix}.json.…`:
+    /// any of `"tel"`, `"evt"`.
+    pub json_mirror: Vec<String>,
+    /// Messages a second one device may send (token bucket); 0 = no limit.
+    /// MQTT devices over it are slowed down (backpressure), HTTP requests
+    /// get 429 with Retry-After.
+    pub device_rate_per_sec: u32,
+    /// Bucket size: messages a device may send at once after being quiet;
+    /// 0 = the same as the rate.
+    pub device_burst: u32,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { max_payload_bytes: 256 * 1024, json_mirror: Vec::new(), device_rate_per_sec: 0, device_burst: 0 }
+    }
+}
 
 /// Why a device message was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -121,22 +147,6 @@ pub struct Stored {
     pub stream: String,
     pub sequence: u64,
     pub duplicate: bool,
-}
-
-/// Where a message came in; labels its metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Mqtt,
-    Http,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Mqtt => "mqtt",
-            Source::Http => "http",
-        }
-    }
 }
 
 /// Metric handles registered once, so the hot path does no label lookups.

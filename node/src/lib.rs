@@ -3,6 +3,7 @@
 //! binary only parses arguments and waits for a signal, so tests and benches
 //! run real nodes in-process.
 
+pub mod api;
 pub mod auth;
 pub mod commands;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod limits;
 pub mod mqtt;
 pub mod node;
 pub mod plugins;
+pub mod processing;
 pub mod rules;
 pub mod shards;
 pub mod storage;

@@ -10,11 +10,11 @@
 //! with its deadlines, so that nothing acknowledged is lost.
 
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http;
 use crate::ingress::Ingress;
 use crate::lifecycle::{deadline, Phases};
 use crate::mqtt::{self, MqttServer};
-use crate::shards::{self, ShardContext};
+use crate::shards::ShardContext;
 use fluxmesh_mesh::cluster::{self, ClusterHandle, Member};
 use fluxmesh_mesh::{provision, Mesh, Provisioned, Publisher};
 use fluxmesh_schemas::subject::Family;
@@ -91,9 +91,7 @@ impl Node {
             .map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
         let http_addr =
             listener.local_addr().map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
-        let ingress_slot: Arc<std::sync::OnceLock<Ingress>> = Arc::default();
-        let shards_slot: Arc<std::sync::OnceLock<Arc<ShardContext>>> = Arc::default();
-        let auth_slot: Arc<std::sync::OnceLock<Arc<crate::auth::Authenticator>>> = Arc::default();
+        let slots = http::Slots::default();
         let limiter = crate::limits::quota(config.ingest.device_rate_per_sec, config.ingest.device_burst)
             .map(|q| Arc::new(crate::limits::DeviceLimiter::new(q)));
         if let Some(limiter) = limiter.clone() {
@@ -116,17 +114,18 @@ impl Node {
         if config.auth.allow_anonymous {
             tracing::warn!("auth.allow_anonymous is on: devices without credentials may connect and publish");
         }
-        let state = AppState {
-            ingress: ingress_slot.clone(),
-            shards: shards_slot.clone(),
-            ready: ready.clone(),
-            node_id: node_id.as_str().into(),
-            prometheus,
-            admin_token: config.auth.admin_token.clone(),
-            auth: auth_slot.clone(),
-            limiter,
-        };
-        let app = http::router(state, config.ingest.max_payload_bytes, config.plugins.max_module_bytes);
+        let app = http::router(
+            &slots,
+            http::Settings {
+                node_id: node_id.as_str().into(),
+                ready: ready.clone(),
+                prometheus,
+                admin_token: config.auth.admin_token.clone(),
+                limiter,
+                max_payload: config.ingest.max_payload_bytes,
+                max_module: config.plugins.max_module_bytes,
+            },
+        );
         let http_stopped = life.stopped_owned();
         life.spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(http_stopped);
@@ -136,7 +135,7 @@ impl Node {
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, http_addr, &auth_slot, &cancel, &phases).await;
+        let started = Self::start_mesh(&config, &node_id, http_addr, &slots.auth, &cancel, &phases).await;
         let Started { client, control, provisioned, ingress, mqtt, shards, coordinator } = match started {
             Ok(parts) => parts,
             Err(e) => {
@@ -145,10 +144,13 @@ impl Node {
                 return Err(e);
             }
         };
-        // Set once, here; the slots were empty until now.
-        let _ = ingress_slot.set(ingress.clone());
+        // Filled once, here; HTTP answered 503 until now.
+        slots.ingress.fill(ingress.clone());
+        slots.rules.fill(shards.rules.clone());
+        slots.plugins.fill(shards.plugins.clone());
+        slots.storage.fill(shards.storage.clone());
         let cluster = shards.cluster.clone();
-        let _ = shards_slot.set(shards);
+        slots.shards.fill(shards);
 
         ready.store(true, Ordering::Release);
         tracing::info!(node = %node_id, mqtt = %mqtt.listen(), %http_addr, shards = provisioned.shards,
@@ -172,7 +174,7 @@ impl Node {
         config: &Config,
         node_id: &str,
         http_addr: SocketAddr,
-        auth_slot: &std::sync::OnceLock<Arc<crate::auth::Authenticator>>,
+        auth_slot: &crate::api::Slot<Arc<crate::auth::Authenticator>>,
         cancel: &CancellationToken,
         phases: &Phases,
     ) -> Result<Started, NodeError> {
@@ -212,7 +214,7 @@ impl Node {
         )
         .await?;
         let auth = Arc::new(crate::auth::Authenticator::new(config.auth.clone(), credentials));
-        let _ = auth_slot.set(auth.clone());
+        auth_slot.fill(auth.clone());
         let (cmd_ready_tx, cmd_ready_rx) = tokio::sync::mpsc::channel(1024);
         // This run of the node: leases and will records of an earlier run
         // (same node id) are not valid.
@@ -301,7 +303,7 @@ impl Node {
             cfg: config.shards.clone(),
             cluster,
             mirror_events: config.mirrored(Family::Event),
-            pipeline: shards::pipeline::Pipeline {
+            pipeline: crate::processing::pipeline::Pipeline {
                 origin: node_id.to_owned(),
                 state_min_interval_us: i64::try_from(config.shards.state_min_interval_ms.saturating_mul(1000))
                     .unwrap_or(i64::MAX),

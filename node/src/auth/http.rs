@@ -8,8 +8,9 @@
 //! | `DELETE /api/v1/devices/{id}/credentials` | remove; the device's live sessions end |
 
 use super::acl::{Grant, Method};
+use super::Authenticator;
 use super::{AuthError, Denied, Update};
-use crate::http::{ApiError, AppState};
+use crate::api::{ApiError, Slot};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -17,9 +18,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
+use std::sync::Arc;
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/api/v1/devices/{id}/credentials", put(set).get(show).delete(remove))
+/// What the admin check, ingest authentication and the credentials API
+/// need.
+#[derive(Debug, Clone)]
+pub struct AuthApi {
+    pub admin_token: fluxmesh_mesh::Secret,
+    /// The authenticator, once the node is connected to NATS.
+    pub auth: Slot<Arc<Authenticator>>,
+}
+
+pub fn routes(api: AuthApi) -> Router {
+    Router::new().route("/api/v1/devices/{id}/credentials", put(set).get(show).delete(remove)).with_state(api)
 }
 
 fn unauthorized(reason: &'static str, message: &str) -> Response {
@@ -30,7 +41,7 @@ fn unauthorized(reason: &'static str, message: &str) -> Response {
 }
 
 /// Whether the request carries the admin token.
-pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+pub fn is_admin(state: &AuthApi, headers: &HeaderMap) -> bool {
     let token = &state.admin_token;
     if token.is_empty() {
         return false;
@@ -44,7 +55,7 @@ pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// Middleware on every admin route: the bearer token or 401.
-pub async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_admin(State(state): State<AuthApi>, request: Request, next: Next) -> Response {
     if is_admin(&state, request.headers()) {
         return next.run(request).await;
     }
@@ -59,11 +70,11 @@ pub async fn require_admin(State(state): State<AppState>, request: Request, next
 /// Who is posting for `device` on HTTP ingest: the admin token (a
 /// backend, any device), the device's own Basic credentials, or nobody
 /// (anonymous, if allowed). `Err` is the answer to send.
-pub async fn ingest_grant(state: &AppState, headers: &HeaderMap, device: &str) -> Result<Grant, Response> {
+pub async fn ingest_grant(state: &AuthApi, headers: &HeaderMap, device: &str) -> Result<Grant, Response> {
     if is_admin(state, headers) {
         return Ok(Grant::own(device, Method::Admin));
     }
-    let Some(auth) = state.auth.get() else { return Err(ApiError::not_ready().into_response()) };
+    let auth = state.auth.get().map_err(IntoResponse::into_response)?;
     let basic = match headers.get(header::AUTHORIZATION).map(|v| v.to_str().map(basic_credentials)) {
         None => None,
         Some(Ok(Some(pair))) => Some(pair),
@@ -115,11 +126,11 @@ fn no_credentials() -> ApiError {
 }
 
 async fn set(
-    State(state): State<AppState>,
+    State(state): State<AuthApi>,
     Path(device): Path<String>,
     body: Result<Json<Update>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+    let auth = state.auth.get()?;
     let Json(update) =
         body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, json!({"error": e.body_text(), "reason": "bad_body"})))?;
     let (view, generated) = super::set(auth.store(), &auth.cfg, &device, update).await.map_err(store_error)?;
@@ -131,16 +142,16 @@ async fn set(
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
-async fn show(State(state): State<AppState>, Path(device): Path<String>) -> Result<Response, ApiError> {
-    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+async fn show(State(state): State<AuthApi>, Path(device): Path<String>) -> Result<Response, ApiError> {
+    let auth = state.auth.get()?;
     match super::show(auth.store(), &device).await.map_err(store_error)? {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(no_credentials()),
     }
 }
 
-async fn remove(State(state): State<AppState>, Path(device): Path<String>) -> Result<Response, ApiError> {
-    let auth = state.auth.get().ok_or_else(ApiError::not_ready)?;
+async fn remove(State(state): State<AuthApi>, Path(device): Path<String>) -> Result<Response, ApiError> {
+    let auth = state.auth.get()?;
     if super::remove(auth.store(), &device).await.map_err(store_error)? {
         tracing::info!(%device, "device credentials removed");
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -4,7 +4,6 @@
 
 pub mod names;
 
-use crate::ingress::Source;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use names::Kind;
 use std::sync::OnceLock;
@@ -48,6 +47,22 @@ fn describe() {
             Kind::Gauge => describe_gauge!(m.name, m.help),
             Kind::Histogram if m.name.ends_with("_seconds") => describe_histogram!(m.name, Unit::Seconds, m.help),
             Kind::Histogram => describe_histogram!(m.name, Unit::Count, m.help),
+        }
+    }
+}
+
+/// Where a message came in; labels its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Mqtt,
+    Http,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
         }
     }
 }

@@ -26,7 +26,9 @@
 
 mod broker;
 mod codec;
+mod config;
 mod connection;
+mod outbox;
 mod props;
 mod sessions;
 mod shared;
@@ -35,7 +37,7 @@ mod websocket;
 pub mod wills;
 
 use crate::auth::Authenticator;
-use crate::config::{IngestConfig, MqttConfig};
+use crate::ingress::IngestConfig;
 use crate::ingress::Ingress;
 use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::kv;
@@ -49,6 +51,7 @@ use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+pub use config::MqttConfig;
 pub use connection::Session;
 
 #[derive(Debug, thiserror::Error)]

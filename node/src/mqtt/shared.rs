@@ -13,10 +13,10 @@
 //! subscriptions cost the servers an ack per message, unlike plain ones:
 //! that is what lets a message move to another member.
 
-use super::broker::{Broker, FeedError, Outbox, Outgoing};
+use super::broker::{Broker, FeedError};
+use super::outbox::{Outbox, Outgoing, ShareAck};
 use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::consumer::{self, pull};
-use async_nats::jetstream::message::{AckKind, Acker};
 use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,31 +44,6 @@ pub(crate) fn parse(filter: &str) -> Option<(&str, &str)> {
     let (group, inner) = rest.split_once('/')?;
     let valid = !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty();
     valid.then_some((group, inner))
-}
-
-/// Acknowledges a shared message to its group once the member has.
-#[derive(Clone)]
-pub(crate) struct ShareAck(Arc<Acker>);
-
-impl std::fmt::Debug for ShareAck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShareAck")
-    }
-}
-
-impl ShareAck {
-    /// The member has it.
-    pub async fn done(&self) {
-        if let Err(e) = self.0.ack().await {
-            metrics::counter!(crate::internal_events::names::MQTT_SHARED_ACK_FAILED_TOTAL).increment(1);
-            tracing::debug!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot acknowledge a shared message; it will be sent again");
-        }
-    }
-
-    /// The member left without it: send it to another member now.
-    pub async fn give_back(&self) {
-        let _ = self.0.ack_with(AckKind::Nak(None)).await;
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -201,7 +176,7 @@ impl Shares {
                 };
                 if group.life.is_stopping() {
                     let (_, acker) = stored.split();
-                    ShareAck(Arc::new(acker)).give_back().await;
+                    ShareAck::new(acker).give_back().await;
                     continue;
                 }
                 self.hand_out(&group, &stream, &stream_name, stored, &mut scratch).await;
@@ -222,7 +197,7 @@ impl Shares {
         let seq = stored.info().map(|i| i.stream_sequence).ok();
         let message = self.broker.decode_from(stream, &stored, scratch);
         let (_, acker) = stored.split();
-        let ack = ShareAck(Arc::new(acker));
+        let ack = ShareAck::new(acker);
         let Some(message) = message.filter(|m| super::topics::matches(&m.topic, &group.inner)) else {
             // Not for this group: nobody needs it.
             ack.done().await;

@@ -10,7 +10,7 @@
 //! with 400 and the compiler's message; nothing is stored.
 
 use super::{Plugins, PluginsError};
-use crate::http::{ApiError, AppState};
+use crate::api::{ApiError, Slot};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,11 +20,17 @@ use bytes::Bytes;
 use serde_json::json;
 use std::sync::Arc;
 
-pub fn routes(max_module_bytes: usize) -> Router<AppState> {
-    Router::new().route("/api/v1/plugins", get(list)).route(
-        "/api/v1/plugins/{name}",
-        put(upload).delete(remove).layer(DefaultBodyLimit::max(max_module_bytes.saturating_add(1))),
-    )
+/// The plugins of this node, once it has them.
+type PluginsSlot = Slot<Arc<Plugins>>;
+
+pub fn routes(plugins: PluginsSlot, max_module_bytes: usize) -> Router {
+    Router::new()
+        .route("/api/v1/plugins", get(list))
+        .route(
+            "/api/v1/plugins/{name}",
+            put(upload).delete(remove).layer(DefaultBodyLimit::max(max_module_bytes.saturating_add(1))),
+        )
+        .with_state(plugins)
 }
 
 impl From<PluginsError> for ApiError {
@@ -45,21 +51,21 @@ impl From<PluginsError> for ApiError {
     }
 }
 
-fn plugins(state: &AppState) -> Result<Arc<Plugins>, ApiError> {
-    state.shards.get().map(|s| s.plugins.clone()).ok_or_else(ApiError::not_ready)
+fn plugins(state: &PluginsSlot) -> Result<Arc<Plugins>, ApiError> {
+    state.get().cloned()
 }
 
-async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn list(State(state): State<PluginsSlot>) -> Result<Response, ApiError> {
     let list = plugins(&state)?.list().await?;
     Ok(Json(json!({"plugins": list})).into_response())
 }
 
-async fn upload(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn upload(State(state): State<PluginsSlot>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let info = plugins(&state)?.put(&name, &body).await?;
     Ok(Json(json!({"plugin": info})).into_response())
 }
 
-async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn remove(State(state): State<PluginsSlot>, Path(name): Path<String>) -> Result<Response, ApiError> {
     if plugins(&state)?.delete(&name).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

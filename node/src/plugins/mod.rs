@@ -13,7 +13,6 @@ pub mod http;
 pub mod runtime;
 
 use crate::lifecycle::Lifecycle;
-use crate::rules::PluginCaller;
 use async_nats::jetstream::{self, object_store};
 use fluxmesh_mesh::watch::{ObjectMetas, Rewatch, WatchError, Watched};
 use futures::StreamExt as _;
@@ -145,8 +144,35 @@ impl std::fmt::Debug for Plugins {
     }
 }
 
+/// 1-64 letters, digits, `-` or `_` (as rule ids).
 pub fn valid_name(name: &str) -> bool {
-    crate::rules::valid_id(name)
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Calls WebAssembly plugins for scripts (`plugin(name, input)`).
+pub trait PluginCaller: Send + Sync {
+    /// Runs plugin `name` on `input` (JSON) and returns its JSON output.
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, PluginCallError>;
+}
+
+/// Why a script's plugin call failed (the script sees it as a runtime
+/// error, with its causes).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginCallError {
+    #[error("no plugin named `{0}` is loaded")]
+    NotLoaded(String),
+    #[error("plugin `{name}` failed")]
+    Failed {
+        name: String,
+        #[source]
+        source: runtime::CallError,
+    },
+}
+
+impl std::fmt::Debug for dyn PluginCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginCaller")
+    }
 }
 
 impl Plugins {
@@ -277,8 +303,7 @@ impl Plugins {
 }
 
 impl PluginCaller for Plugins {
-    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, crate::rules::engine::PluginCallError> {
-        use crate::rules::engine::PluginCallError;
+    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, PluginCallError> {
         let plugin = self
             .read()
             .get(name)

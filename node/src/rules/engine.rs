@@ -10,6 +10,7 @@
 //! recorded before failing are discarded.
 
 use super::RulesConfig;
+pub use crate::plugins::{PluginCallError, PluginCaller};
 use rhai::{Dynamic, Engine, EvalAltResult, Position, Scope, AST};
 use serde_json::Value;
 use std::cell::RefCell;
@@ -34,32 +35,6 @@ pub enum Action {
     /// `drop()`: the message updates neither state nor aggregates, and later
     /// rules do not see it.
     Drop,
-}
-
-/// Calls WebAssembly plugins for scripts (`plugin(name, input)`).
-pub trait PluginCaller: Send + Sync {
-    /// Runs plugin `name` on `input` (JSON) and returns its JSON output.
-    fn call(&self, name: &str, input: &[u8]) -> Result<Vec<u8>, PluginCallError>;
-}
-
-/// Why a script's plugin call failed (the script sees it as a runtime
-/// error, with its causes).
-#[derive(Debug, thiserror::Error)]
-pub enum PluginCallError {
-    #[error("no plugin named `{0}` is loaded")]
-    NotLoaded(String),
-    #[error("plugin `{name}` failed")]
-    Failed {
-        name: String,
-        #[source]
-        source: crate::plugins::runtime::CallError,
-    },
-}
-
-impl std::fmt::Debug for dyn PluginCaller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PluginCaller")
-    }
 }
 
 /// Why a rule run failed.

@@ -12,7 +12,7 @@
 //! `{"error":…,"line":…,"column":…}`; nothing is stored.
 
 use super::{RuleError, RuleSpec, Rules, RulesError};
-use crate::http::{ApiError, AppState};
+use crate::api::{ApiError, Slot};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -23,14 +23,18 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
-pub fn routes() -> Router<AppState> {
+/// The rules of this node, once it has them.
+type RulesSlot = Slot<Arc<Rules>>;
+
+pub fn routes(rules: RulesSlot) -> Router {
     Router::new()
         .route("/api/v1/rules", get(list).post(create))
         .route("/api/v1/rules/{id}", get(read).put(replace).delete(remove))
+        .with_state(rules)
 }
 
-fn rules(state: &AppState) -> Result<Arc<Rules>, ApiError> {
-    state.shards.get().map(|s| s.rules.clone()).ok_or_else(ApiError::not_ready)
+fn rules(state: &RulesSlot) -> Result<Arc<Rules>, ApiError> {
+    state.get().cloned()
 }
 
 fn refused(e: RulesError) -> ApiError {
@@ -87,32 +91,32 @@ fn parse(body: &Bytes, id: Option<&str>) -> Result<RuleSpec, ApiError> {
     })
 }
 
-async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn list(State(state): State<RulesSlot>) -> Result<Response, ApiError> {
     let list = rules(&state)?.list().await.map_err(refused)?;
     Ok(Json(json!({"rules": list})).into_response())
 }
 
-async fn store(state: AppState, spec: RuleSpec, status: StatusCode) -> Result<Response, ApiError> {
+async fn store(state: RulesSlot, spec: RuleSpec, status: StatusCode) -> Result<Response, ApiError> {
     let revision = rules(&state)?.put(spec.clone()).await.map_err(refused)?;
     Ok((status, Json(json!({"rule": spec, "revision": revision}))).into_response())
 }
 
-async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(State(state): State<RulesSlot>, body: Bytes) -> Result<Response, ApiError> {
     store(state, parse(&body, None)?, StatusCode::CREATED).await
 }
 
-async fn replace(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn replace(State(state): State<RulesSlot>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     store(state, parse(&body, Some(&id))?, StatusCode::OK).await
 }
 
-async fn read(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn read(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match rules(&state)?.get(&id).await.map_err(refused)? {
         Some(spec) => Ok(Json(spec).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule `{id}`"))),
     }
 }
 
-async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn remove(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<Response, ApiError> {
     if rules(&state)?.delete(&id).await.map_err(refused)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

@@ -7,9 +7,6 @@
 //! [`ShardContext`] (a `ShardWorker`) each shard it owns, with the shard's
 //! checkpoint claimed and its reader open.
 
-pub mod aggregate;
-pub mod pipeline;
-pub mod state;
 pub mod worker;
 
 use fluxmesh_mesh::cluster::ClusterHandle;
@@ -71,7 +68,7 @@ pub struct ShardContext {
     /// Mirror derived frames as JSON on `{prefix}.json.evt.…`.
     pub mirror_events: bool,
     /// Rules, aggregation and state settings.
-    pub pipeline: pipeline::Pipeline,
+    pub pipeline: crate::processing::pipeline::Pipeline,
     /// The rules (their current compiled set is taken per batch).
     pub rules: Arc<crate::rules::Rules>,
     /// The node's WebAssembly plugins.

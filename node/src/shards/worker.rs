@@ -26,9 +26,9 @@
 //! messages again from the last checkpoint and derives the same frames
 //! with the same ids.
 
-use super::pipeline::{Outputs, Processed, RuleCommand};
-use super::state::DeviceState;
 use super::ShardContext;
+use crate::processing::pipeline::{Outputs, Processed, RuleCommand};
+use crate::processing::state::DeviceState;
 use crate::storage::writer::{Commit, Rows};
 use fluxmesh_mesh::checkpoint::CheckpointError;
 use fluxmesh_mesh::ownership::{OwnedShard, WorkerFailure};

@@ -17,7 +17,7 @@
 use super::read::Source;
 use super::writer::system_time;
 use super::Storage;
-use crate::http::{ApiError, AppState};
+use crate::api::{ApiError, Slot};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,11 +34,15 @@ use uuid::Uuid;
 
 pub const READ_SOURCE_HEADER: &str = "fluxmesh-read-source";
 
-pub fn routes() -> Router<AppState> {
+/// This node's storage once the node is up: `None` when it is off.
+pub type StorageSlot = Slot<Option<Arc<Storage>>>;
+
+pub fn routes(storage: StorageSlot) -> Router {
     Router::new()
         .route("/api/v1/devices/{id}/telemetry", get(telemetry))
         .route("/api/v1/devices/{id}/aggregates", get(aggregates))
         .route("/api/v1/devices/{id}/events", get(events))
+        .with_state(storage)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,9 +158,8 @@ impl Params {
 }
 
 /// The storage of this node, or why there is none.
-fn storage(state: &AppState) -> Result<Arc<Storage>, ApiError> {
-    let ctx = state.shards.get().ok_or_else(ApiError::not_ready)?;
-    ctx.storage.clone().ok_or_else(|| {
+fn storage(state: &StorageSlot) -> Result<Arc<Storage>, ApiError> {
+    state.get()?.clone().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": "history storage is off on this node (storage.primary is not set)", "reason": "storage_off"}),
@@ -291,7 +294,7 @@ impl Params {
 }
 
 async fn telemetry(
-    State(state): State<AppState>,
+    State(state): State<StorageSlot>,
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -299,7 +302,7 @@ async fn telemetry(
 }
 
 async fn aggregates(
-    State(state): State<AppState>,
+    State(state): State<StorageSlot>,
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -307,7 +310,7 @@ async fn aggregates(
 }
 
 async fn events(
-    State(state): State<AppState>,
+    State(state): State<StorageSlot>,
     Path(device): Path<String>,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -316,7 +319,7 @@ async fn events(
 
 /// One page of `route` for `device`.
 async fn history(
-    state: &AppState,
+    state: &StorageSlot,
     device: &str,
     query: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
     route: &Route,

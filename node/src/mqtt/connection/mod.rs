@@ -23,8 +23,8 @@ mod session;
 mod subscribe;
 mod will;
 
-use super::broker::{Outbox, Outgoing, Sub};
 use super::codec::{self, reason, Codec, FilterIn, Inbound, PublishIn, PublishOut, Version};
+use super::outbox::{Outbox, Outgoing, Sub};
 use super::Shared;
 use crate::auth::acl::Grant;
 use crate::auth::Denied;
@@ -252,7 +252,7 @@ struct OutFlight {
     origin: Option<(Arc<str>, u64)>,
     /// A shared subscription's message: acknowledged to its group when
     /// the client acknowledges it, given back if the client leaves first.
-    share: Option<super::shared::ShareAck>,
+    share: Option<super::outbox::ShareAck>,
 }
 
 struct Conn<S> {
@@ -301,7 +301,7 @@ struct Conn<S> {
     /// Shared subscriptions (`$share/{group}/{filter}`), with the QoS granted.
     share_subs: std::collections::HashMap<String, QoS>,
     /// Shared messages written at QoS 0, to acknowledge to their groups.
-    shares_done: Vec<super::shared::ShareAck>,
+    shares_done: Vec<super::outbox::ShareAck>,
     /// Messages sent at QoS 1/2 and not yet acknowledged, by packet id.
     out_inflight: std::collections::HashMap<u16, OutFlight>,
     /// The will given at CONNECT and its record's stream sequence.
@@ -317,7 +317,7 @@ struct Conn<S> {
     /// Live messages at or below these sequences came by the replay.
     replay_floor: std::collections::HashMap<Arc<str>, u64>,
     /// Where the broker says what did not fit in the outbox.
-    overflow: Arc<super::broker::Overflow>,
+    overflow: Arc<super::outbox::Overflow>,
     /// Overflowed streams waiting for their catch-up (one replay per
     /// stream at a time): the first sequence dropped.
     overflowed: std::collections::HashMap<Arc<str>, u64>,

@@ -255,8 +255,8 @@ fn input_scope(frame: &ArchivedFrame, json: Option<&Value>, payload: &[u8], st: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::processing::aggregate::AggregationConfig;
     use crate::rules::{compile, parse_seed, RulesConfig};
-    use crate::shards::aggregate::AggregationConfig;
     use fluxmesh_schemas::frame::{access, AlignedVec, Severity};
 
     fn pipeline(agg_ms: &[u64]) -> Pipeline {
