@@ -19,7 +19,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use fluxmesh_node::lifecycle::Lifecycle;
-use fluxmesh_node::storage::writer::{Rows, TelemetryRow};
+use fluxmesh_node::storage::rows::{Rows, TelemetryRow};
 use fluxmesh_node::storage::{Storage, StorageConfig};
 use fluxmesh_schemas::frame::{now_us, FrameId};
 use fluxmesh_testkit::Postgres;
@@ -201,8 +201,8 @@ async fn main() -> anyhow::Result<()> {
     let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
     tokio::pin!(writer);
     for r in all.iter() {
-        let received = fluxmesh_node::storage::writer::system_time(r.received_us);
-        let device_time = r.device_time_us.map(fluxmesh_node::storage::writer::system_time);
+        let received = fluxmesh_node::storage::rows::system_time(r.received_us);
+        let device_time = r.device_time_us.map(fluxmesh_node::storage::rows::system_time);
         let json: serde_json::Value = serde_json::from_slice(&r.payload)?;
         let raw: Option<Vec<u8>> = None;
         writer.as_mut().write(&[&r.device, &received, &r.id, &r.channel, &device_time, &r.origin, &json, &raw]).await?;

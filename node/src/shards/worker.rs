@@ -29,7 +29,8 @@
 use super::ShardContext;
 use crate::processing::pipeline::{Outputs, Processed, RuleCommand};
 use crate::processing::state::DeviceState;
-use crate::storage::writer::{Commit, Rows};
+use crate::storage::writer::Commit;
+use crate::storage::Rows;
 use fluxmesh_mesh::checkpoint::CheckpointError;
 use fluxmesh_mesh::ownership::{OwnedShard, WorkerFailure};
 use fluxmesh_mesh::shard_reader::ReaderError;

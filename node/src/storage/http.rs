@@ -15,7 +15,7 @@
 //! `replica:{host:port/db}`). A bad parameter is a 400 naming it.
 
 use super::read::Source;
-use super::writer::system_time;
+use super::rows::system_time;
 use super::Storage;
 use crate::api::{ApiError, Slot};
 use axum::extract::{Path, Query, State};

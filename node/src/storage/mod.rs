@@ -14,7 +14,9 @@
 //! With `storage.primary` empty the node runs without any of this.
 
 pub mod http;
+mod insert;
 pub mod read;
+pub mod rows;
 pub mod schema;
 pub mod writer;
 
@@ -23,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use writer::{Rows, WriteError, Writer};
+pub use rows::Rows;
+pub use writer::{WriteError, Writer};
 
 /// The `[storage]` config section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
