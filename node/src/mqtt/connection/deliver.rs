@@ -149,3 +149,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_TOTAL, "qos" => qos_label(qos)).increment(1);
     }
 }
+
+pub(super) async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutCommand>>) -> Option<OutCommand> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) async fn next_outgoing(outbox: &mut Option<tokio::sync::mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match outbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) fn qos_of(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The next message of a resumed session's replay, opening the current
+/// stream's reader first if needed. Cancel-safe: the reader is kept.
+pub(super) async fn next_replayed(
+    replay: &mut VecDeque<crate::mqtt::sessions::Replay>,
+    broker: &crate::mqtt::broker::Broker,
+    session: u64,
+) -> Result<Option<async_nats::jetstream::Message>, crate::mqtt::broker::FeedError> {
+    let Some(current) = replay.front_mut() else { return Ok(None) };
+    if current.reader.is_none() {
+        current.reader = Some(broker.replay_reader(&current.stream, current.next, session).await?);
+    }
+    let Some(reader) = current.reader.as_mut() else { return Ok(None) };
+    match reader.next().await {
+        Ok(message) => Ok(Some(message)),
+        Err(source) => Err(crate::mqtt::broker::FeedError::Reader { stream: current.stream.to_string(), source }),
+    }
+}
+
+pub(super) fn qos_label(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}

@@ -12,12 +12,14 @@
 //! ack. When both are full the task stops reading the socket, so a slow
 //! JetStream slows the device down instead of filling memory.
 //!
-//! This file holds the connection's state, the handshake and the loop;
-//! `publish` the publish path, `subscribe` the subscriptions, `deliver`
-//! what is written to the client, `session` a persistent session, and
-//! `will` the will.
+//! This file holds the connection's state and its loop; `handshake` the
+//! CONNECT and CONNACK, `publish` the publish path, `subscribe` the
+//! subscriptions, `deliver` what is written to the client, `session` a
+//! persistent session, `will` the will, and `end` how it ends.
 
 mod deliver;
+mod end;
+mod handshake;
 mod publish;
 mod session;
 mod subscribe;
@@ -31,9 +33,12 @@ use crate::auth::Denied;
 use crate::ingress::{IngestError, MqttPublish, Source};
 use crate::internal_events;
 use bytes::{Bytes, BytesMut};
+use deliver::{next_command, next_outgoing, next_replayed, qos_of};
+use end::{End, Violation};
 use fluxmesh_schemas::{DeviceTopic, PlainTopic};
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
+use publish::{Settle, Submit, Submitted};
 use rumqttc::mqttbytes::valid_filter;
 use rumqttc::QoS;
 use std::collections::{HashSet, VecDeque};
@@ -51,9 +56,9 @@ use tokio_util::sync::CancellationToken;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection the server ends waits for the client to close
 /// after its DISCONNECT.
-const LINGER: Duration = Duration::from_secs(1);
+const LINGER: Duration = crate::lifecycle::deadline::CONNECTION_LINGER;
 /// How long a stopping connection may take to send the acks it owes.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = crate::lifecycle::deadline::CONNECTION_DRAIN;
 /// Bytes of parsed, not yet submitted publishes one connection may hold
 /// (at least one packet is always allowed).
 const BACKLOG_BYTES: usize = 1024 * 1024;
@@ -103,100 +108,6 @@ const IDLE_SAVE_GAP: u64 = 10_000;
 const COMMAND_QUEUE: usize = 64;
 /// Commands written and not yet PUBACKed on one connection, at most.
 const COMMANDS_IN_FLIGHT: usize = 32;
-
-/// What to answer once a publish is settled.
-#[derive(Debug, Clone, Copy)]
-enum Reply {
-    Nothing,
-    PubAck(u16),
-    PubRec(u16),
-}
-
-/// How a publish was settled.
-#[derive(Debug)]
-enum Outcome {
-    /// Stored in JetStream.
-    Stored,
-    /// Refused for good (bad topic, too large, not allowed): acknowledged
-    /// so that the device does not resend it forever (MQTT 5: with this
-    /// reason code), and counted.
-    Refused(u8),
-    /// A QoS2 resend of a message already stored in this session.
-    Duplicate,
-    /// Not stored after every retry: no ack, the connection closes, and the
-    /// device sends it again after reconnecting.
-    Failed(IngestError),
-}
-
-type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
-/// A publish that has been sent (or refused) and whose ack is still to
-/// come: what submitting resolves to.
-struct Submitted(Settle);
-type Submit = Pin<Box<dyn Future<Output = Submitted> + Send>>;
-
-fn settled(reply: Reply, outcome: Outcome) -> Settle {
-    Box::pin(std::future::ready((reply, outcome)))
-}
-
-/// Why a connection ended.
-#[derive(Debug)]
-enum End {
-    Disconnect,
-    /// An MQTT 5 DISCONNECT asking for the will to be published.
-    DisconnectWithWill,
-    PeerClosed,
-    Io(std::io::Error),
-    Protocol(&'static str, String),
-    KeepAlive,
-    TakenOver,
-    Revoked,
-    Stopped,
-    NotStored(IngestError),
-    Denied(Denied),
-    WillNotKept(super::wills::WillError),
-    Session(super::sessions::SessionError),
-}
-
-impl End {
-    fn reason(&self) -> &'static str {
-        match self {
-            End::Disconnect => "disconnect",
-            End::DisconnectWithWill => "disconnect_with_will",
-            End::PeerClosed => "peer_closed",
-            End::Io(_) => "io_error",
-            End::Protocol(reason, _) => reason,
-            End::KeepAlive => "keep_alive",
-            End::TakenOver => "taken_over",
-            End::Revoked => "credentials_changed",
-            End::Denied(d) => d.reason(),
-            End::Stopped => "node_stopping",
-            End::NotStored(_) => "not_stored",
-            End::WillNotKept(_) => "will_not_kept",
-            End::Session(_) => "session_unavailable",
-        }
-    }
-
-    /// The reason an MQTT 5 client is told in the server's DISCONNECT;
-    /// `None`: the client ended it, or the socket is gone.
-    fn disconnect_code(&self) -> Option<u8> {
-        Some(match self {
-            End::Disconnect | End::DisconnectWithWill | End::PeerClosed | End::Io(_) => return None,
-            End::Protocol("oversize", _) => reason::PACKET_TOO_LARGE,
-            End::Protocol("receive_maximum", _) => reason::RECEIVE_MAXIMUM_EXCEEDED,
-            End::Protocol("topic_alias_invalid", _) => reason::TOPIC_ALIAS_INVALID,
-            End::Protocol("acl_denied", _) => reason::NOT_AUTHORIZED,
-            End::Protocol("malformed_packet", _) => reason::MALFORMED,
-            End::Protocol("write_timeout", _) => return None,
-            End::Protocol(..) => reason::PROTOCOL_ERROR,
-            End::KeepAlive => reason::KEEP_ALIVE_TIMEOUT,
-            End::TakenOver => reason::SESSION_TAKEN_OVER,
-            End::Revoked => reason::ADMINISTRATIVE_ACTION,
-            End::Stopped => reason::SERVER_SHUTTING_DOWN,
-            End::NotStored(_) => reason::UNSPECIFIED,
-            End::Denied(_) | End::WillNotKept(_) | End::Session(_) => return None,
-        })
-    }
-}
 
 /// A subscription's options: the QoS granted and, from MQTT 5, no-local,
 /// retain-as-published and its subscription identifier.
@@ -408,7 +319,7 @@ where
             return;
         }
         Err(_) => {
-            conn.closed(&End::Protocol("connect_timeout", format!("no CONNECT within {timeout:?}")));
+            conn.closed(&End::Protocol(Violation::ConnectTimeout, format!("no CONNECT within {timeout:?}")));
             return;
         }
     };
@@ -429,135 +340,6 @@ where
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
-    /// Reads CONNECT, checks it, registers the session, answers CONNACK.
-    async fn handshake(&mut self) -> Result<Session, End> {
-        let connect = loop {
-            // Read before the codec consumes the packet.
-            let declared = codec::connect_level(&self.rbuf);
-            match codec::read(None, &mut self.rbuf, self.max_packet) {
-                Ok(Some(Inbound::Connect(c))) => break c,
-                Ok(Some(other)) => {
-                    return Err(End::Protocol("expected_connect", format!("first packet was {other:?}")))
-                }
-                Ok(None) => self.read_more().await?,
-                Err(e @ (codec::DecodeError::Level(_) | codec::DecodeError::ProtocolName)) => {
-                    // MQTT 5 clients read only an MQTT 5 CONNACK; older
-                    // ones a 3.1.1 one.
-                    let level = declared.unwrap_or(4);
-                    self.codec = Codec { version: if level >= 5 { Version::V5 } else { Version::V4 } };
-                    self.refuse(reason::UNSUPPORTED_PROTOCOL).await;
-                    return Err(End::Protocol("protocol_version", fluxmesh_mesh::error_chain(&e)));
-                }
-                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
-            }
-        };
-        self.codec = Codec { version: connect.version };
-        let v5 = connect.version == Version::V5;
-        if connect.auth_method.is_some() {
-            self.refuse(reason::BAD_AUTHENTICATION_METHOD).await;
-            return Err(End::Protocol("auth_method", "enhanced authentication is not offered".into()));
-        }
-        self.clean = connect.clean_start;
-        self.session_expiry = match connect.version {
-            Version::V5 => connect.session_expiry.unwrap_or(0),
-            Version::V4 if connect.clean_start => 0,
-            Version::V4 => u32::MAX,
-        };
-        let mut assigned = None;
-        self.client_id = if connect.client_id.is_empty() {
-            if !v5 && !connect.clean_start {
-                self.refuse(reason::CLIENT_ID_INVALID).await;
-                return Err(End::Protocol("bad_client_id", "empty client id needs a clean session".into()));
-            }
-            let id = format!("auto-{}", uuid::Uuid::new_v4().simple());
-            assigned = Some(id.clone());
-            id
-        } else {
-            connect.client_id
-        };
-        let mut keep_alive = connect.keep_alive;
-        let mut server_keep_alive = None;
-        let cap = self.shared.config.server_keep_alive_secs;
-        if v5 && cap > 0 && (keep_alive == 0 || keep_alive > cap) {
-            keep_alive = cap;
-            server_keep_alive = Some(cap);
-        }
-        self.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        if v5 {
-            self.limits.receive_maximum = usize::from(connect.receive_maximum.unwrap_or(u16::MAX).max(1));
-            self.limits.max_packet = connect.max_packet_size.map_or(usize::MAX, |m| m as usize);
-            self.limits.alias_max = connect.topic_alias_max.unwrap_or(0);
-        }
-        self.grant = self.authenticate(connect.username.as_deref(), connect.password.as_deref()).await?;
-        if let Some(will) = connect.will {
-            self.will_delay = will.delay;
-            self.will = Some(self.accept_will(will).await?);
-        }
-        self.open_session().await?;
-
-        let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
-        self.commands = Some(commands_rx);
-        let (outbox_tx, outbox) = tokio::sync::mpsc::channel(self.shared.config.session_queue);
-        (self.outbox_tx, self.outbox) = (Some(outbox_tx), Some(outbox));
-        let session = Session {
-            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
-            connected_us: fluxmesh_schemas::frame::now_us(),
-            end: CancellationToken::new(),
-            commands: commands_tx,
-            cmd_ready: self.cmd_ready.clone(),
-            revoked: Arc::default(),
-            auth_revision: self.grant.revision,
-        };
-        self.session_id = session.serial;
-        let previous = self
-            .shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(self.client_id.clone(), session.clone());
-        if let Some(previous) = previous {
-            tracing::info!(client = %self.client_id, peer = %self.peer, "client id connected again; ending the older session");
-            previous.end.cancel();
-        }
-        // The client is back: a will waiting out its delay is not sent.
-        self.shared.cancel_delayed_will(&self.client_id);
-        self.shared.sessions_bus.announce(&self.client_id, session.connected_us).await;
-        let present = self.persist.as_ref().is_some_and(|p| p.present);
-        let info = codec::ConnAckInfo {
-            assigned_client_id: assigned,
-            receive_maximum: u16::try_from(self.shared.config.max_inflight).unwrap_or(u16::MAX),
-            max_packet_size: u32::try_from(self.max_packet).unwrap_or(u32::MAX),
-            topic_alias_max: self.shared.config.topic_alias_max,
-            server_keep_alive,
-            session_expiry: None,
-        };
-        self.codec.connack(&mut self.wbuf, present, reason::SUCCESS, Some(&info));
-        self.flush().await?;
-        tracing::debug!(client = %self.client_id, peer = %self.peer, present, version = ?self.codec.version, "MQTT connected");
-        if present {
-            self.resume().await;
-        }
-        Ok(session)
-    }
-
-    /// Checks the CONNECT's credentials: the client id is the device id,
-    /// the password its secret, the username empty or the client id.
-    async fn authenticate(&mut self, username: Option<&str>, password: Option<&[u8]>) -> Result<Grant, End> {
-        let username = username.filter(|u| !u.is_empty());
-        let secret = password.filter(|p| !p.is_empty());
-        let denied = match self.shared.auth.authenticate("mqtt", &self.client_id, username, secret).await {
-            Ok(grant) => return Ok(grant),
-            Err(denied) => denied,
-        };
-        let code = match denied {
-            Denied::BadCredentials | Denied::UsernameMismatch => reason::BAD_USER_NAME_OR_PASSWORD,
-            Denied::NoCredentials | Denied::Disabled => reason::NOT_AUTHORIZED,
-            Denied::Unavailable => reason::SERVER_UNAVAILABLE,
-        };
-        self.refuse(code).await;
-        Err(End::Denied(denied))
-    }
-
     /// Whether `mqtt.deny_topics` keeps every client off `topic`.
     fn topic_denied(&self, topic: &str) -> bool {
         self.shared.config.deny_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
@@ -566,34 +348,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Whether `mqtt.plain_topics` lets clients use plain topic `topic`.
     fn plain_allowed(&self, topic: &str) -> bool {
         self.shared.config.plain_topics.iter().any(|f| rumqttc::mqttbytes::matches(topic, f))
-    }
-
-    /// Refuses the CONNECT with `code` (an MQTT 5 reason; 3.1.1 gets its
-    /// nearest return code).
-    async fn refuse(&mut self, code: u8) {
-        self.codec.connack(&mut self.wbuf, false, code, None);
-        let _ = self.flush().await;
-    }
-
-    /// Tells an MQTT 5 client why the server ends the connection.
-    async fn say_disconnect(&mut self, end: &End) {
-        let Some(code) = end.disconnect_code() else { return };
-        if self.codec.version != Version::V5 {
-            return;
-        }
-        self.codec.disconnect(&mut self.wbuf, code);
-        // A lingering close: send FIN after the DISCONNECT, then read what
-        // the client still sends until it closes too. Closing with unread
-        // bytes would make the kernel send RST, and a client that gets RST
-        // may never read the DISCONNECT.
-        let linger = async {
-            self.flush().await.ok()?;
-            self.socket.shutdown().await.ok()?;
-            let mut sink = [0u8; 4096];
-            while self.socket.read(&mut sink).await.ok()? > 0 {}
-            Some(())
-        };
-        let _ = tokio::time::timeout(LINGER, linger).await;
     }
 
     async fn run(&mut self, session: &Session) -> End {
@@ -756,9 +510,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Ok(None) => return Ok(()),
                 Err(codec::DecodeError::TooLarge(size)) => {
                     internal_events::rejected(Source::Mqtt, "oversize", &format!("packet of {size} bytes"));
-                    return Err(End::Protocol("oversize", format!("packet of {size} bytes is over the limit")));
+                    return Err(End::Protocol(
+                        Violation::Oversize,
+                        format!("packet of {size} bytes is over the limit"),
+                    ));
                 }
-                Err(e) => return Err(End::Protocol("malformed_packet", fluxmesh_mesh::error_chain(&e))),
+                Err(e) => return Err(End::Protocol(Violation::MalformedPacket, fluxmesh_mesh::error_chain(&e))),
             };
             self.handle(packet).await?;
         }
@@ -814,7 +571,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     if self.session_expiry == 0 && expiry > 0 {
                         // MQTT 5 3.14.2.2.2: a session that was to end with
                         // its connection cannot be kept at DISCONNECT.
-                        return Err(End::Protocol("session_expiry", "DISCONNECT set a session expiry after 0".into()));
+                        return Err(End::Protocol(
+                            Violation::SessionExpiry,
+                            "DISCONNECT set a session expiry after 0".into(),
+                        ));
                     }
                     self.session_expiry = expiry;
                 }
@@ -851,13 +611,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
             Inbound::Connect(_) => {
-                return Err(End::Protocol("second_connect", "CONNECT on a connected session".into()))
+                return Err(End::Protocol(Violation::SecondConnect, "CONNECT on a connected session".into()))
             }
             Inbound::Auth => {
-                return Err(End::Protocol("unexpected_packet", "AUTH, but no authentication method was set".into()))
+                return Err(End::Protocol(
+                    Violation::UnexpectedPacket,
+                    "AUTH, but no authentication method was set".into(),
+                ))
             }
             Inbound::Unexpected(what) => {
-                return Err(End::Protocol("unexpected_packet", format!("{what} from a client")))
+                return Err(End::Protocol(Violation::UnexpectedPacket, format!("{what} from a client")))
             }
         }
         Ok(())
@@ -873,94 +636,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Ok(())
             }
             Ok(Err(e)) => Err(End::Io(e)),
-            Err(_) => {
-                Err(End::Protocol("write_timeout", format!("device left our writes unread for {WRITE_TIMEOUT:?}")))
-            }
+            Err(_) => Err(End::Protocol(
+                Violation::WriteTimeout,
+                format!("device left our writes unread for {WRITE_TIMEOUT:?}"),
+            )),
         }
-    }
-
-    fn closed(&self, end: &End) {
-        match end {
-            End::Disconnect
-            | End::DisconnectWithWill
-            | End::PeerClosed
-            | End::Stopped
-            | End::TakenOver
-            | End::Revoked => {
-                tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
-            }
-            End::Protocol(reason, detail) => {
-                metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => *reason)
-                    .increment(1);
-                tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
-            }
-            End::Session(e) => {
-                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
-                    "MQTT connection refused: its session could not be read or stored");
-            }
-            End::WillNotKept(e) => {
-                tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
-                    "MQTT connection refused: its will could not be kept");
-            }
-            End::NotStored(e) => {
-                tracing::error!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e),
-                    "MQTT message could not be stored; closing without PUBACK so the device resends it");
-            }
-            End::Io(e) => {
-                tracing::debug!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT connection I/O error")
-            }
-            End::KeepAlive => tracing::info!(client = %self.client_id, peer = %self.peer, "MQTT keep-alive expired"),
-            // Counted and logged by the authenticator.
-            End::Denied(_) => {}
-        }
-        metrics::counter!(crate::internal_events::names::MQTT_DISCONNECTS_TOTAL, "reason" => end.reason()).increment(1);
-    }
-}
-
-async fn next_command(commands: &mut Option<tokio::sync::mpsc::Receiver<OutCommand>>) -> Option<OutCommand> {
-    match commands {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_outgoing(outbox: &mut Option<tokio::sync::mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
-    match outbox {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn qos_of(qos: u8) -> QoS {
-    match qos {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-/// The next message of a resumed session's replay, opening the current
-/// stream's reader first if needed. Cancel-safe: the reader is kept.
-async fn next_replayed(
-    replay: &mut VecDeque<super::sessions::Replay>,
-    broker: &super::broker::Broker,
-    session: u64,
-) -> Result<Option<async_nats::jetstream::Message>, super::broker::FeedError> {
-    let Some(current) = replay.front_mut() else { return Ok(None) };
-    if current.reader.is_none() {
-        current.reader = Some(broker.replay_reader(&current.stream, current.next, session).await?);
-    }
-    let Some(reader) = current.reader.as_mut() else { return Ok(None) };
-    match reader.next().await {
-        Ok(message) => Ok(Some(message)),
-        Err(source) => Err(super::broker::FeedError::Reader { stream: current.stream.to_string(), source }),
-    }
-}
-
-fn qos_label(qos: QoS) -> &'static str {
-    match qos {
-        QoS::AtMostOnce => "0",
-        QoS::AtLeastOnce => "1",
-        QoS::ExactlyOnce => "2",
     }
 }

@@ -4,6 +4,40 @@
 
 use super::*;
 
+/// What to answer once a publish is settled.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Reply {
+    Nothing,
+    PubAck(u16),
+    PubRec(u16),
+}
+
+/// How a publish was settled.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Stored in JetStream.
+    Stored,
+    /// Refused for good (bad topic, too large, not allowed): acknowledged
+    /// so that the device does not resend it forever (MQTT 5: with this
+    /// reason code), and counted.
+    Refused(u8),
+    /// A QoS2 resend of a message already stored in this session.
+    Duplicate,
+    /// Not stored after every retry: no ack, the connection closes, and the
+    /// device sends it again after reconnecting.
+    Failed(IngestError),
+}
+
+pub(super) type Settle = Pin<Box<dyn Future<Output = (Reply, Outcome)> + Send>>;
+/// A publish that has been sent (or refused) and whose ack is still to
+/// come: what submitting resolves to.
+pub(super) struct Submitted(pub(super) Settle);
+pub(super) type Submit = Pin<Box<dyn Future<Output = Submitted> + Send>>;
+
+pub(super) fn settled(reply: Reply, outcome: Outcome) -> Settle {
+    Box::pin(std::future::ready((reply, outcome)))
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Starts submitting backlogged publishes while there is room and the
     /// device has rate tokens. Out of tokens, the backlog waits (and, once
@@ -34,24 +68,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if publish.topic.contains('\0') {
             // MQTT 3.1.1 section 1.5.3: a string with U+0000 closes the
             // connection.
-            return Err(End::Protocol("null_in_topic", "topic contains U+0000".into()));
+            return Err(End::Protocol(Violation::NullInTopic, "topic contains U+0000".into()));
         }
         if let Some(alias) = publish.alias {
             if alias == 0 || alias > self.shared.config.topic_alias_max {
-                return Err(End::Protocol("topic_alias_invalid", format!("topic alias {alias} is out of range")));
+                return Err(End::Protocol(
+                    Violation::TopicAliasInvalid,
+                    format!("topic alias {alias} is out of range"),
+                ));
             }
             if publish.topic.is_empty() {
                 match self.limits.in_aliases.get(&alias) {
                     Some(topic) => publish.topic.clone_from(topic),
                     None => {
-                        return Err(End::Protocol("topic_alias_unknown", format!("topic alias {alias} was never set")))
+                        return Err(End::Protocol(
+                            Violation::TopicAliasUnknown,
+                            format!("topic alias {alias} was never set"),
+                        ))
                     }
                 }
             } else {
                 self.limits.in_aliases.insert(alias, publish.topic.clone());
             }
         } else if publish.topic.is_empty() && self.codec.version == Version::V5 {
-            return Err(End::Protocol("empty_topic", "PUBLISH without a topic or a topic alias".into()));
+            return Err(End::Protocol(Violation::EmptyTopic, "PUBLISH without a topic or a topic alias".into()));
         }
         if publish.qos != QoS::AtMostOnce
             && !self.awaiting_rel.contains(&publish.pkid)
@@ -60,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             && self.in_flows.len() > self.shared.config.max_inflight
         {
             return Err(End::Protocol(
-                "receive_maximum",
+                Violation::ReceiveMaximum,
                 format!("more than {} QoS 1/2 publishes unacknowledged", self.shared.config.max_inflight),
             ));
         }
@@ -103,7 +143,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if (device || plain) && !self.grant.may_publish(&publish.topic) {
             self.acl_denied("publish", &publish.topic);
             if self.shared.auth.cfg.disconnect_on_deny() {
-                return Err(End::Protocol("acl_denied", format!("publish to `{}` is outside its ACL", publish.topic)));
+                return Err(End::Protocol(
+                    Violation::AclDenied,
+                    format!("publish to `{}` is outside its ACL", publish.topic),
+                ));
             }
             self.pending.push_back(settled(reply, Outcome::Refused(reason::NOT_AUTHORIZED)));
             return Ok(());

@@ -20,7 +20,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.acl_denied("will", &will.topic);
             }
             self.refuse(reason::NOT_AUTHORIZED).await;
-            return Err(End::Protocol("will_refused", format!("will on `{}` is not allowed", will.topic)));
+            return Err(End::Protocol(Violation::WillRefused, format!("will on `{}` is not allowed", will.topic)));
         }
         let will = super::super::wills::Will {
             topic: will.topic,
