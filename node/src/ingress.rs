@@ -403,8 +403,7 @@ impl Ingress {
             }
         };
         if let Err(e) = self.mesh.client().publish(json_subject, json.into()).await {
-            metrics::counter!(crate::internal_events::names::JSON_MIRROR_FAILED_TOTAL).increment(1);
-            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "JSON mirror publish failed");
+            crate::internal_events::emit(crate::internal_events::ingest::JsonMirrorFailed { error: &e });
         }
     }
 

@@ -445,10 +445,13 @@ impl Authenticator {
             Ok(_) => "ok",
             Err(d) => d.reason(),
         };
-        metrics::counter!(crate::internal_events::names::AUTH_ATTEMPTS_TOTAL, "source" => source, "result" => outcome)
-            .increment(1);
+        crate::internal_events::emit(crate::internal_events::ingest::AuthAttempted {
+            source,
+            device,
+            result: outcome,
+            refused: result.is_err(),
+        });
         if let Err(denied) = &result {
-            tracing::warn!(source, device, reason = denied.reason(), "device authentication failed");
             if *denied != Denied::Unavailable {
                 tokio::time::sleep(Duration::from_millis(self.cfg.failure_delay_ms)).await;
             }

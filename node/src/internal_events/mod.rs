@@ -1,8 +1,27 @@
 //! The node's own metrics and logs. Metric names are part of fluxmesh's
 //! interface: they live in [`names`] (and the mesh layer's in
 //! `fluxmesh_mesh::metric_names`), and README.md lists them.
+//!
+//! What an operator should hear of is an event: a struct in one of the
+//! modules here whose [`InternalEvent::emit`] both logs it (at the level it
+//! deserves, with its causes) and counts it, so the log line and the metric
+//! never drift apart. Call sites build the event and `emit` it.
 
+pub mod ingest;
+pub mod mqtt;
 pub mod names;
+pub mod processing;
+pub mod storage;
+
+/// Something that happened, told to the logs and the metrics at once.
+pub trait InternalEvent: Sized {
+    fn emit(self);
+}
+
+/// Emits `event`: `emit(mqtt::SessionRevoked { device })`.
+pub fn emit(event: impl InternalEvent) {
+    event.emit();
+}
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use names::Kind;

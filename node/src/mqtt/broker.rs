@@ -21,6 +21,7 @@
 
 use super::outbox::{Message, Outgoing, Sub};
 use super::topics::FilterTree;
+use crate::internal_events::{emit, mqtt};
 use crate::lifecycle::Lifecycle;
 use bytes::Bytes;
 use fluxmesh_mesh::shard_reader::ShardReader;
@@ -170,9 +171,7 @@ impl Broker {
         .await;
         read.map_err(|source| FeedError::Retained { stream: name.clone(), source })?;
         if over > 0 {
-            metrics::counter!(crate::internal_events::names::MQTT_DELIVERIES_DROPPED_TOTAL, "reason" => "retained_over_queue")
-                .increment(over);
-            tracing::warn!(%filter, over, limit, "more retained messages match than a session queue holds; the rest were not sent");
+            emit(mqtt::RetainedOverQueue { filter, over, limit });
         }
         Ok(found)
     }
@@ -311,9 +310,7 @@ impl Broker {
                 }
                 Err(e) => {
                     // The reader keeps its position and tries again.
-                    metrics::counter!(crate::internal_events::names::MQTT_FEED_FAILURES_TOTAL).increment(1);
-                    tracing::warn!(stream = %self.stream_of(feed), error = %fluxmesh_mesh::error_chain(&e),
-                        "subscriber feed cannot read its stream; retrying");
+                    emit(mqtt::FeedReadFailed { stream: self.stream_of(feed), error: &e });
                     tokio::select! {
                         _ = self.life.stopped() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -333,8 +330,7 @@ impl Broker {
         scratch: &mut frame::AlignedVec,
     ) -> Option<Message> {
         let bad = |what: &'static str| {
-            metrics::counter!(crate::internal_events::names::MQTT_FEED_UNREADABLE_TOTAL, "reason" => what).increment(1);
-            tracing::debug!(subject = %stored.subject, what, "stored message not delivered to subscribers");
+            emit(mqtt::StoredUnreadable { what, subject: &stored.subject, error: None });
             None
         };
         let Ok(topic) = self.mesh.subjects().mqtt_topic(&stored.subject) else { return bad("subject") };

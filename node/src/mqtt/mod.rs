@@ -39,6 +39,8 @@ pub mod wills;
 use crate::auth::Authenticator;
 use crate::ingress::IngestConfig;
 use crate::ingress::Ingress;
+use crate::internal_events::emit;
+use crate::internal_events::mqtt::{self as mqtt_events, Handshake};
 use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::kv;
 use fluxmesh_mesh::watch::{KvChanges, Rewatch, Watched};
@@ -235,8 +237,13 @@ impl SessionBus {
         let body = Announced { node: self.node_id.clone(), client_id: client_id.to_owned(), connected_us };
         let Ok(bytes) = serde_json::to_vec(&body) else { return };
         if let Err(e) = self.client.publish(self.subject(client_id), bytes.into()).await {
-            metrics::counter!(crate::internal_events::names::MQTT_SESSION_ANNOUNCE_FAILED_TOTAL).increment(1);
-            tracing::warn!(client = %client_id, error = %fluxmesh_mesh::error_chain(&e), "could not announce the session to other nodes");
+            emit(mqtt_events::SessionFailed {
+                failure: mqtt_events::SessionFailure::Announce,
+                client: client_id,
+                about: None,
+                error: &fluxmesh_mesh::error_chain(&e),
+                message: "could not announce the session to other nodes",
+            });
         }
     }
 }
@@ -428,8 +435,7 @@ async fn watch_credentials(shared: Arc<Shared>, mut changes: mpsc::Receiver<Watc
         // A change the session already authenticated against (the watch can
         // deliver it after the device connected) ends nothing.
         if let Some(session) = sessions.get(&device).filter(|s| entry.revision > s.auth_revision) {
-            tracing::info!(%device, "device credentials changed; ending its session");
-            metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_REVOKED_TOTAL).increment(1);
+            emit(mqtt_events::SessionRevoked { device: &device });
             session.end_revoked();
         }
     }
@@ -475,9 +481,7 @@ async fn accept(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics::counter!(crate::internal_events::names::MQTT_REFUSED_TOTAL, "reason" => "max_connections")
-                .increment(1);
-            tracing::warn!(%peer, max = shared.config.max_connections, "MQTT connection refused: too many connections");
+            emit(mqtt_events::ConnectionRefusedFull { peer, max: shared.config.max_connections });
             drop(socket);
             continue;
         };
@@ -493,15 +497,9 @@ async fn accept(
                     match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
                         Ok(Err(e)) => {
-                            metrics::counter!(crate::internal_events::names::MQTT_TLS_HANDSHAKE_FAILURES_TOTAL)
-                                .increment(1);
-                            tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT TLS handshake failed");
+                            emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: Some(&e) })
                         }
-                        Err(_) => {
-                            metrics::counter!(crate::internal_events::names::MQTT_TLS_HANDSHAKE_FAILURES_TOTAL)
-                                .increment(1);
-                            tracing::info!(%peer, "MQTT TLS handshake timed out");
-                        }
+                        Err(_) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: None }),
                     }
                 }
             }

@@ -3,6 +3,7 @@
 //! subscription pullers, with what did not fit recorded in its
 //! [`Overflow`].
 
+use crate::internal_events::{emit, mqtt};
 use async_nats::jetstream::message::{AckKind, Acker};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -33,8 +34,7 @@ impl Message {
         let props = get(h::MQTT_PROPS).and_then(|v| match super::props::MessageProps::from_header(v) {
             Ok(p) => Some(p),
             Err(e) => {
-                metrics::counter!(crate::internal_events::names::MQTT_FEED_UNREADABLE_TOTAL, "reason" => "properties").increment(1);
-                tracing::debug!(%topic, error = %fluxmesh_mesh::error_chain(&e), "MQTT 5 properties of a stored message unreadable; sent without them");
+                emit(mqtt::StoredUnreadable { what: "properties", subject: &topic, error: Some(&e) });
                 None
             }
         });
@@ -130,8 +130,7 @@ impl ShareAck {
     /// The member has it.
     pub async fn done(&self) {
         if let Err(e) = self.0.ack().await {
-            metrics::counter!(crate::internal_events::names::MQTT_SHARED_ACK_FAILED_TOTAL).increment(1);
-            tracing::debug!(error = %fluxmesh_mesh::error_chain(e.as_ref()), "cannot acknowledge a shared message; it will be sent again");
+            emit(mqtt::SharedAckFailed { error: e.as_ref() });
         }
     }
 

@@ -11,6 +11,8 @@
 //! Auth, ACLs, limits and the PUBACK rule are the TCP connection's.
 
 use super::Shared;
+use crate::internal_events::emit;
+use crate::internal_events::mqtt::{Handshake, HandshakeFailed, ProtocolViolated};
 use bytes::BytesMut;
 use futures::{SinkExt as _, StreamExt as _};
 use std::net::SocketAddr;
@@ -77,13 +79,11 @@ where
     let ws = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            metrics::counter!(crate::internal_events::names::MQTT_WS_HANDSHAKE_FAILURES_TOTAL).increment(1);
-            tracing::info!(%peer, error = %fluxmesh_mesh::error_chain(&e), "MQTT WebSocket handshake failed");
+            emit(HandshakeFailed { kind: Handshake::WebSocket, peer, error: Some(&e) });
             return;
         }
         Err(_) => {
-            metrics::counter!(crate::internal_events::names::MQTT_WS_HANDSHAKE_FAILURES_TOTAL).increment(1);
-            tracing::info!(%peer, "MQTT WebSocket handshake timed out");
+            emit(HandshakeFailed { kind: Handshake::WebSocket, peer, error: None });
             return;
         }
     };
@@ -108,8 +108,12 @@ where
                     }
                 }
                 Some(Ok(Message::Text(_))) => {
-                    metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => "ws_text_frame").increment(1);
-                    tracing::warn!(%peer, "MQTT WebSocket client sent a text message; closing");
+                    emit(ProtocolViolated {
+                        client: "",
+                        peer,
+                        reason: "ws_text_frame",
+                        detail: "MQTT over WebSocket takes binary messages only",
+                    });
                     break;
                 }
                 // Pings are answered by the library on the next write.

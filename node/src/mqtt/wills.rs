@@ -20,6 +20,7 @@
 //! publishing and clearing) JetStream stores it once.
 
 use crate::ingress::{IngestError, Ingress, MqttPublish};
+use crate::internal_events::{emit, mqtt};
 use crate::lifecycle::Lifecycle;
 use bytes::{BufMut, Bytes, BytesMut};
 use fluxmesh_mesh::cluster::View;
@@ -149,9 +150,7 @@ impl Wills {
     /// id if it was published already.
     pub async fn clear(&self, client: &str, seq: u64) {
         if let Err(e) = self.put(self.subject(client), Bytes::new(), Some(seq)).await {
-            metrics::counter!(crate::internal_events::names::MQTT_WILL_CLEAR_FAILED_TOTAL).increment(1);
-            tracing::debug!(%client, error = %fluxmesh_mesh::error_chain(&e),
-                "will record not cleared (replaced by a newer session, or NATS unreachable)");
+            emit(mqtt::WillClearFailed { client, error: &e });
         }
     }
 
@@ -185,8 +184,7 @@ impl Wills {
         };
         let sent = self.ingress.submit_mqtt(publish).await.map_err(WillError::Publish)?;
         self.ingress.stored_mqtt(sent).await.map_err(WillError::Publish)?;
-        metrics::counter!(crate::internal_events::names::MQTT_WILLS_PUBLISHED_TOTAL, "why" => why).increment(1);
-        tracing::debug!(%client, topic = %will.topic, why, "will published");
+        emit(mqtt::WillPublished { client, topic: &will.topic, why });
         Ok(())
     }
 
@@ -282,9 +280,7 @@ async fn sweep_logged(wills: &Wills, view: &View, node: Option<&str>) {
         Ok(0) => {}
         Ok(n) => tracing::info!(node = node.unwrap_or("any"), published = n, "published the wills of a node that left"),
         Err(e) => {
-            metrics::counter!(crate::internal_events::names::MQTT_WILL_SWEEP_FAILED_TOTAL).increment(1);
-            tracing::warn!(node = node.unwrap_or("any"), error = %fluxmesh_mesh::error_chain(&e),
-                "cannot publish the wills of a node that left; the next node to start will");
+            emit(mqtt::WillSweepFailed { node: node.unwrap_or("any"), error: &e });
         }
     }
 }

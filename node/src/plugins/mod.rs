@@ -12,6 +12,8 @@
 pub mod http;
 pub mod runtime;
 
+use crate::internal_events::emit;
+use crate::internal_events::processing::PluginNotLoaded;
 use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::{self, object_store};
 use fluxmesh_mesh::watch::{ObjectMetas, Rewatch, WatchError, Watched};
@@ -206,8 +208,7 @@ impl Plugins {
                 next = changes.recv() => match next {
                     Some(Watched::Item(Ok(info))) => info,
                     Some(Watched::Item(Err(e))) => {
-                        metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
-                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "unreadable plugin metadata in the store; skipped");
+                        emit(PluginNotLoaded { plugin: None, error: &e });
                         continue;
                     }
                     Some(Watched::Restarted) => continue,
@@ -220,8 +221,7 @@ impl Plugins {
             } else if self.is_current(&info) {
                 // Compiled already.
             } else if let Err(e) = self.load(&info.name).await {
-                metrics::counter!(crate::internal_events::names::PLUGIN_LOAD_ERRORS_TOTAL).increment(1);
-                tracing::warn!(plugin = %info.name, error = %fluxmesh_mesh::error_chain(&e), "stored plugin not loaded");
+                emit(PluginNotLoaded { plugin: Some(&info.name), error: &e });
             }
             metrics::gauge!(crate::internal_events::names::PLUGINS_LOADED).set(self.read().len() as f64);
         }

@@ -156,9 +156,12 @@ impl Pipeline {
         let actions = match result {
             Ok(actions) => actions,
             Err(e) => {
-                metrics::counter!(crate::internal_events::names::RULE_ERRORS_TOTAL, "rule" => rule.spec.id.clone(), "reason" => e.reason())
-                    .increment(1);
-                tracing::debug!(rule = %rule.spec.id, input = %input_id, error = %fluxmesh_mesh::error_chain(&e), "rule failed");
+                crate::internal_events::emit(crate::internal_events::processing::RuleFailed {
+                    rule: &rule.spec.id,
+                    input: input_id,
+                    reason: e.reason(),
+                    error: &e,
+                });
                 let seq = st.next_seq(Kind::Error);
                 out.frames.push(self.derived(
                     input,

@@ -18,6 +18,8 @@ pub mod http;
 
 pub use engine::{Action, CompileError, PluginCaller, RuleEngine, RunError};
 
+use crate::internal_events::emit;
+use crate::internal_events::processing::RuleNotLoaded;
 use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::{self, kv};
 use fluxmesh_mesh::watch::{KvHistory, Rewatch, Watched};
@@ -373,8 +375,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
             return None;
         }
         Err(e) => {
-            metrics::counter!(crate::internal_events::names::RULE_LOAD_ERRORS_TOTAL).increment(1);
-            tracing::warn!(key = %entry.key, error = %fluxmesh_mesh::error_chain(&e), "unreadable rule in the bucket; ignored");
+            emit(RuleNotLoaded { rule: &entry.key, error: &e, message: "unreadable rule in the bucket; ignored" });
             return None;
         }
     };
@@ -384,8 +385,7 @@ fn rule_of(engine: &RuleEngine, cfg: &RulesConfig, entry: &kv::Entry) -> Option<
     let id = spec.id.clone();
     compile(engine, cfg, spec)
         .map_err(|e| {
-            metrics::counter!(crate::internal_events::names::RULE_LOAD_ERRORS_TOTAL).increment(1);
-            tracing::warn!(rule = %id, error = %fluxmesh_mesh::error_chain(&e), "stored rule refused; not running it");
+            emit(RuleNotLoaded { rule: &id, error: &e, message: "stored rule refused; not running it" });
         })
         .ok()
 }

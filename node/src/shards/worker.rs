@@ -27,6 +27,8 @@
 //! with the same ids.
 
 use super::ShardContext;
+use crate::internal_events::emit;
+use crate::internal_events::processing::{RuleCommandSettled, ShardInputSkipped};
 use crate::processing::pipeline::{Outputs, Processed, RuleCommand};
 use crate::processing::state::DeviceState;
 use crate::storage::writer::Commit;
@@ -110,8 +112,7 @@ pub async fn run(ctx: &ShardContext, mut owned: OwnedShard, stop: &CancellationT
         let state = serde_json::from_value::<DeviceState>(value).unwrap_or_else(|e| {
             // Start that device afresh; its next checkpoint replaces the
             // unreadable one.
-            metrics::counter!(crate::internal_events::names::SHARD_BAD_MESSAGES_TOTAL, "reason" => "bad_checkpoint").increment(1);
-            tracing::warn!(shard, device = %device, error = %fluxmesh_mesh::error_chain(&e), "unreadable device checkpoint; starting it afresh");
+            emit(ShardInputSkipped { shard, reason: "bad_checkpoint", what: &device, error: &e });
             DeviceState::new(&device)
         });
         states.insert(device, state);
@@ -261,9 +262,7 @@ async fn process(
             Ok(f) => f,
             Err(e) => {
                 // Counted and passed: a corrupt frame must not block its shard.
-                metrics::counter!(crate::internal_events::names::SHARD_BAD_MESSAGES_TOTAL, "reason" => "corrupt_frame")
-                    .increment(1);
-                tracing::warn!(shard, stream_seq, subject = %m.subject, error = %fluxmesh_mesh::error_chain(&e), "corrupt frame skipped");
+                emit(ShardInputSkipped { shard, reason: "corrupt_frame", what: &m.subject, error: &e });
                 continue;
             }
         };
@@ -341,17 +340,22 @@ async fn send_command(ctx: &ShardContext, command: RuleCommand) {
         .timeout(Some(Duration::from_secs(15)));
     let client = ctx.mesh.client().clone();
     ctx.life.spawn(async move {
-        let status = match client.send_request(subject, request).await {
-            Ok(answer) => serde_json::from_slice::<serde_json::Value>(&answer.payload)
-                .ok()
-                .and_then(|v| v["status"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| "unreadable".to_owned()),
-            Err(e) => {
-                tracing::warn!(device = %command.device, id = %command.id, error = %fluxmesh_mesh::error_chain(&e), "command from a rule got no answer");
-                "no_answer".to_owned()
-            }
+        let (status, error) = match client.send_request(subject, request).await {
+            Ok(answer) => (
+                serde_json::from_slice::<serde_json::Value>(&answer.payload)
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unreadable".to_owned()),
+                None,
+            ),
+            Err(e) => ("no_answer".to_owned(), Some(e)),
         };
-        metrics::counter!(crate::internal_events::names::RULE_COMMANDS_TOTAL, "status" => status).increment(1);
+        emit(RuleCommandSettled {
+            device: &command.device,
+            id: command.id,
+            status,
+            error: error.as_ref().map(|e| e as &dyn std::error::Error),
+        });
         drop(slot);
     });
 }

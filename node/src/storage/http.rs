@@ -205,8 +205,7 @@ async fn run(
     }
     params.push(&page.limit);
     storage.reads.query(sql, &params).await.map_err(|e| {
-        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "history read failed");
-        metrics::counter!(crate::internal_events::names::HISTORY_READ_ERRORS_TOTAL).increment(1);
+        crate::internal_events::emit(crate::internal_events::storage::HistoryReadFailed { error: &e });
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": format!("history is not readable now: {}", fluxmesh_mesh::error_chain(&e)), "reason": "storage_unavailable"}),

@@ -187,8 +187,10 @@ impl Reads {
                 Err(e) if e.is_transient() => {
                     // Until its next check passes.
                     replica.usable.store(false, Ordering::Release);
-                    metrics::counter!(crate::internal_events::names::PG_READ_FALLBACKS_TOTAL, "reason" => "replica_failed").increment(1);
-                    tracing::warn!(replica = %replica.server.name, error = %fluxmesh_mesh::error_chain(&e), "replica read failed; reading from the primary");
+                    crate::internal_events::emit(crate::internal_events::storage::ReplicaReadFailed {
+                        replica: &replica.server.name,
+                        error: &e,
+                    });
                 }
                 Err(e) => return Err(e),
             }

@@ -9,6 +9,8 @@
 
 use super::read::Server;
 use super::{StorageConfig, StorageError};
+use crate::internal_events::emit;
+use crate::internal_events::storage::{MaintenanceFailed, PartitionDropped};
 use crate::lifecycle::Lifecycle;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -209,9 +211,7 @@ impl Maintenance {
                 if let Ok(mut known) = self.known.lock() {
                     known.remove(&(table, day));
                 }
-                metrics::counter!(crate::internal_events::names::PG_PARTITIONS_DROPPED_TOTAL, "table" => table.name())
-                    .increment(1);
-                tracing::info!(partition = %name, "partition past retention dropped");
+                emit(PartitionDropped { table: table.name(), partition: &name });
             }
         }
         Ok(())
@@ -234,8 +234,7 @@ pub async fn maintain(maintenance: Maintenance, primary: Server, every: Duration
         }
         .await;
         if let Err(e) = result {
-            metrics::counter!(crate::internal_events::names::PG_MAINTENANCE_ERRORS_TOTAL).increment(1);
-            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "partition maintenance failed; next try in {every:?}");
+            emit(MaintenanceFailed { error: &e, next_in: every });
         }
     }
 }

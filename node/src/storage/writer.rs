@@ -26,6 +26,8 @@ use super::read::Server;
 use super::rows::Rows;
 use super::schema::{day_of, Maintenance, Table};
 use super::{StorageConfig, StorageError};
+use crate::internal_events::emit;
+use crate::internal_events::storage::{RowStoredRaw, RowsExpired, WriteFailed, WriteRetry};
 use crate::lifecycle::Lifecycle;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -192,25 +194,23 @@ impl Task {
                 }
                 Err(e) => {
                     let kind = classify(&e);
-                    metrics::counter!(crate::internal_events::names::PG_WRITE_ERRORS_TOTAL, "kind" => kind)
-                        .increment(1);
-                    match kind {
-                        "duplicate" if !on_conflict => {
+                    let retry = match kind {
+                        "duplicate" if !on_conflict => WriteRetry::OnConflict,
+                        "data" if !isolate => WriteRetry::Isolate,
+                        _ => WriteRetry::Backoff(backoff),
+                    };
+                    emit(WriteFailed { kind, error: &e, rows: rows.len(), retry });
+                    match retry {
+                        WriteRetry::OnConflict => {
                             on_conflict = true;
                             continue;
                         }
-                        "data" if !isolate => {
-                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), rows = rows.len(), "Postgres refused a value; finding the row and storing its JSON as bytes");
+                        WriteRetry::Isolate => {
                             isolate = true;
                             continue;
                         }
-                        "no_partition" => self.maintenance.forget(),
-                        "transient" => {
-                            tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), retry_in = ?backoff, "history write failed; retrying")
-                        }
-                        _ => {
-                            tracing::error!(error = %fluxmesh_mesh::error_chain(&e), retry_in = ?backoff, "history write failed; retrying (shards wait, nothing is acked)")
-                        }
+                        WriteRetry::Backoff(_) if kind == "no_partition" => self.maintenance.forget(),
+                        WriteRetry::Backoff(_) => {}
                     }
                 }
             }
@@ -231,8 +231,7 @@ impl Task {
             match self.write(&rows, false, true).await {
                 Err(e) if classify(&e) == "data" => {
                     if rows.len() <= 1 {
-                        tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "a row's JSON was refused; stored as bytes");
-                        metrics::counter!(crate::internal_events::names::PG_ROWS_RAW_FALLBACK_TOTAL).increment(1);
+                        emit(RowStoredRaw { error: &e });
                         return self.write(&rows, true, true).await;
                     }
                     let (a, b) = rows.halves();
@@ -290,8 +289,7 @@ impl Task {
             expired += before - rows.aggregates.len();
         }
         if expired > 0 {
-            metrics::counter!(crate::internal_events::names::PG_ROWS_EXPIRED_TOTAL).increment(expired as u64);
-            tracing::debug!(expired, "rows past retention not stored");
+            emit(RowsExpired { rows: expired });
         }
     }
 

@@ -3,6 +3,7 @@
 //! close), and how it is logged and counted.
 
 use super::*;
+use crate::internal_events::{emit, mqtt};
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -156,12 +157,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             | End::Revoked => {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");
             }
-            End::Protocol(violation, detail) => {
-                let reason = violation.reason();
-                metrics::counter!(crate::internal_events::names::MQTT_PROTOCOL_ERRORS_TOTAL, "reason" => reason)
-                    .increment(1);
-                tracing::warn!(client = %self.client_id, peer = %self.peer, reason, %detail, "MQTT connection closed: protocol error");
-            }
+            End::Protocol(violation, detail) => emit(mqtt::ProtocolViolated {
+                client: &self.client_id,
+                peer: self.peer,
+                reason: violation.reason(),
+                detail,
+            }),
             End::Session(e) => {
                 tracing::warn!(client = %self.client_id, peer = %self.peer, error = %fluxmesh_mesh::error_chain(e),
                     "MQTT connection refused: its session could not be read or stored");
@@ -181,6 +182,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             // Counted and logged by the authenticator.
             End::Denied(_) => {}
         }
-        metrics::counter!(crate::internal_events::names::MQTT_DISCONNECTS_TOTAL, "reason" => end.reason()).increment(1);
+        emit(mqtt::Disconnected { reason: end.reason() });
     }
 }

@@ -481,16 +481,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             || (self.backlog.len() < self.shared.config.max_inflight && self.backlog_bytes < BACKLOG_BYTES)
     }
 
-    /// Counts and logs an ACL refusal (the first on a connection at warn,
-    /// the rest at debug, so a misbehaving device cannot flood the log).
+    /// Counts and logs an ACL refusal.
     fn acl_denied(&mut self, action: &'static str, topic: &str) {
-        metrics::counter!(crate::internal_events::names::ACL_DENIED_TOTAL, "action" => action).increment(1);
         self.denied += 1;
-        if self.denied == 1 {
-            tracing::warn!(client = %self.client_id, peer = %self.peer, action, topic, "refused by the device's ACL");
-        } else {
-            tracing::debug!(client = %self.client_id, action, topic, count = self.denied, "refused by the device's ACL");
-        }
+        internal_events::emit(internal_events::mqtt::AclDenied {
+            client: &self.client_id,
+            peer: self.peer,
+            action,
+            topic,
+            count: self.denied,
+        });
     }
 
     async fn read_more(&mut self) -> Result<(), End> {

@@ -127,16 +127,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let device = DeviceTopic::parse(&publish.topic).is_ok();
         let plain = !device && PlainTopic::parse(&publish.topic).is_ok();
         if self.topic_denied(&publish.topic) {
-            metrics::counter!(crate::internal_events::names::MQTT_DENIED_TOPICS_TOTAL, "action" => "publish")
-                .increment(1);
-            tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish refused by mqtt.deny_topics");
+            internal_events::emit(internal_events::mqtt::TopicDenied {
+                client: &self.client_id,
+                action: "publish",
+                topic: &publish.topic,
+            });
             self.pending.push_back(settled(reply, Outcome::Refused(reason::NOT_AUTHORIZED)));
             return Ok(());
         }
         if plain && !self.plain_allowed(&publish.topic) {
-            metrics::counter!(crate::internal_events::names::INGEST_REJECTED_TOTAL, "source" => "mqtt", "reason" => "plain_topic_off")
-                .increment(1);
-            tracing::debug!(client = %self.client_id, topic = %publish.topic, "plain topic refused by mqtt.plain_topics");
+            internal_events::rejected(
+                Source::Mqtt,
+                "plain_topic_off",
+                &format_args!("plain topic `{}` refused by mqtt.plain_topics", publish.topic),
+            );
             self.pending.push_back(settled(reply, Outcome::Refused(reason::TOPIC_NAME_INVALID)));
             return Ok(());
         }

@@ -2,6 +2,7 @@
 //! it, catching up after an overflow, and storing its progress.
 
 use super::*;
+use crate::internal_events::mqtt::{SessionFailed, SessionFailure};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Clean session: forgets any stored session of the client id.
@@ -13,8 +14,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let loaded = match store.load(&self.client_id).await {
             Ok(loaded) => loaded,
             Err(SessionError::Corrupt { client, source }) => {
-                metrics::counter!(crate::internal_events::names::MQTT_SESSIONS_CORRUPT_TOTAL).increment(1);
-                tracing::warn!(%client, error = %source, "stored session unreadable; starting a new one");
+                internal_events::emit(internal_events::mqtt::SessionCorrupt { client: &client, error: &source });
                 None
             }
             Err(e) => {
@@ -66,8 +66,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let Some(persist) = &mut self.persist else { return };
         if self.session_expiry == 0 {
             if let Err(e) = self.shared.session_store.discard(&self.client_id).await {
-                metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVE_FAILED_TOTAL).increment(1);
-                tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "cannot forget an ended session");
+                internal_events::emit(SessionFailed {
+                    failure: SessionFailure::Save,
+                    client: &self.client_id,
+                    about: None,
+                    error: &fluxmesh_mesh::error_chain(&e),
+                    message: "cannot forget an ended session",
+                });
             }
             return;
         }
@@ -113,9 +118,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let end = match self.shared.broker.last_seq(&stream).await {
                 Ok(end) => end,
                 Err(e) => {
-                    metrics::counter!(crate::internal_events::names::MQTT_REPLAY_FAILED_TOTAL).increment(1);
-                    tracing::warn!(client = %self.client_id, %stream, error = %fluxmesh_mesh::error_chain(&e),
-                        "cannot replay a stream for a resumed session; its missed messages are not sent");
+                    internal_events::emit(SessionFailed {
+                        failure: SessionFailure::Replay,
+                        client: &self.client_id,
+                        about: Some(&stream),
+                        error: &fluxmesh_mesh::error_chain(&e),
+                        message: "cannot replay a stream for a resumed session; its missed messages are not sent",
+                    });
                     continue;
                 }
             };
@@ -138,9 +147,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Ok(Some(stored)) => stored,
             Ok(None) => return,
             Err(e) => {
-                metrics::counter!(crate::internal_events::names::MQTT_REPLAY_FAILED_TOTAL).increment(1);
-                tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e),
-                    "a resumed session's replay failed; the rest of that stream's missed messages are not sent");
+                internal_events::emit(SessionFailed {
+                    failure: SessionFailure::Replay,
+                    client: &self.client_id,
+                    about: self.replay.front().map(|r| &*r.stream),
+                    error: &fluxmesh_mesh::error_chain(&e),
+                    message:
+                        "a resumed session's replay failed; the rest of that stream's missed messages are not sent",
+                });
                 if let Some(replay) = self.replay.pop_front() {
                     self.replay_floor.remove(&replay.stream);
                     if let Some(reader) = replay.reader {
@@ -223,8 +237,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.overflowed.remove(&stream);
             let start = self.written_live.get(&stream).map_or(first, |w| (w + 1).min(first));
             let end = self.shared.broker.position(&stream).unwrap_or(first).max(first);
-            metrics::counter!(crate::internal_events::names::MQTT_CATCH_UPS_TOTAL).increment(1);
-            tracing::debug!(client = %self.client_id, %stream, start, end, "subscriber fell behind; reading back from the stream");
+            internal_events::emit(internal_events::mqtt::CaughtUp {
+                client: &self.client_id,
+                stream: &stream,
+                start,
+                end,
+            });
             let floor = self.replay_floor.entry(stream.clone()).or_insert(end);
             *floor = (*floor).max(end);
             self.replay.push_back(super::super::sessions::Replay { stream, reader: None, next: start, end });
@@ -303,13 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVES_TOTAL).increment(1);
             }
             Err(e) => {
-                metrics::counter!(crate::internal_events::names::MQTT_SESSION_SAVE_FAILED_TOTAL).increment(1);
-                let level_debug = last;
-                if level_debug {
-                    tracing::debug!(%client, error = %fluxmesh_mesh::error_chain(&e), "final session save refused (a newer session took over?)");
-                } else {
-                    tracing::warn!(%client, error = %fluxmesh_mesh::error_chain(&e), "cannot store the session; retrying");
-                }
+                internal_events::emit(internal_events::mqtt::SessionSaveFailed { client: &client, error: &e, last });
             }
         }
     }
@@ -331,8 +343,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             match self.shared.broker.last_seq(&stream).await {
                 Ok(end) => ends.push((stream, end)),
                 Err(e) => {
-                    tracing::warn!(client = %self.client_id, error = %fluxmesh_mesh::error_chain(&e), "subscriptions refused: their streams cannot be read");
-                    metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
+                    internal_events::emit(SessionFailed {
+                        failure: SessionFailure::Subscribe,
+                        client: &self.client_id,
+                        about: Some(&stream),
+                        error: &fluxmesh_mesh::error_chain(&e),
+                        message: "subscriptions refused: their streams cannot be read",
+                    });
                     return false;
                 }
             }

@@ -2,6 +2,7 @@
 //! broker, in share groups, and for commands.
 
 use super::*;
+use crate::internal_events::mqtt::{SessionFailed, SessionFailure};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// A SUBSCRIBE: each filter judged, a persistent session's new filters
@@ -16,9 +17,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let verdict = if !valid_filter(&filter.path) || (shared.is_some() && filter.no_local) {
                 Err(reason::TOPIC_FILTER_INVALID)
             } else if denied {
-                metrics::counter!(crate::internal_events::names::MQTT_DENIED_TOPICS_TOTAL, "action" => "subscribe")
-                    .increment(1);
-                tracing::debug!(client = %self.client_id, filter = %filter.path, "subscription refused by mqtt.deny_topics");
+                internal_events::emit(internal_events::mqtt::TopicDenied {
+                    client: &self.client_id,
+                    action: "subscribe",
+                    topic: &filter.path,
+                });
                 Err(reason::UNSPECIFIED)
             } else if !self.grant.may_subscribe(judged) {
                 self.acl_denied("subscribe", &filter.path);
@@ -92,8 +95,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Err(e) => {
                 // The subscription stands; only its retained messages are
                 // missing, and the operator hears of it.
-                metrics::counter!(crate::internal_events::names::MQTT_RETAINED_READ_FAILED_TOTAL).increment(1);
-                tracing::warn!(client = %self.client_id, filter = %path, error = %fluxmesh_mesh::error_chain(&e), "cannot read the retained messages for a subscription");
+                internal_events::emit(SessionFailed {
+                    failure: SessionFailure::RetainedRead,
+                    client: &self.client_id,
+                    about: Some(path),
+                    error: &fluxmesh_mesh::error_chain(&e),
+                    message: "cannot read the retained messages for a subscription",
+                });
             }
         }
         Some(opts.qos)
@@ -112,8 +120,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let outbox = self.outbox_tx.clone()?;
         if let Some((group, inner)) = super::super::shared::parse(filter) {
             if let Err(e) = self.shared.shares.join(self.session_id, group, inner, qos as u8, outbox).await {
-                tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "shared subscription refused: its group cannot be read");
-                metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
+                internal_events::emit(SessionFailed {
+                    failure: SessionFailure::Subscribe,
+                    client: &self.client_id,
+                    about: Some(filter),
+                    error: &fluxmesh_mesh::error_chain(&e),
+                    message: "shared subscription refused: its group cannot be read",
+                });
                 return None;
             }
             self.share_subs.insert(filter.to_owned(), qos);
@@ -121,8 +134,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         let sub = Sub { qos: qos as u8, outbox, overflow: self.overflow.clone() };
         if let Err(e) = self.shared.broker.subscribe(self.session_id, filter, sub).await {
-            tracing::warn!(client = %self.client_id, %filter, error = %fluxmesh_mesh::error_chain(&e), "subscription refused: its streams cannot be read");
-            metrics::counter!(crate::internal_events::names::MQTT_SUBSCRIBE_FAILED_TOTAL).increment(1);
+            internal_events::emit(SessionFailed {
+                failure: SessionFailure::Subscribe,
+                client: &self.client_id,
+                about: Some(filter),
+                error: &fluxmesh_mesh::error_chain(&e),
+                message: "subscription refused: its streams cannot be read",
+            });
             return None;
         }
         // What the feeds handed out before now was not for this session.

@@ -69,8 +69,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             };
             if let Some(error) = failed {
                 // The record stays: if this node dies, another publishes it.
-                metrics::counter!(crate::internal_events::names::MQTT_WILL_PUBLISH_FAILED_TOTAL).increment(1);
-                tracing::error!(client = %self.client_id, topic = %will.topic, %error, "cannot publish a will");
+                internal_events::emit(internal_events::mqtt::SessionFailed {
+                    failure: internal_events::mqtt::SessionFailure::WillPublish,
+                    client: &self.client_id,
+                    about: Some(&will.topic),
+                    error: &error,
+                    message: "cannot publish a will",
+                });
                 return;
             }
         }
@@ -91,8 +96,7 @@ async fn wait_will_delay(shared: Arc<Shared>, client: String, session: u64, secs
     };
     shared.will_delay_over(&client, session);
     if !publish {
-        metrics::counter!(crate::internal_events::names::MQTT_WILLS_CANCELLED_TOTAL).increment(1);
-        tracing::debug!(%client, "client connected again within its will delay; will not sent");
+        internal_events::emit(internal_events::mqtt::WillCancelled { client: &client });
     }
     publish
 }
