@@ -13,8 +13,22 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} {path}: {detail}")]
-    Bad { what: &'static str, path: String, detail: String },
+    #[error("{what} {path}: not PEM")]
+    Pem {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: no {missing} in it")]
+    Missing { what: &'static str, path: String, missing: &'static str },
+    #[error("{what} {path}: refused")]
+    Refused {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Installs ring as rustls's process-wide crypto provider. Two providers
@@ -28,9 +42,9 @@ fn certs(what: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>,
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
     let certs = rustls_pemfile::certs(&mut bytes.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Bad { what, path: path.to_owned(), detail: e.to_string() })?;
+        .map_err(|source| TlsError::Pem { what, path: path.to_owned(), source })?;
     if certs.is_empty() {
-        return Err(TlsError::Bad { what, path: path.to_owned(), detail: "no PEM certificate in it".to_owned() });
+        return Err(TlsError::Missing { what, path: path.to_owned(), missing: "PEM certificate" });
     }
     Ok(certs)
 }
@@ -39,11 +53,11 @@ fn key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     let what = "mqtt.tls_key_file";
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
     rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| TlsError::Bad { what, path: path.to_owned(), detail: e.to_string() })?
-        .ok_or_else(|| TlsError::Bad {
+        .map_err(|source| TlsError::Pem { what, path: path.to_owned(), source })?
+        .ok_or_else(|| TlsError::Missing {
             what,
             path: path.to_owned(),
-            detail: "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".to_owned(),
+            missing: "PEM private key (PKCS#8, PKCS#1 or SEC1)",
         })
 }
 
@@ -59,23 +73,24 @@ pub fn server_config(cert: &str, key_file: &str, client_ca: &str) -> Result<Arc<
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for ca in certs("mqtt.tls_client_ca_file", client_ca)? {
-            roots.add(ca).map_err(|e| TlsError::Bad {
+            roots.add(ca).map_err(|e| TlsError::Refused {
                 what: "mqtt.tls_client_ca_file",
                 path: client_ca.to_owned(),
-                detail: e.to_string(),
+                source: Box::new(e),
             })?;
         }
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| TlsError::Bad {
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| TlsError::Refused {
             what: "mqtt.tls_client_ca_file",
             path: client_ca.to_owned(),
-            detail: e.to_string(),
+            source: Box::new(e),
         })?;
         builder.with_client_cert_verifier(verifier)
     };
-    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Bad {
+    // Refused when the certificate does not go with the key.
+    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Refused {
         what: "mqtt.tls_cert_file",
         path: cert.to_owned(),
-        detail: format!("does not go with the key: {e}"),
+        source: Box::new(e),
     })?;
     Ok(Arc::new(config))
 }

@@ -209,7 +209,7 @@ impl Wills {
             if view.live.get(&node).is_some_and(|m| m.incarnation == incarnation) {
                 return Ok(());
             }
-            let seq = stored.info().map_err(|e| e.to_string())?.stream_sequence;
+            let seq = stored.info()?.stream_sequence;
             match Will::decode(&stored.payload) {
                 Some(will) => found.push((stored.subject.to_string(), seq, client, will)),
                 None => metrics::counter!(crate::internal_events::names::MQTT_WILL_RECORDS_BAD_TOTAL).increment(1),

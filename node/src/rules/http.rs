@@ -48,7 +48,7 @@ fn refused(e: RulesError) -> ApiError {
         }
         RulesError::Invalid(e) => {
             metrics::counter!(crate::internal_events::names::RULE_UPLOADS_REFUSED_TOTAL).increment(1);
-            ApiError::new(StatusCode::BAD_REQUEST, e)
+            ApiError::new(StatusCode::BAD_REQUEST, fluxmesh_mesh::error_chain(&e))
         }
         e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, fluxmesh_mesh::error_chain(&e)),
     }

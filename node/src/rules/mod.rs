@@ -110,8 +110,13 @@ fn yes() -> bool {
 pub enum RuleError {
     #[error("invalid rule id `{id}`: use 1-64 letters, digits, `-` or `_`")]
     BadId { id: String },
-    #[error("invalid {field} glob `{glob}`: {message}")]
-    BadGlob { field: &'static str, glob: String, message: String },
+    #[error("invalid {field} glob `{glob}`")]
+    BadGlob {
+        field: &'static str,
+        glob: String,
+        #[source]
+        source: globset::Error,
+    },
     #[error("script is {size} bytes; at most {max} are accepted")]
     TooLarge { size: usize, max: usize },
     #[error("script does not compile: {0}")]
@@ -185,7 +190,7 @@ pub fn compile(engine: &RuleEngine, cfg: &RulesConfig, spec: RuleSpec) -> Result
         return Err(RuleError::TooLarge { size: spec.script.len(), max: cfg.max_script_bytes });
     }
     let glob = |field: &'static str, g: &str| {
-        Matcher::new(g).map_err(|e| RuleError::BadGlob { field, glob: g.to_owned(), message: e.kind().to_string() })
+        Matcher::new(g).map_err(|source| RuleError::BadGlob { field, glob: g.to_owned(), source })
     };
     let device = glob("device", &spec.device)?;
     let channel = glob("channel", &spec.channel)?;
