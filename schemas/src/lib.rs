@@ -5,6 +5,8 @@
 //!
 //! - [`frame`]: the versioned rkyv [`Frame`] every event travels as, and
 //!   validated zero-copy access to it from a buffer at any alignment.
+//! - [`topic`]: MQTT device and plain topics, their limits, and why one is
+//!   refused.
 //! - [`subject`]: NATS subject names, and the reversible escaping that maps
 //!   MQTT topic levels to subject tokens.
 //! - [`shard`]: the documented shard function `fnv1a64(device) mod S`.
@@ -20,6 +22,7 @@ pub mod kv;
 pub mod plugin_abi;
 pub mod shard;
 pub mod subject;
+pub mod topic;
 
 pub use frame::{Body, Frame, FrameError, FrameId, FrameView, Kind, SCHEMA_VERSION};
 pub use shard::{partition_of, shard_of, DEFAULT_PARTITIONS, DEFAULT_SHARDS};
