@@ -12,7 +12,8 @@
 # RECOVERY_MS (a number, or "timeout": a violation), FAULT_NOTE (shown), and
 # may set FAULT_FAIL (a reason: a violation). It can read LOAD_STARTED (Unix
 # seconds), LOAD_NODE_IDS (the nodes the devices were spread over) and
-# CHAOS_OUT (the load generator's output file, to put notes beside). A
+# CHAOS_OUT (the load generator's JSON report; its text report and
+# progress are in $CHAOS_OUT.progress; to put notes beside). A
 # script that sets PUBACK_GAP_LIMIT_MS before chaos_main also fails when a
 # device went longer than that without a PUBACK while publishing
 # (max_puback_gap_ms, measured by the load generator; every script prints
@@ -28,6 +29,8 @@
 set -euo pipefail
 # shellcheck source=deploy/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/lib.sh"
+# shellcheck source=benches/loadgen-report.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../benches/loadgen-report.sh"
 cd "$FM_ROOT"
 
 CHAOS_DIR="$FM_LOCAL/chaos"
@@ -123,7 +126,7 @@ chaos_main() {
         FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
         --mqtt "$mqtt" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
-        --prefix "$prefix" --verify --verify-processing >"$out" 2>"$out.progress" &
+        --prefix "$prefix" --verify --verify-processing --report json >"$out" 2>"$out.progress" &
     CHAOS_LOADGEN=$!
     # If this script stops early, so does the load generator (by its PID).
     trap '[ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true' EXIT
@@ -135,23 +138,23 @@ chaos_main() {
     CHAOS_LOADGEN=""
 
     local acked stored lost resent behind twice frames dup_frames missing_frames
-    acked=$(sed -n 's/^verify: acked=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    stored=$(sed -n 's/^verify: .* stored=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    lost=$(sed -n 's/.*acked_but_missing=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    resent=$(sed -n 's/.*stored_twice=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    behind=$(sed -n 's/.*applied_behind=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    twice=$(sed -n 's/.*applied_twice=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    frames=$(sed -n 's/.* state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    dup_frames=$(sed -n 's/.*duplicate_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    missing_frames=$(sed -n 's/.*missing_state_frames=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    acked=$(loadgen_field verify.acked <"$out")
+    stored=$(loadgen_field verify.stored <"$out")
+    lost=$(loadgen_field verify.acked_but_missing <"$out")
+    resent=$(loadgen_field verify.stored_twice <"$out")
+    behind=$(loadgen_field verify_processing.applied_behind <"$out")
+    twice=$(loadgen_field verify_processing.applied_twice <"$out")
+    frames=$(loadgen_field verify_processing.state_frames <"$out")
+    dup_frames=$(loadgen_field verify_processing.duplicate_state_frames <"$out")
+    missing_frames=$(loadgen_field verify_processing.missing_state_frames <"$out")
     local sent gap gap_device gap_from over_1s
-    sent=$(sed -n 's/^\[mesh\] sent=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    gap=$(sed -n 's/^\[mesh\] max_puback_gap_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    gap_device=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* device=\([^ ]*\).*/\1/p' "$out" | tail -n 1)
-    gap_from=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* from_unix_ms=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
-    over_1s=$(sed -n 's/^\[mesh\] max_puback_gap_ms=.* devices_over_1s=\([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    sent=$(loadgen_field mesh.sent <"$out")
+    gap=$(loadgen_field mesh.puback_gap.max_ms <"$out")
+    gap_device=$(loadgen_field mesh.puback_gap.device <"$out")
+    gap_from=$(loadgen_field mesh.puback_gap.from_unix_ms <"$out")
+    over_1s=$(loadgen_field mesh.puback_gap.devices_over_1s <"$out")
     for v in acked stored lost behind twice dup_frames missing_frames gap; do
-        [ -n "${!v}" ] || { cat "$out" >&2; fm_die "could not read the load generator's verdict ($v)"; }
+        [ -n "${!v}" ] || { cat "$out" "$out.progress" >&2; fm_die "could not read the load generator's verdict ($v)"; }
     done
 
     local verdict=PASS

@@ -8,9 +8,8 @@ mod common;
 
 use fluxmesh_node::internal_events::names;
 
-use common::{
-    connect_packet, counter, get_json, metrics, packet, payload_seq, publish_packet, read_telemetry, start_node, Device,
-};
+use common::{counter, get_json, metrics, payload_seq, read_telemetry, start_node, Device};
+use fluxmesh_testkit::mqtt::{connect_packet, packet, publish_packet};
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;

@@ -7,6 +7,7 @@ mod common;
 use fluxmesh_node::internal_events::names;
 
 use common::{counter, metrics, start_node, telemetry_messages, Device};
+use fluxmesh_testkit::mqtt;
 use fluxmesh_testkit::{wait_for, NatsServer};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -277,7 +278,7 @@ async fn hostile_packets_are_refused_and_the_node_keeps_serving() {
 
     // A truncated PUBLISH after a good CONNECT, then the socket is closed.
     let mut cut = tokio::net::TcpStream::connect(addr).await.expect("tcp");
-    cut.write_all(&common::connect_packet("cut")).await.expect("write");
+    cut.write_all(&mqtt::connect_packet("cut")).await.expect("write");
     cut.write_all(&[0x32, 0x7f, 0x00, 0x10, b'd']).await.expect("write");
     drop(cut);
 

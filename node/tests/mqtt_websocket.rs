@@ -5,6 +5,7 @@
 mod common;
 
 use common::start_node;
+use fluxmesh_testkit::mqtt;
 use fluxmesh_testkit::tls::TestCerts;
 use fluxmesh_testkit::NatsServer;
 use futures::{SinkExt as _, StreamExt as _};
@@ -114,12 +115,12 @@ async fn packets_may_span_websocket_messages() {
     };
     let (mut ws, response) = open("mqtt").await.expect("handshake");
     assert_eq!(response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()), Some("mqtt"));
-    let connect = common::connect_packet("ws-raw");
+    let connect = mqtt::connect_packet("ws-raw");
     let (head, tail) = connect.split_at(5);
     ws.send(Message::Binary(head.to_vec().into())).await.expect("send");
     ws.send(Message::Binary(tail.to_vec().into())).await.expect("send");
     // SUBSCRIBE (id 1, `a/b` at QoS 1) and PINGREQ in one message.
-    let mut both = common::packet(0x82, &[0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01]);
+    let mut both = mqtt::packet(0x82, &[0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01]);
     both.extend([0xc0, 0x00]);
     ws.send(Message::Binary(both.into())).await.expect("send");
     let mut got = Vec::new();

@@ -6,6 +6,7 @@ mod common;
 use fluxmesh_node::internal_events::names;
 
 use common::{counter, metrics, read_telemetry, start_node, telemetry_messages, test_config, Device, ADMIN_TOKEN};
+use fluxmesh_testkit::mqtt;
 use fluxmesh_testkit::tls::TestCerts;
 use fluxmesh_testkit::{wait_for, NatsServer};
 use rumqttc::{ConnectReturnCode, MqttOptions, QoS, SubscribeReasonCode, TlsConfiguration, Transport};
@@ -316,7 +317,7 @@ async fn mqtt_over_tls_and_nats_with_tls_and_a_password() {
 
     // Plain MQTT on the TLS port: the handshake fails, counted.
     let mut raw = tokio::net::TcpStream::connect(tls_addr).await.expect("tcp");
-    raw.write_all(&common::connect_packet("cut")).await.expect("write");
+    raw.write_all(&mqtt::connect_packet("cut")).await.expect("write");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf)).await.expect("closed in time");
     assert!(!buf.starts_with(&[0x20]), "no CONNACK over plain text: {buf:?}");

