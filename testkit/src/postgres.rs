@@ -210,6 +210,27 @@ impl Postgres {
         self.stop();
     }
 
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it
+    /// takes writes).
+    pub async fn promote(&self) -> anyhow::Result<()> {
+        let status = command(&self.bin.join("pg_ctl"), self.user)
+            .arg("promote")
+            .arg("-w")
+            .arg("-D")
+            .arg(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running pg_ctl promote")?;
+        anyhow::ensure!(status.success(), "pg_ctl promote failed; postgres log:\n{}", self.log());
+        let client = self.client().await?;
+        wait_for(Duration::from_secs(30), "the promoted server takes writes", || {
+            let query = client.query_one("SELECT pg_is_in_recovery()", &[]);
+            async move { query.await.ok().filter(|row| !row.get::<_, bool>(0)).map(|_| ()) }
+        })
+        .await
+    }
+
     /// Starts the server again on the same port and data dir.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
