@@ -4,11 +4,12 @@
 
 # up [options]: see the entry script's header.
 cmd_up() {
-    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1
+    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1 fsync=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --no-postgres) postgres=0; shift ;;
             --secure) secure=1; shift ;;
+            --fsync-always) fsync=1; shift ;;
             --no-route-tls) route_tls=0; shift ;;
             --nodes) nodes="${2:?--nodes needs a number}"; shift 2 ;;
             --nodes=*) nodes="${1#*=}"; shift ;;
@@ -34,7 +35,7 @@ cmd_up() {
     if all_alive; then
         local running
         running=$(grep -c '^node-' "$PIDS" || true)
-        local settings="$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls"
+        local settings="$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync"
         if [ "$(cat "$DIR/settings" 2>/dev/null)" = "$settings" ] && [ -f "$ENDPOINTS" ] &&
             [ "$(node_bin)" = "$bin" ]; then
             if [ "$running" -eq "$nodes" ]; then
@@ -59,7 +60,7 @@ cmd_up() {
         if [ "$(node_bin)" != "$bin" ]; then
             fm_log "up with another fluxmesh binary ($(node_bin)); restarting everything on $bin"
         else
-            fm_log "up with other settings; restarting with $nodes nodes, JSON mirror $mirror, postgres=$postgres, secure=$secure, route TLS=$route_tls"
+            fm_log "up with other settings; restarting with $nodes nodes, JSON mirror $mirror, postgres=$postgres, secure=$secure, route TLS=$route_tls, fsync always=$fsync"
         fi
     fi
     [ -s "$PIDS" ] && cmd_down
@@ -93,14 +94,14 @@ cmd_up() {
         nats_password=$(cat "$DIR/nats-password")
         scheme=tls
     fi
-    up_nats "$secure" "$route_tls"
+    up_nats "$secure" "$route_tls" "$fsync"
     if [ "$postgres" -eq 1 ]; then up_postgres; fi
     local urls="" p
     for p in "${NATS_CLIENT_PORTS[@]}"; do urls+="$scheme://127.0.0.1:$p,"; done
     urls="${urls%,}"
     up_nodes "$nodes" "$secure" "$postgres" "$mirror_toml" "$urls" "$admin_token" "$nats_password"
     mv "$ENDPOINTS.tmp" "$ENDPOINTS"
-    echo "$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls" >"$DIR/settings"
+    echo "$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync" >"$DIR/settings"
     fm_log "cluster up: $NATS_SERVERS NATS servers, $nodes nodes, postgres=$postgres; endpoints in $ENDPOINTS"
     if [ "$secure" -eq 1 ]; then
         fm_log "secure mode: MQTT over TLS only (CA $TLS_DIR/ca.pem); devices need credentials (PUT /api/v1/devices/{id}/credentials); NATS over TLS with user fluxmesh; routes $([ "$route_tls" -eq 1 ] && echo "over mutual TLS" || echo "with a password, without TLS")"

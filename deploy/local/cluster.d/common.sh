@@ -64,12 +64,14 @@ secret_file() {
 # mode: "plain", "secure" or "secure, routes without TLS", as the running
 # cluster was brought up.
 mode() {
+    local fsync=""
+    grep -q 'fsync=1' "$DIR/settings" 2>/dev/null && fsync=", fsync always"
     if grep -q 'secure=1 route_tls=1' "$DIR/settings" 2>/dev/null; then
-        echo secure
+        echo "secure$fsync"
     elif grep -q 'secure=1' "$DIR/settings" 2>/dev/null; then
-        echo "secure, routes without TLS"
+        echo "secure, routes without TLS$fsync"
     else
-        echo plain
+        echo "plain$fsync"
     fi
 }
 

@@ -24,12 +24,14 @@ nats_template() {
     printf '%s\n' "$out$text"
 }
 
-# up_nats SECURE ROUTE_TLS: picks each server's ports, writes nats-I.conf
+# up_nats SECURE ROUTE_TLS FSYNC: picks each server's ports, writes nats-I.conf
 # (mode 600), starts the servers (their PIDs into pids) and waits until
 # every one is healthy; sets NATS_CLIENT_PORTS (the client ports, by
 # server). Secure: the certificates and passwords are made already.
 up_nats() {
-    local secure=$1 route_tls=$2 i p
+    local secure=$1 route_tls=$2 fsync=$3 i p
+    local sync_interval=2m
+    [ "$fsync" -eq 1 ] && sync_interval=always
     local client_ports=() cluster_ports=() monitor_ports=()
     for i in $(seq 1 "$NATS_SERVERS"); do
         client_ports+=("$(pick_port $((4221 + i)))")
@@ -63,7 +65,7 @@ up_nats() {
         chmod 600 "$conf"
         local values=(SERVER_NAME="nats-$i" CLIENT_PORT="${client_ports[$idx]}"
             MONITOR_PORT="${monitor_ports[$idx]}" CLUSTER_PORT="${cluster_ports[$idx]}"
-            STORE_DIR="$store" ROUTES="$routes")
+            STORE_DIR="$store" ROUTES="$routes" SYNC_INTERVAL="$sync_interval")
         if [ "$secure" -eq 1 ]; then
             nats_template server-secure.conf "${values[@]}" "${secure_values[@]}" >"$conf"
         else

@@ -68,6 +68,7 @@ unix_socket_directories = '$DIR/pg-primary'
 wal_level = replica
 max_wal_senders = 8
 hot_standby = on
+synchronous_commit = on
 CONF
     local pid
     pid=$(launch_pg pg-primary) || fail_up "pg-primary did not start" "$DIR/pg-primary.log"
@@ -101,8 +102,17 @@ primary_conninfo = 'host=127.0.0.1 port=$primary_port user=fluxmesh passfile=$pg
 CONF
     pid=$(launch_pg pg-standby) || fail_up "pg-standby did not start" "$DIR/pg-standby.log"
     echo "pg-standby $pid" >>"$PIDS"
+    # Synchronous replication: a commit is on the standby too before the
+    # nodes hear of it, so promoting the standby loses no row. Set with
+    # ALTER SYSTEM, so that a promoted standby can drop it (it has no
+    # standby of its own to wait for).
+    as_pg "$bin/psql" -q -h "$DIR/pg-primary" -p "$primary_port" -U fluxmesh -d postgres \
+        -v ON_ERROR_STOP=1 -c "ALTER SYSTEM SET synchronous_standby_names = '\"pg-standby\"'" -c "SELECT pg_reload_conf()" >/dev/null ||
+        fm_die "cannot turn synchronous replication on"
+    # Both servers, the writable one first found: the nodes follow a
+    # promoted standby by themselves.
     # shellcheck disable=SC2034 # read by up_nodes (nodes.sh)
-    PG_PRIMARY_URL=$(pg_url "$primary_port" fluxmesh)
+    PG_PRIMARY_URL="postgres://fluxmesh:$(cat "$DIR/pg-password")@127.0.0.1:$primary_port,127.0.0.1:$standby_port/fluxmesh?target_session_attrs=read-write"
     # shellcheck disable=SC2034
     PG_STANDBY_URL=$(pg_url "$standby_port" fluxmesh)
     fm_log "Postgres up: primary 127.0.0.1:$primary_port, standby 127.0.0.1:$standby_port"
