@@ -98,6 +98,8 @@ chaos_main() {
     local out="$CHAOS_DIR/$prefix.out"
     # shellcheck disable=SC2034 # for fault()
     CHAOS_OUT=$out
+    # shellcheck disable=SC2034 # for fault(): the devices are $prefix-0..
+    CHAOS_PREFIX=$prefix
     local mqtt
     mqtt=$(fm_node_list MQTT)
     # shellcheck disable=SC2034 # for fault()
@@ -156,6 +158,11 @@ chaos_main() {
     for v in acked stored lost behind twice dup_frames missing_frames gap; do
         [ -n "${!v}" ] || { cat "$out" "$out.progress" >&2; fm_die "could not read the load generator's verdict ($v)"; }
     done
+
+    # A fault script may check more once the load is over.
+    if declare -F after_load >/dev/null; then
+        after_load "$stored"
+    fi
 
     local verdict=PASS
     if [ "$lost" -ne 0 ] || [ "$behind" -ne 0 ] || [ "$twice" -ne 0 ] || [ "$dup_frames" -ne 0 ] ||

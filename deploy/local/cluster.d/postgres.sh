@@ -60,6 +60,10 @@ up_postgres() {
             { rm -f "$pwfile"; fail_up "initdb failed" "$DIR/pg-primary.log"; }
         rm -f "$pwfile"
     fi
+    if [ -s "$DIR/pg-standby/PG_VERSION" ] && ! [ -f "$DIR/pg-standby/standby.signal" ]; then
+        # Both would start as primaries, each with writes the other lacks.
+        fm_die "pg-standby was promoted and Postgres not restored: run deploy/local/cluster pg-restore before down, or down --purge"
+    fi
     # Later lines win: this run's port.
     cat >>"$DIR/pg-primary/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
@@ -116,4 +120,109 @@ CONF
     # shellcheck disable=SC2034
     PG_STANDBY_URL=$(pg_url "$standby_port" fluxmesh)
     fm_log "Postgres up: primary 127.0.0.1:$primary_port, standby 127.0.0.1:$standby_port"
+}
+
+# pg_port NAME: the port NAME's server listens on (its config's last word).
+pg_port() {
+    awk -F' = ' '$1 == "port" { p = $2 } END { print p }' "$DIR/$1/postgresql.conf"
+}
+
+# pg_psql NAME SQL...: runs each SQL statement on NAME's server, over its
+# socket, as the fluxmesh role; stops at the first error.
+pg_psql() {
+    local name=$1
+    shift
+    local args=() sql
+    for sql in "$@"; do args+=(-c "$sql"); done
+    as_pg "$(pg_bin)/psql" -qAt -v ON_ERROR_STOP=1 -h "$DIR/$name" -p "$(pg_port "$name")" -U fluxmesh -d postgres \
+        "${args[@]}"
+}
+
+# pg_sync NAME STANDBY: NAME waits for STANDBY at each commit (synchronous
+# replication); STANDBY empty: it waits for nobody.
+pg_sync() {
+    local names="''"
+    [ -n "$2" ] && names="'\"$2\"'"
+    pg_psql "$1" "ALTER SYSTEM SET synchronous_standby_names = $names" "SELECT pg_reload_conf()" >/dev/null
+}
+
+# pg_set_pid NAME PID: records NAME's new PID.
+pg_set_pid() {
+    sed -i "s/^$1 .*/$1 $2/" "$PIDS"
+}
+
+# pg_rebuild_standby NAME FROM: NAME (stopped) becomes a fresh streaming
+# standby of FROM (pg_basebackup), on its own port, and is started.
+pg_rebuild_standby() {
+    local name=$1 from=$2 port from_port pid
+    port=$(pg_port "$name")
+    from_port=$(pg_port "$from")
+    local pgpass="$DIR/pg.pgpass"
+    find "$DIR/$name" -mindepth 1 -delete
+    as_pg env PGPASSFILE="$pgpass" "$(pg_bin)/pg_basebackup" -h 127.0.0.1 -p "$from_port" -U fluxmesh \
+        -D "$DIR/$name" -R -X stream --checkpoint=fast >>"$DIR/$name.log" 2>&1 ||
+        fm_die "pg_basebackup of $name from $from failed; log: $DIR/$name.log"
+    # Its own port and socket, streaming from FROM (the copy holds FROM's,
+    # and socket lock files that would name another server's PID).
+    find "$DIR/$name" -maxdepth 1 -name '.s.PGSQL.*' -delete
+    as_pg sed -i '/^primary_conninfo/d; /^synchronous_standby_names/d' "$DIR/$name/postgresql.auto.conf"
+    cat >>"$DIR/$name/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$DIR/$name'
+primary_conninfo = 'host=127.0.0.1 port=$from_port user=fluxmesh passfile=$pgpass application_name=$name'
+CONF
+    pid=$(launch_pg "$name") || fm_die "$name did not start as a standby; log: $DIR/$name.log"
+    pg_set_pid "$name" "$pid"
+    fm_log "$name is a standby of $from ($pid)"
+}
+
+# pg_wait_sync NAME STANDBY: until NAME sees STANDBY replicating
+# synchronously (30 s).
+pg_wait_sync() {
+    local _
+    for _ in $(seq 1 300); do
+        [ "$(pg_psql "$1" "SELECT sync_state FROM pg_stat_replication WHERE application_name = '$2'")" = sync ] &&
+            return 0
+        sleep 0.1
+    done
+    fm_die "$2 is not replicating synchronously from $1"
+}
+
+# cmd_pg_promote: the primary is gone; promote the standby and let it
+# commit without a standby of its own (until pg-restore gives it one).
+cmd_pg_promote() {
+    [ -s "$PIDS" ] || fm_die "the cluster is not up"
+    local pid
+    pid=$(awk '$1 == "pg-primary" {print $2}' "$PIDS")
+    [ -n "$pid" ] || fm_die "this cluster has no Postgres"
+    ! alive "$pid" || fm_die "pg-primary ($pid) is still running: stop it first (two primaries must never run)"
+    as_pg "$(pg_bin)/pg_ctl" promote -w -t 60 -D "$DIR/pg-standby" >/dev/null ||
+        fm_die "pg_ctl promote failed; log: $DIR/pg-standby.log"
+    pg_sync pg-standby ""
+    fm_log "pg-standby promoted; it commits without a standby until pg-restore"
+}
+
+# cmd_pg_restore: after pg-promote, back to pg-primary as the primary and
+# pg-standby as its synchronous standby: pg-primary is rebuilt as a standby
+# of the promoted server, which is then shut down cleanly (its last WAL
+# reaches pg-primary) so that pg-primary can be promoted, and pg-standby is
+# rebuilt from it.
+cmd_pg_restore() {
+    [ -s "$PIDS" ] || fm_die "the cluster is not up"
+    local pid
+    pid=$(awk '$1 == "pg-primary" {print $2}' "$PIDS")
+    ! alive "$pid" || fm_die "pg-primary ($pid) is running: nothing to restore"
+    [ -f "$DIR/pg-standby/standby.signal" ] && fm_die "pg-standby was not promoted: run pg-promote first"
+    pg_rebuild_standby pg-primary pg-standby
+    pg_sync pg-standby pg-primary
+    pg_wait_sync pg-standby pg-primary
+    as_pg "$(pg_bin)/pg_ctl" stop -w -t 60 -m fast -D "$DIR/pg-standby" >/dev/null ||
+        fm_die "clean shutdown of pg-standby failed"
+    as_pg "$(pg_bin)/pg_ctl" promote -w -t 60 -D "$DIR/pg-primary" >/dev/null ||
+        fm_die "pg_ctl promote of pg-primary failed; log: $DIR/pg-primary.log"
+    pg_sync pg-primary ""
+    pg_rebuild_standby pg-standby pg-primary
+    pg_sync pg-primary pg-standby
+    pg_wait_sync pg-primary pg-standby
+    fm_log "Postgres restored: pg-primary the primary, pg-standby its synchronous standby"
 }
