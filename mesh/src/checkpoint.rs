@@ -195,9 +195,13 @@ impl Checkpoints {
             .get_stream(&self.stream)
             .await
             .map_err(|e| CheckpointError::Stream { stream: self.stream.clone(), source: e.into() })?;
+        // Read once and deleted: in memory on one server, not a replicated
+        // consumer per claim.
         let config = jetstream::consumer::pull::Config {
             filter_subject: self.subjects.checkpoint(shard),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            memory_storage: true,
+            num_replicas: 1,
             ..Default::default()
         };
         let mut loaded = Loaded::default();

@@ -39,7 +39,9 @@ pub fn last_per_subject(filters: Vec<String>) -> consumer::pull::Config {
 /// (forced ack-less; idle consumers expire after 30 s unless `config` says
 /// otherwise) at the moment it is created, in stream order; messages stored
 /// later are not read. Fails if a read errors for good, nothing arrives for
-/// `stall`, or `each` fails.
+/// `stall`, or `each` fails. The consumer is deleted once the read is over
+/// (best effort: an idle one expires anyway), so that frequent reads do not
+/// pile consumers up on the servers.
 ///
 /// A busy or re-electing server can answer a pull with "no responders" or
 /// miss a heartbeat; the pull is then not answered for a long while, and
@@ -57,6 +59,22 @@ pub async fn read_pending(
         config.inactive_threshold = Duration::from_secs(30);
     }
     let reader: consumer::PullConsumer = stream.create_consumer(config.clone()).await.map_err(ReadError::Consumer)?;
+    let mut name = reader.cached_info().name.clone();
+    let result = read_all(stream, reader, &config, &mut name, stall, &mut each).await;
+    if let Err(e) = stream.delete_consumer(&name).await {
+        tracing::debug!(consumer = %name, error = %crate::error_chain(&e), "reading consumer not deleted; it expires by itself");
+    }
+    result
+}
+
+async fn read_all(
+    stream: &Stream,
+    reader: consumer::PullConsumer,
+    config: &consumer::pull::Config,
+    name: &mut String,
+    stall: Duration,
+    each: &mut impl FnMut(jetstream::Message) -> Result<(), async_nats::Error>,
+) -> Result<(), ReadError> {
     let mut left = reader.cached_info().num_pending;
     if left == 0 {
         return Ok(());
@@ -92,7 +110,11 @@ pub async fn read_pending(
                     again.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence: last + 1 };
                 }
                 let reader: consumer::PullConsumer = match stream.create_consumer(again).await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        let _ = stream.delete_consumer(name.as_str()).await;
+                        *name = r.cached_info().name.clone();
+                        r
+                    }
                     Err(e) => {
                         tracing::debug!(error = %crate::error_chain(&e), "cannot create the reading consumer yet");
                         continue;

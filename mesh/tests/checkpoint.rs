@@ -34,7 +34,7 @@ async fn log_length(js: &jetstream::Context, shard: u32) -> anyhow::Result<u64> 
 
 #[tokio::test]
 async fn a_claim_fences_the_previous_owner() -> anyhow::Result<()> {
-    let (_server, _js, log) = setup().await?;
+    let (_server, js, log) = setup().await?;
     let (loaded, mut a) = log.claim(3, "node-a", 10).await?;
     assert_eq!(loaded.covered, 0);
     assert!(loaded.states.is_empty());
@@ -56,6 +56,10 @@ async fn a_claim_fences_the_previous_owner() -> anyhow::Result<()> {
     assert_eq!(now.states.get("d2"), Some(&state(1)));
     // Other shards are untouched.
     assert_eq!(log.load(4).await?.covered, 0);
+    // Every read deleted its consumer: claims and loads leave nothing on
+    // the servers.
+    let mut stream = js.get_stream("FM_CKPT").await?;
+    assert_eq!(stream.info().await?.state.consumer_count, 0, "reading consumers left behind");
     Ok(())
 }
 
