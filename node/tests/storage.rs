@@ -245,26 +245,10 @@ async fn a_primary_crash_during_load_loses_and_duplicates_nothing() {
     })
     .await;
     let devices: Vec<Device> = connect_devices(&node).await;
-    let publish = |from: u64, to: u64| {
-        let devices = &devices;
-        async move {
-            for seq in from..to {
-                for (d, device) in devices.iter().enumerate() {
-                    let payload = json!({"d": d, "seq": seq}).to_string().into_bytes();
-                    device.publish(&format!("devices/crash-{d}/env"), payload).await;
-                }
-            }
-        }
-    };
+    let publish = |from: u64, to: u64| publish_seqs(&devices, from, to);
     let per_device = 300u64;
     publish(0, 100).await;
-    wait_for(Duration::from_secs(30), "rows in Postgres", || async {
-        let client = primary.client().await.ok()?;
-        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
-        (n > 0).then_some(())
-    })
-    .await
-    .expect("rows stored before the crash");
+    wait_rows(&primary, 1, Duration::from_secs(30), "rows stored before the crash").await;
     primary.crash();
     publish(100, 200).await;
     for d in &devices {
@@ -286,21 +270,8 @@ async fn a_primary_crash_during_load_loses_and_duplicates_nothing() {
     }
 
     let total = per_device as i64 * devices.len() as i64;
-    let stored = wait_for(Duration::from_secs(60), "every acked message stored", || async {
-        let client = primary.client().await.ok()?;
-        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
-        (n >= total).then_some(n)
-    })
-    .await
-    .expect("all rows");
-    assert_eq!(stored, total, "no more rows than messages");
+    assert_each_message_once(&primary, total).await;
     let client = primary.client().await.expect("client");
-    let per_message: i64 = client
-        .query_one("SELECT count(DISTINCT (json->>'d', json->>'seq')) FROM telemetry", &[])
-        .await
-        .expect("distinct")
-        .get(0);
-    assert_eq!(per_message, total, "each acked message exactly once");
     let duplicated_events: i64 = client
         .query_one(
             "SELECT count(*) FROM (SELECT device, kind, seq FROM events GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
@@ -346,26 +317,10 @@ async fn a_promoted_standby_takes_over_with_every_row() {
     })
     .await;
     let devices: Vec<Device> = connect_devices(&node).await;
-    let publish = |from: u64, to: u64| {
-        let devices = &devices;
-        async move {
-            for seq in from..to {
-                for (d, device) in devices.iter().enumerate() {
-                    let payload = json!({"d": d, "seq": seq}).to_string().into_bytes();
-                    device.publish(&format!("devices/crash-{d}/env"), payload).await;
-                }
-            }
-        }
-    };
+    let publish = |from: u64, to: u64| publish_seqs(&devices, from, to);
     let per_device = 300u64;
     publish(0, 100).await;
-    wait_for(Duration::from_secs(30), "rows on the primary", || async {
-        let client = primary.client().await.ok()?;
-        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
-        (n > 0).then_some(())
-    })
-    .await
-    .expect("rows stored before the crash");
+    wait_rows(&primary, 1, Duration::from_secs(30), "rows stored before the crash").await;
     primary.crash();
     publish(100, 200).await;
     let (status, _, _) = history(&node, "/api/v1/devices/crash-0/telemetry?limit=5").await;
@@ -383,25 +338,48 @@ async fn a_promoted_standby_takes_over_with_every_row() {
     }
 
     let total = per_device as i64 * devices.len() as i64;
-    let stored = wait_for(Duration::from_secs(60), "every acked message on the new primary", || async {
-        let client = standby.client().await.ok()?;
-        let n: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
-        (n >= total).then_some(n)
+    assert_each_message_once(&standby, total).await;
+    let (status, _, body) = history(&node, "/api/v1/devices/crash-0/telemetry?limit=1000").await;
+    assert_eq!(status, 200, "reads after the promotion: {body}");
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(per_device as usize), "{body}");
+    node.shutdown().await;
+}
+
+/// Publishes `{"d", "seq"}` for every seq in `from..to` from each device
+/// `crash-{d}`.
+async fn publish_seqs(devices: &[Device], from: u64, to: u64) {
+    for seq in from..to {
+        for (d, device) in devices.iter().enumerate() {
+            let payload = json!({"d": d, "seq": seq}).to_string().into_bytes();
+            device.publish(&format!("devices/crash-{d}/env"), payload).await;
+        }
+    }
+}
+
+/// Waits up to `within` until `pg` holds at least `n` telemetry rows;
+/// returns how many.
+async fn wait_rows(pg: &Postgres, n: i64, within: Duration, what: &str) -> i64 {
+    wait_for(within, what, || async {
+        let client = pg.client().await.ok()?;
+        let rows: i64 = client.query_one("SELECT count(*) FROM telemetry", &[]).await.ok()?.get(0);
+        (rows >= n).then_some(rows)
     })
     .await
-    .expect("all rows");
+    .expect(what)
+}
+
+/// `pg` holds one row for each of the `total` messages [`publish_seqs`]
+/// sent, and no more.
+async fn assert_each_message_once(pg: &Postgres, total: i64) {
+    let stored = wait_rows(pg, total, Duration::from_secs(60), "every acked message stored").await;
     assert_eq!(stored, total, "no more rows than messages");
-    let client = standby.client().await.expect("client");
+    let client = pg.client().await.expect("client");
     let per_message: i64 = client
         .query_one("SELECT count(DISTINCT (json->>'d', json->>'seq')) FROM telemetry", &[])
         .await
         .expect("distinct")
         .get(0);
     assert_eq!(per_message, total, "each acked message exactly once");
-    let (status, _, body) = history(&node, "/api/v1/devices/crash-0/telemetry?limit=1000").await;
-    assert_eq!(status, 200, "reads after the promotion: {body}");
-    assert_eq!(body["items"].as_array().map(Vec::len), Some(per_device as usize), "{body}");
-    node.shutdown().await;
 }
 
 async fn connect_devices(node: &Node) -> Vec<Device> {
