@@ -95,15 +95,8 @@ CONF
             -D "$DIR/pg-standby" -R -X stream --checkpoint=fast >"$DIR/pg-standby.log" 2>&1 ||
             fail_up "pg_basebackup failed" "$DIR/pg-standby.log"
     fi
-    # The standby streams from the primary's port of this run (the
-    # primary_conninfo pg_basebackup -R wrote to postgresql.auto.conf would
-    # win over postgresql.conf, and names the port of the first run).
-    as_pg sed -i '/^primary_conninfo/d' "$DIR/pg-standby/postgresql.auto.conf"
-    cat >>"$DIR/pg-standby/postgresql.conf" <<CONF
-port = $standby_port
-unix_socket_directories = '$DIR/pg-standby'
-primary_conninfo = 'host=127.0.0.1 port=$primary_port user=fluxmesh passfile=$pgpass application_name=pg-standby'
-CONF
+    # The standby streams from the primary's port of this run.
+    pg_follow pg-standby "$standby_port" "$primary_port"
     pid=$(launch_pg pg-standby) || fail_up "pg-standby did not start" "$DIR/pg-standby.log"
     echo "pg-standby $pid" >>"$PIDS"
     # Synchronous replication: a commit is on the standby too before the
@@ -151,6 +144,23 @@ pg_set_pid() {
     sed -i "s/^$1 .*/$1 $2/" "$PIDS"
 }
 
+# pg_follow NAME PORT FROM_PORT: NAME's data dir, a pg_basebackup -R copy,
+# becomes a standby on its own PORT and socket that streams from FROM_PORT
+# as application NAME. The copy holds the source's port, socket lock files
+# naming the source's PID, and its synchronous_standby_names; and the
+# primary_conninfo pg_basebackup -R wrote to postgresql.auto.conf would win
+# over postgresql.conf (and names the port of the run that made the copy).
+pg_follow() {
+    local name=$1 port=$2 from_port=$3
+    find "$DIR/$name" -maxdepth 1 -name '.s.PGSQL.*' -delete
+    as_pg sed -i '/^primary_conninfo/d; /^synchronous_standby_names/d' "$DIR/$name/postgresql.auto.conf"
+    cat >>"$DIR/$name/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$DIR/$name'
+primary_conninfo = 'host=127.0.0.1 port=$from_port user=fluxmesh passfile=$DIR/pg.pgpass application_name=$name'
+CONF
+}
+
 # pg_rebuild_standby NAME FROM: NAME (stopped) becomes a fresh streaming
 # standby of FROM (pg_basebackup), on its own port, and is started.
 pg_rebuild_standby() {
@@ -162,15 +172,7 @@ pg_rebuild_standby() {
     as_pg env PGPASSFILE="$pgpass" "$(pg_bin)/pg_basebackup" -h 127.0.0.1 -p "$from_port" -U fluxmesh \
         -D "$DIR/$name" -R -X stream --checkpoint=fast >>"$DIR/$name.log" 2>&1 ||
         fm_die "pg_basebackup of $name from $from failed; log: $DIR/$name.log"
-    # Its own port and socket, streaming from FROM (the copy holds FROM's,
-    # and socket lock files that would name another server's PID).
-    find "$DIR/$name" -maxdepth 1 -name '.s.PGSQL.*' -delete
-    as_pg sed -i '/^primary_conninfo/d; /^synchronous_standby_names/d' "$DIR/$name/postgresql.auto.conf"
-    cat >>"$DIR/$name/postgresql.conf" <<CONF
-port = $port
-unix_socket_directories = '$DIR/$name'
-primary_conninfo = 'host=127.0.0.1 port=$from_port user=fluxmesh passfile=$pgpass application_name=$name'
-CONF
+    pg_follow "$name" "$port" "$from_port"
     pid=$(launch_pg "$name") || fm_die "$name did not start as a standby; log: $DIR/$name.log"
     pg_set_pid "$name" "$pid"
     fm_log "$name is a standby of $from ($pid)"
