@@ -72,6 +72,9 @@ random_node() {
 
 now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
 
+# ms_since AT: whole milliseconds from AT (a `now` value) until now.
+ms_since() { python3 -c 'import sys, time; print(int((time.time() - float(sys.argv[1])) * 1000))' "$1"; }
+
 # settle LIVE SINCE NODE...: ms from SINCE until every NODE sees LIVE nodes
 # and every shard validly held by its desired owner; "timeout" if not in 30 s.
 settle() {
