@@ -44,11 +44,17 @@ pub struct ClusterConfig {
     /// Heartbeats a node may miss before the others count it dead and take
     /// its shards over. Dead after `heartbeat_ms × missed_heartbeats`.
     pub missed_heartbeats: u32,
+    /// How long a node may stay cut off from the mesh (its own heartbeats
+    /// unacknowledged past their validity, so its leases have lapsed)
+    /// before it stops serving devices: it closes its MQTT connections and
+    /// refuses new ones, and `/readyz` fails, until it is back. Devices then
+    /// reconnect to a node that can store what they send.
+    pub cut_off_grace_ms: u64,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { heartbeat_ms: 200, missed_heartbeats: 4 }
+        ClusterConfig { heartbeat_ms: 200, missed_heartbeats: 4, cut_off_grace_ms: 800 }
     }
 }
 
@@ -62,6 +68,10 @@ impl ClusterConfig {
         self.heartbeat() * self.missed_heartbeats
     }
 
+    pub fn cut_off_grace(&self) -> Duration {
+        Duration::from_millis(self.cut_off_grace_ms)
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !(20..=60_000).contains(&self.heartbeat_ms) {
@@ -69,6 +79,9 @@ impl ClusterConfig {
         }
         if !(2..=100).contains(&self.missed_heartbeats) {
             problems.push("cluster.missed_heartbeats: must be between 2 and 100".to_owned());
+        }
+        if self.cut_off_grace_ms > 600_000 {
+            problems.push("cluster.cut_off_grace_ms: must be at most 600000".to_owned());
         }
         problems
     }
@@ -297,6 +310,14 @@ impl ClusterHandle {
         let timeout = self.inner.cfg.liveness_timeout();
         // One heartbeat of margin for the watchers' tick and clock drift.
         sent + timeout.saturating_sub(self.inner.cfg.heartbeat())
+    }
+
+    /// Since when this node has been cut off from the mesh: its last
+    /// acknowledged heartbeat is too old for its leases to be trusted (see
+    /// [`ClusterHandle::valid_until`]). `None` while it is in touch.
+    pub fn cut_off_since(&self) -> Option<Instant> {
+        let until = self.valid_until();
+        (Instant::now() >= until).then_some(until)
     }
 
     /// Whether a lease held by this process is still trustworthy now.

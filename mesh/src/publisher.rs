@@ -12,7 +12,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -53,6 +53,41 @@ pub struct Publisher {
     attempts: u32,
     closed: Arc<AtomicBool>,
     ack_seconds: metrics::Histogram,
+    health: Arc<AckHealth>,
+}
+
+/// Whether acks are coming back: since when attempts have failed with no
+/// ack in between. A server that cannot reach JetStream (cut off from its
+/// peers, a minority) fails every publish while the connection to it looks
+/// fine; this is how the node notices and moves to another server.
+#[derive(Debug)]
+struct AckHealth {
+    /// What the times below count from.
+    origin: Instant,
+    /// Milliseconds from `origin` to the first failed attempt after the
+    /// last ack, plus one; 0 while acks are coming.
+    failing_since: AtomicU64,
+}
+
+impl AckHealth {
+    fn acked(&self) {
+        // A load first: the hot path writes nothing while all is well.
+        if self.failing_since.load(Ordering::Relaxed) != 0 {
+            self.failing_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = self.failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn failing_for(&self) -> Option<Duration> {
+        match self.failing_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(self.origin.elapsed().saturating_sub(Duration::from_millis(since - 1))),
+        }
+    }
 }
 
 /// One message the caller wants stored.
@@ -74,6 +109,7 @@ pub struct Pending {
     attempts: u32,
     max_attempts: u32,
     ack_seconds: metrics::Histogram,
+    health: Arc<AckHealth>,
     sent_at: Instant,
     _slot: OwnedSemaphorePermit,
 }
@@ -94,7 +130,14 @@ impl Publisher {
             attempts: cfg.publish_attempts,
             closed: Arc::new(AtomicBool::new(false)),
             ack_seconds: metrics::histogram!(crate::metric_names::PUBLISH_ACK_SECONDS),
+            health: Arc::new(AckHealth { origin: Instant::now(), failing_since: AtomicU64::new(0) }),
         }
+    }
+
+    /// How long publishes have been failing with no ack in between;
+    /// `None` while acks are coming (or nothing was published).
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.health.failing_for()
     }
 
     /// The JetStream context this publisher uses.
@@ -129,6 +172,7 @@ impl Publisher {
             attempts: 1,
             max_attempts: self.attempts,
             ack_seconds: self.ack_seconds.clone(),
+            health: self.health.clone(),
             sent_at: Instant::now(),
             _slot: slot,
         })
@@ -159,10 +203,12 @@ impl Pending {
         loop {
             match self.ack.await {
                 Ok(ack) => {
+                    self.health.acked();
                     self.ack_seconds.record(self.sent_at.elapsed().as_secs_f64());
                     return Ok(ack);
                 }
                 Err(e) if self.attempts < self.max_attempts && retryable(e.kind()) => {
+                    self.health.failed();
                     metrics::counter!(crate::metric_names::PUBLISH_RETRIES_TOTAL).increment(1);
                     tracing::debug!(error = %crate::error_chain(&e), attempt = self.attempts, subject = %self.message.subject, "retrying publish");
                     tokio::time::sleep(backoff(self.attempts)).await;
@@ -172,7 +218,12 @@ impl Pending {
                         Err(e) => return Err(classify(e, &self.message, self.attempts)),
                     };
                 }
-                Err(e) => return Err(classify(e, &self.message, self.attempts)),
+                Err(e) => {
+                    if retryable(e.kind()) {
+                        self.health.failed();
+                    }
+                    return Err(classify(e, &self.message, self.attempts));
+                }
             }
         }
     }

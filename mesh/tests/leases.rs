@@ -41,7 +41,7 @@ async fn join(js: &jetstream::Context, node: &str, cfg: &ClusterConfig) -> anyho
 async fn leases_are_taken_by_cas_and_taken_over_from_a_dead_holder() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
     let js = jetstream::new(server.client().await?);
-    let cfg = ClusterConfig { heartbeat_ms: 50, missed_heartbeats: 4 };
+    let cfg = ClusterConfig { heartbeat_ms: 50, missed_heartbeats: 4, ..Default::default() };
     let a = join(&js, "node-a", &cfg).await?;
     let b = join(&js, "node-b", &cfg).await?;
     wait_for(Duration::from_secs(10), "both nodes see each other", || {

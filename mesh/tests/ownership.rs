@@ -121,7 +121,7 @@ struct Node {
 fn cluster_config() -> ClusterConfig {
     // Generous: a missed fencing deadline under the CPU hog would abort
     // workers and replay legitimately, which the test counts as a failure.
-    ClusterConfig { heartbeat_ms: 250, missed_heartbeats: 8 }
+    ClusterConfig { heartbeat_ms: 250, missed_heartbeats: 8, ..Default::default() }
 }
 
 async fn join(mesh: &Mesh, node: &str) -> anyhow::Result<(ClusterHandle, Lifecycle)> {

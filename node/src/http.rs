@@ -3,7 +3,7 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 once connected to NATS with streams provisioned and MQTT listening; 503 otherwise |
+//! | `GET /readyz` | 200 once connected to NATS with streams provisioned and MQTT listening, and while not cut off from the mesh; 503 otherwise |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /api/v1/devices/{id}/telemetry` | ingest one message; 202 only after JetStream stored it |
 //! | `GET /api/v1/cluster[?lag=false]` | live nodes; per shard: desired owner, lease holder and epoch, messages not yet processed (from the holder's heartbeat) |
@@ -66,6 +66,8 @@ pub struct Slots {
 pub struct Settings {
     pub node_id: Arc<str>,
     pub ready: Arc<AtomicBool>,
+    /// True while the node is cut off from the mesh (`crate::reach`).
+    pub unavailable: tokio::sync::watch::Receiver<bool>,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub admin_token: fluxmesh_mesh::Secret,
     /// Per-device message rate on HTTP ingest (`ingest.device_rate_per_sec`).
@@ -80,6 +82,7 @@ struct NodeApi {
     ingress: Slot<Ingress>,
     shards: Slot<Arc<ShardContext>>,
     ready: Arc<AtomicBool>,
+    unavailable: tokio::sync::watch::Receiver<bool>,
     node_id: Arc<str>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     auth: AuthApi,
@@ -92,6 +95,7 @@ pub fn router(slots: &Slots, settings: Settings) -> Router {
         ingress: slots.ingress.clone(),
         shards: slots.shards.clone(),
         ready: settings.ready,
+        unavailable: settings.unavailable,
         node_id: settings.node_id,
         prometheus: settings.prometheus,
         auth: auth.clone(),
@@ -123,6 +127,10 @@ async fn healthz(State(state): State<NodeApi>) -> Response {
 }
 
 async fn readyz(State(state): State<NodeApi>) -> Response {
+    if *state.unavailable.borrow() {
+        let body = json!({"status": "cut off from the mesh", "node": &*state.node_id});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     if state.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready", "node": &*state.node_id})).into_response()
     } else {
@@ -164,6 +172,9 @@ async fn ingest(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let Ok(ingress) = state.ingress.get() else { return not_ready() };
+    if *state.unavailable.borrow() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "cut_off", "this node is cut off from the mesh; try another");
+    }
     let grant = match crate::auth::http::ingest_grant(&state.auth, &headers, &device).await {
         Ok(g) => g,
         Err(response) => return response,

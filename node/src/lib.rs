@@ -16,6 +16,7 @@ pub mod mqtt;
 pub mod node;
 pub mod plugins;
 pub mod processing;
+pub mod reach;
 pub mod rules;
 pub mod shards;
 pub mod storage;

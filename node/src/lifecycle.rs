@@ -19,7 +19,7 @@
 //!    because their last checkpoints wait for their rows.
 //! 4. Every other task ends ([`deadline::TASKS`]); publishes still awaiting
 //!    their JetStream ack drain ([`deadline::PUBLISH_ACKS`]); both NATS
-//!    connections flush.
+//!    connections flush ([`deadline::NATS_FLUSH`]).
 //!
 //! A deadline that passes is logged, and shutdown goes on.
 
@@ -46,6 +46,9 @@ pub mod deadline {
     pub const TASKS: Duration = Duration::from_secs(20);
     /// Publishes still awaiting their JetStream ack.
     pub const PUBLISH_ACKS: Duration = Duration::from_secs(10);
+    /// Each NATS connection writing out what it buffered. A node stopping
+    /// while NATS is out of reach does not wait for it to come back.
+    pub const NATS_FLUSH: Duration = Duration::from_secs(5);
 }
 
 /// The node's stop signals, on one tracker, in the order shutdown gives

@@ -83,6 +83,8 @@ impl Node {
         crate::tls::install_provider();
         let prometheus = crate::internal_events::prometheus();
         let ready = Arc::new(AtomicBool::new(false));
+        // True while the node is cut off from the mesh (crate::reach).
+        let (unavailable, unavailable_rx) = tokio::sync::watch::channel(false);
         let phases = Phases::default();
         let life = phases.front.clone();
 
@@ -119,6 +121,7 @@ impl Node {
             http::Settings {
                 node_id: node_id.as_str().into(),
                 ready: ready.clone(),
+                unavailable: unavailable_rx.clone(),
                 prometheus,
                 admin_token: config.auth.admin_token.clone(),
                 limiter,
@@ -135,7 +138,7 @@ impl Node {
         });
         tracing::info!(node = %node_id, %http_addr, "HTTP listening");
 
-        let started = Self::start_mesh(&config, &node_id, http_addr, &slots.auth, &cancel, &phases).await;
+        let started = Self::start_mesh(&config, &node_id, http_addr, &slots.auth, &cancel, &phases, unavailable).await;
         let Started { client, control, provisioned, ingress, mqtt, shards, coordinator } = match started {
             Ok(parts) => parts,
             Err(e) => {
@@ -177,6 +180,7 @@ impl Node {
         auth_slot: &crate::api::Slot<Arc<crate::auth::Authenticator>>,
         cancel: &CancellationToken,
         phases: &Phases,
+        unavailable: tokio::sync::watch::Sender<bool>,
     ) -> Result<Started, NodeError> {
         let life = &phases.front;
         let client = retry_until(
@@ -228,6 +232,7 @@ impl Node {
             wills.clone(),
             sessions_bus,
             cmd_ready_tx,
+            unavailable.subscribe(),
             life,
         )
         .await?;
@@ -333,6 +338,17 @@ impl Node {
         )
         .await?;
         crate::commands::start(commands, cmd_ready_rx, life).await?;
+        life.spawn(crate::reach::watch(
+            crate::reach::Reach {
+                cluster: shards.cluster.clone(),
+                control: control.clone(),
+                data: client.clone(),
+                publisher: mesh.publisher().clone(),
+                sessions: mqtt.sessions().clone(),
+                unavailable,
+            },
+            life.clone(),
+        ));
         let coordinator = life.spawn(fluxmesh_mesh::ownership::coordinate(
             mesh,
             shards.cluster.clone(),
@@ -402,8 +418,12 @@ impl Node {
             tracing::error!(left, "publishes still unacknowledged at shutdown");
         }
         for client in [&self.client, &self.control] {
-            if let Err(e) = client.flush().await {
-                tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "NATS flush at shutdown failed");
+            match tokio::time::timeout(deadline::NATS_FLUSH, client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "NATS flush at shutdown failed"),
+                Err(_) => {
+                    tracing::warn!(deadline = ?deadline::NATS_FLUSH, "NATS flush at shutdown did not finish; NATS is out of reach")
+                }
             }
         }
         tracing::info!(node = %self.node_id, "stopped");

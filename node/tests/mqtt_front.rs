@@ -19,6 +19,9 @@ async fn no_puback_until_jetstream_stored_it() {
     let node = start_node(&[nats.url()], |c| {
         c.nats.ack_timeout_ms = 300;
         c.nats.publish_attempts = 2;
+        // The publish's own failure ends the connection here, not the node
+        // finding itself cut off (tests/partition.rs).
+        c.cluster.cut_off_grace_ms = 60_000;
     })
     .await;
     let device = Device::connect(node.mqtt_addr(), "strict-1").await;
@@ -53,6 +56,9 @@ async fn backpressure_does_not_expire_keep_alive() {
         // 10 awaiting acks + 10 parsed: a 15-message burst fits.
         c.mqtt.max_inflight = 10;
         c.nats.ack_timeout_ms = 20_000;
+        // A stall this long would otherwise cut the node off and close
+        // the device (tests/partition.rs); here it must be held, not closed.
+        c.cluster.cut_off_grace_ms = 60_000;
     })
     .await;
     // Keep-alive 1 s: the node gives up after 1.5 s without reading.

@@ -10,10 +10,12 @@
 //! [`mqtt`] speaks raw MQTT 3.1.1, for tests and load that must choose the
 //! bytes, packet ids and resends themselves.
 
+pub mod blackhole;
 pub mod cpu_hog;
 pub mod mqtt;
 pub mod postgres;
 pub mod tls;
+pub use blackhole::Blackhole;
 pub use cpu_hog::CpuHog;
 pub use postgres::Postgres;
 

@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod mqtt;
 pub mod names;
 pub mod processing;
+pub mod reach;
 pub mod storage;
 
 /// Something that happened, told to the logs and the metrics at once.

@@ -22,6 +22,9 @@ pub const INGEST_REJECTED_TOTAL: &str = "fluxmesh_ingest_rejected_total";
 pub const INGEST_SECONDS: &str = "fluxmesh_ingest_seconds";
 pub const INGEST_THROTTLED_TOTAL: &str = "fluxmesh_ingest_throttled_total";
 pub const JSON_MIRROR_FAILED_TOTAL: &str = "fluxmesh_json_mirror_failed_total";
+pub const NATS_FORCED_RECONNECTS_TOTAL: &str = "fluxmesh_nats_forced_reconnects_total";
+pub const NODE_CUT_OFF: &str = "fluxmesh_node_cut_off";
+pub const NODE_CUT_OFFS_TOTAL: &str = "fluxmesh_node_cut_offs_total";
 pub const MQTT_CATCH_UPS_TOTAL: &str = "fluxmesh_mqtt_catch_ups_total";
 pub const MQTT_CONNECTIONS: &str = "fluxmesh_mqtt_connections";
 pub const MQTT_DELIVERIES_DEFERRED_TOTAL: &str = "fluxmesh_mqtt_deliveries_deferred_total";
@@ -121,6 +124,9 @@ pub const ALL: &[Metric] = &[
     Metric { name: INGEST_SECONDS, kind: Kind::Histogram, help: "Time from receiving a device message to its JetStream ack." },
     Metric { name: INGEST_THROTTLED_TOTAL, kind: Kind::Counter, help: "Times an MQTT device ran out of rate tokens and was slowed." },
     Metric { name: JSON_MIRROR_FAILED_TOTAL, kind: Kind::Counter, help: "JSON mirror publishes that failed." },
+    Metric { name: NATS_FORCED_RECONNECTS_TOTAL, kind: Kind::Counter, help: "NATS connections moved to another server because JetStream stopped answering through them (control: heartbeats lapsed; data: publishes failing with no ack), by connection." },
+    Metric { name: NODE_CUT_OFF, kind: Kind::Gauge, help: "1 while the node is cut off from the mesh and not serving devices (MQTT connections closed and refused, /readyz failing)." },
+    Metric { name: NODE_CUT_OFFS_TOTAL, kind: Kind::Counter, help: "Times the node was cut off from the mesh for longer than cluster.cut_off_grace_ms and stopped serving devices." },
     Metric { name: MQTT_CATCH_UPS_TOTAL, kind: Kind::Counter, help: "Catch-ups: subscribers reading back from a stream what did not fit in their queue." },
     Metric { name: MQTT_CONNECTIONS, kind: Kind::Gauge, help: "Open MQTT connections." },
     Metric { name: MQTT_DELIVERIES_DEFERRED_TOTAL, kind: Kind::Counter, help: "Messages that did not fit in an MQTT subscriber's queue and are read back from the stream." },

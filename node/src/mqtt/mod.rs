@@ -98,6 +98,9 @@ pub(crate) struct Shared {
     /// commands for them can be delivered now). Full: the command service's
     /// periodic pass finds them instead.
     pub cmd_ready: tokio::sync::mpsc::Sender<String>,
+    /// True while the node is cut off from the mesh (`crate::reach`): new
+    /// connections are refused, live ones closed.
+    pub unavailable: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -150,6 +153,11 @@ impl LocalSessions {
     /// Whether `device` has a live MQTT session on this node.
     pub fn connected(&self, device: &str) -> bool {
         self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains_key(device)
+    }
+
+    /// Live MQTT sessions on this node.
+    pub fn count(&self) -> usize {
+        self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Devices connected here and subscribed to their commands.
@@ -333,6 +341,7 @@ pub async fn start(
     wills: Arc<wills::Wills>,
     sessions_bus: SessionBus,
     cmd_ready: tokio::sync::mpsc::Sender<String>,
+    unavailable: tokio::sync::watch::Receiver<bool>,
     life: &Lifecycle,
 ) -> Result<MqttServer, MqttError> {
     let tls = if cfg.tls_enabled {
@@ -368,6 +377,7 @@ pub async fn start(
         life: life.clone(),
         sessions_bus,
         cmd_ready,
+        unavailable,
     });
     life.spawn(watch_sessions(shared.clone()));
     // The credentials watch opens before any device can connect, so no

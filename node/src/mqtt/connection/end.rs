@@ -19,6 +19,8 @@ pub(super) enum End {
     TakenOver,
     Revoked,
     Stopped,
+    /// The node is cut off from the mesh (`crate::reach`).
+    CutOff,
     NotStored(IngestError),
     Denied(Denied),
     WillNotKept(crate::mqtt::wills::WillError),
@@ -38,6 +40,7 @@ impl End {
             End::Revoked => "credentials_changed",
             End::Denied(d) => d.reason(),
             End::Stopped => "node_stopping",
+            End::CutOff => "node_cut_off",
             End::NotStored(_) => "not_stored",
             End::WillNotKept(_) => "will_not_kept",
             End::Session(_) => "session_unavailable",
@@ -54,6 +57,7 @@ impl End {
             End::TakenOver => reason::SESSION_TAKEN_OVER,
             End::Revoked => reason::ADMINISTRATIVE_ACTION,
             End::Stopped => reason::SERVER_SHUTTING_DOWN,
+            End::CutOff => reason::SERVER_UNAVAILABLE,
             End::NotStored(_) => reason::UNSPECIFIED,
             End::Denied(_) | End::WillNotKept(_) | End::Session(_) => return None,
         })
@@ -129,6 +133,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(super) async fn say_disconnect(&mut self, end: &End) {
         let Some(code) = end.disconnect_code() else { return };
         if self.codec.version != Version::V5 {
+            // An MQTT 3.1.1 client learns it from the socket closing, which
+            // must not wait for the session's teardown (NATS is out of
+            // reach): it reconnects elsewhere now.
+            if matches!(end, End::CutOff) {
+                let _ = self.socket.shutdown().await;
+            }
             return;
         }
         self.codec.disconnect(&mut self.wbuf, code);
@@ -153,6 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             | End::DisconnectWithWill
             | End::PeerClosed
             | End::Stopped
+            | End::CutOff
             | End::TakenOver
             | End::Revoked => {
                 tracing::debug!(client = %self.client_id, peer = %self.peer, reason = end.reason(), "MQTT connection closed");

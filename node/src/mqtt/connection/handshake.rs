@@ -28,6 +28,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         self.codec = Codec { version: connect.version };
         let v5 = connect.version == Version::V5;
+        let cut_off = *self.unavailable.borrow();
+        if cut_off {
+            // Cut off from the mesh: whatever it sends could not be stored.
+            self.refuse(reason::SERVER_UNAVAILABLE).await;
+            return Err(End::CutOff);
+        }
         if connect.auth_method.is_some() {
             self.refuse(reason::BAD_AUTHENTICATION_METHOD).await;
             return Err(End::Protocol(Violation::AuthMethod, "enhanced authentication is not offered".into()));

@@ -252,6 +252,8 @@ struct Conn<S> {
     limiter: Option<crate::limits::ConnectionLimiter>,
     /// No publish is submitted before this (out of rate tokens).
     throttled_until: Option<Instant>,
+    /// True while the node is cut off from the mesh: the connection ends.
+    unavailable: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves one connection until the device leaves, breaks the protocol, is
@@ -264,6 +266,7 @@ where
     // headers of a PUBLISH.
     let max_packet = shared.max_payload + fluxmesh_schemas::subject::MAX_TOPIC_LEN + 16;
     let shared_quota = shared.quota;
+    let unavailable = shared.unavailable.clone();
     let mut conn = Conn {
         socket,
         peer,
@@ -310,6 +313,7 @@ where
         denied: 0,
         limiter: shared_quota.map(crate::limits::ConnectionLimiter::new),
         throttled_until: None,
+        unavailable,
     };
     let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
     let session = match tokio::time::timeout(timeout, conn.handshake()).await {
@@ -355,6 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let mut keep_alive_at = self.keep_alive.map(|k| Instant::now() + k);
         let save_every = Duration::from_millis(self.shared.config.session_save_interval_ms);
         let mut save_at = Instant::now() + save_every;
+        let mut unavailable = self.unavailable.clone();
         loop {
             if let Err(end) = self.parse_and_handle(draining.is_some()).await {
                 return end;
@@ -403,6 +408,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 biased;
                 _ = self.shared.life.stopped(), if draining.is_none() => {
                     draining = Some((Instant::now() + DRAIN_TIMEOUT, End::Stopped));
+                }
+                // Cut off: no ack is coming, so nothing to drain; the
+                // device sends again what is unacknowledged, elsewhere.
+                // (An error: the watch is gone, the node is stopping.)
+                Ok(()) = async { unavailable.wait_for(|cut| *cut).await.map(|_| ()) }, if draining.is_none() => {
+                    return End::CutOff;
                 }
                 _ = session.end.cancelled(), if draining.is_none() => {
                     let end = if session.revoked.load(Ordering::Acquire) { End::Revoked } else { End::TakenOver };
