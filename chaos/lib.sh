@@ -10,7 +10,10 @@
 #
 # fault() runs a third of the way into the load and sets FAILOVER_MS and
 # RECOVERY_MS (a number, or "timeout": a violation), FAULT_NOTE (shown), and
-# may set FAULT_FAIL (a reason: a violation). It can read LOAD_STARTED (Unix
+# may set FAULT_FAIL (a reason: a violation). A partition sets CUT_AT and
+# HEAL_AT (`now` values); the result then also gives serve_cut_ms and
+# serve_heal_ms, read from the longest time a device went without a PUBACK
+# (see chaos_main). It can read LOAD_STARTED (Unix
 # seconds), LOAD_NODE_IDS (the nodes the devices were spread over) and
 # CHAOS_OUT (the load generator's JSON report; its text report and
 # progress are in $CHAOS_OUT.progress; to put notes beside). A
@@ -71,6 +74,71 @@ random_node() {
 }
 
 now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
+
+# Partitions (chaos/partition-*) need a cluster in network namespaces
+# (deploy/local/cluster up --netns): each NATS server and node has its own,
+# and a link is cut by iptables rules inside one of them.
+LAB_NET=10.213.0
+CUT_NAMESPACES=()
+
+lab_required() {
+    grep -q 'netns=1' "$FM_LOCAL/cluster/settings" 2>/dev/null ||
+        fm_die "partitions need the cluster in network namespaces: deploy/local/cluster up --netns (as root)"
+}
+
+# nats_addr J: nats-J's address in the namespaces.
+nats_addr() { echo "$LAB_NET.$((10 + $1))"; }
+
+# cut_links NAME ADDR...: inside NAME's namespace (nats-J, node-I), drops
+# every packet to or from each ADDR, both ways, until heal_links NAME. The
+# connections stay open on both ends, as on a dropped link.
+cut_links() {
+    local ns="fm-$1" addr
+    shift
+    CUT_NAMESPACES+=("$ns")
+    for addr in "$@"; do
+        ip netns exec "$ns" iptables -w -I INPUT -s "$addr" -j DROP
+        ip netns exec "$ns" iptables -w -I OUTPUT -d "$addr" -j DROP
+    done
+}
+
+# heal_links NAME: removes every rule cut_links put in NAME's namespace.
+heal_links() {
+    ip netns exec "fm-$1" iptables -w -F INPUT
+    ip netns exec "fm-$1" iptables -w -F OUTPUT
+}
+
+# http_status_within URL CODE SECONDS: 0 once URL answers CODE, 1 if it
+# has not within SECONDS.
+http_status_within() {
+    python3 - "$@" <<'PY'
+import sys, time, urllib.error, urllib.request
+url, code, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+while time.time() < deadline:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except Exception:
+        status = 0
+    if status == code:
+        sys.exit(0)
+    time.sleep(0.05)
+sys.exit(1)
+PY
+}
+
+# chaos_cleanup: on exit, stops the load generator (by its PID) and heals
+# every link this run cut, whatever happened.
+chaos_cleanup() {
+    [ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true
+    local ns
+    for ns in "${CUT_NAMESPACES[@]+"${CUT_NAMESPACES[@]}"}"; do
+        ip netns exec "$ns" iptables -w -F INPUT 2>/dev/null || true
+        ip netns exec "$ns" iptables -w -F OUTPUT 2>/dev/null || true
+    done
+}
 
 # ms_since AT: whole milliseconds from AT (a `now` value) until now.
 ms_since() { python3 -c 'import sys, time; print(int((time.time() - float(sys.argv[1])) * 1000))' "$1"; }
@@ -133,11 +201,12 @@ chaos_main() {
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing --report json >"$out" 2>"$out.progress" &
     CHAOS_LOADGEN=$!
-    # If this script stops early, so does the load generator (by its PID).
-    trap '[ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true' EXIT
+    # If this script stops early, so does the load generator, and every
+    # cut link heals.
+    trap chaos_cleanup EXIT
     # The fault lands a third of the way in.
     sleep $((DURATION / 3))
-    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE="" FAULT_FAIL=""
+    FAILOVER_MS="" RECOVERY_MS="" FAULT_NOTE="" FAULT_FAIL="" CUT_AT="" HEAL_AT=""
     fault
     wait "$CHAOS_LOADGEN" || { CHAOS_LOADGEN=""; cat "$out" "$out.progress" >&2; fm_die "load generator failed"; }
     CHAOS_LOADGEN=""
@@ -177,6 +246,20 @@ chaos_main() {
         verdict=FAIL
         FAULT_FAIL+="${FAULT_FAIL:+; }a device went $gap ms without a PUBACK (limit $PUBACK_GAP_LIMIT_MS ms)"
     fi
+    # A partition: when devices were served again, from the longest PUBACK
+    # gap. After the cut: when that gap ended, counted from the cut, if it
+    # began before the heal (0: no device waited past the cut). After the
+    # heal: when it ended, counted from the heal, if it ended after the heal
+    # (a majority cut stops every acknowledgement until the heal; a healed
+    # server's return can stall JetStream again), else 0.
+    local serve=""
+    if [ -n "$CUT_AT" ] && [ -n "$HEAL_AT" ] && [ -n "$gap_from" ]; then
+        serve=$(python3 -c 'import sys
+start, gap, cut, heal = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) * 1000, float(sys.argv[4]) * 1000
+end = start + gap
+print(f"serve_cut_ms={max(0, int(end - cut)) if start < heal else 0} serve_heal_ms={max(0, int(end - heal))}")' \
+            "$gap_from" "$gap" "$CUT_AT" "$HEAL_AT")
+    fi
     local gap_when=""
     [ -n "$gap_from" ] && gap_when="at $(python3 -c 'import sys
 a = int(sys.argv[1]) / 1000 - float(sys.argv[3])
@@ -184,8 +267,8 @@ print(f"{a:.1f}-{a + int(sys.argv[2]) / 1000:.1f}")' "$gap_from" "$gap" "$LOAD_S
     echo "   sent=$sent acked=$acked stored=$stored lost=$lost resent_stored_twice=$resent"
     echo "   applied_behind=$behind applied_twice=$twice state_frames=$frames duplicate_state_frames=$dup_frames missing_state_frames=$missing_frames"
     echo "   max_puback_gap_ms=$gap (device $gap_device, $gap_when; devices over 1 s: ${over_1s:-?})"
-    echo "   failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS ${FAULT_NOTE}"
+    echo "   failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS ${serve:+$serve }${FAULT_NOTE}"
     [ -z "$FAULT_FAIL" ] || echo "   violation: $FAULT_FAIL"
-    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS max_puback_gap_ms=$gap"
+    echo "RESULT kind=$kind verdict=$verdict sent=$sent acked=$acked stored=$stored lost=$lost duplicated=$dup_frames failover_ms=$FAILOVER_MS recovery_ms=$RECOVERY_MS max_puback_gap_ms=$gap${serve:+ $serve}"
     [ "$verdict" = PASS ] || { echo "   details: $out" >&2; exit 1; }
 }

@@ -45,8 +45,9 @@ pub struct ClusterConfig {
     /// its shards over. Dead after `heartbeat_ms × missed_heartbeats`.
     pub missed_heartbeats: u32,
     /// How long a node may stay cut off from the mesh (its own heartbeats
-    /// unacknowledged past their validity, so its leases have lapsed)
-    /// before it stops serving devices: it closes its MQTT connections and
+    /// unacknowledged past their validity, so its leases have lapsed, and
+    /// unable to reach across the NATS cluster) before it stops serving
+    /// devices: it closes its MQTT connections and
     /// refuses new ones, and `/readyz` fails, until it is back. Devices then
     /// reconnect to a node that can store what they send.
     pub cut_off_grace_ms: u64,

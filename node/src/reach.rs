@@ -10,12 +10,16 @@
 //! While cut off, the node:
 //! - moves its control connection (heartbeats, leases) to another server
 //!   at once, and again every [`RECONNECT_EVERY`] while it stays cut off;
-//! - after `cluster.cut_off_grace_ms` stops serving devices: the
+//! - after `cluster.cut_off_grace_ms`, if the probe below fails too (it
+//!   cannot reach across the NATS cluster), stops serving devices: the
 //!   `unavailable` signal closes its MQTT connections (MQTT 5 clients are
 //!   told "server unavailable") and refuses new ones, and `/readyz` and
 //!   HTTP ingest answer 503. Devices reconnect to a node that can store
 //!   what they send; nothing they were not acknowledged is lost, they send
-//!   it again.
+//!   it again. Heartbeats alone also fail while JetStream elects a new
+//!   leader for the membership bucket, on every node at once: then the
+//!   probe still answers and the devices stay (they wait for their PUBACKs,
+//!   as they would on any broker).
 //!
 //! Its data connection (telemetry, sessions, watches) moves on its own
 //! evidence, for a liveness timeout: publishes failing with no ack in
@@ -96,8 +100,14 @@ pub async fn watch(reach: Reach, life: Lifecycle) {
         if let Some(failing) = reach.publisher.failing_for().filter(|f| *f >= liveness).or(unanswered) {
             data.reconnect_if(failing).await;
         }
+        // Heartbeats also fail while JetStream elects a new leader for the
+        // membership bucket, on every node at once; closing every device
+        // in the mesh then would help no one. A node stops serving devices
+        // only if the probe fails too: it cannot even reach across the
+        // NATS cluster (or cannot probe at all).
+        let probe_failing = probed.as_ref().is_none_or(|p| p.unanswered_for() >= liveness);
         match (cut_since, out_since) {
-            (Some(since), None) if since.elapsed() >= grace => {
+            (Some(since), None) if since.elapsed() >= grace && probe_failing => {
                 out_since = Some(since);
                 // `since` is the last acknowledged heartbeat's send time
                 // plus its validity.

@@ -102,16 +102,28 @@ pub struct Args {
     pub report: ReportFormat,
 }
 
+/// Where load may go: loopback, or a local cluster in network namespaces
+/// (`deploy/local/cluster up --netns`: 10.213.0.0/24 behind the bridge
+/// `fm-br0`, which must exist here, so the addresses are this machine's).
+fn local_target(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) if v4.octets()[..3] == [10, 213, 0] => {
+            std::path::Path::new("/sys/class/net/fm-br0").exists()
+        }
+        other => other.is_loopback(),
+    }
+}
+
 impl Args {
     /// Checks what clap cannot; the QoS the devices publish at.
     pub fn check(&self) -> anyhow::Result<QoS> {
-        if self.mqtt.iter().any(|a| !a.ip().is_loopback()) {
-            bail!("load goes to loopback addresses only");
+        if let Some(a) = self.mqtt.iter().find(|a| !local_target(a.ip())) {
+            bail!("{a}: load goes to loopback addresses (or a namespaced local cluster's) only");
         }
         for url in &self.nats {
             let host = nats_host(url);
-            if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())) {
-                bail!("{url}: load goes to loopback addresses only");
+            if !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(local_target)) {
+                bail!("{url}: load goes to loopback addresses (or a namespaced local cluster's) only");
             }
         }
         if self.duration == 0 || self.duration > 600 {

@@ -4,12 +4,13 @@
 
 # up [options]: see the entry script's header.
 cmd_up() {
-    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1 fsync=0
+    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1 fsync=0 netns=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --no-postgres) postgres=0; shift ;;
             --secure) secure=1; shift ;;
             --fsync-always) fsync=1; shift ;;
+            --netns) netns=1; shift ;;
             --no-route-tls) route_tls=0; shift ;;
             --nodes) nodes="${2:?--nodes needs a number}"; shift 2 ;;
             --nodes=*) nodes="${1#*=}"; shift ;;
@@ -21,6 +22,8 @@ cmd_up() {
     [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || fm_die "--nodes must be a positive number"
     [ "$route_tls" -eq 1 ] || [ "$secure" -eq 1 ] || fm_die "--no-route-tls goes with --secure"
     [ "$secure" -eq 1 ] || route_tls=0
+    # The local CA's certificate names 127.0.0.1 only.
+    [ "$netns" -eq 0 ] || [ "$secure" -eq 0 ] || fm_die "--netns goes without --secure"
     local mirror_toml="[]"
     case "$mirror" in
         none) ;;
@@ -35,7 +38,7 @@ cmd_up() {
     if all_alive; then
         local running
         running=$(grep -c '^node-' "$PIDS" || true)
-        local settings="$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync"
+        local settings="$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync netns=$netns"
         if [ "$(cat "$DIR/settings" 2>/dev/null)" = "$settings" ] && [ -f "$ENDPOINTS" ] &&
             [ "$(node_bin)" = "$bin" ]; then
             if [ "$running" -eq "$nodes" ]; then
@@ -60,7 +63,7 @@ cmd_up() {
         if [ "$(node_bin)" != "$bin" ]; then
             fm_log "up with another fluxmesh binary ($(node_bin)); restarting everything on $bin"
         else
-            fm_log "up with other settings; restarting with $nodes nodes, JSON mirror $mirror, postgres=$postgres, secure=$secure, route TLS=$route_tls, fsync always=$fsync"
+            fm_log "up with other settings; restarting with $nodes nodes, JSON mirror $mirror, postgres=$postgres, secure=$secure, route TLS=$route_tls, fsync always=$fsync, namespaces=$netns"
         fi
     fi
     [ -s "$PIDS" ] && cmd_down
@@ -94,19 +97,27 @@ cmd_up() {
         nats_password=$(cat "$DIR/nats-password")
         scheme=tls
     fi
+    # From here on, members run in namespaces if asked (host_of, lab_*).
+    LAB=$netns
+    lab_on && lab_up
     up_nats "$secure" "$route_tls" "$fsync"
     if [ "$postgres" -eq 1 ]; then up_postgres; fi
-    local urls="" p
-    for p in "${NATS_CLIENT_PORTS[@]}"; do urls+="$scheme://127.0.0.1:$p,"; done
+    local urls="" i
+    for i in $(seq 1 "$NATS_SERVERS"); do
+        urls+="$scheme://$(host_of "nats-$i"):${NATS_CLIENT_PORTS[$((i - 1))]},"
+    done
     urls="${urls%,}"
     up_nodes "$nodes" "$secure" "$postgres" "$mirror_toml" "$urls" "$admin_token" "$nats_password"
     mv "$ENDPOINTS.tmp" "$ENDPOINTS"
-    echo "$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync" >"$DIR/settings"
+    echo "$mirror_toml postgres=$postgres secure=$secure route_tls=$route_tls fsync=$fsync netns=$netns" >"$DIR/settings"
     fm_log "cluster up: $NATS_SERVERS NATS servers, $nodes nodes, postgres=$postgres; endpoints in $ENDPOINTS"
     if [ "$secure" -eq 1 ]; then
         fm_log "secure mode: MQTT over TLS only (CA $TLS_DIR/ca.pem); devices need credentials (PUT /api/v1/devices/{id}/credentials); NATS over TLS with user fluxmesh; routes $([ "$route_tls" -eq 1 ] && echo "over mutual TLS" || echo "with a password, without TLS")"
     else
         fm_log "plain mode: devices connect anonymously over plain MQTT; NATS without TLS or auth (up --secure for both)"
+    fi
+    if lab_on; then
+        fm_log "namespaces: each NATS server and node in its own (fm-nats-I, fm-node-I) on bridge $LAB_BRIDGE ($LAB_NET.0/24); chaos/partition-node and chaos/partition-nats can cut their links"
     fi
     fm_log "admin API: Authorization: Bearer \$FLUXMESH_ADMIN_TOKEN (secrets are in $ENDPOINTS, not shown)"
     show_endpoints
@@ -129,6 +140,8 @@ cmd_down() {
         fm_log "nothing running"
     fi
     rm -f "$ENDPOINTS" "$ENDPOINTS.tmp"
+    # Namespaces of this or an earlier --netns run (their members are gone).
+    [ "$(id -u)" -ne 0 ] || lab_down
     if [ "$purge" -eq 1 ]; then
         rm -rf "$DIR"
         fm_log "data deleted"

@@ -66,6 +66,7 @@ secret_file() {
 mode() {
     local fsync=""
     grep -q 'fsync=1' "$DIR/settings" 2>/dev/null && fsync=", fsync always"
+    grep -q 'netns=1' "$DIR/settings" 2>/dev/null && fsync+=", namespaces"
     if grep -q 'secure=1 route_tls=1' "$DIR/settings" 2>/dev/null; then
         echo "secure$fsync"
     elif grep -q 'secure=1' "$DIR/settings" 2>/dev/null; then

@@ -51,7 +51,9 @@ up_nats() {
             SYS_PASSWORD="$(cat "$DIR/nats-sys-password")" ROUTE_PASSWORD="$route_password"
             ROUTE_TLS="$route_tls_conf")
     fi
-    for p in "${cluster_ports[@]}"; do routes+="nats-route://${route_auth}127.0.0.1:$p, "; done
+    for i in $(seq 1 "$NATS_SERVERS"); do
+        routes+="nats-route://${route_auth}$(host_of "nats-$i"):${cluster_ports[$((i - 1))]}, "
+    done
     routes="${routes%, }"
 
     for i in $(seq 1 "$NATS_SERVERS"); do
@@ -63,7 +65,8 @@ up_nats() {
         mkdir -p "$store"
         (umask 077 && : >"$conf")
         chmod 600 "$conf"
-        local values=(SERVER_NAME="nats-$i" CLIENT_PORT="${client_ports[$idx]}"
+        lab_ensure "nats-$i"
+        local values=(SERVER_NAME="nats-$i" HOST="$(host_of "nats-$i")" CLIENT_PORT="${client_ports[$idx]}"
             MONITOR_PORT="${monitor_ports[$idx]}" CLUSTER_PORT="${cluster_ports[$idx]}"
             STORE_DIR="$store" ROUTES="$routes" SYNC_INTERVAL="$sync_interval")
         if [ "$secure" -eq 1 ]; then
@@ -74,7 +77,7 @@ up_nats() {
         echo "nats-$i $(launch_nats "$i")" >>"$PIDS"
     done
     for i in $(seq 1 "$NATS_SERVERS"); do
-        wait_http "http://127.0.0.1:${monitor_ports[$((i - 1))]}/healthz" 60 ||
+        wait_http "http://$(host_of "nats-$i"):${monitor_ports[$((i - 1))]}/healthz" 60 ||
             fail_up "nats-$i not healthy" "$DIR/nats-$i.log"
     done
     if [ "$secure" -eq 1 ]; then
@@ -86,8 +89,11 @@ up_nats() {
     NATS_CLIENT_PORTS=("${client_ports[@]}")
 }
 
-# launch_nats I: starts nats-server I from its config; prints its PID.
+# launch_nats I: starts nats-server I from its config (in its namespace
+# with --netns); prints its PID.
 launch_nats() {
-    nohup "$FM_NATS_SERVER_BIN" -c "$DIR/nats-$1.conf" >>"$DIR/nats-$1.log" 2>&1 &
+    local in_ns
+    mapfile -t in_ns < <(lab_prefix "nats-$1")
+    nohup "${in_ns[@]}" "$FM_NATS_SERVER_BIN" -c "$DIR/nats-$1.conf" >>"$DIR/nats-$1.log" 2>&1 &
     echo $!
 }

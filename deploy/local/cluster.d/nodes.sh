@@ -30,16 +30,19 @@ note_bin_override() {
     fi
 }
 
-# launch_node I: starts node I from its env file; prints its PID.
+# launch_node I: starts node I from its env file (in its namespace with
+# --netns); prints its PID.
 launch_node() {
-    local bin
+    local bin in_ns
     bin=$(node_bin)
+    lab_ensure "node-$1"
+    mapfile -t in_ns < <(lab_prefix "node-$1")
     (
         set -a
         # shellcheck disable=SC1090 # written by up and add-node
         source "$DIR/node-$1.env"
         set +a
-        nohup "$bin" run >>"$DIR/node-$1.log" 2>&1 &
+        nohup "${in_ns[@]}" "$bin" run >>"$DIR/node-$1.log" 2>&1 &
         echo $!
     )
 }
@@ -113,7 +116,7 @@ member_ports() {
             node-*) files+=("$DIR/$name.env") ;;
         esac
     done <"$PIDS"
-    cat "${files[@]}" 2>/dev/null | grep -o '127\.0\.0\.1:[0-9]*' | cut -d: -f2 | sort -u | tr '\n' ' '
+    cat "${files[@]}" 2>/dev/null | grep -oE '(127\.0\.0\.1|10\.213\.0\.[0-9]+):[0-9]+' | cut -d: -f2 | sort -u | tr '\n' ' '
 }
 
 # pick_new_port WANT TAKEN: WANT if it is free and not in TAKEN (a
@@ -141,8 +144,11 @@ up_nodes() {
     local nodes=$1 secure=$2 postgres=$3 mirror_toml=$4 urls=$5 admin_token=$6 nats_password=$7 i
     local storage_env=""
     if [ "$postgres" -eq 1 ]; then
-        storage_env="FLUXMESH_STORAGE_PRIMARY='$PG_PRIMARY_URL'
-FLUXMESH_STORAGE_REPLICAS='[\"$PG_STANDBY_URL\"]'"
+        # In namespaces, the nodes reach Postgres on the bridge.
+        local pg_host
+        pg_host=$(host_of host)
+        storage_env="FLUXMESH_STORAGE_PRIMARY='${PG_PRIMARY_URL//127.0.0.1/$pg_host}'
+FLUXMESH_STORAGE_REPLICAS='[\"${PG_STANDBY_URL//127.0.0.1/$pg_host}\"]'"
     fi
 
     # Nodes share this machine's cores; more threads than that only adds
@@ -157,7 +163,7 @@ FLUXMESH_STORAGE_REPLICAS='[\"$PG_STANDBY_URL\"]'"
         else
             mqtt_ports+=("$(pick_port $((1882 + i)))")
         fi
-        mqtt_list+="127.0.0.1:${mqtt_ports[$((i - 1))]},"
+        mqtt_list+="$(host_of "node-$i"):${mqtt_ports[$((i - 1))]},"
     done
     (umask 077 && : >"$ENDPOINTS.tmp")
     chmod 600 "$ENDPOINTS.tmp"
@@ -192,18 +198,19 @@ FLUXMESH_MQTT_TLS_KEY_FILE='$TLS_DIR/server.key'"
         security_env="FLUXMESH_AUTH_ALLOW_ANONYMOUS='true'"
     fi
     for i in $(seq 1 "$nodes"); do
-        local mqtt=${mqtt_ports[$((i - 1))]} http mqtt_env ws
+        local mqtt=${mqtt_ports[$((i - 1))]} http mqtt_env ws host
+        host=$(host_of "node-$i")
         http=$(pick_port $((8079 + i)))
         # MQTT over WebSocket: ws:// (wss:// in secure mode), any path.
         ws=$(pick_port $((9082 + i)))
         if [ "$secure" -eq 1 ]; then
-            mqtt_env="FLUXMESH_MQTT_TLS_LISTEN='127.0.0.1:$mqtt'
+            mqtt_env="FLUXMESH_MQTT_TLS_LISTEN='$host:$mqtt'
 FLUXMESH_MQTT_WSS_ENABLED='true'
-FLUXMESH_MQTT_WSS_LISTEN='127.0.0.1:$ws'"
+FLUXMESH_MQTT_WSS_LISTEN='$host:$ws'"
         else
-            mqtt_env="FLUXMESH_MQTT_LISTEN='127.0.0.1:$mqtt'
+            mqtt_env="FLUXMESH_MQTT_LISTEN='$host:$mqtt'
 FLUXMESH_MQTT_WS_ENABLED='true'
-FLUXMESH_MQTT_WS_LISTEN='127.0.0.1:$ws'"
+FLUXMESH_MQTT_WS_LISTEN='$host:$ws'"
         fi
         (umask 077 && : >"$DIR/node-$i.env")
         chmod 600 "$DIR/node-$i.env"
@@ -211,7 +218,7 @@ FLUXMESH_MQTT_WS_LISTEN='127.0.0.1:$ws'"
 FLUXMESH_NODE_ID='node-$i'
 FLUXMESH_NATS_URLS='$urls'
 $mqtt_env
-FLUXMESH_HTTP_LISTEN='127.0.0.1:$http'
+FLUXMESH_HTTP_LISTEN='$host:$http'
 FLUXMESH_INGEST_JSON_MIRROR='$mirror_toml'
 FLUXMESH_RUNTIME_WORKER_THREADS='$threads'
 FLUXMESH_RULES_SEED_DIR='$FM_ROOT/configs/rules'
@@ -225,13 +232,13 @@ ENV
         echo "node-$i $pid" >>"$PIDS"
         {
             if [ "$secure" -eq 1 ]; then
-                echo "FLUXMESH_NODE${i}_MQTTS=127.0.0.1:$mqtt"
-                echo "FLUXMESH_NODE${i}_WSS=127.0.0.1:$ws"
+                echo "FLUXMESH_NODE${i}_MQTTS=$host:$mqtt"
+                echo "FLUXMESH_NODE${i}_WSS=$host:$ws"
             else
-                echo "FLUXMESH_NODE${i}_MQTT=127.0.0.1:$mqtt"
-                echo "FLUXMESH_NODE${i}_WS=127.0.0.1:$ws"
+                echo "FLUXMESH_NODE${i}_MQTT=$host:$mqtt"
+                echo "FLUXMESH_NODE${i}_WS=$host:$ws"
             fi
-            echo "FLUXMESH_NODE${i}_HTTP=127.0.0.1:$http"
+            echo "FLUXMESH_NODE${i}_HTTP=$host:$http"
             echo "FLUXMESH_NODE${i}_PID=$pid"
         } >>"$ENDPOINTS.tmp"
     done
@@ -268,7 +275,7 @@ cmd_add_node() {
     [ -n "$template" ] || fm_die "no running node to copy the config from; deploy/local/cluster up --nodes N"
     [ -s "$LAST_NODE_ID" ] && last=$(cat "$LAST_NODE_ID")
     for i in $ids; do [ "$i" -gt "$last" ] && last=$i; done
-    local id=$((last + 1)) name taken http mqtt ws mqtt_key=FLUXMESH_MQTT_LISTEN mqtt_base=1882
+    local id=$((last + 1)) name taken http mqtt ws mqtt_key=FLUXMESH_MQTT_LISTEN mqtt_base=1882 host
     local ws_key=FLUXMESH_MQTT_WS_LISTEN
     name="node-$id"
     if grep -q 'secure=1' "$DIR/settings"; then
@@ -276,6 +283,7 @@ cmd_add_node() {
         mqtt_base=8882
         ws_key=FLUXMESH_MQTT_WSS_LISTEN
     fi
+    host=$(host_of "$name")
     taken=$(member_ports)
     http=$(pick_new_port $((8079 + id)) "$taken")
     mqtt=$(pick_new_port $((mqtt_base + id)) "$taken $http")
@@ -283,13 +291,13 @@ cmd_add_node() {
     (umask 077 && : >"$DIR/$name.env")
     chmod 600 "$DIR/$name.env"
     sed -e "s/^FLUXMESH_NODE_ID=.*/FLUXMESH_NODE_ID='$name'/" \
-        -e "s/^FLUXMESH_HTTP_LISTEN=.*/FLUXMESH_HTTP_LISTEN='127.0.0.1:$http'/" \
-        -e "s/^$mqtt_key=.*/$mqtt_key='127.0.0.1:$mqtt'/" \
-        -e "s/^$ws_key=.*/$ws_key='127.0.0.1:$ws'/" \
+        -e "s/^FLUXMESH_HTTP_LISTEN=.*/FLUXMESH_HTTP_LISTEN='$host:$http'/" \
+        -e "s/^$mqtt_key=.*/$mqtt_key='$host:$mqtt'/" \
+        -e "s/^$ws_key=.*/$ws_key='$host:$ws'/" \
         "$DIR/node-$template.env" >"$DIR/$name.env"
     if [ "$(node_env_get "$id" FLUXMESH_NODE_ID)" != "$name" ] ||
-        [ "$(node_env_get "$id" FLUXMESH_HTTP_LISTEN)" != "127.0.0.1:$http" ] ||
-        [ "$(node_env_get "$id" "$mqtt_key")" != "127.0.0.1:$mqtt" ]; then
+        [ "$(node_env_get "$id" FLUXMESH_HTTP_LISTEN)" != "$host:$http" ] ||
+        [ "$(node_env_get "$id" "$mqtt_key")" != "$host:$mqtt" ]; then
         fm_die "could not make $DIR/$name.env from node-$template.env"
     fi
     echo "$id" >"$LAST_NODE_ID"
@@ -298,14 +306,14 @@ cmd_add_node() {
     pid=$(launch_node "$id")
     # Recorded at once, so `down` stops it even if it never becomes ready.
     echo "$name $pid" >>"$PIDS"
-    if ! wait_http "http://127.0.0.1:$http/readyz" 60; then
+    if ! wait_http "http://$host:$http/readyz" 60; then
         tail -n 20 "$DIR/$name.log" >&2 || true
         stop "$name" "$pid"
         forget "$name"
         fm_die "$name ($pid) not ready within 60 s; stopped; log: $DIR/$name.log"
     fi
     rewrite_endpoints
-    fm_log "added $name ($pid, config of node-$template): MQTT 127.0.0.1:$mqtt, HTTP 127.0.0.1:$http; ready in $(($(now_ms) - started)) ms"
+    fm_log "added $name ($pid, config of node-$template): MQTT $host:$mqtt, HTTP $host:$http; ready in $(($(now_ms) - started)) ms"
     echo "$name"
 }
 

@@ -24,6 +24,19 @@ launch_pg() {
     head -n 1 "$data/postmaster.pid"
 }
 
+# pg_listen NAME: the addresses NAME's server listens on: 127.0.0.1, and
+# with --netns the bridge too (the nodes come from their namespaces), which
+# its pg_hba.conf then lets the fluxmesh role in from.
+pg_listen() {
+    if ! lab_on; then
+        echo 127.0.0.1
+        return
+    fi
+    local hba="host all fluxmesh $LAB_NET.0/24 scram-sha-256"
+    as_pg grep -qxF "$hba" "$DIR/$1/pg_hba.conf" || echo "$hba" | as_pg tee -a "$DIR/$1/pg_hba.conf" >/dev/null
+    echo "127.0.0.1,$(host_of host)"
+}
+
 # pg_url PORT DB: a connection string for the fluxmesh role.
 pg_url() {
     echo "postgres://fluxmesh:$(cat "$DIR/pg-password")@127.0.0.1:$1/$2"
@@ -64,9 +77,9 @@ up_postgres() {
         # Both would start as primaries, each with writes the other lacks.
         fm_die "pg-standby was promoted and Postgres not restored: run deploy/local/cluster pg-restore before down, or down --purge"
     fi
-    # Later lines win: this run's port.
+    # Later lines win: this run's port and addresses.
     cat >>"$DIR/pg-primary/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
+listen_addresses = '$(pg_listen pg-primary)'
 port = $primary_port
 unix_socket_directories = '$DIR/pg-primary'
 wal_level = replica
@@ -155,6 +168,7 @@ pg_follow() {
     find "$DIR/$name" -maxdepth 1 -name '.s.PGSQL.*' -delete
     as_pg sed -i '/^primary_conninfo/d; /^synchronous_standby_names/d' "$DIR/$name/postgresql.auto.conf"
     cat >>"$DIR/$name/postgresql.conf" <<CONF
+listen_addresses = '$(pg_listen "$name")'
 port = $port
 unix_socket_directories = '$DIR/$name'
 primary_conninfo = 'host=127.0.0.1 port=$from_port user=fluxmesh passfile=$DIR/pg.pgpass application_name=$name'
