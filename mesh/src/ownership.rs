@@ -12,7 +12,7 @@
 //! | yes | yes | keep (re)starting its worker |
 //! | yes | no | graceful handoff: stop the worker after its batch, release |
 //! | no | yes | claim by CAS if the lease is free or its holder is not live |
-//! | no | no | nothing |
+//! | no | no | nothing; but a lease in our name that we do not run (given up while NATS was out of reach) is released |
 //!
 //! A lease someone else overwrote (a newer epoch) stops our worker at once.
 //! Past [`ClusterHandle::valid_until`] (we were paused, or NATS did not take
@@ -360,6 +360,7 @@ impl<W: ShardWorker> Coordinator<W> {
         self.stalled(None);
         let live = view.live_ids();
         let mut claims = Vec::new();
+        let mut orphans = Vec::new();
         for shard in 0..self.mesh.shards() {
             let desired = placement::owner(shard, &live);
             let current = view.leases.get(&shard);
@@ -396,6 +397,31 @@ impl<W: ShardWorker> Coordinator<W> {
                 };
                 if let Some(expected) = expected {
                     claims.push((shard, expected));
+                }
+            } else if let Some(cur) = current.filter(|c| desired.is_some() && cluster.is_mine(&c.lease)) {
+                // A lease in our name that we do not run: we gave every shard
+                // up (fenced) and could not delete their leases then, or a
+                // claim landed after we stopped waiting for it. It looks
+                // valid while we are live, so its desired owner would wait
+                // for it forever: release it.
+                orphans.push((shard, cur.epoch));
+            }
+        }
+        if !orphans.is_empty() {
+            tracing::info!(shards = orphans.len(), "releasing leases in this node's name that it does not run");
+            let limit = cluster.config().heartbeat() * 5;
+            let cluster = &cluster;
+            let released = futures::future::join_all(orphans.into_iter().map(|(shard, epoch)| async move {
+                let done = tokio::time::timeout(limit, cluster.release(shard, epoch)).await;
+                (shard, done.unwrap_or(Err(ClusterError::Timeout { shard })))
+            }))
+            .await;
+            for (shard, result) in released {
+                match result {
+                    Ok(()) => metrics::counter!(crate::metric_names::LEASE_RELEASES_TOTAL).increment(1),
+                    Err(e) => {
+                        tracing::warn!(shard, error = %crate::error_chain(&e), "could not release a lease in this node's name; trying again next pass")
+                    }
                 }
             }
         }

@@ -286,3 +286,62 @@ async fn shards_run_once_move_on_leave_and_stop_when_their_lease_is_taken() -> a
     assert!(doubly_run.is_empty(), "shards ran on two nodes at once: {doubly_run:?}");
     Ok(())
 }
+
+/// A node that gave every shard up (its heartbeats went unacknowledged, a
+/// NATS partition) could not delete their leases then; they still name it
+/// and look valid while it is live. Their desired owners must get them: the
+/// node releases leases in its name that it does not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_left_in_a_nodes_name_reach_their_desired_owner() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let client = server.client().await?;
+    let cfg = NatsConfig { urls: vec![server.url()], shards: SHARDS, partitions: 2, ..NatsConfig::default() };
+    let publisher = Publisher::new(client.clone(), &cfg);
+    let layout = provision(&client, publisher.context(), &cfg).await?;
+    let mesh = Mesh::new(client, publisher, layout);
+    // Every shard's lease in node-a's name (this run of it), as a node
+    // that was fenced leaves them.
+    let (_, leases) = open_buckets(mesh.js(), "fm", 1, &cluster_config()).await?;
+    for shard in 0..SHARDS {
+        let lease = fluxmesh_mesh::cluster::Lease {
+            node_id: "node-a".to_owned(),
+            incarnation: "node-a-1".to_owned(),
+            claimed_us: 0,
+        };
+        leases.put(shard.to_string(), serde_json::to_vec(&lease)?.into()).await?;
+    }
+    let record = Arc::new(Mutex::new(Record::default()));
+    // Both members see each other before either coordinator acts, so
+    // node-b finds node-a's leases valid (node-a is live) and must wait
+    // for node-a to let go of them.
+    let (a, a_life) = join(&mesh, "node-a").await?;
+    let (b, b_life) = join(&mesh, "node-b").await?;
+    for handle in [&a, &b] {
+        wait_for(Duration::from_secs(30), "both members live", || {
+            let live = handle.view().live.len();
+            async move { (live == 2).then_some(()) }
+        })
+        .await?;
+    }
+    let mut nodes = Vec::new();
+    for (handle, life, name) in [(a, a_life, "node-a"), (b, b_life, "node-b")] {
+        let stop = CancellationToken::new();
+        let worker = Arc::new(Recorder { node: name.to_owned(), record: record.clone() });
+        let settings =
+            Settings { batch: 64, restart_backoff: Duration::from_millis(100), stop_deadline: Duration::from_secs(10) };
+        life.spawn(coordinate(mesh.clone(), handle, worker, settings, stop.clone(), life.token().clone()));
+        nodes.push(Node { stop, life });
+    }
+    let both = ["node-a".to_owned(), "node-b".to_owned()];
+    assert!((0..SHARDS).any(|s| placement::owner(s, &both) == Some("node-b")), "node-b should own some shard");
+    wait_for(Duration::from_secs(30), "every shard running on its rendezvous owner", || {
+        let running = running_on(&record);
+        let placed = (0..SHARDS).all(|s| running.get(&s).map(String::as_str) == placement::owner(s, &both));
+        async move { placed.then_some(()) }
+    })
+    .await?;
+    for node in nodes {
+        node.stop().await;
+    }
+    Ok(())
+}
