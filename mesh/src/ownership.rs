@@ -409,13 +409,8 @@ impl<W: ShardWorker> Coordinator<W> {
         }
         if !orphans.is_empty() {
             tracing::info!(shards = orphans.len(), "releasing leases in this node's name that it does not run");
-            let limit = cluster.config().heartbeat() * 5;
-            let cluster = &cluster;
-            let released = futures::future::join_all(orphans.into_iter().map(|(shard, epoch)| async move {
-                let done = tokio::time::timeout(limit, cluster.release(shard, epoch)).await;
-                (shard, done.unwrap_or(Err(ClusterError::Timeout { shard })))
-            }))
-            .await;
+            let released =
+                bounded_each(lease_op_limit(&cluster), orphans, |shard, epoch| cluster.release(shard, epoch)).await;
             for (shard, result) in released {
                 match result {
                     Ok(()) => metrics::counter!(crate::metric_names::LEASE_RELEASES_TOTAL).increment(1),
@@ -426,17 +421,10 @@ impl<W: ShardWorker> Coordinator<W> {
             }
         }
         if !claims.is_empty() {
-            // Bounded: a claim sent while the lease bucket has no leader
-            // would otherwise hold the coordinator for the whole request
-            // timeout (5 s). A claim that lands after we gave up on it is
-            // ours, and the next pass adopts it.
-            let limit = cluster.config().heartbeat() * 5;
-            let cluster = &cluster;
-            let results = futures::future::join_all(claims.into_iter().map(|(shard, expected)| async move {
-                let claimed = tokio::time::timeout(limit, cluster.claim(shard, expected)).await;
-                (shard, claimed.unwrap_or(Err(ClusterError::Timeout { shard })))
-            }))
-            .await;
+            // A claim that lands after we gave up on it is ours: the next
+            // pass adopts it, or releases it if the shard is not ours.
+            let results =
+                bounded_each(lease_op_limit(&cluster), claims, |shard, expected| cluster.claim(shard, expected)).await;
             for (shard, result) in results {
                 match result {
                     Ok(lease) => {
@@ -489,7 +477,7 @@ impl<W: ShardWorker> Coordinator<W> {
 
     async fn release(&mut self, shard: u32, epoch: u64) {
         self.held.remove(&shard);
-        let limit = self.cluster.config().heartbeat() * 5;
+        let limit = lease_op_limit(&self.cluster);
         let released = tokio::time::timeout(limit, self.cluster.release(shard, epoch))
             .await
             .unwrap_or(Err(ClusterError::Timeout { shard }));
@@ -582,4 +570,27 @@ impl<W: ShardWorker> Coordinator<W> {
         metrics::gauge!(crate::metric_names::SHARDS_OWNED).set(self.held.len() as f64);
         metrics::gauge!(crate::metric_names::SHARDS_RUNNING).set(self.running.len() as f64);
     }
+}
+
+/// How long one lease operation (claim, release) may hold the coordinator:
+/// five heartbeats. One sent while the lease bucket has no leader would
+/// otherwise wait for the whole request timeout (5 s).
+fn lease_op_limit(cluster: &ClusterHandle) -> Duration {
+    cluster.config().heartbeat() * 5
+}
+
+/// Runs `op` for every `(shard, item)` at once, each bounded to `limit`.
+async fn bounded_each<T, R, Fut>(
+    limit: Duration,
+    items: Vec<(u32, T)>,
+    op: impl Fn(u32, T) -> Fut,
+) -> Vec<(u32, Result<R, ClusterError>)>
+where
+    Fut: Future<Output = Result<R, ClusterError>>,
+{
+    futures::future::join_all(items.into_iter().map(|(shard, item)| {
+        let done = tokio::time::timeout(limit, op(shard, item));
+        async move { (shard, done.await.unwrap_or(Err(ClusterError::Timeout { shard }))) }
+    }))
+    .await
 }

@@ -124,6 +124,16 @@ fn cluster_config() -> ClusterConfig {
     ClusterConfig { heartbeat_ms: 250, missed_heartbeats: 8, ..Default::default() }
 }
 
+/// The mesh on `server`, its streams provisioned (SHARDS shards, 2
+/// partitions).
+async fn provisioned(server: &NatsServer) -> anyhow::Result<Mesh> {
+    let client = server.client().await?;
+    let cfg = NatsConfig { urls: vec![server.url()], shards: SHARDS, partitions: 2, ..NatsConfig::default() };
+    let publisher = Publisher::new(client.clone(), &cfg);
+    let layout = provision(&client, publisher.context(), &cfg).await?;
+    Ok(Mesh::new(client, publisher, layout))
+}
+
 async fn join(mesh: &Mesh, node: &str) -> anyhow::Result<(ClusterHandle, Lifecycle)> {
     let cfg = cluster_config();
     let (members, leases) = open_buckets(mesh.js(), "fm", 1, &cfg).await?;
@@ -199,11 +209,7 @@ async fn shards_run_once_move_on_leave_and_stop_when_their_lease_is_taken() -> a
     // A slower machine widens every window this test looks at.
     let _hog = CpuHog::start(2, Duration::from_secs(120));
     let server = NatsServer::start().await?;
-    let client = server.client().await?;
-    let cfg = NatsConfig { urls: vec![server.url()], shards: SHARDS, partitions: 2, ..NatsConfig::default() };
-    let publisher = Publisher::new(client.clone(), &cfg);
-    let layout = provision(&client, publisher.context(), &cfg).await?;
-    let mesh = Mesh::new(client, publisher, layout);
+    let mesh = provisioned(&server).await?;
     let record = Arc::new(Mutex::new(Record::default()));
 
     let a = start(&mesh, "node-a", &record).await?;
@@ -294,11 +300,7 @@ async fn shards_run_once_move_on_leave_and_stop_when_their_lease_is_taken() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_left_in_a_nodes_name_reach_their_desired_owner() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
-    let client = server.client().await?;
-    let cfg = NatsConfig { urls: vec![server.url()], shards: SHARDS, partitions: 2, ..NatsConfig::default() };
-    let publisher = Publisher::new(client.clone(), &cfg);
-    let layout = provision(&client, publisher.context(), &cfg).await?;
-    let mesh = Mesh::new(client, publisher, layout);
+    let mesh = provisioned(&server).await?;
     // Every shard's lease in node-a's name (this run of it), as a node
     // that was fenced leaves them.
     let (_, leases) = open_buckets(mesh.js(), "fm", 1, &cluster_config()).await?;
