@@ -78,8 +78,10 @@ now() { python3 -c 'import time; print(f"{time.time():.3f}")'; }
 # Partitions (chaos/partition-*) need a cluster in network namespaces
 # (deploy/local/cluster up --netns): each NATS server and node has its own,
 # and a link is cut by iptables rules inside one of them.
-LAB_NET=10.213.0
-CUT_NAMESPACES=()
+# shellcheck source=deploy/local/cluster.d/netns.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/local/cluster.d/netns.sh"
+# Members this run cut links of (nats-J, node-I).
+CUT_MEMBERS=()
 
 lab_required() {
     grep -q 'netns=1' "$FM_LOCAL/cluster/settings" 2>/dev/null ||
@@ -87,15 +89,15 @@ lab_required() {
 }
 
 # nats_addr J: nats-J's address in the namespaces.
-nats_addr() { echo "$LAB_NET.$((10 + $1))"; }
+nats_addr() { LAB=1 host_of "nats-$1"; }
 
 # cut_links NAME ADDR...: inside NAME's namespace (nats-J, node-I), drops
 # every packet to or from each ADDR, both ways, until heal_links NAME. The
 # connections stay open on both ends, as on a dropped link.
 cut_links() {
     local ns="fm-$1" addr
+    CUT_MEMBERS+=("$1")
     shift
-    CUT_NAMESPACES+=("$ns")
     for addr in "$@"; do
         ip netns exec "$ns" iptables -w -I INPUT -s "$addr" -j DROP
         ip netns exec "$ns" iptables -w -I OUTPUT -d "$addr" -j DROP
@@ -133,10 +135,9 @@ PY
 # every link this run cut, whatever happened.
 chaos_cleanup() {
     [ -z "${CHAOS_LOADGEN:-}" ] || kill "$CHAOS_LOADGEN" 2>/dev/null || true
-    local ns
-    for ns in "${CUT_NAMESPACES[@]+"${CUT_NAMESPACES[@]}"}"; do
-        ip netns exec "$ns" iptables -w -F INPUT 2>/dev/null || true
-        ip netns exec "$ns" iptables -w -F OUTPUT 2>/dev/null || true
+    local member
+    for member in "${CUT_MEMBERS[@]+"${CUT_MEMBERS[@]}"}"; do
+        heal_links "$member" 2>/dev/null || true
     done
 }
 

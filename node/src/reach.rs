@@ -93,11 +93,12 @@ pub async fn watch(reach: Reach, life: Lifecycle) {
         if let Some(since) = cut_since {
             control.reconnect_if(since.elapsed()).await;
         }
+        // `None`: the probe answers (or there is none).
+        let unanswered = probed.as_ref().map(Probe::unanswered_for).filter(|u| *u >= liveness);
         // A control connection that is itself cut off cannot tell whether
         // the data connection answers.
-        let unanswered =
-            probed.as_ref().filter(|_| cut_since.is_none()).map(Probe::unanswered_for).filter(|u| *u >= liveness);
-        if let Some(failing) = reach.publisher.failing_for().filter(|f| *f >= liveness).or(unanswered) {
+        let data_unanswered = unanswered.filter(|_| cut_since.is_none());
+        if let Some(failing) = reach.publisher.failing_for().filter(|f| *f >= liveness).or(data_unanswered) {
             data.reconnect_if(failing).await;
         }
         // Heartbeats also fail while JetStream elects a new leader for the
@@ -105,10 +106,10 @@ pub async fn watch(reach: Reach, life: Lifecycle) {
         // in the mesh then would help no one. A node stops serving devices
         // only if the probe fails too: it cannot even reach across the
         // NATS cluster (or cannot probe at all).
-        let probe_failing = probed.as_ref().is_none_or(|p| p.unanswered_for() >= liveness);
+        let probe_failing = probed.is_none() || unanswered.is_some();
         match (cut_since, out_since) {
             (Some(since), None) if since.elapsed() >= grace && probe_failing => {
-                out_since = Some(since);
+                out_since = Some(Instant::now());
                 // `since` is the last acknowledged heartbeat's send time
                 // plus its validity.
                 let validity = liveness.saturating_sub(reach.cluster.config().heartbeat());
