@@ -113,6 +113,12 @@ async fn devices_need_credentials_and_stay_within_their_acl() {
         "username must be empty or the client id"
     );
 
+    assert_eq!(
+        connack(opts(addr, "gw", Some(("gw", SECRET_A)))).await,
+        Err(ConnectReturnCode::BadUserNamePassword),
+        "a generated secret is the only one that lets its device in"
+    );
+
     let a = Device::connect_with(opts(addr, "dev-a", Some(("", SECRET_A)))).await;
     a.publish("devices/dev-a/t", b"{\"n\":1}".to_vec()).await;
     a.publish("devices/dev-b/t", b"{\"n\":2}".to_vec()).await;

@@ -155,6 +155,13 @@ FLUXMESH_STORAGE_REPLICAS='[\"${PG_STANDBY_URL//127.0.0.1/$pg_host}\"]'"
     # context switches.
     local threads=$(( $(nproc) / nodes ))
     [ "$threads" -ge 1 ] || threads=1
+    # A node raises its open-files limit to the hard one; it takes as many
+    # MQTT connections as that leaves room for (at least the default
+    # 10000: past its limit the node says so when it starts).
+    local files max_connections=10000
+    files=$(ulimit -Hn)
+    [ "$files" = unlimited ] && files=1048576
+    [ $((files - 1024)) -gt "$max_connections" ] && max_connections=$((files - 1024))
 
     local mqtt_ports=() mqtt_list=""
     for i in $(seq 1 "$nodes"); do
@@ -221,6 +228,7 @@ $mqtt_env
 FLUXMESH_HTTP_LISTEN='$host:$http'
 FLUXMESH_INGEST_JSON_MIRROR='$mirror_toml'
 FLUXMESH_RUNTIME_WORKER_THREADS='$threads'
+FLUXMESH_MQTT_MAX_CONNECTIONS='$max_connections'
 FLUXMESH_RULES_SEED_DIR='$FM_ROOT/configs/rules'
 FLUXMESH_NATS_REPLICAS='3'
 FLUXMESH_AUTH_ADMIN_TOKEN='$admin_token'

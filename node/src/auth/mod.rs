@@ -9,11 +9,15 @@
 //! secret (username empty or the device id), on HTTP with
 //! `Authorization: Basic` (same pair).
 //!
-//! Checking an argon2 hash costs tens of milliseconds of CPU on purpose, so
-//! at most `auth.max_concurrent_verifications` run at once (the rest wait),
-//! and a secret already verified against the entry's current revision is
-//! remembered as an HMAC under a per-process key: a device reconnecting
-//! after a node restart elsewhere costs one hash, not one per reconnect.
+//! A secret the node generates (256 random bits) is stored as its SHA-256
+//! digest: nothing can guess it, so stretching buys nothing, and checking
+//! it costs microseconds, which lets a whole fleet reconnect at once. A
+//! secret an operator chooses may be guessable, so it is stored as a
+//! salted argon2id hash. Checking one costs tens of milliseconds of CPU on
+//! purpose, so at most `auth.max_concurrent_verifications` run at once
+//! (the rest wait), and a secret already verified against the entry's
+//! current revision is remembered as an HMAC under a per-process key: a
+//! device reconnecting costs one hash per node, not one per reconnect.
 //! A failed attempt is answered only after `auth.failure_delay_ms`.
 
 pub mod acl;
@@ -33,7 +37,10 @@ use std::time::Duration;
 pub const MIN_SECRET_LEN: usize = 16;
 const MAX_SECRET_LEN: usize = 256;
 /// Verified secrets remembered at most; the memory is cleared when full.
-const CACHE_ENTRIES: usize = 100_000;
+const CACHE_ENTRIES: usize = 200_000;
+/// How the hash of a secret the node generated starts: `$fm-sha256$`,
+/// then the digest in unpadded base64.
+const GENERATED_HASH: &str = "$fm-sha256$";
 
 /// `[auth]`: device authentication and the admin token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +130,8 @@ pub struct DeviceRecord {
 pub struct StoredSecret {
     /// A short random id, to tell secrets apart when rotating.
     pub id: String,
-    /// argon2id PHC string (salt and parameters included).
+    /// argon2id PHC string (salt and parameters included), or, for a
+    /// secret the node generated, `$fm-sha256$` and its digest.
     pub hash: String,
     pub created_us: i64,
 }
@@ -310,14 +318,18 @@ pub async fn set(
             (s.clone(), Some(s))
         }
     };
-    let hasher = cfg.hasher()?;
-    let hash = tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        hasher.hash_password(secret.as_bytes(), &salt).map(|h| h.to_string())
-    })
-    .await
-    .map_err(AuthError::HashTask)?
-    .map_err(AuthError::Hash)?;
+    let hash = if generated.is_some() {
+        digest_hash(secret.as_bytes())
+    } else {
+        let hasher = cfg.hasher()?;
+        tokio::task::spawn_blocking(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            hasher.hash_password(secret.as_bytes(), &salt).map(|h| h.to_string())
+        })
+        .await
+        .map_err(AuthError::HashTask)?
+        .map_err(AuthError::Hash)?
+    };
     let now = fluxmesh_schemas::frame::now_us();
     let new_secret = StoredSecret { id: format!("{:08x}", rand::random::<u32>()), hash, created_us: now };
     for _ in 0..5 {
@@ -374,6 +386,23 @@ pub async fn remove(store: &kv::Store, device: &str) -> Result<bool, AuthError> 
     }
     store.delete(key(device)).await.map_err(|source| AuthError::Delete { device: device.to_owned(), source })?;
     Ok(true)
+}
+
+/// The stored hash of a generated secret: `$fm-sha256$` and its digest.
+fn digest_hash(secret: &[u8]) -> String {
+    use base64::Engine as _;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(secret);
+    format!("{GENERATED_HASH}{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
+}
+
+/// Whether `hash` is that of a generated secret (else argon2).
+fn is_digest(hash: &str) -> bool {
+    hash.starts_with(GENERATED_HASH)
+}
+
+/// Whether `secret` is the generated secret whose hash is `hash`.
+fn digest_matches(hash: &str, secret: &[u8]) -> bool {
+    is_digest(hash) && subtle::ConstantTimeEq::ct_eq(digest_hash(secret).as_bytes(), hash.as_bytes()).into()
 }
 
 /// 32 random bytes, base64url.
@@ -485,6 +514,15 @@ impl Authenticator {
             method: Method::Secret,
             revision,
         };
+        // Generated secrets first: a digest each, no permit needed.
+        if record.secrets.iter().any(|s| digest_matches(&s.hash, secret)) {
+            return Ok(grant);
+        }
+        let hashes: Vec<String> =
+            record.secrets.iter().filter(|s| !is_digest(&s.hash)).map(|s| s.hash.clone()).collect();
+        if hashes.is_empty() {
+            return Err(Denied::BadCredentials);
+        }
         let mac = self.mac(device, secret);
         let remembered = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(device).cloned();
         if let Some(v) = remembered {
@@ -493,7 +531,6 @@ impl Authenticator {
             }
         }
         let permit = self.permits.acquire().await.map_err(|_| Denied::Unavailable)?;
-        let hashes: Vec<String> = record.secrets.iter().map(|s| s.hash.clone()).collect();
         let secret = secret.to_vec();
         let ok = tokio::task::spawn_blocking(move || {
             hashes.iter().any(|h| {
@@ -533,5 +570,29 @@ impl AuthError {
             self,
             AuthError::DeviceId(_) | AuthError::Filters(_) | AuthError::SecretLength | AuthError::HashParams(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_secret_is_checked_by_its_digest_and_only_it_matches() {
+        let secret = generate_secret();
+        let hash = digest_hash(secret.as_bytes());
+        assert!(hash.starts_with(GENERATED_HASH), "{hash}");
+        assert!(!hash.contains(&secret), "the secret is not stored");
+        assert!(digest_matches(&hash, secret.as_bytes()));
+        assert!(!digest_matches(&hash, generate_secret().as_bytes()));
+        assert!(!digest_matches(&hash, b""));
+        // An argon2 hash is never taken for a digest, whatever it holds.
+        let argon = AuthConfig::default()
+            .hasher()
+            .expect("default parameters")
+            .hash_password(secret.as_bytes(), &SaltString::generate(&mut OsRng))
+            .expect("hash")
+            .to_string();
+        assert!(!is_digest(&argon) && !digest_matches(&argon, secret.as_bytes()));
     }
 }

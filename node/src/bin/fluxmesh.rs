@@ -161,6 +161,7 @@ fn devices(config: Option<PathBuf>, action: DevicesAction) -> anyhow::Result<()>
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     init_logging(&config);
+    raise_open_files(config.mqtt.max_connections);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.runtime.worker_threads > 0 {
         builder.worker_threads(config.runtime.worker_threads);
@@ -185,6 +186,30 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             () = signals => Ok(()),
         }
     })
+}
+
+/// Files a node keeps open besides its MQTT connections: NATS, Postgres,
+/// HTTP clients, listeners, logs.
+const FILES_BESIDES_MQTT: u64 = 1024;
+
+/// Raises this process's open-files limit to the most the system allows
+/// (the soft limit is often 1024), and warns when `mqtt.max_connections`
+/// does not fit in it: connections past it would fail at accept.
+fn raise_open_files(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let usable = limit.saturating_sub(FILES_BESIDES_MQTT);
+            if (max_connections as u64) > usable {
+                tracing::warn!(
+                    open_files = limit,
+                    max_connections,
+                    "this process may open {limit} files: MQTT connections past about {usable} will fail at accept; \
+                     raise its limit (LimitNOFILE, ulimit -n) or lower mqtt.max_connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "cannot read or raise the open-files limit"),
+    }
 }
 
 async fn wait_for_signal(cancel: CancellationToken) {
