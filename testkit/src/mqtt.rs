@@ -115,6 +115,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         Ok(())
     }
 
+    /// Queues a PINGREQ.
+    pub fn queue_ping(&mut self) -> io::Result<()> {
+        Packet::PingReq.write(&mut self.out, usize::MAX).map_err(invalid)?;
+        Ok(())
+    }
+
     /// Queues a DISCONNECT.
     pub fn queue_disconnect(&mut self) -> io::Result<()> {
         Packet::Disconnect.write(&mut self.out, usize::MAX).map_err(invalid)?;

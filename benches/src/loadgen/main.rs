@@ -30,6 +30,8 @@ mod args;
 mod devices;
 mod measurement;
 mod report;
+#[path = "../streams.rs"]
+mod streams;
 mod verification;
 
 use anyhow::Context as _;
