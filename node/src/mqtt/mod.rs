@@ -417,8 +417,19 @@ pub async fn start(
     Ok(MqttServer { tcp: tcp_addr, tls: tls_addr, ws: ws_addr, wss: wss_addr, sessions: LocalSessions { shared } })
 }
 
+/// Connections the kernel queues for `accept` (capped by the system's
+/// `net.core.somaxconn`): when a fleet reconnects at once, those past it
+/// wait for their SYN to be sent again, a second or more.
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MqttError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| MqttError::Bind { addr, source })?;
+    let bound = || {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let listener = bound().map_err(|source| MqttError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| MqttError::Bind { addr, source })?;
     Ok((listener, bound))
 }
@@ -463,9 +474,11 @@ async fn serve_stream<S>(stream: S, peer: SocketAddr, transport: Transport, shar
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
+    // Boxed: a connection task holds the state of its own transport only,
+    // not of the largest of them.
     match transport {
-        Transport::Tcp => connection::serve(stream, peer, shared).await,
-        Transport::WebSocket => websocket::serve(stream, peer, shared).await,
+        Transport::Tcp => Box::pin(connection::serve(stream, peer, shared)).await,
+        Transport::WebSocket => Box::pin(websocket::serve(stream, peer, shared)).await,
     }
 }
 
@@ -504,7 +517,7 @@ async fn accept(
                 None => serve_stream(socket, peer, transport, shared).await,
                 Some(acceptor) => {
                     let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
-                    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+                    match tokio::time::timeout(timeout, Box::pin(acceptor.accept(socket))).await {
                         Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
                         Ok(Err(e)) => {
                             emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: Some(&e) })

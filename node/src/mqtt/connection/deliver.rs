@@ -172,13 +172,25 @@ pub(super) fn qos_of(qos: u8) -> QoS {
     }
 }
 
+type Replayed = Result<Option<async_nats::jetstream::Message>, crate::mqtt::broker::FeedError>;
+
 /// The next message of a resumed session's replay, opening the current
-/// stream's reader first if needed. Cancel-safe: the reader is kept.
+/// stream's reader first if needed. Cancel-safe: the reader is kept. The
+/// reading is boxed when first polled: the run loop makes this future on
+/// every turn, replaying or not, and keeps only a pointer for it.
 pub(super) async fn next_replayed(
     replay: &mut VecDeque<crate::mqtt::sessions::Replay>,
     broker: &crate::mqtt::broker::Broker,
     session: u64,
-) -> Result<Option<async_nats::jetstream::Message>, crate::mqtt::broker::FeedError> {
+) -> Replayed {
+    Box::pin(read_replayed(replay, broker, session)).await
+}
+
+async fn read_replayed(
+    replay: &mut VecDeque<crate::mqtt::sessions::Replay>,
+    broker: &crate::mqtt::broker::Broker,
+    session: u64,
+) -> Replayed {
     let Some(current) = replay.front_mut() else { return Ok(None) };
     if current.reader.is_none() {
         current.reader = Some(broker.replay_reader(&current.stream, current.next, session).await?);

@@ -78,8 +78,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
         let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
         self.commands = Some(commands_rx);
-        let (outbox_tx, outbox) = tokio::sync::mpsc::channel(self.shared.config.session_queue);
-        (self.outbox_tx, self.outbox) = (Some(outbox_tx), Some(outbox));
         let session = Session {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             connected_us: fluxmesh_schemas::frame::now_us(),

@@ -106,6 +106,11 @@ const IDLE_SAVE_GAP: u64 = 10_000;
 /// Commands waiting to be written to one connection, at most; the sender
 /// waits when it is full.
 const COMMAND_QUEUE: usize = 64;
+/// Room a read needs at least in the read buffer; with less, it grows by
+/// `READ_CHUNK`. An idle connection keeps `READ_ROOM` bytes, a busy one
+/// reads in chunks.
+const READ_ROOM: usize = 512;
+const READ_CHUNK: usize = 4096;
 /// Commands written and not yet PUBACKed on one connection, at most.
 const COMMANDS_IN_FLIGHT: usize = 32;
 
@@ -201,7 +206,7 @@ struct Conn<S> {
     /// Identifies this session's subscriptions in the node's broker.
     session_id: u64,
     /// Messages for this session from the broker: the sender end is given
-    /// with each subscription.
+    /// with each subscription (both are made with the first one).
     outbox_tx: Option<Outbox>,
     outbox: Option<tokio::sync::mpsc::Receiver<Outgoing>>,
     /// Filters subscribed in the broker, with their options.
@@ -271,8 +276,8 @@ where
         socket,
         peer,
         shared,
-        rbuf: BytesMut::with_capacity(4096),
-        wbuf: BytesMut::with_capacity(1024),
+        rbuf: BytesMut::with_capacity(READ_ROOM),
+        wbuf: BytesMut::new(),
         max_packet,
         codec: Codec { version: Version::V4 },
         client_id: String::new(),
@@ -316,7 +321,10 @@ where
         unavailable,
     };
     let timeout = Duration::from_millis(u64::from(conn.shared.config.connection_timeout_ms));
-    let session = match tokio::time::timeout(timeout, conn.handshake()).await {
+    // The handshake, the run and the ending are boxed, one at a time: a
+    // connection holds only the state of the step it is in (an idle one,
+    // its run loop's), not the largest step's.
+    let session = match tokio::time::timeout(timeout, Box::pin(conn.handshake())).await {
         Ok(Ok(session)) => session,
         Ok(Err(end)) => {
             conn.closed(&end);
@@ -327,20 +335,20 @@ where
             return;
         }
     };
-    let end = conn.run(&session).await;
+    let end = Box::pin(conn.run(&session)).await;
     conn.closed(&end);
-    conn.say_disconnect(&end).await;
+    Box::pin(conn.say_disconnect(&end)).await;
     conn.leave_broker();
-    conn.leave_shares().await;
-    conn.finish_session().await;
-    conn.close_replay().await;
+    Box::pin(conn.leave_shares()).await;
+    Box::pin(conn.finish_session()).await;
+    Box::pin(conn.close_replay()).await;
     {
         let mut sessions = conn.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if sessions.get(&conn.client_id).is_some_and(|s| s.serial == session.serial) {
             sessions.remove(&conn.client_id);
         }
     }
-    conn.end_will(&end).await;
+    Box::pin(conn.end_will(&end)).await;
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
@@ -375,7 +383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 return end;
             }
             for share in std::mem::take(&mut self.shares_done) {
-                share.done().await;
+                Box::pin(share.done()).await;
             }
             let idle = self.backlog.is_empty() && self.submitting.is_none() && self.pending.is_empty();
             if idle {
@@ -438,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     self.submitting = None;
                     self.pending.push_back(settle);
                 }
-                read = self.socket.read_buf(&mut self.rbuf), if can_read => match read {
+                read = read_some(&mut self.socket, &mut self.rbuf), if can_read => match read {
                     Ok(0) => return End::PeerClosed,
                     Ok(_) => keep_alive_at = self.keep_alive.map(|k| Instant::now() + k),
                     Err(e) => return End::Io(e),
@@ -455,10 +463,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
                 read = next_replayed(&mut self.replay, &self.shared.broker, self.session_id), if draining.is_none() && !self.replay.is_empty() && self.ready.len() < usize::from(self.shared.config.max_inflight_out) => {
-                    self.replayed(read).await;
+                    Box::pin(self.replayed(read)).await;
                 }
                 _ = tokio::time::sleep_until(save_at), if self.persist.is_some() && draining.is_none() => {
-                    self.save_session(false).await;
+                    Box::pin(self.save_session(false)).await;
                     save_at = Instant::now() + save_every;
                 }
                 Some(command) = next_command(&mut self.commands), if draining.is_none() && !self.cmd_filters.is_empty() && self.awaiting_puback.len() < COMMANDS_IN_FLIGHT && self.out_room() => {
@@ -505,7 +513,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn read_more(&mut self) -> Result<(), End> {
-        match self.socket.read_buf(&mut self.rbuf).await {
+        match read_some(&mut self.socket, &mut self.rbuf).await {
             Ok(0) => Err(End::PeerClosed),
             Ok(_) => Ok(()),
             Err(e) => Err(End::Io(e)),
@@ -541,40 +549,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.in_flows.remove(&pkid);
                 self.codec.pubcomp(&mut self.wbuf, pkid);
             }
-            Inbound::Subscribe { pkid, filters, id } => self.subscribe_packet(pkid, filters, id).await,
-            Inbound::Unsubscribe { pkid, filters } => {
-                let mut existed = Vec::with_capacity(filters.len());
-                for topic in &filters {
-                    let mut found = false;
-                    if self.cmd_filters.remove(topic).is_some() {
-                        found = true;
-                        if self.cmd_filters.is_empty() {
-                            // No more commands here: the command service
-                            // queues them until the device subscribes again.
-                            self.cmd_ready.store(false, Ordering::Release);
-                        }
-                    }
-                    if self.subscriptions.remove(topic).is_some() {
-                        found = true;
-                        self.shared.broker.unsubscribe(self.session_id, topic);
-                    }
-                    if self.share_subs.remove(topic).is_some() {
-                        found = true;
-                        if let Some((group, filter)) = super::shared::parse(topic) {
-                            self.shared.shares.leave(self.session_id, group, filter).await;
-                        }
-                    }
-                    if let Some(persist) = &mut self.persist {
-                        persist.record.opts.remove(topic);
-                        persist.subs_changed |= persist.record.subs.remove(topic).is_some();
-                    }
-                    existed.push(found);
-                }
-                self.sub_extras = self.subscriptions.values().any(SubOpts::has_extras);
-                // Stored before the UNSUBACK, like a subscription.
-                self.save_session(false).await;
-                self.codec.unsuback(&mut self.wbuf, pkid, &existed);
-            }
+            // Rare steps are boxed, so that the run loop's state stays
+            // small (see `serve`).
+            Inbound::Subscribe { pkid, filters, id } => Box::pin(self.subscribe_packet(pkid, filters, id)).await,
+            Inbound::Unsubscribe { pkid, filters } => Box::pin(self.unsubscribe_packet(pkid, filters)).await,
             Inbound::PingReq => self.codec.pingresp(&mut self.wbuf),
             // Publishes read before it are still stored and acknowledged.
             Inbound::Disconnect { reason, session_expiry } => {
@@ -596,7 +574,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     let _ = done.send(Ok(()));
                 } else if self.out_inflight.get(&pkid).is_some_and(|o| o.qos == QoS::AtLeastOnce) {
                     if let Some(share) = self.out_inflight.remove(&pkid).and_then(|o| o.share) {
-                        share.done().await;
+                        Box::pin(share.done()).await;
                     }
                 }
             }
@@ -604,7 +582,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 if let Some(out) = self.out_inflight.get_mut(&pkid).filter(|o| o.qos == QoS::ExactlyOnce) {
                     out.released = true;
                     if let Some(share) = out.share.take() {
-                        share.done().await;
+                        Box::pin(share.done()).await;
                     }
                 }
                 if failed {
@@ -637,6 +615,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Ok(())
     }
 
+    async fn unsubscribe_packet(&mut self, pkid: u16, filters: Vec<String>) {
+        let mut existed = Vec::with_capacity(filters.len());
+        for topic in &filters {
+            let mut found = false;
+            if self.cmd_filters.remove(topic).is_some() {
+                found = true;
+                if self.cmd_filters.is_empty() {
+                    // No more commands here: the command service
+                    // queues them until the device subscribes again.
+                    self.cmd_ready.store(false, Ordering::Release);
+                }
+            }
+            if self.subscriptions.remove(topic).is_some() {
+                found = true;
+                self.shared.broker.unsubscribe(self.session_id, topic);
+            }
+            if self.share_subs.remove(topic).is_some() {
+                found = true;
+                if let Some((group, filter)) = super::shared::parse(topic) {
+                    self.shared.shares.leave(self.session_id, group, filter).await;
+                }
+            }
+            if let Some(persist) = &mut self.persist {
+                persist.record.opts.remove(topic);
+                persist.subs_changed |= persist.record.subs.remove(topic).is_some();
+            }
+            existed.push(found);
+        }
+        self.sub_extras = self.subscriptions.values().any(SubOpts::has_extras);
+        // Stored before the UNSUBACK, like a subscription.
+        self.save_session(false).await;
+        self.codec.unsuback(&mut self.wbuf, pkid, &existed);
+    }
+
     async fn flush(&mut self) -> Result<(), End> {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -653,4 +665,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             )),
         }
     }
+}
+
+/// Reads what the socket has into `buf`, first making room for at least
+/// `READ_ROOM` bytes (by `READ_CHUNK`). Cancel-safe, as `read_buf` is.
+async fn read_some<S: AsyncRead + Unpin>(socket: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(READ_CHUNK);
+    }
+    socket.read_buf(buf).await
 }

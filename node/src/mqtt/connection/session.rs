@@ -291,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .filter_map(|s| self.shared.broker.position(s).map(|p| (s.clone(), p)))
             .collect();
         let pending: Vec<_> = pending.collect();
-        let idle = self.replay.is_empty() && self.outbox.as_ref().is_some_and(|o| o.is_empty());
+        let idle = self.replay.is_empty() && self.outbox.as_ref().is_none_or(|o| o.is_empty());
         let delivered = persist.cursors(pending.iter().copied(), |_| None);
         let cursors = persist.cursors(pending.into_iter(), |s| if idle { positions.get(s).copied() } else { None });
         // Messages the session never matched move its cursors only now and

@@ -107,6 +107,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Some(opts.qos)
     }
 
+    /// The session's outbox, opened with its first subscription: most
+    /// devices never subscribe, and an idle connection keeps no queue.
+    fn outbox_tx(&mut self) -> &Outbox {
+        let queue = self.shared.config.session_queue;
+        let outbox = &mut self.outbox;
+        self.outbox_tx.get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(queue);
+            *outbox = Some(rx);
+            tx
+        })
+    }
+
     /// Puts `filter` into the node's broker for this session (and turns
     /// commands on if it matches the command topic); `None` if refused.
     pub(super) async fn activate(&mut self, filter: &str, opts: SubOpts) -> Option<()> {
@@ -117,7 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.commands_on(filter, to_commands);
             return Some(());
         }
-        let outbox = self.outbox_tx.clone()?;
+        let outbox = self.outbox_tx().clone();
         if let Some((group, inner)) = super::super::shared::parse(filter) {
             if let Err(e) = self.shared.shares.join(self.session_id, group, inner, qos as u8, outbox).await {
                 internal_events::emit(SessionFailed {
