@@ -1,7 +1,8 @@
 //! The node's NATS connection.
 
 use crate::NatsConfig;
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ReconnectToServer, Server, ServerInfo};
+use rand::seq::IndexedRandom;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +43,14 @@ impl ConnectError {
     }
 }
 
-/// Connects to the first reachable server of `cfg.urls`. After the first
-/// connection the client reconnects by itself, forever, and logs every
-/// change; `fluxmesh_nats_connected` is 1 while connected.
+/// Connects to a reachable server of `cfg.urls` (tried in random order).
+/// After the first connection the client reconnects by itself, forever,
+/// and logs every change; `fluxmesh_nats_connected` is 1 while connected.
+///
+/// A reconnect always goes to another server than the one the client
+/// left ([`next_server`]): the node forces a reconnect when the server it
+/// is on cannot reach its peers, and landing on that server again would
+/// leave it cut off for another round.
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, ConnectError> {
     let urls = cfg
         .urls
@@ -58,6 +64,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, ConnectErro
         // Publishes made while disconnected wait in the client's buffer and
         // go out on reconnect; their acks are bounded by the ack timeout.
         .client_capacity(65_536)
+        .reconnect_to_server_callback(|pool, last| async move { next_server(&pool, &last) })
         .event_callback(|event| async move {
             match event {
                 Event::Connected => {
@@ -76,6 +83,29 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, ConnectErro
         .map_err(|source| ConnectError::Connect { urls: cfg.urls.join(","), source })?;
     metrics::gauge!(crate::metric_names::NATS_CONNECTED).set(1.0);
     Ok(client)
+}
+
+/// Which server a reconnect goes to: one of those with the fewest failed
+/// attempts in a row, at random, other than the server the client was on
+/// (`last`, matched by host and port; a server that listens on every
+/// address is matched by port alone) unless there is no other. `None` (the
+/// client tries every server in turn) for the first connection.
+fn next_server(pool: &[Server], last: &ServerInfo) -> Option<ReconnectToServer> {
+    if last.server_id.is_empty() {
+        return None;
+    }
+    let any_host = matches!(last.host.as_str(), "" | "0.0.0.0" | "::" | "[::]");
+    let was_last = |s: &Server| {
+        s.addr.port() == last.port
+            && (any_host || s.addr.host().trim_matches(['[', ']']) == last.host.trim_matches(['[', ']']))
+    };
+    let others: Vec<&Server> = pool.iter().filter(|s| !was_last(s)).collect();
+    let candidates = if others.is_empty() { pool.iter().collect() } else { others };
+    let fewest = candidates.iter().map(|s| s.failed_attempts).min()?;
+    let best: Vec<&Server> = candidates.into_iter().filter(|s| s.failed_attempts == fewest).collect();
+    let pick = best.choose(&mut rand::rng())?;
+    // No delay of our own: the client's backoff applies.
+    Some(ReconnectToServer { addr: pick.addr.clone(), delay: None })
 }
 
 /// Adds `cfg`'s credentials and TLS settings to `options`.
@@ -112,4 +142,55 @@ pub async fn with_credentials(mut options: ConnectOptions, cfg: &NatsConfig) -> 
         options = options.require_tls(true);
     }
     Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(urls: &[&str]) -> Vec<Server> {
+        urls.iter()
+            .map(|u| Server {
+                addr: u.parse().expect("test URL"),
+                failed_attempts: 0,
+                did_connect: true,
+                is_discovered: false,
+                last_error: None,
+            })
+            .collect()
+    }
+
+    fn on(host: &str, port: u16) -> ServerInfo {
+        ServerInfo { server_id: "N1".into(), host: host.into(), port, ..ServerInfo::default() }
+    }
+
+    fn picks(pool: &[Server], last: &ServerInfo) -> std::collections::BTreeSet<String> {
+        (0..200).filter_map(|_| next_server(pool, last)).map(|r| r.addr.as_url_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_reconnect_leaves_the_server_it_was_on() {
+        let servers = pool(&["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]);
+        let chosen = picks(&servers, &on("127.0.0.1", 4223));
+        assert_eq!(chosen.len(), 2, "both others, at random: {chosen:?}");
+        assert!(!chosen.iter().any(|u| u.ends_with(":4223")), "{chosen:?}");
+
+        // Servers on their own addresses, one port (namespaces, hosts).
+        let servers = pool(&["nats://10.1.0.1:4222", "nats://10.1.0.2:4222", "nats://10.1.0.3:4222"]);
+        let chosen = picks(&servers, &on("10.1.0.2", 4222));
+        assert!(!chosen.iter().any(|u| u.contains("10.1.0.2")), "{chosen:?}");
+    }
+
+    #[test]
+    fn failing_servers_come_last_and_a_lone_server_is_kept() {
+        let mut servers = pool(&["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]);
+        servers[2].failed_attempts = 3;
+        let chosen = picks(&servers, &on("127.0.0.1", 4222));
+        assert_eq!(chosen.into_iter().collect::<Vec<_>>(), ["nats://127.0.0.1:4223"]);
+
+        let lone = pool(&["nats://127.0.0.1:4222"]);
+        assert_eq!(picks(&lone, &on("0.0.0.0", 4222)).len(), 1);
+        // The first connection tries every server.
+        assert!(next_server(&lone, &ServerInfo::default()).is_none());
+    }
 }

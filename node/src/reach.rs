@@ -9,7 +9,9 @@
 //!
 //! While cut off, the node:
 //! - moves its control connection (heartbeats, leases) to another server
-//!   at once, and again every [`RECONNECT_EVERY`] while it stays cut off;
+//!   at once, and again every [`RECONNECT_EVERY`] while it stays cut off
+//!   (a reconnect never lands on the server it left:
+//!   [`fluxmesh_mesh::connect`]);
 //! - after `cluster.cut_off_grace_ms`, if the probe below fails too (it
 //!   cannot reach across the NATS cluster), stops serving devices: the
 //!   `unavailable` signal closes its MQTT connections (MQTT 5 clients are
@@ -27,7 +29,10 @@
 //! [`PROBE_EVERY`] (a request to an inbox the data connection answers). The
 //! probe crosses from one server to the other whenever the two connections
 //! are on different servers, so a data connection left on a server cut off
-//! from its peers fails it even while nothing is published.
+//! from its peers fails it even while nothing is published. When both are
+//! on one server cut off from every peer (no quorum anywhere), the probe is
+//! answered until the control connection's first move, which takes it to
+//! another server.
 //!
 //! It serves again as soon as a heartbeat is acknowledged.
 
