@@ -9,6 +9,14 @@
 //! create a new one starting right after the last message it handed out, so
 //! the worker sees every message once and in order.
 //!
+//! Every reader names its consumers afresh: `{name}-{token}-{serial}`, with
+//! a random token per reader. Creating a consumer is create-or-update, and a
+//! consumer of the same name and config that a failed reader left behind
+//! (its delete lost while JetStream had no leader; it lingers until its
+//! inactivity threshold) would come back with its cursor past the messages
+//! it already delivered: the new reader would wait for them forever. A
+//! created consumer that has delivered anything is replaced all the same.
+//!
 //! async-nats's ordered consumer does the same, but when it has to start
 //! over before its first message it starts from the beginning of the
 //! stream instead of the requested sequence: a whole re-read for a shard
@@ -27,6 +35,8 @@ pub enum ReaderError {
         #[source]
         source: async_nats::Error,
     },
+    #[error("consumer {name} on {stream} exists and has delivered {delivered} messages already")]
+    NotFresh { stream: String, name: String, delivered: u64 },
     #[error("cannot create the shard consumer on {stream} (tried {attempts} times)")]
     Create {
         stream: String,
@@ -76,7 +86,7 @@ impl std::fmt::Debug for ShardReader {
 impl ShardReader {
     /// A reader of `filter` in stream `stream_name` from sequence `start`
     /// on, pulling up to `batch` at a time. `name` identifies it on the
-    /// server (a serial is appended per consumer).
+    /// server (a random token and a serial are appended per consumer).
     pub async fn open(
         js: &jetstream::Context,
         stream_name: &str,
@@ -92,7 +102,7 @@ impl ShardReader {
         Ok(ShardReader {
             stream,
             filter,
-            name,
+            name: format!("{name}-{:08x}", rand::random::<u32>()),
             serial: 0,
             batch,
             next_seq: start.max(1),
@@ -180,6 +190,11 @@ impl ShardReader {
         self.messages = None;
     }
 
+    /// The name of the consumer the reader reads through now, if any.
+    pub fn consumer_name(&self) -> Option<String> {
+        self.messages.is_some().then(|| self.current_name())
+    }
+
     fn current_name(&self) -> String {
         format!("{}-{}", self.name, self.serial)
     }
@@ -221,6 +236,14 @@ async fn create(
         attempt += 1;
         let made = async {
             let consumer: consumer::PullConsumer = stream.create_consumer(config.clone()).await?;
+            let delivered = consumer.cached_info().delivered.consumer_sequence;
+            if delivered > 0 {
+                // Not ours: delete it; the next attempt makes a fresh one.
+                let name = consumer.cached_info().name.clone();
+                let _ = stream.delete_consumer(&name).await;
+                let stream = stream.cached_info().config.name.clone();
+                return Err(Box::new(ReaderError::NotFresh { stream, name, delivered }) as async_nats::Error);
+            }
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(batch)

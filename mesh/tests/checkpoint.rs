@@ -1,7 +1,8 @@
 //! Shard checkpoint logs and shard readers against a real nats-server:
 //! a claim fences off the previous owner, snapshots compact the log
-//! without losing a state, large records are split, and a reader whose
-//! consumer vanishes goes on in order without a gap or a repeat.
+//! without losing a state, large records are split, a reader whose
+//! consumer vanishes goes on in order without a gap or a repeat, and a
+//! reader opened again under the same name starts where it is told.
 
 use async_nats::jetstream::{self, stream};
 use fluxmesh_mesh::checkpoint::{CheckpointError, Checkpoints, COMPACT_RECORDS, MAX_RECORD_BYTES};
@@ -140,10 +141,36 @@ async fn a_reader_goes_on_in_order_when_its_consumer_vanishes() -> anyhow::Resul
         if got.len() == 20 {
             // The server loses the consumer (a restart, an inactivity
             // timeout): the reader must carry on right after message 20.
-            js.get_stream("T").await?.delete_consumer("r-1").await?;
+            let name = reader.consumer_name().ok_or_else(|| anyhow::anyhow!("no consumer"))?;
+            js.get_stream("T").await?.delete_consumer(&name).await?;
         }
     }
     assert_eq!(got, wanted);
     assert_eq!(reader.pending(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reader_opened_again_under_its_name_reads_from_its_start() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let js = jetstream::new(server.client().await?);
+    js.create_stream(stream::Config { name: "T".into(), subjects: vec!["t.>".into()], ..Default::default() }).await?;
+    for i in 1..=30u64 {
+        js.publish("t.1.d", i.to_string().into()).await?.await?;
+    }
+    // A shard worker reads, then fails without deleting its consumer (no
+    // JetStream leader to take the delete), and is started again under the
+    // same name from the same checkpoint, well within the consumer's
+    // inactivity threshold.
+    let mut first = ShardReader::open(&js, "T", "t.1.>".into(), "node-shard-1-7".into(), 11, 16).await?;
+    for _ in 11..=30 {
+        tokio::time::timeout(Duration::from_secs(10), first.next()).await??;
+    }
+    drop(first);
+    let mut again = ShardReader::open(&js, "T", "t.1.>".into(), "node-shard-1-7".into(), 11, 16).await?;
+    let m = tokio::time::timeout(Duration::from_secs(5), again.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("the reader opened again got nothing: it reused the old consumer's cursor"))??;
+    assert_eq!(m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence, 11);
     Ok(())
 }
