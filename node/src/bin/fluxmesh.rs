@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The hot path allocates a few small buffers per message (frame, headers,
 /// futures); glibc's malloc took ~30% of a node's CPU under load, mimalloc
-/// far less (see README, Performance).
+/// far less (see README, Performance). The `system-allocator` feature
+/// keeps the system's, for heap profilers that hook malloc.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
