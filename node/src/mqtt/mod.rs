@@ -45,7 +45,9 @@ use crate::lifecycle::Lifecycle;
 use async_nats::jetstream::kv;
 use fluxmesh_mesh::watch::{KvChanges, Rewatch, Watched};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -147,7 +149,7 @@ impl LocalSessions {
     /// Whether `device` is connected here and subscribed to its commands.
     pub fn ready(&self, device: &str) -> bool {
         let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.get(device).is_some_and(|s| s.cmd_ready.load(std::sync::atomic::Ordering::Acquire))
+        sessions.get(device).is_some_and(|s| s.commands.ready())
     }
 
     /// Whether `device` has a live MQTT session on this node.
@@ -163,11 +165,7 @@ impl LocalSessions {
     /// Devices connected here and subscribed to their commands.
     pub fn ready_devices(&self) -> Vec<String> {
         let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions
-            .iter()
-            .filter(|(_, s)| s.cmd_ready.load(std::sync::atomic::Ordering::Acquire))
-            .map(|(id, _)| id.clone())
-            .collect()
+        sessions.iter().filter(|(_, s)| s.commands.ready()).map(|(id, _)| id.clone()).collect()
     }
 
     /// Writes `payload` to `device` at QoS1 and waits for its PUBACK.
@@ -175,8 +173,7 @@ impl LocalSessions {
         let sender = {
             let sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
             match sessions.get(device) {
-                Some(s) if s.cmd_ready.load(std::sync::atomic::Ordering::Acquire) => s.commands.clone(),
-                Some(_) => return Err(DeliverError::NotSubscribed),
+                Some(s) => s.commands.sender().ok_or(DeliverError::NotSubscribed)?,
                 None => return Err(DeliverError::NotConnected),
             }
         };
@@ -469,7 +466,7 @@ enum Transport {
     WebSocket,
 }
 
-/// Serves one accepted (and, if TLS, handshaken) stream.
+/// Serves one TLS stream, once handshaken.
 async fn serve_stream<S>(stream: S, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -479,6 +476,22 @@ where
     match transport {
         Transport::Tcp => Box::pin(connection::serve(stream, peer, shared)).await,
         Transport::WebSocket => Box::pin(websocket::serve(stream, peer, shared)).await,
+    }
+}
+
+/// Serves one accepted stream over TLS, once its handshake is done.
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    shared: Arc<Shared>,
+) {
+    let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
+    match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
+        Ok(Err(e)) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: Some(&e) }),
+        Err(_) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: None }),
     }
 }
 
@@ -509,23 +522,17 @@ async fn accept(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let shared = shared.clone();
-        let tls = tls.clone();
+        // The task holds a boxed connection: its size is that of the
+        // transport it serves (a TLS session's state only where there is
+        // one), not of the largest.
+        let connection: Pin<Box<dyn Future<Output = ()> + Send>> = match (tls.clone(), transport) {
+            (None, Transport::Tcp) => Box::pin(connection::serve(socket, peer, shared.clone())),
+            (None, Transport::WebSocket) => Box::pin(websocket::serve(socket, peer, shared.clone())),
+            (Some(acceptor), _) => Box::pin(serve_tls(acceptor, socket, peer, transport, shared.clone())),
+        };
         shared.life.clone().spawn(async move {
             metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).increment(1.0);
-            match tls {
-                None => serve_stream(socket, peer, transport, shared).await,
-                Some(acceptor) => {
-                    let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
-                    match tokio::time::timeout(timeout, Box::pin(acceptor.accept(socket))).await {
-                        Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
-                        Ok(Err(e)) => {
-                            emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: Some(&e) })
-                        }
-                        Err(_) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: None }),
-                    }
-                }
-            }
+            connection.await;
             metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).decrement(1.0);
             drop(slot);
         });

@@ -76,14 +76,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         self.open_session().await?;
 
-        let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
-        self.commands = Some(commands_rx);
         let session = Session {
             serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             connected_us: fluxmesh_schemas::frame::now_us(),
             end: CancellationToken::new(),
-            commands: commands_tx,
-            cmd_ready: self.cmd_ready.clone(),
+            commands: self.inbox.clone(),
             revoked: Arc::default(),
             auth_revision: self.grant.revision,
         };

@@ -71,9 +71,7 @@ pub struct Session {
     pub(super) connected_us: i64,
     pub(super) end: CancellationToken,
     /// Commands to write to this device (QoS1 on `devices/{id}/cmd`).
-    pub(super) commands: tokio::sync::mpsc::Sender<OutCommand>,
-    /// The device subscribed to its command topic.
-    pub(super) cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) commands: Arc<CommandInbox>,
     /// Set when the session is ended because its credentials changed.
     revoked: Arc<std::sync::atomic::AtomicBool>,
     /// The credentials entry revision the device authenticated against.
@@ -85,6 +83,28 @@ impl Session {
     pub(super) fn end_revoked(&self) {
         self.revoked.store(true, Ordering::Release);
         self.end.cancel();
+    }
+}
+
+/// Where the command service hands a device its commands. The queue is
+/// made when the device first subscribes to its command topic, not at
+/// CONNECT: most connections never do, and an idle one should not hold it.
+#[derive(Debug, Default)]
+pub struct CommandInbox {
+    /// The device is subscribed to its command topic (and `sender` is set).
+    ready: std::sync::atomic::AtomicBool,
+    sender: std::sync::OnceLock<tokio::sync::mpsc::Sender<OutCommand>>,
+}
+
+impl CommandInbox {
+    /// Whether the device takes commands now.
+    pub(super) fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The queue to the device, while it takes commands.
+    pub(super) fn sender(&self) -> Option<tokio::sync::mpsc::Sender<OutCommand>> {
+        self.ready().then(|| self.sender.get().cloned()).flatten()
     }
 }
 
@@ -106,9 +126,9 @@ const IDLE_SAVE_GAP: u64 = 10_000;
 /// Commands waiting to be written to one connection, at most; the sender
 /// waits when it is full.
 const COMMAND_QUEUE: usize = 64;
-/// Room a read needs at least in the read buffer; with less, it grows by
-/// `READ_CHUNK`. An idle connection keeps `READ_ROOM` bytes, a busy one
-/// reads in chunks.
+/// Room a read needs at least in the read buffer; with less, it makes
+/// room: `READ_ROOM` between packets, `READ_CHUNK` in the middle of one. An
+/// idle connection keeps `READ_ROOM` bytes, a busy one reads in chunks.
 const READ_ROOM: usize = 512;
 const READ_CHUNK: usize = 4096;
 /// Commands written and not yet PUBACKed on one connection, at most.
@@ -240,9 +260,10 @@ struct Conn<S> {
     /// Per stream: the highest sequence written to the client (or, before
     /// any, the feed's position when the session subscribed).
     written_live: std::collections::HashMap<Arc<str>, u64>,
-    /// Commands for this device, from the node's command service.
+    /// Commands for this device, from the node's command service (made
+    /// with the first subscription to its command topic).
     commands: Option<tokio::sync::mpsc::Receiver<OutCommand>>,
-    cmd_ready: Arc<std::sync::atomic::AtomicBool>,
+    inbox: Arc<CommandInbox>,
     /// The device's subscriptions that match its own command topic, with
     /// the QoS each was granted. Commands flow while there is one, at the
     /// highest QoS granted.
@@ -310,7 +331,7 @@ where
         written_live: Default::default(),
         will: None,
         commands: None,
-        cmd_ready: Arc::default(),
+        inbox: Arc::default(),
         cmd_filters: Default::default(),
         awaiting_puback: Default::default(),
         next_pkid: 1,
@@ -624,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 if self.cmd_filters.is_empty() {
                     // No more commands here: the command service
                     // queues them until the device subscribes again.
-                    self.cmd_ready.store(false, Ordering::Release);
+                    self.inbox.ready.store(false, Ordering::Release);
                 }
             }
             if self.subscriptions.remove(topic).is_some() {
@@ -668,10 +689,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 }
 
 /// Reads what the socket has into `buf`, first making room for at least
-/// `READ_ROOM` bytes (by `READ_CHUNK`). Cancel-safe, as `read_buf` is.
+/// `READ_ROOM` bytes. Between packets (all an idle connection sees) that
+/// room is all it reserves, which reuses the buffer's own allocation once
+/// the packets parsed from it are gone; in the middle of a packet it
+/// grows by `READ_CHUNK`, so a busy connection reads in chunks.
+/// Cancel-safe, as `read_buf` is.
 async fn read_some<S: AsyncRead + Unpin>(socket: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < READ_ROOM {
-        buf.reserve(READ_CHUNK);
+        buf.reserve(if buf.is_empty() { READ_ROOM } else { READ_CHUNK });
     }
     socket.read_buf(buf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_connection_keeps_a_small_read_buffer() {
+        let mut buf = BytesMut::with_capacity(READ_ROOM);
+        // A CONNECT, then a PINGREQ at a time, each parsed and dropped.
+        let connect = [0x10_u8; 60];
+        let n = read_some(&mut &connect[..], &mut buf).await.expect("read");
+        drop(buf.split_to(n));
+        for _ in 0..100 {
+            let n = read_some(&mut &[0xc0_u8, 0x00][..], &mut buf).await.expect("read");
+            drop(buf.split_to(n));
+            assert!(buf.capacity() <= READ_ROOM, "an idle buffer grew to {} bytes", buf.capacity());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_packet_read_in_parts_grows_the_buffer_by_chunks() {
+        let mut buf = BytesMut::with_capacity(READ_ROOM);
+        let big = vec![0x30_u8; 3 * READ_CHUNK];
+        let mut rest = &big[..];
+        while !rest.is_empty() {
+            let n = read_some(&mut rest, &mut buf).await.expect("read");
+            assert!(n > 0);
+        }
+        assert_eq!(buf.len(), big.len(), "the whole packet, unconsumed, in one buffer");
+        assert!(buf.capacity() >= big.len());
+    }
 }

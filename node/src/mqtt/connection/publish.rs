@@ -45,6 +45,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(super) fn start_next(&mut self) -> Result<(), End> {
         while self.submitting.is_none() && self.has_room() && self.throttled_until.is_none() {
             if self.backlog.is_empty() {
+                // Drained: give its buffer back, so an idle connection
+                // does not keep room for a burst it had once.
+                if self.backlog.capacity() > 0 {
+                    self.backlog = VecDeque::new();
+                }
                 return Ok(());
             }
             if let Some(limiter) = &self.limiter {

@@ -203,7 +203,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// that this device now takes commands here.
     pub(super) fn commands_on(&mut self, filter: &str, qos: QoS) {
         self.cmd_filters.insert(filter.to_owned(), qos);
-        self.cmd_ready.store(true, Ordering::Release);
+        if self.commands.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel(super::COMMAND_QUEUE);
+            // The only set: `commands` is `None` until this.
+            let _ = self.inbox.sender.set(tx);
+            self.commands = Some(rx);
+        }
+        self.inbox.ready.store(true, Ordering::Release);
         let _ = self.shared.cmd_ready.try_send(self.client_id.clone());
     }
 }
