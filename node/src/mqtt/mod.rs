@@ -466,18 +466,21 @@ enum Transport {
     WebSocket,
 }
 
-/// Serves one TLS stream, once handshaken.
-async fn serve_stream<S>(stream: S, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
+/// One accepted (and, if TLS, handshaken) stream's connection, boxed: a
+/// connection task holds the state of its own transport only, not of the
+/// largest of them.
+fn connection_of<S>(stream: S, peer: SocketAddr, transport: Transport, shared: Arc<Shared>) -> Connection
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Boxed: a connection task holds the state of its own transport only,
-    // not of the largest of them.
     match transport {
-        Transport::Tcp => Box::pin(connection::serve(stream, peer, shared)).await,
-        Transport::WebSocket => Box::pin(websocket::serve(stream, peer, shared)).await,
+        Transport::Tcp => Box::pin(connection::serve(stream, peer, shared)),
+        Transport::WebSocket => Box::pin(websocket::serve(stream, peer, shared)),
     }
 }
+
+/// A connection's task body.
+type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serves one accepted stream over TLS, once its handshake is done.
 async fn serve_tls(
@@ -489,7 +492,7 @@ async fn serve_tls(
 ) {
     let timeout = Duration::from_millis(u64::from(shared.config.connection_timeout_ms));
     match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
-        Ok(Ok(stream)) => serve_stream(stream, peer, transport, shared).await,
+        Ok(Ok(stream)) => connection_of(stream, peer, transport, shared).await,
         Ok(Err(e)) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: Some(&e) }),
         Err(_) => emit(mqtt_events::HandshakeFailed { kind: Handshake::Tls, peer, error: None }),
     }
@@ -522,13 +525,11 @@ async fn accept(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        // The task holds a boxed connection: its size is that of the
-        // transport it serves (a TLS session's state only where there is
-        // one), not of the largest.
-        let connection: Pin<Box<dyn Future<Output = ()> + Send>> = match (tls.clone(), transport) {
-            (None, Transport::Tcp) => Box::pin(connection::serve(socket, peer, shared.clone())),
-            (None, Transport::WebSocket) => Box::pin(websocket::serve(socket, peer, shared.clone())),
-            (Some(acceptor), _) => Box::pin(serve_tls(acceptor, socket, peer, transport, shared.clone())),
+        // Boxed, so that a plain connection's task does not hold room for
+        // a TLS session's state.
+        let connection: Connection = match tls.clone() {
+            None => connection_of(socket, peer, transport, shared.clone()),
+            Some(acceptor) => Box::pin(serve_tls(acceptor, socket, peer, transport, shared.clone())),
         };
         shared.life.clone().spawn(async move {
             metrics::gauge!(crate::internal_events::names::MQTT_CONNECTIONS).increment(1.0);
