@@ -88,6 +88,10 @@ impl Node {
         let phases = Phases::default();
         let life = phases.front.clone();
 
+        if let Some(handle) = prometheus.clone() {
+            life.spawn(crate::internal_events::upkeep(handle, life.clone()));
+        }
+
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| NodeError::HttpBind { addr: config.http.listen, source })?;
