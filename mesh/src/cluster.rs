@@ -496,6 +496,7 @@ async fn watch_members(
             .filter(|(_, (_, at))| now.duration_since(*at) < timeout)
             .map(|(id, (m, _))| (id.clone(), m.clone()))
             .collect();
+        metrics::gauge!(crate::metric_names::CLUSTER_MEMBERS).set(live.len() as f64);
         view.send_if_modified(|v| {
             if v.live != live {
                 v.live = live;

@@ -20,6 +20,7 @@ pub struct Metric {
 }
 
 pub const CLUSTER_BAD_ENTRIES_TOTAL: &str = "fluxmesh_cluster_bad_entries_total";
+pub const CLUSTER_MEMBERS: &str = "fluxmesh_cluster_members";
 pub const WATCH_RESTARTS_TOTAL: &str = "fluxmesh_watch_restarts_total";
 pub const HEARTBEAT_FAILURES_TOTAL: &str = "fluxmesh_heartbeat_failures_total";
 pub const LEASE_CLAIMS_TOTAL: &str = "fluxmesh_lease_claims_total";
@@ -39,6 +40,7 @@ pub const SHARDS_RUNNING: &str = "fluxmesh_shards_running";
 /// Every metric above, with its kind and help text.
 pub const ALL: &[Metric] = &[
     Metric { name: CLUSTER_BAD_ENTRIES_TOTAL, kind: Kind::Counter, help: "Cluster KV entries (members, leases) that could not be read and were skipped." },
+    Metric { name: CLUSTER_MEMBERS, kind: Kind::Gauge, help: "Live nodes this node sees in the membership, itself included (a node whose heartbeats stop drops out)." },
     Metric { name: WATCH_RESTARTS_TOTAL, kind: Kind::Counter, help: "Watches on a bucket (membership, lease, rules, plugins, credentials) re-created after NATS ended, failed or silenced them." },
     Metric { name: HEARTBEAT_FAILURES_TOTAL, kind: Kind::Counter, help: "Membership heartbeats not acknowledged in time." },
     Metric { name: LEASE_CLAIMS_TOTAL, kind: Kind::Counter, help: "Leases claimed, released, given up (past the fencing deadline, or found taken over)." },

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{start_node, Device};
-use fluxmesh_testkit::NatsCluster;
+use fluxmesh_testkit::{wait_for, NatsCluster};
 use futures::StreamExt;
 use std::time::Duration;
 
@@ -50,6 +50,24 @@ async fn three_server_cluster_with_two_nodes() {
     }
     devices.sort();
     assert_eq!(devices, ["via-a", "via-b"]);
-    a.shutdown().await;
+
+    // Both count two live members; once b leaves, a counts one.
+    let members = |node: std::net::SocketAddr| async move {
+        common::counter(&common::metrics_at(node).await, fluxmesh_mesh::metric_names::CLUSTER_MEMBERS)
+    };
+    for node in [a.http_addr(), b.http_addr()] {
+        wait_for(Duration::from_secs(20), "two live members in fluxmesh_cluster_members", || async move {
+            (members(node).await == 2.0).then_some(())
+        })
+        .await
+        .expect("membership gauge");
+    }
     b.shutdown().await;
+    let a_addr = a.http_addr();
+    wait_for(Duration::from_secs(30), "one live member once b has left", || async move {
+        (members(a_addr).await == 1.0).then_some(())
+    })
+    .await
+    .expect("membership gauge after a leave");
+    a.shutdown().await;
 }

@@ -287,7 +287,6 @@ pub async fn metrics_at(addr: SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics")).await.expect("GET /metrics").text().await.expect("metrics body")
 }
 
-/// The value of one counter line of /metrics (0 if absent).
 /// The Prometheus series `name{k="v",…}` (just `name` without labels), as
 /// the exporter writes it, for [`counter`]. Names come from
 /// `fluxmesh_node::internal_events::names` and
@@ -300,6 +299,7 @@ pub fn series(name: &str, labels: &[(&str, &str)]) -> String {
     format!("{name}{{{}}}", labels.join(","))
 }
 
+/// The value of one counter line of /metrics (0 if absent).
 pub fn counter(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
         .lines()
