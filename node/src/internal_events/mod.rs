@@ -222,4 +222,61 @@ mod tests {
         }
         assert!(literals.is_empty(), "metric names outside the registries:\n{}", literals.join("\n"));
     }
+
+    /// The metric names a text uses: `fluxmesh_` then lower-case letters,
+    /// digits and `_`, wherever they stand (PromQL in JSON or YAML).
+    fn names_used(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (i, _) in text.match_indices("fluxmesh_") {
+            if text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let rest = &text[i..];
+            let len =
+                rest.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
+            out.insert(rest[..len].to_owned());
+        }
+        out
+    }
+
+    /// Every metric the Grafana dashboards and the Prometheus alert rules
+    /// use (and any manifest under `deploy/kubernetes/`) is one the node
+    /// emits, a histogram's `_bucket`, `_sum` and `_count` series included.
+    #[test]
+    fn deployment_files_use_only_emitted_metrics() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut files = Vec::new();
+        for (dir, ext) in [("grafana", "json"), ("prometheus", "yml"), ("kubernetes", "yaml")] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == ext) {
+                    files.push(entry.path());
+                }
+            }
+        }
+        let emitted: BTreeSet<&str> = all().iter().map(|m| m.name).collect();
+        let histograms: BTreeSet<&str> = all().iter().filter(|m| m.kind == Kind::Histogram).map(|m| m.name).collect();
+        let known = |name: &str| {
+            emitted.contains(name)
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s).is_some_and(|base| histograms.contains(base)))
+        };
+        let mut used = 0;
+        let mut unknown = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("deployment file");
+            for name in names_used(&text) {
+                used += 1;
+                if !known(&name) {
+                    unknown.push(format!("{}: {name}", file.display()));
+                }
+            }
+        }
+        for needed in ["grafana/fluxmesh.json", "prometheus/alerts.yml"] {
+            assert!(files.iter().any(|f| f.ends_with(needed)), "deploy/{needed} is missing");
+        }
+        assert!(used >= 40, "only {used} metric names found in {files:?}: is the scan broken?");
+        assert!(unknown.is_empty(), "metrics the node does not emit:\n{}", unknown.join("\n"));
+    }
 }
