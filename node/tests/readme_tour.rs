@@ -53,7 +53,7 @@ fn tour_commands(readme: &str) -> Vec<String> {
 /// Whether `command` runs in the background: `&` at its end, before any
 /// trailing comment.
 fn in_background(command: &str) -> bool {
-    let code = match command.rfind(" # ").or_else(|| command.rfind("  #")) {
+    let code = match command.rfind(" # ") {
         Some(i) if command[..i].trim_end().ends_with('&') => &command[..i],
         _ => command,
     };
