@@ -53,28 +53,22 @@ fm_venv() {
     export FM_TEST_PYTHON="$FM_VENV/bin/python"
 }
 
-# fm_plot_venv: matplotlib in the project venv, for the benchmarks that
-# draw their figures (after fm_venv).
-fm_plot_venv() {
+# fm_venv_pin PACKAGE VERSION: that version of a pip package in the
+# project venv, installed unless it is there already (after fm_venv).
+fm_venv_pin() {
     local installed
     installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
-    if ! grep -qx "matplotlib==$FM_MATPLOTLIB_VERSION" <<<"$installed"; then
-        fm_log "installing matplotlib $FM_MATPLOTLIB_VERSION (pip)"
-        "$FM_VENV/bin/pip" install -q --disable-pip-version-check "matplotlib==$FM_MATPLOTLIB_VERSION"
+    if ! grep -qx "$1==$2" <<<"$installed"; then
+        fm_log "installing $1 $2 (pip)"
+        "$FM_VENV/bin/pip" install -q --disable-pip-version-check "$1==$2"
     fi
 }
 
-# fm_kubernetes_validate_venv: kubernetes-validate in the project venv,
-# for deploy/validate (after fm_venv).
-fm_kubernetes_validate_venv() {
-    local installed
-    installed=$("$FM_VENV/bin/pip" freeze 2>/dev/null || true)
-    if ! grep -qx "kubernetes-validate==$FM_KUBERNETES_VALIDATE_VERSION" <<<"$installed"; then
-        fm_log "installing kubernetes-validate $FM_KUBERNETES_VALIDATE_VERSION (pip)"
-        "$FM_VENV/bin/pip" install -q --disable-pip-version-check \
-            "kubernetes-validate==$FM_KUBERNETES_VALIDATE_VERSION"
-    fi
-}
+# fm_plot_venv: matplotlib, for the benchmarks that draw their figures.
+fm_plot_venv() { fm_venv_pin matplotlib "$FM_MATPLOTLIB_VERSION"; }
+
+# fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
+fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_VALIDATE_VERSION"; }
 
 # fm_cargo: the Rust toolchain must already be there (it cannot be fetched
 # by a script on this kind of machine).
