@@ -167,16 +167,23 @@ mod tests {
         assert!(stale.is_empty(), "in README.md's metrics tables but never emitted: {stale:?}");
     }
 
+    /// The metric name `text` starts with: lower-case letters, digits and
+    /// `_` (the caller has found `fluxmesh_` there).
+    fn name_at(text: &str) -> &str {
+        let len =
+            text.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(text.len());
+        &text[..len]
+    }
+
     /// The string literals on `line` that look like a metric name:
     /// `"fluxmesh_` then lower-case letters, digits and `_`, then `"`.
     fn name_literals(line: &str) -> Vec<String> {
         let mut out = Vec::new();
         for (i, _) in line.match_indices("\"fluxmesh_") {
             let rest = &line[i + 1..];
-            let len =
-                rest.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
-            if len > "fluxmesh_".len() && rest[len..].starts_with('"') {
-                out.push(rest[..len].to_owned());
+            let name = name_at(rest);
+            if name.len() > "fluxmesh_".len() && rest[name.len()..].starts_with('"') {
+                out.push(name.to_owned());
             }
         }
         out
@@ -231,10 +238,7 @@ mod tests {
             if text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
                 continue;
             }
-            let rest = &text[i..];
-            let len =
-                rest.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
-            out.insert(rest[..len].to_owned());
+            out.insert(name_at(&text[i..]).to_owned());
         }
         out
     }
