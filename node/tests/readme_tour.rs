@@ -12,6 +12,8 @@
 //! `&`, once it has subscribed (what a person typing the tour does
 //! without thinking).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -123,11 +125,7 @@ impl LocalCluster {
         for i in 1..=3 {
             let addr = self.endpoint(&format!("FLUXMESH_NODE{i}_HTTP"));
             let Ok(body) = get_metrics(&addr) else { continue };
-            sum += body
-                .lines()
-                .filter(|l| l.starts_with(fluxmesh_node::internal_events::names::MQTT_SUBSCRIPTIONS))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>();
+            sum += common::counter(&body, fluxmesh_node::internal_events::names::MQTT_SUBSCRIPTIONS);
         }
         sum
     }
