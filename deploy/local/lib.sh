@@ -12,6 +12,7 @@ FM_NATS_PY_VERSION="2.16.0"
 FM_PAHO_MQTT_VERSION="2.1.0"
 FM_MATPLOTLIB_VERSION="3.9.4"
 FM_KUBERNETES_VALIDATE_VERSION="1.37.0"
+FM_OPENAPI_SPEC_VALIDATOR_VERSION="0.9.0"
 
 fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
 fm_die() { printf '[fluxmesh] error: %s\n' "$*" >&2; exit 1; }
@@ -69,6 +70,10 @@ fm_plot_venv() { fm_venv_pin matplotlib "$FM_MATPLOTLIB_VERSION"; }
 
 # fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
 fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_VALIDATE_VERSION"; }
+
+# fm_openapi_validator_venv: openapi-spec-validator, for the test that
+# checks the node's OpenAPI document.
+fm_openapi_validator_venv() { fm_venv_pin openapi-spec-validator "$FM_OPENAPI_SPEC_VALIDATOR_VERSION"; }
 
 # fm_cargo: the Rust toolchain must already be there (it cannot be fetched
 # by a script on this kind of machine).

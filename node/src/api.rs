@@ -10,6 +10,22 @@ use axum::Json;
 use serde_json::json;
 use std::sync::{Arc, OnceLock};
 
+/// The body of an error answer, as the OpenAPI document describes it
+/// (handlers build it as JSON; some add fields such as `param` or `line`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, with its causes: "a: b: c".
+    pub error: String,
+    /// A stable, machine-readable reason (`not_ready`, `bad_query`, …),
+    /// where there is one.
+    pub reason: Option<String>,
+    /// The query parameter at fault (history reads).
+    pub param: Option<String>,
+    /// Where a rule script fails to compile.
+    pub line: Option<u64>,
+    pub column: Option<u64>,
+}
+
 /// An error answer of the API handlers that return `Result`: a status and
 /// a JSON body with at least `error`.
 #[derive(Debug)]

@@ -10,15 +10,16 @@
 use super::acl::{Grant, Method};
 use super::Authenticator;
 use super::{AuthError, Denied, Update};
-use crate::api::{ApiError, Slot};
+use crate::api::{ApiError, ErrorBody, Slot};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::put;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What the admin check, ingest authentication and the credentials API
 /// need.
@@ -29,8 +30,8 @@ pub struct AuthApi {
     pub auth: Slot<Arc<Authenticator>>,
 }
 
-pub fn routes(api: AuthApi) -> Router {
-    Router::new().route("/api/v1/devices/{id}/credentials", put(set).get(show).delete(remove)).with_state(api)
+pub fn routes(api: AuthApi) -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(set, show, remove)).with_state(api)
 }
 
 fn unauthorized(reason: &'static str, message: &str) -> Response {
@@ -125,6 +126,20 @@ fn no_credentials() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, json!({"error": "this device has no credentials", "reason": "unknown_device"}))
 }
 
+/// Set a device's secret (`{"secret": …}`, or none to have one generated
+/// and returned once in `secret`), its grants and `disabled`.
+#[utoipa::path(put, path = "/api/v1/devices/{id}/credentials", operation_id = "putCredentials", tag = "credentials",
+    params(("id" = String, Path, description = "device id")),
+    request_body = super::Update,
+    responses(
+        (status = 200, description = "the record; `secret` only when one was generated", body = super::RecordView),
+        (status = 400, description = "bad body, device id, secret or grant", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 409, description = "changed concurrently: retry", body = ErrorBody),
+        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn set(
     State(state): State<AuthApi>,
     Path(device): Path<String>,
@@ -142,6 +157,17 @@ async fn set(
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
+/// A device's credentials record, without hashes.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/credentials", operation_id = "getCredentials", tag = "credentials",
+    params(("id" = String, Path, description = "device id")),
+    responses(
+        (status = 200, description = "the record", body = super::RecordView),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 404, description = "the device has no credentials", body = ErrorBody),
+        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn show(State(state): State<AuthApi>, Path(device): Path<String>) -> Result<Response, ApiError> {
     let auth = state.auth.get()?;
     match super::show(auth.store(), &device).await.map_err(store_error)? {
@@ -150,6 +176,17 @@ async fn show(State(state): State<AuthApi>, Path(device): Path<String>) -> Resul
     }
 }
 
+/// Remove a device's credentials; its live sessions end.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/credentials", operation_id = "deleteCredentials", tag = "credentials",
+    params(("id" = String, Path, description = "device id")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 404, description = "the device has no credentials", body = ErrorBody),
+        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn remove(State(state): State<AuthApi>, Path(device): Path<String>) -> Result<Response, ApiError> {
     let auth = state.auth.get()?;
     if super::remove(auth.store(), &device).await.map_err(store_error)? {

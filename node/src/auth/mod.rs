@@ -137,10 +137,12 @@ pub struct StoredSecret {
 }
 
 /// What an operator sets for a device (admin API and CLI).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CredentialsUpdate)]
 pub struct Update {
     /// The new secret; absent: one is generated and returned once.
+    #[schema(value_type = Option<String>)]
     pub secret: Option<Secret>,
     /// Keep the device's other secrets (rotation); default: replace them.
     #[serde(default)]
@@ -151,7 +153,8 @@ pub struct Update {
 }
 
 /// The record as shown to operators: no hashes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Credentials)]
 pub struct RecordView {
     pub device: String,
     pub secrets: Vec<SecretView>,
@@ -162,7 +165,7 @@ pub struct RecordView {
     pub revision: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SecretView {
     pub id: String,
     pub created_us: i64,

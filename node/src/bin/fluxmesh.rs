@@ -38,6 +38,9 @@ enum Command {
         #[arg(long, short, env = "FLUXMESH_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print the HTTP API's OpenAPI 3.1 document (what every node serves at
+    /// /api/v1/openapi.json).
+    Openapi,
     /// Manage device credentials and ACL grants, straight in the cluster's
     /// NATS KV (works before any node runs; uses the config's [nats] and
     /// [auth] sections).
@@ -95,6 +98,10 @@ fn main() -> std::process::ExitCode {
         },
         Command::PrintConfig { config } => print_config(config),
         Command::Devices { config, action } => devices(config, action),
+        Command::Openapi => fluxmesh_node::http::openapi()
+            .to_pretty_json()
+            .map(|json| println!("{json}"))
+            .context("rendering the OpenAPI document"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,28 +9,37 @@
 //! A module that does not compile, or lacks the ABI's exports, is refused
 //! with 400 and the compiler's message; nothing is stored.
 
-use super::{Plugins, PluginsError};
-use crate::api::{ApiError, Slot};
+use super::{PluginInfo, Plugins, PluginsError};
+use crate::api::{ApiError, ErrorBody, Slot};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
-use serde_json::json;
+use serde::Serialize;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The plugins of this node, once it has them.
 type PluginsSlot = Slot<Arc<Plugins>>;
 
-pub fn routes(plugins: PluginsSlot, max_module_bytes: usize) -> Router {
-    Router::new()
-        .route("/api/v1/plugins", get(list))
-        .route(
-            "/api/v1/plugins/{name}",
-            put(upload).delete(remove).layer(DefaultBodyLimit::max(max_module_bytes.saturating_add(1))),
-        )
-        .with_state(plugins)
+pub fn routes(plugins: PluginsSlot, max_module_bytes: usize) -> OpenApiRouter {
+    let (schemas, paths, one) = routes!(upload, remove);
+    let one = one.layer(DefaultBodyLimit::max(max_module_bytes.saturating_add(1)));
+    OpenApiRouter::new().routes(routes!(list)).routes((schemas, paths, one)).with_state(plugins)
+}
+
+/// `GET /api/v1/plugins`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct PluginList {
+    plugins: Vec<PluginInfo>,
+}
+
+/// `PUT /api/v1/plugins/{name}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct StoredPlugin {
+    plugin: PluginInfo,
 }
 
 impl From<PluginsError> for ApiError {
@@ -55,16 +64,50 @@ fn plugins(state: &PluginsSlot) -> Result<Arc<Plugins>, ApiError> {
     state.get().cloned()
 }
 
+/// Every stored plugin, and whether this node has it loaded.
+#[utoipa::path(get, path = "/api/v1/plugins", operation_id = "listPlugins", tag = "plugins",
+    responses(
+        (status = 200, description = "the plugins", body = PluginList),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn list(State(state): State<PluginsSlot>) -> Result<Response, ApiError> {
-    let list = plugins(&state)?.list().await?;
-    Ok(Json(json!({"plugins": list})).into_response())
+    let plugins = plugins(&state)?.list().await?;
+    Ok(Json(PluginList { plugins }).into_response())
 }
 
+/// Upload a module, binary `.wasm` or text `.wat`; it is compiled and its
+/// exports checked before it is stored.
+#[utoipa::path(put, path = "/api/v1/plugins/{name}", operation_id = "putPlugin", tag = "plugins",
+    params(("name" = String, Path, description = "plugin name")),
+    request_body(description = "the module", content(("application/wasm"), ("application/octet-stream"), ("text/plain"))),
+    responses(
+        (status = 200, description = "stored", body = StoredPlugin),
+        (status = 400, description = "bad name, or a module that does not compile or lacks the ABI's exports", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 413, description = "larger than plugins.max_module_bytes", body = ErrorBody),
+        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn upload(State(state): State<PluginsSlot>, Path(name): Path<String>, body: Bytes) -> Result<Response, ApiError> {
-    let info = plugins(&state)?.put(&name, &body).await?;
-    Ok(Json(json!({"plugin": info})).into_response())
+    let plugin = plugins(&state)?.put(&name, &body).await?;
+    Ok(Json(StoredPlugin { plugin }).into_response())
 }
 
+/// Delete plugin `name`.
+#[utoipa::path(delete, path = "/api/v1/plugins/{name}", operation_id = "deletePlugin", tag = "plugins",
+    params(("name" = String, Path, description = "plugin name")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 404, description = "no such plugin", body = ErrorBody),
+        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn remove(State(state): State<PluginsSlot>, Path(name): Path<String>) -> Result<Response, ApiError> {
     if plugins(&state)?.delete(&name).await? {
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -116,7 +116,7 @@ fn store_err<E: std::error::Error + Send + Sync + 'static>(op: &'static str) -> 
 }
 
 /// What `GET /api/v1/plugins` lists.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginInfo {
     pub name: String,
     pub size: usize,

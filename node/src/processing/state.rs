@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 pub const PRODUCER: &str = "state";
 
 /// One device's state, as checkpointed and as served by the HTTP API.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceState {
     pub device: String,
     /// State frames derived so far; the `seq` of the last one.
@@ -59,11 +59,12 @@ pub struct DeviceState {
     pub seqs: BTreeMap<String, u64>,
     /// Open aggregation windows.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub windows: Windows,
 }
 
 /// A channel's last value: the payload as JSON if it is JSON, else base64.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChannelValue {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,

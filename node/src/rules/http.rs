@@ -12,25 +12,23 @@
 //! `{"error":…,"line":…,"column":…}`; nothing is stored.
 
 use super::{RuleError, RuleSpec, Rules, RulesError};
-use crate::api::{ApiError, Slot};
+use crate::api::{ApiError, ErrorBody, Slot};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The rules of this node, once it has them.
 type RulesSlot = Slot<Arc<Rules>>;
 
-pub fn routes(rules: RulesSlot) -> Router {
-    Router::new()
-        .route("/api/v1/rules", get(list).post(create))
-        .route("/api/v1/rules/{id}", get(read).put(replace).delete(remove))
-        .with_state(rules)
+pub fn routes(rules: RulesSlot) -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(list, create)).routes(routes!(read, replace, remove)).with_state(rules)
 }
 
 fn rules(state: &RulesSlot) -> Result<Arc<Rules>, ApiError> {
@@ -55,16 +53,35 @@ fn refused(e: RulesError) -> ApiError {
 }
 
 /// A rule in a request body; for `PUT`, `id` may be left out.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RuleBody)]
 struct Body {
+    /// Required on `POST`; on `PUT`, the path's id (if given, it must match).
     id: Option<String>,
+    /// Devices it runs for: a glob over the device id; default `*`.
     device: Option<String>,
+    /// Channels it runs for: a glob over the channel; default `*`.
     channel: Option<String>,
+    /// The Rhai script.
     script: String,
     #[serde(default)]
     description: String,
+    /// Default true.
     enabled: Option<bool>,
+}
+
+/// `GET /api/v1/rules`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct RuleList {
+    rules: Vec<RuleSpec>,
+}
+
+/// A stored rule and the revision it was stored at.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct StoredRule {
+    rule: RuleSpec,
+    revision: u64,
 }
 
 fn parse(body: &Bytes, id: Option<&str>) -> Result<RuleSpec, ApiError> {
@@ -91,24 +108,67 @@ fn parse(body: &Bytes, id: Option<&str>) -> Result<RuleSpec, ApiError> {
     })
 }
 
+/// Every stored rule.
+#[utoipa::path(get, path = "/api/v1/rules", operation_id = "listRules", tag = "rules",
+    responses(
+        (status = 200, description = "the rules", body = RuleList),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn list(State(state): State<RulesSlot>) -> Result<Response, ApiError> {
-    let list = rules(&state)?.list().await.map_err(refused)?;
-    Ok(Json(json!({"rules": list})).into_response())
+    let rules = rules(&state)?.list().await.map_err(refused)?;
+    Ok(Json(RuleList { rules }).into_response())
 }
 
 async fn store(state: RulesSlot, spec: RuleSpec, status: StatusCode) -> Result<Response, ApiError> {
     let revision = rules(&state)?.put(spec.clone()).await.map_err(refused)?;
-    Ok((status, Json(json!({"rule": spec, "revision": revision}))).into_response())
+    Ok((status, Json(StoredRule { rule: spec, revision })).into_response())
 }
 
+/// Store the rule in the body (`id` required).
+#[utoipa::path(post, path = "/api/v1/rules", operation_id = "createRule", tag = "rules",
+    request_body = Body,
+    responses(
+        (status = 201, description = "stored", body = StoredRule),
+        (status = 400, description = "invalid rule, or a script that does not compile (with `line` and `column`)", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn create(State(state): State<RulesSlot>, body: Bytes) -> Result<Response, ApiError> {
     store(state, parse(&body, None)?, StatusCode::CREATED).await
 }
 
+/// Create or replace rule `id`.
+#[utoipa::path(put, path = "/api/v1/rules/{id}", operation_id = "putRule", tag = "rules",
+    params(("id" = String, Path, description = "rule id")),
+    request_body = Body,
+    responses(
+        (status = 200, description = "stored", body = StoredRule),
+        (status = 400, description = "invalid rule, or a script that does not compile (with `line` and `column`)", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn replace(State(state): State<RulesSlot>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     store(state, parse(&body, Some(&id))?, StatusCode::OK).await
 }
 
+/// One rule.
+#[utoipa::path(get, path = "/api/v1/rules/{id}", operation_id = "getRule", tag = "rules",
+    params(("id" = String, Path, description = "rule id")),
+    responses(
+        (status = 200, description = "the rule", body = RuleSpec),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 404, description = "no such rule", body = ErrorBody),
+        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn read(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match rules(&state)?.get(&id).await.map_err(refused)? {
         Some(spec) => Ok(Json(spec).into_response()),
@@ -116,6 +176,17 @@ async fn read(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<
     }
 }
 
+/// Delete rule `id`.
+#[utoipa::path(delete, path = "/api/v1/rules/{id}", operation_id = "deleteRule", tag = "rules",
+    params(("id" = String, Path, description = "rule id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 404, description = "no such rule", body = ErrorBody),
+        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn remove(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<Response, ApiError> {
     if rules(&state)?.delete(&id).await.map_err(refused)? {
         Ok(StatusCode::NO_CONTENT.into_response())

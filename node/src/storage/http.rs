@@ -17,19 +17,20 @@
 use super::read::Source;
 use super::rows::system_time;
 use super::Storage;
-use crate::api::{ApiError, Slot};
+use crate::api::{ApiError, ErrorBody, Slot};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub const READ_SOURCE_HEADER: &str = "fluxmesh-read-source";
@@ -37,25 +38,47 @@ pub const READ_SOURCE_HEADER: &str = "fluxmesh-read-source";
 /// This node's storage once the node is up: `None` when it is off.
 pub type StorageSlot = Slot<Option<Arc<Storage>>>;
 
-pub fn routes(storage: StorageSlot) -> Router {
-    Router::new()
-        .route("/api/v1/devices/{id}/telemetry", get(telemetry))
-        .route("/api/v1/devices/{id}/aggregates", get(aggregates))
-        .route("/api/v1/devices/{id}/events", get(events))
+pub fn routes(storage: StorageSlot) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(telemetry))
+        .routes(routes!(aggregates))
+        .routes(routes!(events))
         .with_state(storage)
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The query of a history read. Each route takes only its own filters
+/// (`channel`, `field`, `kind`); another is a 400.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Params {
+    /// Inclusive start: an RFC 3339 time or Unix milliseconds.
     from: Option<String>,
+    /// Exclusive end: an RFC 3339 time or Unix milliseconds.
     to: Option<String>,
+    /// Items per page: default `storage.default_limit`, at most `storage.max_limit`.
     limit: Option<String>,
+    /// `asc` or `desc` (default, newest first).
     order: Option<String>,
+    /// The `next` of the previous page.
     cursor: Option<String>,
+    /// Telemetry and aggregates: only this channel.
     channel: Option<String>,
+    /// Aggregates: only this field.
     field: Option<String>,
+    /// Events: only `state`, `alert`, `event` or `error` frames.
     kind: Option<String>,
+}
+
+/// One page of history.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct HistoryPage {
+    device: String,
+    /// Rows, in the requested order.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+    /// The cursor of the next page; null on the last one.
+    next: Option<String>,
 }
 
 /// The checked parameters of one request.
@@ -217,7 +240,7 @@ async fn run(
 fn answer(device: &str, items: Vec<Value>, last: Option<(SystemTime, Uuid)>, page: &Page, source: Source) -> Response {
     let full = i64::try_from(items.len()).unwrap_or(i64::MAX) >= page.limit;
     let next = if full { last.map(|(t, id)| encode_cursor(t, id)) } else { None };
-    let mut response = Json(json!({"device": device, "items": items, "next": next})).into_response();
+    let mut response = Json(HistoryPage { device: device.to_owned(), items, next }).into_response();
     if let Ok(v) = HeaderValue::from_str(&source.label()) {
         response.headers_mut().insert(READ_SOURCE_HEADER, v);
     }
@@ -292,6 +315,17 @@ impl Params {
     }
 }
 
+/// Stored telemetry of a device; `channel=` filters.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", operation_id = "getTelemetry", tag = "history",
+    params(("id" = String, Path, description = "device id"), Params),
+    responses(
+        (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
+        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn telemetry(
     State(state): State<StorageSlot>,
     Path(device): Path<String>,
@@ -300,6 +334,18 @@ async fn telemetry(
     history(&state, &device, query, &TELEMETRY).await
 }
 
+/// Closed aggregation windows of a device, by window start; `channel=` and
+/// `field=` filter.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/aggregates", operation_id = "getAggregates", tag = "history",
+    params(("id" = String, Path, description = "device id"), Params),
+    responses(
+        (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
+        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn aggregates(
     State(state): State<StorageSlot>,
     Path(device): Path<String>,
@@ -308,6 +354,17 @@ async fn aggregates(
     history(&state, &device, query, &AGGREGATES).await
 }
 
+/// State, alert, event and error frames of a device; `kind=` filters.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", operation_id = "getEvents", tag = "history",
+    params(("id" = String, Path, description = "device id"), Params),
+    responses(
+        (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
+        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
+        (status = 401, description = "no or wrong admin token", body = ErrorBody),
+        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+    ),
+    security(("admin" = [])),
+)]
 async fn events(
     State(state): State<StorageSlot>,
     Path(device): Path<String>,
