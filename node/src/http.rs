@@ -660,7 +660,10 @@ mod tests {
             ];
             for (method, op) in methods.into_iter().filter(|(_, op)| op.is_some()) {
                 operations += 1;
-                assert!(op.as_ref().and_then(|o| o.operation_id.as_ref()).is_some(), "{method} {path}: no operation id");
+                assert!(
+                    op.as_ref().and_then(|o| o.operation_id.as_ref()).is_some(),
+                    "{method} {path}: no operation id"
+                );
                 let response = client
                     .request(method.clone(), &url)
                     .bearer_auth("token")

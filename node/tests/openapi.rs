@@ -18,9 +18,9 @@ fn the_openapi_document_is_valid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, &out.stdout).expect("write the document");
-    let validator = std::env::var_os("FM_OPENAPI_VALIDATOR").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        fluxmesh_testkit::workspace_root().join(".local/venv/bin/openapi-spec-validator")
-    });
+    let validator = std::env::var_os("FM_OPENAPI_VALIDATOR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| fluxmesh_testkit::workspace_root().join(".local/venv/bin/openapi-spec-validator"));
     assert!(
         validator.is_file(),
         "{} is missing: run deploy/local/test, which installs openapi-spec-validator",

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use fluxmesh_node::{Config, Node};
+use fluxmesh_node::{cli, Config, Node};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,35 @@ enum Command {
     PrintConfig {
         #[arg(long, short, env = "FLUXMESH_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Rhai rules, through a node's admin API.
+    Rules {
+        #[command(flatten)]
+        node: cli::NodeArgs,
+        #[command(subcommand)]
+        action: cli::RulesAction,
+    },
+    /// WebAssembly plugins, through a node's admin API.
+    Plugins {
+        #[command(flatten)]
+        node: cli::NodeArgs,
+        #[command(subcommand)]
+        action: cli::PluginsAction,
+    },
+    /// The cluster as a node sees it, through its admin API.
+    Cluster {
+        #[command(flatten)]
+        node: cli::NodeArgs,
+        #[command(subcommand)]
+        action: cli::ClusterAction,
+    },
+    /// Print what is published on a NATS subject as JSON lines: frames in
+    /// their JSON view, JSON payloads as they are, other bytes as base64.
+    Tail {
+        #[arg(long, short, env = "FLUXMESH_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: cli::TailArgs,
     },
     /// Print the HTTP API's OpenAPI 3.1 document (what every node serves at
     /// /api/v1/openapi.json).
@@ -98,6 +127,10 @@ fn main() -> std::process::ExitCode {
         },
         Command::PrintConfig { config } => print_config(config),
         Command::Devices { config, action } => devices(config, action),
+        Command::Rules { node, action } => return client(cli::rules(node, action)),
+        Command::Plugins { node, action } => return client(cli::plugins(node, action)),
+        Command::Cluster { node, action } => return client(cli::cluster(node, action)),
+        Command::Tail { config, args } => return client(cli::tail(config, args)),
         Command::Openapi => fluxmesh_node::http::openapi()
             .to_pretty_json()
             .map(|json| println!("{json}"))
@@ -108,6 +141,26 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("fluxmesh: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a client command; its error on stderr, with its causes, and the
+/// exit code `fluxmesh_node::cli` documents.
+fn client(command: impl std::future::Future<Output = Result<(), cli::CliError>>) -> std::process::ExitCode {
+    fluxmesh_node::tls::install_provider();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fluxmesh: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fluxmesh: {}", fluxmesh_mesh::error_chain(&e));
+            std::process::ExitCode::from(e.exit_code())
         }
     }
 }
