@@ -13,6 +13,8 @@ FM_PAHO_MQTT_VERSION="2.1.0"
 FM_MATPLOTLIB_VERSION="3.9.4"
 FM_KUBERNETES_VALIDATE_VERSION="1.37.0"
 FM_OPENAPI_SPEC_VALIDATOR_VERSION="0.9.0"
+# 4.38: later ones need a certifi newer than the package mirrors may hold.
+FM_SELENIUM_VERSION="4.38.0"
 
 fm_log() { printf '[fluxmesh] %s\n' "$*" >&2; }
 fm_die() { printf '[fluxmesh] error: %s\n' "$*" >&2; exit 1; }
@@ -74,6 +76,13 @@ fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_
 # fm_openapi_validator_venv: openapi-spec-validator, for the test that
 # checks the node's OpenAPI document.
 fm_openapi_validator_venv() { fm_venv_pin openapi-spec-validator "$FM_OPENAPI_SPEC_VALIDATOR_VERSION"; }
+
+# fm_browser: Debian's Chromium and ChromeDriver and selenium, for the
+# test that loads the web console in a real browser.
+fm_browser() {
+    fm_apt chromium chromium-driver
+    fm_venv_pin selenium "$FM_SELENIUM_VERSION"
+}
 
 # fm_cargo: the Rust toolchain must already be there (it cannot be fetched
 # by a script on this kind of machine).

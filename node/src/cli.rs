@@ -430,22 +430,6 @@ fn status_text(answer: &Value) -> String {
     )
 }
 
-/// One message as a JSON line: a fluxmesh frame in its JSON view, a JSON
-/// payload as is, anything else as base64.
-pub fn tail_line(subject: &str, payload: &[u8]) -> Value {
-    let mut scratch = fluxmesh_schemas::frame::AlignedVec::new();
-    if let Ok(frame) = fluxmesh_schemas::frame::access(payload, &mut scratch) {
-        return json!({"subject": subject, "frame": fluxmesh_schemas::json::to_value(frame)});
-    }
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(value) => json!({"subject": subject, "json": value}),
-        Err(_) => {
-            use base64::Engine as _;
-            json!({"subject": subject, "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload)})
-        }
-    }
-}
-
 pub async fn tail(config: Option<PathBuf>, args: TailArgs) -> Result<(), CliError> {
     let mut config = crate::Config::load(config.as_deref()).map_err(|e| CliError::Config(Box::new(e)))?;
     if !args.nats.is_empty() {
@@ -472,7 +456,7 @@ pub async fn tail(config: Option<PathBuf>, args: TailArgs) -> Result<(), CliErro
         };
         let Some(message) = next else { break };
         seen += 1;
-        match print(tail_line(message.subject.as_str(), &message.payload)) {
+        match print(crate::tail::json_line(message.subject.as_str(), &message.payload)) {
             // A closed pipe (`| head`) ends the tail quietly.
             Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
             other => other?,
@@ -484,17 +468,6 @@ pub async fn tail(config: Option<PathBuf>, args: TailArgs) -> Result<(), CliErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tail_lines_show_frames_json_and_bytes() {
-        let frame = fluxmesh_schemas::Frame::telemetry("s-1", "env/temp", "n1", br#"{"t":1}"#.to_vec());
-        let bytes = frame.encode().expect("encode");
-        let line = tail_line("fm.tel.0.s-1.env.temp", &bytes);
-        assert_eq!(line["frame"]["device"], "s-1");
-        assert_eq!(line["frame"]["body"]["payload"]["t"], 1);
-        assert_eq!(tail_line("x", br#"{"a":2}"#)["json"]["a"], 2);
-        assert_eq!(tail_line("x", &[0xff, 0x00])["payload_base64"], "/wA=");
-    }
 
     #[test]
     fn status_counts_valid_leases_per_node() {

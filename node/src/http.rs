@@ -13,6 +13,7 @@
 //! | `GET /api/v1/devices/{id}/{telemetry,aggregates,events}` | history: see [`crate::storage::http`] |
 //! | `/api/v1/devices/{id}/credentials` | device credentials: see [`crate::auth::http`] |
 //! | `GET /api/v1/openapi.json` | this API's OpenAPI document |
+//! | `/console`, `GET /api/v1/tail` | the web console: see [`crate::console`] |
 //!
 //! `/healthz`, `/readyz` and `/metrics` are open. Ingest takes the device's
 //! own credentials (Basic), the admin token, or nobody if anonymous devices
@@ -82,6 +83,9 @@ pub struct Settings {
     pub limiter: Option<Arc<crate::limits::DeviceLimiter>>,
     pub max_payload: usize,
     pub max_module: usize,
+    /// The node's lifecycle: long-lived answers (the console's tail) end
+    /// when it stops.
+    pub life: crate::lifecycle::Lifecycle,
 }
 
 /// What the routes of this module share.
@@ -124,6 +128,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         limiter: None,
         max_payload: 0,
         max_module: 0,
+        life: crate::lifecycle::Lifecycle::new(),
     };
     parts(&Slots::default(), settings).1
 }
@@ -149,6 +154,7 @@ fn parts(slots: &Slots, settings: Settings) -> (Router, utoipa::openapi::OpenApi
         .merge(crate::plugins::http::routes(slots.plugins.clone(), settings.max_module))
         .merge(crate::storage::http::routes(slots.storage.clone()))
         .merge(crate::auth::http::routes(auth.clone()))
+        .merge(crate::console::api_routes(slots.shards.clone(), settings.life))
         .route_layer(axum::middleware::from_fn_with_state(auth, crate::auth::http::require_admin));
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(healthz))
@@ -158,6 +164,7 @@ fn parts(slots: &Slots, settings: Settings) -> (Router, utoipa::openapi::OpenApi
         .with_state(state)
         .merge(admin)
         .split_for_parts();
+    let router = router.merge(crate::console::page_routes());
     // Leave room above the payload limit so that an oversize body is
     // answered by our own 413 with a reason, not a bare one.
     (router.layer(DefaultBodyLimit::max(settings.max_payload.saturating_add(1))), spec)
@@ -593,7 +600,7 @@ mod tests {
     use std::path::Path as FsPath;
 
     /// Every `"/api/v1…"` string in the node's source outside comments: the
-    /// paths a route could be registered at.
+    /// paths a route could be registered at, and those the CLI calls.
     fn api_paths_in_source(dir: &FsPath, found: &mut Vec<(String, String)>) {
         let entries = std::fs::read_dir(dir).expect("read src");
         for entry in entries {
@@ -624,7 +631,25 @@ mod tests {
         let mut found = Vec::new();
         api_paths_in_source(&FsPath::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
         assert!(found.len() >= 15, "the scan finds the routes: {found:?}");
-        let missing: Vec<_> = found.iter().filter(|(p, _)| !spec.paths.paths.contains_key(p)).collect();
+        // `{id}` in a route, `{}` in a client's format string: the same.
+        let shape = |p: &str| {
+            let mut out = String::new();
+            let mut inside = false;
+            for c in p.chars() {
+                match c {
+                    '{' => inside = true,
+                    '}' => {
+                        inside = false;
+                        out.push_str("{}");
+                    }
+                    _ if inside => {}
+                    _ => out.push(c),
+                }
+            }
+            out
+        };
+        let documented: std::collections::BTreeSet<String> = spec.paths.paths.keys().map(|p| shape(p)).collect();
+        let missing: Vec<_> = found.iter().filter(|(p, _)| !documented.contains(&shape(p))).collect();
         assert!(missing.is_empty(), "paths in the source that the OpenAPI document lacks: {missing:?}");
     }
 
@@ -642,6 +667,7 @@ mod tests {
             limiter: None,
             max_payload: 1024,
             max_module: 1024,
+            life: crate::lifecycle::Lifecycle::new(),
         };
         let app = router(&Slots::default(), settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod ingress;
 pub mod internal_events;
@@ -21,6 +22,7 @@ pub mod reach;
 pub mod rules;
 pub mod shards;
 pub mod storage;
+pub mod tail;
 pub mod tls;
 
 pub use config::{Config, ConfigError};

@@ -131,6 +131,7 @@ impl Node {
                 limiter,
                 max_payload: config.ingest.max_payload_bytes,
                 max_module: config.plugins.max_module_bytes,
+                life: life.clone(),
             },
         );
         let http_stopped = life.stopped_owned();

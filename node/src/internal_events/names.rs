@@ -10,6 +10,8 @@ pub const AGG_LATE_TOTAL: &str = "fluxmesh_agg_late_total";
 pub const AGG_OVERFLOW_TOTAL: &str = "fluxmesh_agg_overflow_total";
 pub const AGG_UPDATES_TOTAL: &str = "fluxmesh_agg_updates_total";
 pub const AUTH_ATTEMPTS_TOTAL: &str = "fluxmesh_auth_attempts_total";
+pub const CONSOLE_TAILS: &str = "fluxmesh_console_tails";
+pub const CONSOLE_TAILS_REFUSED_TOTAL: &str = "fluxmesh_console_tails_refused_total";
 pub const COMMANDS_SETTLED_TOTAL: &str = "fluxmesh_commands_settled_total";
 pub const COMMANDS_TOTAL: &str = "fluxmesh_commands_total";
 pub const DERIVED_FRAMES_TOTAL: &str = "fluxmesh_derived_frames_total";
@@ -112,6 +114,8 @@ pub const ALL: &[Metric] = &[
     Metric { name: AGG_OVERFLOW_TOTAL, kind: Kind::Counter, help: "Field values aggregated; values too late for their window; values refused for too many open windows." },
     Metric { name: AGG_UPDATES_TOTAL, kind: Kind::Counter, help: "Field values aggregated; values too late for their window; values refused for too many open windows." },
     Metric { name: AUTH_ATTEMPTS_TOTAL, kind: Kind::Counter, help: "Device authentications (mqtt, http): ok, anonymous, no_credentials, bad_credentials, username_mismatch, disabled, store_unavailable, malformed." },
+    Metric { name: CONSOLE_TAILS, kind: Kind::Gauge, help: "Console live tails open on this node (at most 16)." },
+    Metric { name: CONSOLE_TAILS_REFUSED_TOTAL, kind: Kind::Counter, help: "Console live tails refused, by reason (bad_query, bad_subject, too_many, nats)." },
     Metric { name: COMMANDS_SETTLED_TOTAL, kind: Kind::Counter, help: "Command requests answered (delivered, queued, rejected, failed); queued commands settled (delivered, expired)." },
     Metric { name: COMMANDS_TOTAL, kind: Kind::Counter, help: "Command requests answered (delivered, queued, rejected, failed); queued commands settled (delivered, expired)." },
     Metric { name: DERIVED_FRAMES_TOTAL, kind: Kind::Counter, help: "Telemetry messages processed by shard workers; derived frames stored (state, event, alert, agg, error)." },
