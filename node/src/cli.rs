@@ -442,7 +442,7 @@ pub async fn tail(config: Option<PathBuf>, args: TailArgs) -> Result<(), CliErro
         .map_err(|source| CliError::Subscribe { subject: args.subject.clone(), source })?;
     // Subscribed once the server has the interest: what is published
     // after this line is printed.
-    let _ = client.flush().await;
+    crate::tail::round_trip(&client).await;
     eprintln!("# tailing {}", args.subject);
     let deadline = args.seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let mut seen = 0u64;

@@ -21,6 +21,17 @@ pub fn json_line(subject: &str, payload: &[u8]) -> Value {
     }
 }
 
+/// Returns once the server has processed everything `client` sent before
+/// (a subscription above all): a request nobody answers comes back as "no
+/// responders" only after the server has read what came before it. A
+/// flush alone only writes the socket. Interest still takes a moment to
+/// reach the other servers of a NATS cluster.
+pub async fn round_trip(client: &async_nats::Client) {
+    let subject = format!("_fm.sync.{}", uuid::Uuid::new_v4().simple());
+    let asked = client.request(subject, bytes::Bytes::new());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), asked).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

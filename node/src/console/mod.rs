@@ -144,9 +144,7 @@ async fn tail(
         }
     };
     // The server has the interest before the client hears "open".
-    if let Err(e) = client.flush().await {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "nats", format!("NATS: {}", fluxmesh_mesh::error_chain(&e)));
-    }
+    crate::tail::round_trip(client).await;
     let open = metrics::gauge!(names::CONSOLE_TAILS);
     open.increment(1.0);
     let guard = TailGuard { _permit: permit, open };
