@@ -77,10 +77,16 @@ function usTime(us) {
   return new Date(us / 1000).toISOString().replace("T", " ").replace("Z", "");
 }
 
+// Distinct colours for the live nodes, in the order of their ids; a name
+// not among them (a holder that just left) gets one by hash.
+const PALETTE = ["#2563eb", "#d97706", "#059669", "#9333ea", "#dc2626", "#0891b2", "#65a30d", "#db2777", "#4b5563", "#7c3aed"];
+let nodeColours = {};
+
 function colorOf(name) {
+  if (name in nodeColours) return nodeColours[name];
   let x = 0;
   for (const c of name) x = (x * 31 + c.charCodeAt(0)) >>> 0;
-  return `hsl(${x % 360} 55% 42%)`;
+  return PALETTE[x % PALETTE.length];
 }
 
 function fail(where, e) {
@@ -109,6 +115,7 @@ async function clusterPage() {
   async function refresh() {
     const c = await api("/api/v1/cluster");
     document.getElementById("node").textContent = `node ${c.node}`;
+    nodeColours = Object.fromEntries(c.nodes.map((n) => n.node_id).sort().map((id, i) => [id, PALETTE[i % PALETTE.length]]));
     const held = {};
     const pending = {};
     let unowned = 0;
