@@ -70,6 +70,18 @@ fm_venv_pin() {
 # fm_plot_venv: matplotlib, for the benchmarks that draw their figures.
 fm_plot_venv() { fm_venv_pin matplotlib "$FM_MATPLOTLIB_VERSION"; }
 
+# fm_bench_figures NAME: matplotlib in the venv, and FM_FIGURES, the
+# directory (emptied) where bench NAME writes figures.json and its PNG
+# charts (benches/figures.py): $FM_LOCAL/bench/NAME.
+fm_bench_figures() {
+    fm_venv >/dev/null
+    fm_plot_venv
+    FM_FIGURES="$FM_LOCAL/bench/$1"
+    rm -rf "$FM_FIGURES"
+    mkdir -p "$FM_FIGURES"
+    export FM_FIGURES
+}
+
 # fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
 fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_VALIDATE_VERSION"; }
 

@@ -149,17 +149,27 @@ async fn measure(
     let label = if path == Path::Mqtt { "mesh" } else { "jetstream" };
     let started = Instant::now();
     let mut last = (0u64, 0u64);
+    let mut last_acked = 0u64;
     let mut peak = 0u64;
+    let mut per_second = Vec::new();
     while started.elapsed() < Duration::from_secs(args.duration) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (sent, received) = (counters.sent.load(Ordering::Relaxed), counters.received.load(Ordering::Relaxed));
+        let acked = counters.acked.load(Ordering::Relaxed);
         peak = peak.max(received - last.1);
+        per_second.push(measurement::Second {
+            t: started.elapsed().as_secs(),
+            sent: sent - last.0,
+            acked: acked - last_acked,
+            received: received - last.1,
+        });
+        last_acked = acked;
         eprint!(
             "\r[{label}] {:>4}s  sent {:>9} ({:>7}/s)  acked {:>9}  received {:>9} ({:>7}/s)   ",
             started.elapsed().as_secs(),
             sent,
             sent - last.0,
-            counters.acked.load(Ordering::Relaxed),
+            acked,
             received,
             received - last.1
         );
@@ -190,6 +200,6 @@ async fn measure(
     let hists = subscriber.finish().await;
     let puback_gap = (path == Path::Mqtt && qos == QoS::AtLeastOnce).then(|| measurement::longest_gap(&gaps)).flatten();
     let peak = (!args.no_subscriber).then_some(peak);
-    let outcome = Outcome::new(&counters, at_stop, publish_secs, peak, hists, puback_gap);
+    let outcome = Outcome::new(&counters, at_stop, publish_secs, peak, hists, puback_gap, per_second);
     Ok((outcome, acked_by_device))
 }

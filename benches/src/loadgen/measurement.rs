@@ -122,6 +122,29 @@ pub struct Outcome {
     /// The difference of the two above, quantile by quantile: roughly the
     /// time from the frame's making to the subscriber.
     pub frame_to_subscriber_us: Option<Quantiles>,
+    /// Send → the subscriber as a CDF: `[quantile, µs]` pairs from 0.01 to
+    /// 1 (null if it received nothing), for plots.
+    pub latency_cdf_us: Option<Vec<[f64; 2]>>,
+    /// Each second of publishing: what was sent, acked and received in it,
+    /// for throughput-over-time plots.
+    pub per_second: Vec<Second>,
+}
+
+/// One second of a run's publishing (counts in that second).
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    /// Seconds since publishing began, at the end of this one.
+    pub t: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub received: u64,
+}
+
+/// The quantiles a CDF is drawn from: every percent, then the tail.
+fn cdf(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    let mut qs: Vec<f64> = (1..100).map(|p| f64::from(p) / 100.0).collect();
+    qs.extend([0.995, 0.999, 0.9999, 1.0]);
+    qs.into_iter().map(|q| [q, h.value_at_quantile(q) as f64]).collect()
 }
 
 /// The longest PUBACK gap of a run, and how many devices had one over 1 s.
@@ -165,6 +188,7 @@ impl Outcome {
         peak: Option<u64>,
         hists: (Option<Histogram<u64>>, Option<Histogram<u64>>),
         puback_gap: Option<LongestGap>,
+        per_second: Vec<Second>,
     ) -> Self {
         let (sent, received) = (counters.sent.load(Ordering::Relaxed), counters.received.load(Ordering::Relaxed));
         let latency_us = hists.0.as_ref().map(Latency::of);
@@ -189,6 +213,8 @@ impl Outcome {
             latency_us,
             send_to_frame_us,
             frame_to_subscriber_us,
+            latency_cdf_us: hists.0.as_ref().map(cdf),
+            per_second,
         }
     }
 
