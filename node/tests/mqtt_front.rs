@@ -37,9 +37,11 @@ async fn no_puback_until_jetstream_stored_it() {
     let text = metrics(&node).await;
     assert!(counter(&text, &format!("{}{{source=\"mqtt\"", names::INGEST_FAILED_TOTAL)) >= 1.0, "{text}");
 
-    // Back up: a reconnecting device is served again.
+    // Back up: a reconnecting device is served again. Until JetStream
+    // answers again (and the node has noticed), a CONNECT may go
+    // unanswered; devices retry, and so does this one.
     nats.restart().await.expect("restart");
-    let again = Device::connect(node.mqtt_addr(), "strict-1").await;
+    let again = Device::connect_retrying(node.mqtt_addr(), "strict-1", Duration::from_secs(60)).await;
     again.publish("devices/strict-1/v", b"{\"seq\":1}".to_vec()).await;
     again.wait_acked(1).await;
     node.shutdown().await;

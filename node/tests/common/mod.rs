@@ -98,7 +98,29 @@ impl Device {
     }
 
     /// Connects with `opts` (credentials, TLS); waits for a CONNACK.
-    pub async fn connect_with(mut opts: MqttOptions) -> Device {
+    pub async fn connect_with(opts: MqttOptions) -> Device {
+        Self::connect_within(opts, Duration::from_secs(10)).await.expect("device connects")
+    }
+
+    /// Like a device that retries: connects again until a CONNACK comes
+    /// within 10 s, for up to `deadline` (a node whose NATS just came back
+    /// may take a while to serve CONNECT).
+    pub async fn connect_retrying(addr: SocketAddr, client_id: &str, deadline: Duration) -> Device {
+        let until = Instant::now() + deadline;
+        loop {
+            let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+            opts.set_keep_alive(Duration::from_secs(30));
+            match Self::connect_within(opts, Duration::from_secs(10)).await {
+                Ok(device) => return device,
+                Err(e) if Instant::now() < until => eprintln!("{client_id}: {e:#}; connecting again"),
+                Err(e) => panic!("{client_id} was not served within {deadline:?}: {e:#}"),
+            }
+        }
+    }
+
+    /// Connects with `opts`; the device once a CONNACK has come within
+    /// `within`.
+    async fn connect_within(mut opts: MqttOptions, within: Duration) -> anyhow::Result<Device> {
         opts.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(Mutex::new(Vec::new()));
@@ -163,13 +185,12 @@ impl Device {
             _task: task,
         };
         let connected = device.connected.clone();
-        wait_for(Duration::from_secs(10), "MQTT CONNACK", || {
+        wait_for(within, "MQTT CONNACK", || {
             let c = connected.load(Ordering::SeqCst);
             async move { (c > 0).then_some(()) }
         })
-        .await
-        .expect("device connects");
-        device
+        .await?;
+        Ok(device)
     }
 
     /// Waits until at least `n` publishes were PUBACKed.
