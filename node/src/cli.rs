@@ -189,13 +189,8 @@ impl Admin {
         if status.is_success() {
             return Ok(value);
         }
-        Err(CliError::Status {
-            method: method_name(&method),
-            url,
-            status,
-            message: value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned),
-        })
-        .map_err(|e| with_detail(e, &value))
+        let message = value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+        Err(with_detail(CliError::Status { method: method_name(&method), url, status, message }, &value))
     }
 }
 
