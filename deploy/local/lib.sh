@@ -82,6 +82,19 @@ fm_bench_figures() {
     export FM_FIGURES
 }
 
+# fm_release_cluster: dies unless the running local cluster's nodes run a
+# release build. Benchmarks measure what production runs: `cluster up`
+# builds the quicker `local` profile (no cross-crate LTO), `cluster up
+# --release` the `release` one; a binary named by FLUXMESH_BIN is taken as
+# it is.
+fm_release_cluster() {
+    local bin
+    bin=$(cat "$FM_LOCAL/cluster/fluxmesh-bin" 2>/dev/null) ||
+        fm_die "the local cluster is not up: run deploy/local/cluster up --release"
+    [ "$bin" != "$FM_ROOT/target/local/fluxmesh" ] ||
+        fm_die "the local cluster runs the quick local build: benchmarks measure the release build (deploy/local/cluster up --release, with the same options as before)"
+}
+
 # fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
 fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_VALIDATE_VERSION"; }
 

@@ -4,9 +4,10 @@
 
 # up [options]: see the entry script's header.
 cmd_up() {
-    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1 fsync=0 netns=0
+    local nodes=3 mirror="tel,evt" postgres=1 secure=0 route_tls=1 fsync=0 netns=0 profile=local
     while [ $# -gt 0 ]; do
         case "$1" in
+            --release) profile=release; shift ;;
             --no-postgres) postgres=0; shift ;;
             --secure) secure=1; shift ;;
             --fsync-always) fsync=1; shift ;;
@@ -31,7 +32,7 @@ cmd_up() {
         *) fm_die "--json-mirror takes tel, evt, tel,evt or none" ;;
     esac
     local bin
-    bin=$(up_bin)
+    bin=$(up_bin "$profile")
     # What the README's tour runs besides this checkout's scripts.
     fm_apt mosquitto-clients curl
 
@@ -74,8 +75,8 @@ cmd_up() {
     else
         fm_cargo
         fm_venv
-        fm_log "building fluxmesh (release)"
-        cargo build --release --locked -p fluxmesh-node
+        fm_log "building fluxmesh (cargo profile $profile: target/$profile/fluxmesh)"
+        cargo build --profile "$profile" --locked -p fluxmesh-node
     fi
 
     mkdir -p "$DIR"

@@ -2,12 +2,13 @@
 # The fluxmesh nodes: the binary they run, their env files (config),
 # launch, endpoints.env's node lines, and add-node / remove-node.
 
-# up_bin: the fluxmesh binary `up` starts the nodes with: $FLUXMESH_BIN
-# when set (it must be an executable file; the entry script made it
-# absolute), else this checkout's target/release/fluxmesh, which up builds.
+# up_bin PROFILE: the fluxmesh binary `up` starts the nodes with:
+# $FLUXMESH_BIN when set (it must be an executable file; the entry script
+# made it absolute), else this checkout's target/PROFILE/fluxmesh, which up
+# builds (PROFILE: local, or release with --release).
 up_bin() {
     if [ -z "${FLUXMESH_BIN:-}" ]; then
-        echo "$DEFAULT_NODE_BIN"
+        echo "$FM_ROOT/target/$1/fluxmesh"
     elif [ -f "$FLUXMESH_BIN" ] && [ -x "$FLUXMESH_BIN" ]; then
         echo "$FLUXMESH_BIN"
     else
@@ -19,7 +20,7 @@ up_bin() {
 # NODE_BIN_FILE (target/release/fluxmesh for a cluster brought up before
 # that file existed). start, restart and add-node use it too.
 node_bin() {
-    if [ -s "$NODE_BIN_FILE" ]; then cat "$NODE_BIN_FILE"; else echo "$DEFAULT_NODE_BIN"; fi
+    if [ -s "$NODE_BIN_FILE" ]; then cat "$NODE_BIN_FILE"; else echo "$FM_ROOT/target/release/fluxmesh"; fi
 }
 
 # note_bin_override: says so when FLUXMESH_BIN names another binary than
@@ -265,11 +266,8 @@ cmd_add_node() {
     if ! [ -s "$PIDS" ] || ! [ -f "$ENDPOINTS" ] || ! [ -f "$DIR/settings" ]; then
         fm_die "the cluster is not up: deploy/local/cluster up"
     fi
-    if ! [ -x "$(node_bin)" ]; then
-        [ "$(node_bin)" = "$DEFAULT_NODE_BIN" ] ||
-            fm_die "$(node_bin), the binary this cluster's nodes run (FLUXMESH_BIN at up), is missing"
-        fm_die "target/release/fluxmesh is missing: deploy/local/cluster up builds it"
-    fi
+    [ -x "$(node_bin)" ] ||
+        fm_die "$(node_bin), the binary this cluster's nodes run, is missing: deploy/local/cluster up (again) builds or names it"
     note_bin_override
     local ids template="" i last=0
     ids=$(node_ids)
