@@ -94,7 +94,8 @@ def memory(meta, samples, node):
         n = s["nodes"].get(node)
         if not n or not n.get("pid") or n.get("rss_kib") is None:
             continue
-        by_pid.setdefault(n["pid"], []).append((s["t"], s["phase"], n["rss_kib"], n.get("fds")))
+        by_pid.setdefault(n["pid"], []).append((s["t"], s["phase"], n["rss_kib"], n.get("fds"),
+                                                n.get("connections"), n.get("shards")))
     best = None
     for pid, rows in by_pid.items():
         first_seen = max(meta["t0"], rows[0][0])
@@ -114,6 +115,11 @@ def memory(meta, samples, node):
     end = statistics.median(r[2] for r in ok[-k:])
     fds_base = median([r[3] for r in ok[:k]])
     fds_end = median([r[3] for r in ok[-k:]])
+    # What the node held at each end: RSS follows connections and shards,
+    # which faults move between nodes.
+    held = {f"{what}_{end_}": median([r[i] for r in rows_])
+            for what, i in (("connections", 4), ("shards", 5))
+            for end_, rows_ in (("base", ok[:k]), ("end", ok[-k:]))}
     drift = (end - base) / base * 100 if base else None
     result.update({
         "pid": pid,
@@ -126,6 +132,7 @@ def memory(meta, samples, node):
         "drift_pct": None if drift is None else round(drift, 2),
         "fds_base": fds_base,
         "fds_end": fds_end,
+        **held,
         "ok": drift is not None and drift <= meta["rss_drift_max_pct"],
     })
     return result
@@ -340,12 +347,13 @@ def main():
           f"(planned {meta['fault_every']}), {len(samples)} samples")
     print()
     print(f"{'node':<7} {'pid compared':>12} {'min':>6} {'RSS MiB from':>13} {'to':>8} {'drift':>8} "
-          f"{'fds from':>9} {'to':>5} {'PIDs':>5}")
+          f"{'fds from':>9} {'to':>5} {'conns from':>10} {'to':>5} {'shards from':>11} {'to':>5} {'PIDs':>5}")
     for m in mem:
         if m["measured"]:
             print(f"node-{m['node']:<2} {m['pid']:>12} {m['span_min']:>6} {m['rss_base_mib']:>13} "
                   f"{m['rss_end_mib']:>8} {fmt(m['drift_pct'], 2):>7}% {fmt(m['fds_base']):>9} "
-                  f"{fmt(m['fds_end']):>5} {len(m['pids']):>5}")
+                  f"{fmt(m['fds_end']):>5} {fmt(m.get('connections_base')):>10} {fmt(m.get('connections_end')):>5} "
+                  f"{fmt(m.get('shards_base')):>11} {fmt(m.get('shards_end')):>5} {len(m['pids']):>5}")
         else:
             print(f"node-{m['node']:<2} not measured: {m['why']}")
     print()
@@ -389,14 +397,16 @@ def main():
           f"rules, aggregation and Postgres on, a fault every {meta['fault_every']} s "
           f"({', '.join(meta['kinds'])}, {len(segments)} in all, one every {fmt(fault_gap)} s on average). "
           f"Verdict: **{verdict}**.", "",
-          "| node | PID compared | minutes | RSS MiB after warm-up | at the end | drift | open files |",
-          "|---|---|---|---|---|---|---|"]
+          "| node | PID compared | minutes | RSS MiB after warm-up | at the end | drift | open files | MQTT connections | shards run |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for m in mem:
         if m["measured"]:
             md.append(f"| node-{m['node']} | {m['pid']} | {m['span_min']} | {m['rss_base_mib']} | {m['rss_end_mib']} "
-                      f"| {m['drift_pct']:+.2f}% | {fmt(m['fds_base'])} → {fmt(m['fds_end'])} |")
+                      f"| {m['drift_pct']:+.2f}% | {fmt(m['fds_base'])} → {fmt(m['fds_end'])} "
+                      f"| {fmt(m.get('connections_base'))} → {fmt(m.get('connections_end'))} "
+                      f"| {fmt(m.get('shards_base'))} → {fmt(m.get('shards_end'))} |")
         else:
-            md.append(f"| node-{m['node']} | – | – | – | – | not measured | – |")
+            md.append(f"| node-{m['node']} | – | – | – | – | not measured | – | – | – |")
     md += ["", "| check | result | figures |", "|---|---|---|"]
     md += [f"| {n} | {'PASS' if ok else 'FAIL'} | {d} |" for n, ok, d in checks]
     md += ["", "![soak](soak.png)", ""]

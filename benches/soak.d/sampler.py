@@ -115,6 +115,8 @@ class Sampler:
                 node["shard_lag"] = sl.total(p, sl.SHARD_LAG) or 0.0
                 node["pg_writer_queue"] = sl.total(p, sl.PG_WRITER_QUEUE) or 0.0
                 node["rules_active"] = sl.total(p, sl.RULES_ACTIVE)
+                node["connections"] = sl.total(p, sl.MQTT_CONNECTIONS)
+                node["shards"] = sl.total(p, sl.SHARDS_RUNNING)
                 lag_sum += node["shard_lag"]
                 queue_sum += node["pg_writer_queue"]
                 counters = {k: sl.total(p, name) for k, name in sl.COUNTERS.items()}

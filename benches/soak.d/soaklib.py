@@ -14,6 +14,8 @@ import urllib.request
 SHARD_LAG = "fluxmesh_shard_lag_messages"        # stored, not yet processed (shards this node runs)
 PG_WRITER_QUEUE = "fluxmesh_pg_writer_queue"     # batches queued for the history writer
 RULES_ACTIVE = "fluxmesh_rules_active"
+MQTT_CONNECTIONS = "fluxmesh_mqtt_connections"  # what a node holds, beside its RSS
+SHARDS_RUNNING = "fluxmesh_shards_running"
 # Histograms (seconds; buckets set in node/src/internal_events/mod.rs).
 INGEST_SECONDS = "fluxmesh_ingest_seconds"       # MQTT receipt -> JetStream ack, after which the PUBACK goes
 PG_WRITE_LAG_SECONDS = "fluxmesh_pg_write_lag_seconds"  # rows handed to the writer -> committed
