@@ -161,7 +161,11 @@ chaos_main() {
     deploy/local/cluster status >/dev/null || fm_die "the local cluster is not healthy: deploy/local/cluster status"
     fm_cargo
     fm_venv >/dev/null
-    cargo build --release --locked -q -p fluxmesh-benches
+    # The load generator in the profile the nodes were built with: their
+    # dependencies are built already (the load does not measure speed).
+    local profile
+    profile=$(fm_cluster_profile)
+    cargo build --profile "$profile" --locked -q -p fluxmesh-benches
     # shellcheck disable=SC1090
     source "$ENDPOINTS"
     mkdir -p "$CHAOS_DIR"
@@ -197,7 +201,7 @@ chaos_main() {
     # Secrets reach the load generator through its environment only.
     LOAD_STARTED=$(now)
     FLUXMESH_DEVICE_SECRET="$secret" FLUXMESH_NATS_USER="${FLUXMESH_NATS_USER:-}" \
-        FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" ./target/release/fluxmesh-loadgen \
+        FLUXMESH_NATS_PASSWORD="${FLUXMESH_NATS_PASSWORD:-}" "./target/$profile/fluxmesh-loadgen" \
         --mqtt "$mqtt" --nats "$FLUXMESH_NATS_URLS" "${secure_args[@]+"${secure_args[@]}"}" \
         --devices "$DEVICES" --rate "$RATE" --qos 1 --payload 64 --duration "$DURATION" \
         --prefix "$prefix" --verify --verify-processing --report json >"$out" 2>"$out.progress" &

@@ -95,6 +95,17 @@ fm_release_cluster() {
         fm_die "the local cluster runs the quick local build: benchmarks measure the release build (deploy/local/cluster up --release, with the same options as before)"
 }
 
+# fm_cluster_profile: the cargo profile the running local cluster's nodes
+# were built with (local or release; release for a binary named by
+# FLUXMESH_BIN), so that tools beside them build theirs once, not twice.
+fm_cluster_profile() {
+    if [ "$(cat "$FM_LOCAL/cluster/fluxmesh-bin" 2>/dev/null)" = "$FM_ROOT/target/local/fluxmesh" ]; then
+        echo local
+    else
+        echo release
+    fi
+}
+
 # fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
 fm_kubernetes_validate_venv() { fm_venv_pin kubernetes-validate "$FM_KUBERNETES_VALIDATE_VERSION"; }
 
