@@ -65,7 +65,7 @@ pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// buckets, every [`UPKEEP_EVERY`], until `life` stops. The recorder keeps
 /// every sample until an upkeep runs: without this task a node nobody
 /// scrapes grows by eight bytes per sample (megabytes a minute under load).
-/// `/metrics` runs one too, before it renders.
+/// Rendering `/metrics` folds them too.
 pub async fn upkeep(handle: PrometheusHandle, life: fluxmesh_mesh::Lifecycle) {
     let mut every = tokio::time::interval(UPKEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
