@@ -21,6 +21,17 @@ use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The refusals every route here can answer with, for the OpenAPI
+/// document (the handlers answer them through [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // describes responses; never built
+enum Refusals {
+    #[response(status = 401, description = "no or wrong admin token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 503, description = "node not ready or the credentials store not answering")]
+    Unavailable(ErrorBody),
+}
+
 /// What the admin check, ingest authentication and the credentials API
 /// need.
 #[derive(Debug, Clone)]
@@ -134,9 +145,8 @@ fn no_credentials() -> ApiError {
     responses(
         (status = 200, description = "the record; `secret` only when one was generated", body = super::RecordView),
         (status = 400, description = "bad body, device id, secret or grant", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 409, description = "changed concurrently: retry", body = ErrorBody),
-        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -162,9 +172,8 @@ async fn set(
     params(("id" = String, Path, description = "device id")),
     responses(
         (status = 200, description = "the record", body = super::RecordView),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 404, description = "the device has no credentials", body = ErrorBody),
-        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -181,9 +190,8 @@ async fn show(State(state): State<AuthApi>, Path(device): Path<String>) -> Resul
     params(("id" = String, Path, description = "device id")),
     responses(
         (status = 204, description = "removed"),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 404, description = "the device has no credentials", body = ErrorBody),
-        (status = 503, description = "node not ready or the credentials store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]

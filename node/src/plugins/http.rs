@@ -21,6 +21,17 @@ use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The refusals every route here can answer with, for the OpenAPI
+/// document (the handlers answer them through [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // describes responses; never built
+enum Refusals {
+    #[response(status = 401, description = "no or wrong admin token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 503, description = "node not ready or the plugin store not answering")]
+    Unavailable(ErrorBody),
+}
+
 /// The plugins of this node, once it has them.
 type PluginsSlot = Slot<Arc<Plugins>>;
 
@@ -68,8 +79,7 @@ fn plugins(state: &PluginsSlot) -> Result<Arc<Plugins>, ApiError> {
 #[utoipa::path(get, path = "/api/v1/plugins", operation_id = "listPlugins", tag = "plugins",
     responses(
         (status = 200, description = "the plugins", body = PluginList),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -86,9 +96,8 @@ async fn list(State(state): State<PluginsSlot>) -> Result<Response, ApiError> {
     responses(
         (status = 200, description = "stored", body = StoredPlugin),
         (status = 400, description = "bad name, or a module that does not compile or lacks the ABI's exports", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 413, description = "larger than plugins.max_module_bytes", body = ErrorBody),
-        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -102,9 +111,8 @@ async fn upload(State(state): State<PluginsSlot>, Path(name): Path<String>, body
     params(("name" = String, Path, description = "plugin name")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 404, description = "no such plugin", body = ErrorBody),
-        (status = 503, description = "node not ready or the plugin store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]

@@ -24,6 +24,17 @@ use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The refusals every route here can answer with, for the OpenAPI
+/// document (the handlers answer them through [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // describes responses; never built
+enum Refusals {
+    #[response(status = 401, description = "no or wrong admin token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 503, description = "node not ready or the rules store not answering")]
+    Unavailable(ErrorBody),
+}
+
 /// The rules of this node, once it has them.
 type RulesSlot = Slot<Arc<Rules>>;
 
@@ -112,8 +123,7 @@ fn parse(body: &Bytes, id: Option<&str>) -> Result<RuleSpec, ApiError> {
 #[utoipa::path(get, path = "/api/v1/rules", operation_id = "listRules", tag = "rules",
     responses(
         (status = 200, description = "the rules", body = RuleList),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -133,8 +143,7 @@ async fn store(state: RulesSlot, spec: RuleSpec, status: StatusCode) -> Result<R
     responses(
         (status = 201, description = "stored", body = StoredRule),
         (status = 400, description = "invalid rule, or a script that does not compile (with `line` and `column`)", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -149,8 +158,7 @@ async fn create(State(state): State<RulesSlot>, body: Bytes) -> Result<Response,
     responses(
         (status = 200, description = "stored", body = StoredRule),
         (status = 400, description = "invalid rule, or a script that does not compile (with `line` and `column`)", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -163,9 +171,8 @@ async fn replace(State(state): State<RulesSlot>, Path(id): Path<String>, body: B
     params(("id" = String, Path, description = "rule id")),
     responses(
         (status = 200, description = "the rule", body = RuleSpec),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 404, description = "no such rule", body = ErrorBody),
-        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -181,9 +188,8 @@ async fn read(State(state): State<RulesSlot>, Path(id): Path<String>) -> Result<
     params(("id" = String, Path, description = "rule id")),
     responses(
         (status = 204, description = "deleted"),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
         (status = 404, description = "no such rule", body = ErrorBody),
-        (status = 503, description = "node not ready or the rules store not answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]

@@ -33,6 +33,19 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+/// The refusals every route here can answer with, for the OpenAPI
+/// document (the handlers answer them through [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // describes responses; never built
+enum Refusals {
+    #[response(status = 400, description = "a bad parameter, named in `param`")]
+    BadParam(ErrorBody),
+    #[response(status = 401, description = "no or wrong admin token")]
+    Unauthorized(ErrorBody),
+    #[response(status = 503, description = "storage off on this node, or no database answering")]
+    Unavailable(ErrorBody),
+}
+
 pub const READ_SOURCE_HEADER: &str = "fluxmesh-read-source";
 
 /// This node's storage once the node is up: `None` when it is off.
@@ -320,9 +333,7 @@ impl Params {
     params(("id" = String, Path, description = "device id"), Params),
     responses(
         (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
-        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -340,9 +351,7 @@ async fn telemetry(
     params(("id" = String, Path, description = "device id"), Params),
     responses(
         (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
-        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
@@ -359,9 +368,7 @@ async fn aggregates(
     params(("id" = String, Path, description = "device id"), Params),
     responses(
         (status = 200, description = "one page; the Fluxmesh-Read-Source header names the server that answered", body = HistoryPage),
-        (status = 400, description = "a bad parameter, named in `param`", body = ErrorBody),
-        (status = 401, description = "no or wrong admin token", body = ErrorBody),
-        (status = 503, description = "storage off on this node, or no database answering", body = ErrorBody),
+        Refusals,
     ),
     security(("admin" = [])),
 )]
