@@ -4,13 +4,19 @@
 segments.jsonl (segment.py) and final-drain.json (drain.py).
 
 Verdict, each PASS or FAIL:
-  1. memory flat: per node, RSS at the end against RSS after the warm-up
-     (meta warmup_s: 10 minutes, or the first 20% of a shorter run), both
-     within one process (PID): a node started again by a fault has its own
-     warm-up, and of a node's PIDs the one with the longest stretch of
-     samples after its warm-up is compared. Only samples taken while load
-     ran; each end is the median of up to 3 samples. Drift at most
-     meta rss_drift_max_pct (+5%).
+  1. memory flat: per node, the drift of its RSS after the warm-up (meta
+     warmup_s: 10 minutes, or the first 20% of a shorter run), within one
+     process (PID): a node started again by a fault has its own warm-up,
+     and of a node's PIDs the one with the longest stretch of samples
+     after its warm-up is compared. Only samples taken while load ran.
+     The drift is the trend's: the Theil-Sen slope of RSS over time (the
+     median of the slopes between every two samples, which steps at
+     faults do not sway) times the span, against the fitted RSS at the
+     span's start; at most meta rss_drift_max_pct (+5%). RSS moves by
+     several MiB from one minute to the next at the same load (allocator
+     pages taken and given back around faults), so the end against the
+     start (each the median of up to 3 samples) is shown beside it but
+     does not decide.
   2. no lag growth: after every segment's load, and at the end, the
      consumer lag and the history writer queue summed over the nodes came
      back to at most meta lag_ok messages / queue_ok batches within
@@ -85,6 +91,14 @@ def rate_why(meta):
     return "given"
 
 
+def theil_sen(points):
+    """The median of the slopes between every two points (t, y) with
+    different t: a trend that a few steps and outliers do not sway."""
+    slopes = [(y2 - y1) / (t2 - t1) for i, (t1, y1) in enumerate(points)
+              for t2, y2 in points[i + 1:] if t2 != t1]
+    return statistics.median(slopes) if slopes else 0.0
+
+
 def memory(meta, samples, node):
     """The RSS comparison for one node: the PID with the longest stretch of
     in-load samples after its warm-up."""
@@ -121,6 +135,9 @@ def memory(meta, samples, node):
             for what, i in (("connections", 4), ("shards", 5))
             for end_, rows_ in (("base", ok[:k]), ("end", ok[-k:]))}
     drift = (end - base) / base * 100 if base else None
+    slope = theil_sen([(r[0], r[2]) for r in ok])
+    fit_start = statistics.median(r[2] - slope * (r[0] - ok[0][0]) for r in ok)
+    trend = slope * span / fit_start * 100 if fit_start else None
     result.update({
         "pid": pid,
         "samples": len(ok),
@@ -129,11 +146,14 @@ def memory(meta, samples, node):
         "span_min": round(span / 60, 1),
         "rss_base_mib": round(base / 1024, 1),
         "rss_end_mib": round(end / 1024, 1),
-        "drift_pct": None if drift is None else round(drift, 2),
+        "end_vs_start_pct": None if drift is None else round(drift, 2),
+        "rss_fit_start_mib": round(fit_start / 1024, 1),
+        "rss_fit_end_mib": round((fit_start + slope * span) / 1024, 1),
+        "drift_pct": None if trend is None else round(trend, 2),
         "fds_base": fds_base,
         "fds_end": fds_end,
         **held,
-        "ok": drift is not None and drift <= meta["rss_drift_max_pct"],
+        "ok": trend is not None and trend <= meta["rss_drift_max_pct"],
     })
     return result
 
@@ -168,7 +188,7 @@ def thirds(values):
     return statistics.median(values[:k]), statistics.median(values[-k:])
 
 
-def plot(meta, samples, segments, node_ids, path):
+def plot(meta, samples, segments, node_ids, mem, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -196,13 +216,18 @@ def plot(meta, samples, segments, node_ids, path):
             if last is not None and pid and pid != last:
                 ax_rss.axvline(xi, color=line.get_color(), linestyle=":", alpha=0.6)
             last = pid or last
+        # The trend the memory verdict is on, over the span it compares.
+        m = next((m for m in mem if m["node"] == i and m.get("drift_pct") is not None), None)
+        if m:
+            ax_rss.plot([m["from_s"] / 60, m["to_s"] / 60], [m["rss_fit_start_mib"], m["rss_fit_end_mib"]],
+                        color=line.get_color(), linestyle="--", linewidth=2)
         ax_fd.plot(x, series(i, "fds"), marker=".", label=f"node-{i}")
         ax_lag.plot(x, series(i, "shard_lag"), marker=".", alpha=0.6, label=f"node-{i}")
     ax_rss.set_ylabel("RSS (MiB)")
     ax_rss.axvspan(0, meta["warmup_s"] / 60, color="grey", alpha=0.12, label="warm-up")
     ax_rss.set_title(f"benches/soak: {meta['hours']:g} h, {meta['rate']} msg/s QoS1 "
                      f"({meta['rate_source']}), {meta['devices']}+{meta['devices']} devices, "
-                     f"a fault every {meta['fault_every']} s; dotted: node started again")
+                     f"a fault every {meta['fault_every']} s\ndotted: node started again; dashed: the RSS trend the verdict is on")
     ax_fd.set_ylabel("open files")
     cl = [s["cluster"].get("consumer_lag") for s in samples]
     ax_lag.plot(x, [float("nan") if v is None else v for v in cl], color="black", marker=".", label="cluster")
@@ -266,10 +291,12 @@ def main():
     # 1. Memory.
     mem = [memory(meta, samples, i) for i in node_ids]
     mem_ok = bool(mem) and all(m.get("ok") for m in mem)
-    checks.append(("memory flat (RSS drift <= +%g%% within one PID, after the warm-up)" % meta["rss_drift_max_pct"],
+    checks.append(("memory flat (RSS trend <= +%g%% within one PID, after the warm-up)" % meta["rss_drift_max_pct"],
                    mem_ok, "; ".join(
-                       f"node-{m['node']} pid {m['pid']}: {m['rss_base_mib']} -> {m['rss_end_mib']} MiB "
-                       f"({m['drift_pct']:+.2f}%, {m['span_min']} min)" if m["measured"] and m.get("drift_pct") is not None
+                       f"node-{m['node']} pid {m['pid']}: trend {m['rss_fit_start_mib']} -> {m['rss_fit_end_mib']} MiB "
+                       f"({m['drift_pct']:+.2f}%, {m['span_min']} min; end against start {m['rss_base_mib']} -> "
+                       f"{m['rss_end_mib']} MiB, {m['end_vs_start_pct']:+.2f}%)"
+                       if m["measured"] and m.get("drift_pct") is not None
                        else f"node-{m['node']}: not measured ({m.get('why', 'no RSS')})" for m in mem)))
 
     # 2. Lag back to zero after every fault, and at the end.
@@ -332,7 +359,7 @@ def main():
         "pg_write_lag_p99_ms": thirds([s["cluster"].get("pg_write_lag_p99_ms") for s in load_samples]),
     }
 
-    png = plot(meta, samples, segments, node_ids, os.path.join(a.dir, "soak.png"))
+    png = plot(meta, samples, segments, node_ids, mem, os.path.join(a.dir, "soak.png"))
     # Faults came every fault_every s, or later when a segment ran over.
     fault_times = [s["fault_at"] for s in segments if s.get("fault_at")]
     gaps = [b - c for c, b in zip(fault_times, fault_times[1:])]
@@ -346,12 +373,14 @@ def main():
           f"{len(segments)} faults ({', '.join(meta['kinds'])}), one every {fmt(fault_gap)} s on average "
           f"(planned {meta['fault_every']}), {len(samples)} samples")
     print()
-    print(f"{'node':<7} {'pid compared':>12} {'min':>6} {'RSS MiB from':>13} {'to':>8} {'drift':>8} "
+    print(f"{'node':<7} {'pid compared':>12} {'min':>6} {'trend MiB from':>14} {'to':>6} {'drift':>8} "
+          f"{'RSS MiB from':>13} {'to':>6} {'end/start':>9} "
           f"{'fds from':>9} {'to':>5} {'conns from':>10} {'to':>5} {'shards from':>11} {'to':>5} {'PIDs':>5}")
     for m in mem:
         if m["measured"]:
-            print(f"node-{m['node']:<2} {m['pid']:>12} {m['span_min']:>6} {m['rss_base_mib']:>13} "
-                  f"{m['rss_end_mib']:>8} {fmt(m['drift_pct'], 2):>7}% {fmt(m['fds_base']):>9} "
+            print(f"node-{m['node']:<2} {m['pid']:>12} {m['span_min']:>6} {m['rss_fit_start_mib']:>14} "
+                  f"{m['rss_fit_end_mib']:>6} {fmt(m['drift_pct'], 2):>7}% {m['rss_base_mib']:>13} "
+                  f"{m['rss_end_mib']:>6} {fmt(m['end_vs_start_pct'], 2):>8}% {fmt(m['fds_base']):>9} "
                   f"{fmt(m['fds_end']):>5} {fmt(m.get('connections_base')):>10} {fmt(m.get('connections_end')):>5} "
                   f"{fmt(m.get('shards_base')):>11} {fmt(m.get('shards_end')):>5} {len(m['pids']):>5}")
         else:
@@ -397,16 +426,17 @@ def main():
           f"rules, aggregation and Postgres on, a fault every {meta['fault_every']} s "
           f"({', '.join(meta['kinds'])}, {len(segments)} in all, one every {fmt(fault_gap)} s on average). "
           f"Verdict: **{verdict}**.", "",
-          "| node | PID compared | minutes | RSS MiB after warm-up | at the end | drift | open files | MQTT connections | shards run |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| node | PID compared | minutes | RSS trend, MiB | drift (trend) | RSS MiB after warm-up → at the end | end against start | open files | MQTT connections | shards run |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for m in mem:
         if m["measured"]:
-            md.append(f"| node-{m['node']} | {m['pid']} | {m['span_min']} | {m['rss_base_mib']} | {m['rss_end_mib']} "
-                      f"| {m['drift_pct']:+.2f}% | {fmt(m['fds_base'])} → {fmt(m['fds_end'])} "
+            md.append(f"| node-{m['node']} | {m['pid']} | {m['span_min']} | {m['rss_fit_start_mib']} → {m['rss_fit_end_mib']} "
+                      f"| {m['drift_pct']:+.2f}% | {m['rss_base_mib']} → {m['rss_end_mib']} | {m['end_vs_start_pct']:+.2f}% "
+                      f"| {fmt(m['fds_base'])} → {fmt(m['fds_end'])} "
                       f"| {fmt(m.get('connections_base'))} → {fmt(m.get('connections_end'))} "
                       f"| {fmt(m.get('shards_base'))} → {fmt(m.get('shards_end'))} |")
         else:
-            md.append(f"| node-{m['node']} | – | – | – | – | not measured | – | – | – |")
+            md.append(f"| node-{m['node']} | – | – | – | not measured | – | – | – | – | – |")
     md += ["", "| check | result | figures |", "|---|---|---|"]
     md += [f"| {n} | {'PASS' if ok else 'FAIL'} | {d} |" for n, ok, d in checks]
     md += ["", "![soak](soak.png)", ""]
