@@ -82,19 +82,6 @@ fm_bench_figures() {
     export FM_FIGURES
 }
 
-# fm_release_cluster: dies unless the running local cluster's nodes run a
-# release build. Benchmarks measure what production runs: `cluster up`
-# builds the quicker `local` profile (no cross-crate LTO), `cluster up
-# --release` the `release` one; a binary named by FLUXMESH_BIN is taken as
-# it is.
-fm_release_cluster() {
-    local bin
-    bin=$(cat "$FM_LOCAL/cluster/fluxmesh-bin" 2>/dev/null) ||
-        fm_die "the local cluster is not up: run deploy/local/cluster up --release"
-    [ "$bin" != "$FM_ROOT/target/local/fluxmesh" ] ||
-        fm_die "the local cluster runs the quick local build: benchmarks measure the release build (deploy/local/cluster up --release, with the same options as before)"
-}
-
 # fm_cluster_profile: the cargo profile the running local cluster's nodes
 # were built with (local or release; release for a binary named by
 # FLUXMESH_BIN), so that tools beside them build theirs once, not twice.
@@ -104,6 +91,16 @@ fm_cluster_profile() {
     else
         echo release
     fi
+}
+
+# fm_release_cluster: dies unless the running local cluster's nodes run a
+# release build (fm_cluster_profile). Benchmarks measure what production
+# runs: `cluster up` builds the quicker `local` profile (no cross-crate
+# LTO), `cluster up --release` the `release` one. Callers check first
+# that the cluster is up.
+fm_release_cluster() {
+    [ "$(fm_cluster_profile)" = release ] ||
+        fm_die "the local cluster runs the quick local build: benchmarks measure the release build (deploy/local/cluster up --release, with the same options as before)"
 }
 
 # fm_kubernetes_validate_venv: kubernetes-validate, for deploy/validate.
