@@ -112,9 +112,13 @@ enum DevicesAction {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before the allocator's arena takes more pages: the kernel
+    // backs the pages touched while huge pages are on with huge pages,
+    // and keeps them. `run` turns them back on if the config asks.
+    let huge_pages_off = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run { config: None }) {
-        Command::Run { config } => run(config),
+        Command::Run { config } => run(config, huge_pages_off),
         Command::CheckConfig { file } => match Config::load(file.as_deref()) {
             Ok(_) => {
                 println!("config is valid");
@@ -220,10 +224,11 @@ fn devices(config: Option<PathBuf>, action: DevicesAction) -> anyhow::Result<()>
     })
 }
 
-fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(config: Option<PathBuf>, huge_pages_off: rustix::io::Result<()>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     init_logging(&config);
     raise_open_files(config.mqtt.max_connections);
+    huge_pages(config.runtime.transparent_huge_pages, huge_pages_off);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.runtime.worker_threads > 0 {
         builder.worker_threads(config.runtime.worker_threads);
@@ -271,6 +276,21 @@ fn raise_open_files(max_connections: usize) {
             }
         }
         Err(e) => tracing::warn!(error = %fluxmesh_mesh::error_chain(&e), "cannot read or raise the open-files limit"),
+    }
+}
+
+/// Says whether turning transparent huge pages off at start worked, or
+/// turns them back on when `wanted`. Neither is fatal: a kernel without
+/// the setting leaves the node as it was.
+fn huge_pages(wanted: bool, turned_off: rustix::io::Result<()>) {
+    let result = if wanted { rustix::thread::disable_transparent_huge_pages(false) } else { turned_off };
+    match result {
+        Ok(()) => tracing::debug!(on = wanted, "transparent huge pages set for this process"),
+        Err(e) => tracing::warn!(
+            error = %fluxmesh_mesh::error_chain(&e),
+            wanted,
+            "cannot set transparent huge pages for this process (runtime.transparent_huge_pages); they stay as the system has them"
+        ),
     }
 }
 
